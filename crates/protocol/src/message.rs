@@ -1,0 +1,38 @@
+//! Control messages, named by direction. Their payloads travel beside them in
+//! the same frame as opaque bytes (see [`crate::frame`]).
+
+use serde::{Deserialize, Serialize};
+
+/// Orchestrator → agent, after the handshake.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ToAgent {
+    /// Keep this pickled function under `fn_id`; payload: the function.
+    /// Sent once per agent before the first task that needs it.
+    Function { fn_id: u64 },
+    /// The function is no longer needed; drop it from every cache.
+    Forget { fn_id: u64 },
+    /// Run one task (a chunk of items); payload: the pickled arguments.
+    Task { task: u64, attempt: u32, fn_id: u64 },
+    /// These tasks are no longer wanted: drop them if queued, stop them if running.
+    Cancel { tasks: Vec<u64> },
+    /// Liveness probe; answered with [`FromAgent::Pong`].
+    Ping { seq: u64 },
+}
+
+/// Agent → orchestrator, after the handshake.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FromAgent {
+    /// The agent is ready to run `slots` tasks at once.
+    Ready { slots: u32, host: String, pid: u32 },
+    /// A task finished (successfully or with a Python exception); payload:
+    /// the pickled outcome.
+    Result { task: u64, attempt: u32 },
+    /// The executor running this attempt died before it produced a result.
+    Crashed {
+        task: u64,
+        attempt: u32,
+        reason: String,
+    },
+    /// Answer to [`ToAgent::Ping`].
+    Pong { seq: u64 },
+}

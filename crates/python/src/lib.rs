@@ -1,0 +1,281 @@
+//! `distripool._native`: the thin PyO3 layer over `distripool-runtime`.
+//!
+//! Python objects never cross into Rust threads: bytes are copied in and out
+//! at this boundary, and every blocking wait releases the GIL.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use distripool_runtime::executor::ExecutorSpec;
+use distripool_runtime::{AgentConfig, Error, OrchestratorConfig, Outcome};
+use pyo3::exceptions::{
+    PyConnectionError, PyOSError, PyPermissionError, PyRuntimeError, PyTimeoutError, PyValueError,
+};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
+use std::sync::atomic::Ordering;
+
+fn to_py(e: Error) -> PyErr {
+    match e {
+        Error::Config(m) => PyValueError::new_err(m),
+        Error::Io(e) => PyOSError::new_err(e.to_string()),
+        Error::Frame(e) => PyConnectionError::new_err(e.to_string()),
+        Error::Handshake(e) => PyPermissionError::new_err(format!("authentication failed: {e}")),
+        Error::Timeout(what) => PyTimeoutError::new_err(format!("timed out: {what}")),
+        Error::Closed => PyRuntimeError::new_err("the orchestrator is closed"),
+    }
+}
+
+/// An orchestrator running on its own threads inside this process.
+#[pyclass(module = "distripool._native")]
+struct Orchestrator {
+    inner: Mutex<Option<distripool_runtime::Orchestrator>>,
+}
+
+#[pymethods]
+impl Orchestrator {
+    #[new]
+    #[pyo3(signature = (listen, key, max_crashes = 3, max_frame = None))]
+    fn new(
+        py: Python<'_>,
+        listen: Vec<String>,
+        key: Vec<u8>,
+        max_crashes: u32,
+        max_frame: Option<usize>,
+    ) -> PyResult<Self> {
+        let mut config = OrchestratorConfig {
+            listen,
+            key,
+            max_crashes,
+            ..Default::default()
+        };
+        if let Some(m) = max_frame {
+            config.max_frame = m;
+        }
+        let orch = py
+            .detach(|| distripool_runtime::Orchestrator::start(config))
+            .map_err(to_py)?;
+        Ok(Self {
+            inner: Mutex::new(Some(orch)),
+        })
+    }
+
+    /// The bound addresses as `host:port` strings.
+    #[getter]
+    fn addresses(&self) -> Vec<String> {
+        let guard = self.inner.lock().expect("orchestrator lock");
+        guard
+            .as_ref()
+            .map(|o| o.local_addrs().iter().map(|a| a.to_string()).collect())
+            .unwrap_or_default()
+    }
+
+    #[getter]
+    fn closed(&self) -> bool {
+        self.inner.lock().expect("orchestrator lock").is_none()
+    }
+
+    /// Start `processes` local executors attached without any port.
+    #[pyo3(signature = (processes, python, module, env))]
+    fn start_local_agent(
+        &self,
+        processes: usize,
+        python: String,
+        module: String,
+        env: Vec<(String, String)>,
+    ) -> PyResult<()> {
+        let guard = self.inner.lock().expect("orchestrator lock");
+        let orch = guard.as_ref().ok_or_else(|| to_py(Error::Closed))?;
+        let config = AgentConfig {
+            connect: Vec::new(),
+            key: Vec::new(),
+            processes,
+            executor: ExecutorSpec {
+                python,
+                module,
+                env,
+                max_frame: 0,
+            },
+        };
+        orch.start_local_agent(config).map_err(to_py)
+    }
+
+    fn open_client(&self) -> PyResult<Client> {
+        let guard = self.inner.lock().expect("orchestrator lock");
+        let orch = guard.as_ref().ok_or_else(|| to_py(Error::Closed))?;
+        Ok(Client {
+            inner: orch.open_client().map_err(to_py)?,
+        })
+    }
+
+    /// Counters: connected workers, their executor slots, rejected peers, tasks done.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        let guard = self.inner.lock().expect("orchestrator lock");
+        if let Some(o) = guard.as_ref() {
+            let s = o.stats();
+            d.set_item("workers", s.workers.load(Ordering::Relaxed))?;
+            d.set_item("slots", s.slots.load(Ordering::Relaxed))?;
+            d.set_item("auth_failures", s.auth_failures.load(Ordering::Relaxed))?;
+            d.set_item(
+                "handshake_failures",
+                s.handshake_failures.load(Ordering::Relaxed),
+            )?;
+            d.set_item("tasks_done", s.tasks_done.load(Ordering::Relaxed))?;
+            d.set_item("crashes", s.crashes.load(Ordering::Relaxed))?;
+        }
+        Ok(d)
+    }
+
+    /// Stop everything and free the ports. Safe to call twice.
+    fn close(&self, py: Python<'_>) {
+        let orch = self.inner.lock().expect("orchestrator lock").take();
+        if let Some(mut o) = orch {
+            py.detach(move || o.close());
+        }
+    }
+}
+
+/// One pool's connection to an orchestrator.
+#[pyclass(module = "distripool._native")]
+struct Client {
+    inner: distripool_runtime::Client,
+}
+
+#[pymethods]
+impl Client {
+    fn new_job(&self) -> u64 {
+        self.inner.new_job()
+    }
+
+    /// Queue `(index, payload)` tasks of `job`, each calling `function`.
+    fn submit(&self, job: u64, function: &[u8], tasks: Vec<(u32, Vec<u8>)>) -> PyResult<()> {
+        let tasks = tasks.into_iter().map(|(i, p)| (i, p.into())).collect();
+        self.inner
+            .submit(job, function.to_vec().into(), tasks)
+            .map_err(to_py)
+    }
+
+    /// Completions ready within `timeout` seconds, as `(job, index, ok, data)`
+    /// tuples: `data` is the pickled outcome when `ok`, else the failure reason.
+    fn recv<'py>(&self, py: Python<'py>, timeout: f64) -> PyResult<Bound<'py, PyList>> {
+        let wait = Duration::from_secs_f64(timeout.max(0.0));
+        let batch = py.detach(|| self.inner.recv(wait)).map_err(to_py)?;
+        let out = PyList::empty(py);
+        for c in batch {
+            let item = match c.outcome {
+                Outcome::Done(bytes) => PyTuple::new(
+                    py,
+                    [
+                        c.job.into_pyobject(py)?.into_any(),
+                        c.index.into_pyobject(py)?.into_any(),
+                        true.into_pyobject(py)?.to_owned().into_any(),
+                        PyBytes::new(py, &bytes).into_any(),
+                    ],
+                )?,
+                Outcome::Failed(reason) => PyTuple::new(
+                    py,
+                    [
+                        c.job.into_pyobject(py)?.into_any(),
+                        c.index.into_pyobject(py)?.into_any(),
+                        false.into_pyobject(py)?.to_owned().into_any(),
+                        reason.into_pyobject(py)?.into_any(),
+                    ],
+                )?,
+            };
+            out.append(item)?;
+        }
+        Ok(out)
+    }
+
+    /// Cancel this client's tasks; no more completions will arrive.
+    fn close(&self) {
+        self.inner.close();
+    }
+}
+
+/// Serve orchestrators as a worker agent until interrupted (Ctrl-C).
+#[pyfunction]
+#[pyo3(signature = (connect, key, processes, python, module, env, max_frame = None))]
+#[allow(clippy::too_many_arguments)]
+fn run_agent(
+    py: Python<'_>,
+    connect: Vec<String>,
+    key: Vec<u8>,
+    processes: usize,
+    python: String,
+    module: String,
+    env: Vec<(String, String)>,
+    max_frame: Option<usize>,
+) -> PyResult<()> {
+    let max_frame = max_frame.unwrap_or(distripool_runtime::DEFAULT_MAX_FRAME);
+    let config = AgentConfig {
+        connect,
+        key,
+        processes,
+        executor: ExecutorSpec {
+            python,
+            module,
+            env,
+            max_frame,
+        },
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("distripool-agent")
+        .enable_all()
+        .build()
+        .map_err(|e| PyOSError::new_err(e.to_string()))?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let handle = rt.spawn(distripool_runtime::run_agent(config, stop_rx));
+    loop {
+        let done = py.detach(|| {
+            std::thread::sleep(Duration::from_millis(50));
+            handle.is_finished()
+        });
+        if done {
+            break;
+        }
+        if let Err(e) = py.check_signals() {
+            let _ = stop_tx.send(true);
+            py.detach(|| {
+                let _ = rt.block_on(handle);
+                rt.shutdown_timeout(Duration::from_secs(2));
+            });
+            return Err(e);
+        }
+    }
+    let result = py.detach(|| rt.block_on(handle));
+    match result {
+        Ok(r) => r.map_err(to_py),
+        Err(e) => Err(PyRuntimeError::new_err(format!("agent crashed: {e}"))),
+    }
+}
+
+/// Send the core's log records to stderr, filtered like `RUST_LOG`
+/// (for example `info` or `distripool_runtime=debug`).
+#[pyfunction]
+fn enable_logging(filter: &str) {
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_target(false)
+        .try_init();
+}
+
+/// Content address the core uses for a pickled function.
+#[pyfunction]
+fn function_id(data: &[u8]) -> u64 {
+    distripool_runtime::orchestrator::function_id(data)
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Orchestrator>()?;
+    m.add_class::<Client>()?;
+    m.add_function(wrap_pyfunction!(run_agent, m)?)?;
+    m.add_function(wrap_pyfunction!(enable_logging, m)?)?;
+    m.add_function(wrap_pyfunction!(function_id, m)?)?;
+    m.add("PROTOCOL_VERSION", 1u32)?;
+    Ok(())
+}

@@ -1,0 +1,399 @@
+//! The worker agent: dials an orchestrator, authenticates, and runs the tasks
+//! it is given on a fixed number of executor processes.
+//!
+//! One *session* is one authenticated connection. Within it the agent keeps a
+//! local queue of tasks; each executor slot holds at most [`DEPTH`] of them
+//! (one running, the rest already written to its socket so it never waits on
+//! a round trip). When an executor dies, the task it was running is reported
+//! as crashed and the ones merely queued behind it go back to the local queue
+//! without counting against them; the slot gets a fresh executor.
+//!
+//! When a session ends — the orchestrator closed, went silent, or the
+//! connection broke — every executor is killed, so no task outlives the
+//! session that asked for it, and the agent dials again with capped,
+//! jittered exponential backoff.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::Duration;
+
+use bytes::Bytes;
+use distripool_protocol::{FromAgent, ToAgent};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+
+use crate::conn::{client_handshake, FrameReader, FrameWriter, Outgoing, PEER_TIMEOUT};
+use crate::executor::{self, ExecEvent, ExecIn, ExecutorHandle, ExecutorSpec};
+use crate::{resolve, Error, Result};
+
+/// Tasks held by one executor at once: one running, the rest prefetched.
+pub const DEPTH: usize = 2;
+const BACKOFF_START: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Orchestrator addresses, tried in turn.
+    pub connect: Vec<String>,
+    pub key: Vec<u8>,
+    pub processes: usize,
+    pub executor: ExecutorSpec,
+}
+
+/// Serve orchestrators until `stop` becomes true. Connection and
+/// authentication failures are logged and retried; they never end the agent.
+pub async fn run_agent(config: AgentConfig, mut stop: watch::Receiver<bool>) -> Result<()> {
+    if config.connect.is_empty() {
+        return Err(Error::Config(
+            "no orchestrator address to connect to".into(),
+        ));
+    }
+    let mut backoff = BACKOFF_START;
+    let mut target = 0usize;
+    loop {
+        let addr = &config.connect[target % config.connect.len()];
+        target += 1;
+        let attempt = async {
+            let sockaddr = resolve(addr)?;
+            let mut stream = TcpStream::connect(sockaddr).await?;
+            stream.set_nodelay(true)?;
+            let session = client_handshake(&mut stream, &config.key).await?;
+            Ok::<_, Error>((stream, session))
+        };
+        let outcome = tokio::select! {
+            r = attempt => r,
+            _ = stop.changed() => return Ok(()),
+        };
+        match outcome {
+            Ok((stream, session)) => {
+                tracing::info!("connected to orchestrator {addr} (session {session})");
+                backoff = BACKOFF_START;
+                let end = tokio::select! {
+                    end = run_session(stream, &config) => end,
+                    _ = stop.changed() => return Ok(()),
+                };
+                tracing::warn!("session with {addr} ended: {end}; reconnecting");
+            }
+            Err(Error::Handshake(e)) if e.is_auth_failure() => {
+                tracing::error!(
+                    "authentication with orchestrator {addr} failed: {e}; check that both sides use the same key \
+                     (--authkey-file, DISTRIPOOL_AUTHKEY or DISTRIPOOL_AUTHKEY_FILE); retrying"
+                );
+            }
+            Err(e) => tracing::info!("orchestrator {addr} not available ({e}); retrying"),
+        }
+        let jitter = Duration::from_millis(u64::from(crate::random_bytes::<1>()[0]) % 100);
+        tokio::select! {
+            _ = tokio::time::sleep(backoff + jitter) => {}
+            _ = stop.changed() => return Ok(()),
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+struct Inflight {
+    task: u64,
+    attempt: u32,
+    cancelled: bool,
+}
+
+struct Queued {
+    task: u64,
+    attempt: u32,
+    fn_id: u64,
+    payload: Bytes,
+}
+
+struct Slot {
+    handle: ExecutorHandle,
+    generation: u64,
+    inflight: VecDeque<(Inflight, Queued)>,
+    fns: HashSet<u64>,
+}
+
+struct Session<'a> {
+    config: &'a AgentConfig,
+    slots: Vec<Slot>,
+    queue: VecDeque<Queued>,
+    fns: HashMap<u64, Bytes>,
+    out: mpsc::UnboundedSender<Outgoing<FromAgent>>,
+    events: mpsc::UnboundedSender<ExecEvent>,
+    generations: u64,
+}
+
+/// Run one authenticated session to its end; returns why it ended.
+pub async fn run_session<S>(stream: S, config: &AgentConfig) -> String
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let max_frame = config.executor.max_frame;
+    let (rd, wr) = tokio::io::split(stream);
+    let mut reader = FrameReader::new(rd, max_frame);
+    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Outgoing<FromAgent>>();
+    let writer = AbortOnDrop(tokio::spawn(async move {
+        let mut w = FrameWriter::new(wr, max_frame);
+        while let Some(first) = out_rx.recv().await {
+            let mut next = Some(first);
+            while let Some(f) = next {
+                if let Err(e) = w.write(&f.msg, &f.payload).await {
+                    return format!("cannot send to the orchestrator: {e}");
+                }
+                next = out_rx.try_recv().ok();
+            }
+            if let Err(e) = w.flush().await {
+                return format!("cannot send to the orchestrator: {e}");
+            }
+        }
+        String::new()
+    }));
+
+    let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
+    let mut s = Session {
+        config,
+        slots: Vec::with_capacity(config.processes),
+        queue: VecDeque::new(),
+        fns: HashMap::new(),
+        out: out_tx,
+        events: ev_tx,
+        generations: 0,
+    };
+    for slot in 0..config.processes {
+        match s.start_executor(slot) {
+            Ok((handle, generation)) => s.slots.push(Slot {
+                handle,
+                generation,
+                inflight: VecDeque::new(),
+                fns: HashSet::new(),
+            }),
+            Err(e) => return e,
+        }
+    }
+    let _ = s.out.send(Outgoing::new(FromAgent::Ready {
+        slots: config.processes as u32,
+        host: hostname(),
+        pid: std::process::id(),
+    }));
+
+    let mut writer = writer;
+    loop {
+        let step = tokio::select! {
+            ev = ev_rx.recv() => match ev {
+                Some(ev) => s.on_executor_event(ev),
+                None => Err("executor events closed".to_string()),
+            },
+            frame = tokio::time::timeout(PEER_TIMEOUT, reader.read_frame()) => match frame {
+                Err(_) => Err(format!("no word from the orchestrator for {PEER_TIMEOUT:?}")),
+                Ok(Err(e)) => Err(format!("connection error: {e}")),
+                Ok(Ok(None)) => Err("the orchestrator closed the connection".to_string()),
+                Ok(Ok(Some(frame))) => match frame.message::<ToAgent>() {
+                    Ok(msg) => s.on_message(msg, frame.payload),
+                    Err(e) => Err(format!("bad message from the orchestrator: {e}")),
+                },
+            },
+            end = &mut writer.0 => Err(end.unwrap_or_else(|e| e.to_string())),
+        };
+        if let Err(reason) = step.and_then(|()| s.feed()) {
+            return reason;
+        }
+    }
+}
+
+impl Session<'_> {
+    fn start_executor(
+        &mut self,
+        slot: usize,
+    ) -> std::result::Result<(ExecutorHandle, u64), String> {
+        self.generations += 1;
+        let generation = self.generations;
+        executor::spawn(&self.config.executor, slot, generation, self.events.clone())
+            .map(|h| (h, generation))
+            .map_err(|e| {
+                format!(
+                    "cannot start an executor with {:?}: {e}",
+                    self.config.executor.python
+                )
+            })
+    }
+
+    /// Replace the executor of `slot`; the old one's process group is killed.
+    fn restart(&mut self, slot: usize) -> std::result::Result<(), String> {
+        let (handle, generation) = self.start_executor(slot)?;
+        let s = &mut self.slots[slot];
+        s.handle = handle;
+        s.generation = generation;
+        s.fns.clear();
+        // Whatever was prefetched behind the running task goes back in line.
+        let requeue: Vec<_> = s
+            .inflight
+            .drain(..)
+            .filter(|(i, _)| !i.cancelled)
+            .map(|(_, q)| q)
+            .collect();
+        for q in requeue.into_iter().rev() {
+            self.queue.push_front(q);
+        }
+        Ok(())
+    }
+
+    fn on_executor_event(&mut self, ev: ExecEvent) -> std::result::Result<(), String> {
+        match ev {
+            ExecEvent::Result {
+                slot,
+                generation,
+                task,
+                payload,
+            } => {
+                let s = &mut self.slots[slot];
+                if s.generation != generation {
+                    return Ok(());
+                }
+                let Some((done, _)) = s.inflight.pop_front() else {
+                    return Err(format!(
+                        "executor in slot {slot} answered a task it was not given"
+                    ));
+                };
+                if done.task != task {
+                    return Err(format!(
+                        "executor in slot {slot} answered task {task}, expected {}",
+                        done.task
+                    ));
+                }
+                if !done.cancelled {
+                    let _ = self.out.send(Outgoing::with_payload(
+                        FromAgent::Result {
+                            task,
+                            attempt: done.attempt,
+                        },
+                        payload,
+                    ));
+                }
+                Ok(())
+            }
+            ExecEvent::Exited {
+                slot,
+                generation,
+                reason,
+            } => {
+                let s = &mut self.slots[slot];
+                if s.generation != generation {
+                    return Ok(());
+                }
+                if let Some((running, _)) = s.inflight.pop_front() {
+                    if !running.cancelled {
+                        tracing::warn!("task {} crashed: {reason}", running.task);
+                        let _ = self.out.send(Outgoing::new(FromAgent::Crashed {
+                            task: running.task,
+                            attempt: running.attempt,
+                            reason,
+                        }));
+                    }
+                }
+                self.restart(slot)
+            }
+        }
+    }
+
+    fn on_message(&mut self, msg: ToAgent, payload: Bytes) -> std::result::Result<(), String> {
+        match msg {
+            ToAgent::Function { fn_id } => {
+                self.fns.insert(fn_id, payload);
+            }
+            ToAgent::Forget { fn_id } => {
+                self.fns.remove(&fn_id);
+                for s in &mut self.slots {
+                    if s.fns.remove(&fn_id) {
+                        let _ = s.handle.tx.send(ExecIn::Forget { fn_id });
+                    }
+                }
+            }
+            ToAgent::Task {
+                task,
+                attempt,
+                fn_id,
+            } => {
+                self.queue.push_back(Queued {
+                    task,
+                    attempt,
+                    fn_id,
+                    payload,
+                });
+            }
+            ToAgent::Cancel { tasks } => {
+                let cancel: HashSet<u64> = tasks.into_iter().collect();
+                self.queue.retain(|q| !cancel.contains(&q.task));
+                for slot in 0..self.slots.len() {
+                    let mut hit = false;
+                    for (i, _) in self.slots[slot].inflight.iter_mut() {
+                        if cancel.contains(&i.task) {
+                            i.cancelled = true;
+                            hit = true;
+                        }
+                    }
+                    if hit {
+                        self.restart(slot)?;
+                    }
+                }
+            }
+            ToAgent::Ping { seq } => {
+                let _ = self.out.send(Outgoing::new(FromAgent::Pong { seq }));
+            }
+        }
+        Ok(())
+    }
+
+    /// Give queued tasks to executors: first one each, then up to [`DEPTH`].
+    fn feed(&mut self) -> std::result::Result<(), String> {
+        for depth in 1..=DEPTH {
+            for slot in 0..self.slots.len() {
+                if self.queue.is_empty() {
+                    return Ok(());
+                }
+                if self.slots[slot].inflight.len() >= depth {
+                    continue;
+                }
+                let q = self.queue.pop_front().expect("queue is not empty");
+                let s = &mut self.slots[slot];
+                if s.fns.insert(q.fn_id) {
+                    let Some(bytes) = self.fns.get(&q.fn_id) else {
+                        return Err(format!(
+                            "task {} needs function {:x}, which was never sent",
+                            q.task, q.fn_id
+                        ));
+                    };
+                    let _ = s.handle.tx.send(ExecIn::Function {
+                        fn_id: q.fn_id,
+                        bytes: bytes.clone(),
+                    });
+                }
+                let _ = s.handle.tx.send(ExecIn::Task {
+                    task: q.task,
+                    fn_id: q.fn_id,
+                    payload: q.payload.clone(),
+                });
+                s.inflight.push_back((
+                    Inflight {
+                        task: q.task,
+                        attempt: q.attempt,
+                        cancelled: false,
+                    },
+                    q,
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}

@@ -1,0 +1,214 @@
+//! Framed connections and the handshake drivers.
+//!
+//! [`FrameReader`] turns a byte stream into [`Frame`]s, never buffering more
+//! than one frame's verified length. [`FrameWriter`] writes a header and its
+//! payload without first copying them into one buffer. The two handshake
+//! functions drive the sans-I/O state machines of `distripool_protocol` under
+//! a deadline.
+
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use distripool_protocol::{
+    frame, handshake::HandshakeMsg, ClientHandshake, Frame, FrameDecoder, ServerHandshake,
+    HANDSHAKE_MAX_FRAME,
+};
+use serde::Serialize;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
+
+use crate::{random_bytes, Error, Result};
+
+/// Longest a peer may take to complete the handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often each side shows it is alive.
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
+/// Silence after which a peer is declared gone.
+pub const PEER_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct FrameReader<R> {
+    inner: R,
+    buf: BytesMut,
+    decoder: FrameDecoder,
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    pub fn new(inner: R, max_frame: usize) -> Self {
+        Self {
+            inner,
+            buf: BytesMut::with_capacity(64 * 1024),
+            decoder: FrameDecoder::new(max_frame),
+        }
+    }
+
+    pub fn set_max_frame(&mut self, max_frame: usize) {
+        self.decoder = FrameDecoder::new(max_frame);
+    }
+
+    /// The next frame; `Ok(None)` on a clean end of stream between frames.
+    pub async fn read_frame(&mut self) -> Result<Option<Frame>> {
+        loop {
+            if let Some(frame) = self.decoder.decode(&mut self.buf)? {
+                return Ok(Some(frame));
+            }
+            // The length prefix has been checked against the cap by now, so
+            // reserving what is missing is bounded by that cap.
+            let missing = self.decoder.missing(&self.buf)?;
+            self.buf.reserve(missing.max(8 * 1024));
+            if self.inner.read_buf(&mut self.buf).await? == 0 {
+                if self.buf.is_empty() {
+                    return Ok(None);
+                }
+                return Err(Error::Io(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "connection closed in the middle of a frame",
+                )));
+            }
+        }
+    }
+
+    pub fn into_inner(self) -> (R, BytesMut) {
+        (self.inner, self.buf)
+    }
+}
+
+pub struct FrameWriter<W> {
+    inner: BufWriter<W>,
+    max_frame: usize,
+}
+
+impl<W: AsyncWrite + Unpin> FrameWriter<W> {
+    pub fn new(inner: W, max_frame: usize) -> Self {
+        Self {
+            inner: BufWriter::with_capacity(64 * 1024, inner),
+            max_frame,
+        }
+    }
+
+    /// Queue one frame; call [`flush`](Self::flush) when no more are ready.
+    pub async fn write<T: Serialize>(&mut self, msg: &T, payload: &[u8]) -> Result<()> {
+        let prefix = frame::encode_prefix(msg, payload.len(), self.max_frame)?;
+        self.inner.write_all(&prefix).await?;
+        self.inner.write_all(payload).await?;
+        Ok(())
+    }
+
+    pub async fn flush(&mut self) -> Result<()> {
+        self.inner.flush().await?;
+        Ok(())
+    }
+
+    pub fn get_mut(&mut self) -> &mut W {
+        self.inner.get_mut()
+    }
+}
+
+async fn send_hs<W: AsyncWrite + Unpin>(w: &mut W, msg: &HandshakeMsg) -> Result<()> {
+    let bytes = frame::encode(msg, b"", HANDSHAKE_MAX_FRAME)?;
+    w.write_all(&bytes).await?;
+    w.flush().await?;
+    Ok(())
+}
+
+async fn recv_hs<R: AsyncRead + Unpin>(r: &mut R) -> Result<HandshakeMsg> {
+    // Read exactly one small frame; nothing beyond it is consumed, so the
+    // stream can be handed on untouched afterwards.
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len).await?;
+    let n = u32::from_le_bytes(len) as usize;
+    if n > HANDSHAKE_MAX_FRAME {
+        return Err(distripool_protocol::FrameError::TooLarge {
+            len: n,
+            max: HANDSHAKE_MAX_FRAME,
+        }
+        .into());
+    }
+    let mut body = vec![0u8; n];
+    r.read_exact(&mut body).await?;
+    let mut buf = BytesMut::with_capacity(4 + n);
+    buf.extend_from_slice(&len);
+    buf.extend_from_slice(&body);
+    let frame = FrameDecoder::new(HANDSHAKE_MAX_FRAME)
+        .decode(&mut buf)?
+        .ok_or(Error::Timeout("incomplete handshake frame"))?;
+    Ok(frame.message()?)
+}
+
+/// Authenticate to an orchestrator as an agent; returns the session id.
+pub async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    key: &[u8],
+) -> Result<u64> {
+    let fut = async {
+        let mut hs = ClientHandshake::new(key, random_bytes());
+        send_hs(s, &hs.hello()).await?;
+        let challenge = recv_hs(s).await?;
+        match hs.on_challenge(challenge) {
+            Ok(proof) => send_hs(s, &proof).await?,
+            Err(e) => {
+                if let Some(reply) = e.reply() {
+                    let _ = send_hs(s, &reply).await;
+                }
+                return Err(e.into());
+            }
+        }
+        Ok(hs.on_outcome(recv_hs(s).await?)?)
+    };
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, fut)
+        .await
+        .map_err(|_| Error::Timeout("handshake with the orchestrator"))?
+}
+
+/// Authenticate a connecting agent.
+pub async fn server_handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    key: &[u8],
+    session: u64,
+) -> Result<()> {
+    let fut = async {
+        let mut hs = ServerHandshake::new(key, random_bytes());
+        let step = hs.on_hello(recv_hs(s).await?);
+        let challenge = reply_or_fail(s, step).await?;
+        send_hs(s, &challenge).await?;
+        let step = hs.on_proof(recv_hs(s).await?, session);
+        let accept = reply_or_fail(s, step).await?;
+        send_hs(s, &accept).await?;
+        Ok(())
+    };
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, fut)
+        .await
+        .map_err(|_| Error::Timeout("agent handshake"))?
+}
+
+async fn reply_or_fail<S: AsyncWrite + Unpin>(
+    s: &mut S,
+    step: std::result::Result<HandshakeMsg, distripool_protocol::HandshakeError>,
+) -> Result<HandshakeMsg> {
+    match step {
+        Ok(m) => Ok(m),
+        Err(e) => {
+            if let Some(reply) = e.reply() {
+                let _ = send_hs(s, &reply).await;
+            }
+            Err(e.into())
+        }
+    }
+}
+
+/// A frame queued for a connection's writer task.
+#[derive(Debug)]
+pub struct Outgoing<M> {
+    pub msg: M,
+    pub payload: Bytes,
+}
+
+impl<M> Outgoing<M> {
+    pub fn new(msg: M) -> Self {
+        Self {
+            msg,
+            payload: Bytes::new(),
+        }
+    }
+    pub fn with_payload(msg: M, payload: Bytes) -> Self {
+        Self { msg, payload }
+    }
+}

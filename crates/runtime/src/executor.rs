@@ -1,0 +1,299 @@
+//! Executor processes and the agent ↔ executor wire format.
+//!
+//! Each executor is `python -m distripool._executor`, started fresh (never
+//! forked from a process that runs tokio), in its own process group, with one
+//! end of a unix socket pair as file descriptor 3. Frames on that socket:
+//!
+//! ```text
+//! +-------------+----------+----------+----------+-----------------+
+//! | len: u32 LE | kind: u8 | a: u64 LE| b: u64 LE| payload         |
+//! +-------------+----------+----------+----------+-----------------+
+//!               \________________ len bytes _____________________/
+//! ```
+//!
+//! | kind | direction | a | b | payload |
+//! |---|---|---|---|---|
+//! | 1 FUNCTION | agent → executor | fn id | – | pickled function |
+//! | 2 TASK | agent → executor | task id | fn id | pickled arguments |
+//! | 3 FORGET | agent → executor | fn id | – | – |
+//! | 4 RESULT | executor → agent | task id | – | pickled outcome |
+//!
+//! The executor answers tasks strictly in the order it receives them.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::ExitStatusExt;
+use std::process::{ExitStatus, Stdio};
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::net::UnixStream;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+pub const KIND_FUNCTION: u8 = 1;
+pub const KIND_TASK: u8 = 2;
+pub const KIND_FORGET: u8 = 3;
+pub const KIND_RESULT: u8 = 4;
+/// Bytes counted by `len` before the payload: kind, a, b.
+const BODY_HEADER: usize = 17;
+/// File descriptor number of the socket inside the executor.
+pub const EXECUTOR_FD: i32 = 3;
+
+/// How to start an executor.
+#[derive(Debug, Clone)]
+pub struct ExecutorSpec {
+    pub python: String,
+    pub module: String,
+    pub env: Vec<(String, String)>,
+    pub max_frame: usize,
+}
+
+/// What the agent sends to one executor.
+#[derive(Debug)]
+pub enum ExecIn {
+    Function {
+        fn_id: u64,
+        bytes: Bytes,
+    },
+    Task {
+        task: u64,
+        fn_id: u64,
+        payload: Bytes,
+    },
+    Forget {
+        fn_id: u64,
+    },
+}
+
+/// What an executor reports back, tagged with its slot and generation so that
+/// events from a replaced executor can be told apart.
+#[derive(Debug)]
+pub enum ExecEvent {
+    Result {
+        slot: usize,
+        generation: u64,
+        task: u64,
+        payload: Bytes,
+    },
+    Exited {
+        slot: usize,
+        generation: u64,
+        reason: String,
+    },
+}
+
+/// A running executor. Dropping it kills the executor's whole process group.
+pub struct ExecutorHandle {
+    pub tx: mpsc::UnboundedSender<ExecIn>,
+    pub pid: u32,
+    reader: JoinHandle<()>,
+    writer: JoinHandle<()>,
+}
+
+impl Drop for ExecutorHandle {
+    fn drop(&mut self) {
+        kill_group(self.pid);
+        self.writer.abort();
+        self.reader.abort();
+    }
+}
+
+fn kill_group(pid: u32) {
+    // The executor leads its own process group, so this also reaches any
+    // process the task started. SAFETY: plain syscall on a pid we spawned.
+    unsafe {
+        libc::killpg(pid as libc::pid_t, libc::SIGKILL);
+    }
+}
+
+/// Human-readable cause of an executor's end.
+pub fn describe_exit(pid: u32, status: std::io::Result<ExitStatus>) -> String {
+    match status {
+        Ok(s) => match (s.code(), s.signal()) {
+            (Some(code), _) => format!("executor (pid {pid}) exited with code {code}"),
+            (None, Some(sig)) => {
+                format!(
+                    "executor (pid {pid}) was killed by signal {sig} ({})",
+                    signal_name(sig)
+                )
+            }
+            _ => format!("executor (pid {pid}) ended: {s}"),
+        },
+        Err(e) => format!("executor (pid {pid}) ended, status unknown: {e}"),
+    }
+}
+
+fn signal_name(sig: i32) -> &'static str {
+    match sig {
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGFPE => "SIGFPE",
+        libc::SIGILL => "SIGILL",
+        libc::SIGINT => "SIGINT",
+        libc::SIGHUP => "SIGHUP",
+        libc::SIGPIPE => "SIGPIPE",
+        _ => "signal",
+    }
+}
+
+fn encode_header(kind: u8, a: u64, b: u64, payload_len: usize) -> [u8; 4 + BODY_HEADER] {
+    let mut h = [0u8; 4 + BODY_HEADER];
+    h[..4].copy_from_slice(&((BODY_HEADER + payload_len) as u32).to_le_bytes());
+    h[4] = kind;
+    h[5..13].copy_from_slice(&a.to_le_bytes());
+    h[13..21].copy_from_slice(&b.to_le_bytes());
+    h
+}
+
+/// Start one executor for `slot`.
+pub fn spawn(
+    spec: &ExecutorSpec,
+    slot: usize,
+    generation: u64,
+    events: mpsc::UnboundedSender<ExecEvent>,
+) -> std::io::Result<ExecutorHandle> {
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+    let theirs: OwnedFd = theirs.into();
+    let child_fd = theirs.as_raw_fd();
+
+    let mut cmd = tokio::process::Command::new(&spec.python);
+    cmd.arg("-m")
+        .arg(&spec.module)
+        .env("DISTRIPOOL_EXECUTOR_FD", EXECUTOR_FD.to_string())
+        .env("DISTRIPOOL_MAX_FRAME", spec.max_frame.to_string())
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .process_group(0)
+        .kill_on_drop(true);
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if child_fd == EXECUTOR_FD {
+                let flags = libc::fcntl(child_fd, libc::F_GETFD);
+                if flags < 0 || libc::fcntl(child_fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else if libc::dup2(child_fd, EXECUTOR_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn()?;
+    drop(theirs);
+    let pid = child.id().unwrap_or(0);
+
+    ours.set_nonblocking(true)?;
+    let stream = UnixStream::from_std(ours)?;
+    let (mut rd, wr) = stream.into_split();
+    let (tx, mut rx) = mpsc::unbounded_channel::<ExecIn>();
+
+    let writer = tokio::spawn(async move {
+        let mut w = BufWriter::with_capacity(64 * 1024, wr);
+        while let Some(first) = rx.recv().await {
+            let mut next = Some(first);
+            // Write everything that is ready, then flush once.
+            while let Some(m) = next {
+                let (kind, a, b, payload) = match m {
+                    ExecIn::Function { fn_id, bytes } => (KIND_FUNCTION, fn_id, 0, bytes),
+                    ExecIn::Task {
+                        task,
+                        fn_id,
+                        payload,
+                    } => (KIND_TASK, task, fn_id, payload),
+                    ExecIn::Forget { fn_id } => (KIND_FORGET, fn_id, 0, Bytes::new()),
+                };
+                let header = encode_header(kind, a, b, payload.len());
+                if w.write_all(&header).await.is_err() || w.write_all(&payload).await.is_err() {
+                    return; // the reader sees the executor's end and reports it
+                }
+                next = rx.try_recv().ok();
+            }
+            if w.flush().await.is_err() {
+                return;
+            }
+        }
+    });
+
+    let max_frame = spec.max_frame;
+    let reader = tokio::spawn(async move {
+        let mut buf = BytesMut::with_capacity(64 * 1024);
+        let mut protocol_error = None;
+        loop {
+            match next_result(&mut rd, &mut buf, max_frame).await {
+                Ok(Some((task, payload))) => {
+                    let _ = events.send(ExecEvent::Result {
+                        slot,
+                        generation,
+                        task,
+                        payload,
+                    });
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    protocol_error = Some(e);
+                    kill_group(pid);
+                    break;
+                }
+            }
+        }
+        let status = child.wait().await;
+        let mut reason = describe_exit(pid, status);
+        if let Some(e) = protocol_error {
+            reason = format!("{reason} after a protocol error: {e}");
+        }
+        let _ = events.send(ExecEvent::Exited {
+            slot,
+            generation,
+            reason,
+        });
+    });
+
+    Ok(ExecutorHandle {
+        tx,
+        pid,
+        reader,
+        writer,
+    })
+}
+
+async fn next_result(
+    rd: &mut tokio::net::unix::OwnedReadHalf,
+    buf: &mut BytesMut,
+    max_frame: usize,
+) -> std::io::Result<Option<(u64, Bytes)>> {
+    loop {
+        if buf.len() >= 4 {
+            let len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+            if !(BODY_HEADER..=max_frame).contains(&len) {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("executor sent a frame of {len} bytes (limit {max_frame})"),
+                ));
+            }
+            if buf.len() >= 4 + len {
+                let kind = buf[4];
+                let task = u64::from_le_bytes(buf[5..13].try_into().expect("8 bytes"));
+                buf.advance(4 + BODY_HEADER);
+                let payload = buf.split_to(len - BODY_HEADER).freeze();
+                if kind != KIND_RESULT {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!("executor sent unexpected frame kind {kind}"),
+                    ));
+                }
+                return Ok(Some((task, payload)));
+            }
+            buf.reserve(4 + len - buf.len());
+        } else {
+            buf.reserve(64 * 1024);
+        }
+        if rd.read_buf(buf).await? == 0 {
+            return Ok(None);
+        }
+    }
+}

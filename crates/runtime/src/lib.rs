@@ -1,0 +1,65 @@
+//! The tokio side of distripool: the orchestrator that lives inside the
+//! driver, the agent that runs on every worker machine, and the executor
+//! processes the agent supervises.
+//!
+//! ```text
+//!  driver process                                   worker machine
+//!  ┌───────────────────────────────┐   TCP, framed  ┌──────────────────────────┐
+//!  │ Client ──► core task ─────────┼──────────────► │ agent session            │
+//!  │   ▲        (Scheduler)        │ ◄──────────────┼─  │ unix socket per slot  │
+//!  │   └── completions ◄───────────┤                │   ▼                      │
+//!  └───────────────────────────────┘                │ executor processes (py)  │
+//!                                                   └──────────────────────────┘
+//! ```
+//!
+//! Nothing here touches Python objects; the bindings crate converts at the edge.
+
+pub mod agent;
+pub mod conn;
+pub mod executor;
+pub mod orchestrator;
+
+pub use agent::{run_agent, AgentConfig};
+pub use distripool_protocol::DEFAULT_MAX_FRAME;
+pub use orchestrator::{Client, Completion, Orchestrator, OrchestratorConfig, Outcome, Stats};
+
+use distripool_protocol::{FrameError, HandshakeError};
+
+/// Errors of the runtime, one enum for the bindings to map onto Python types.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Frame(#[from] FrameError),
+    #[error("authentication failed: {0}")]
+    Handshake(#[from] HandshakeError),
+    #[error("{0}")]
+    Config(String),
+    #[error("timed out: {0}")]
+    Timeout(&'static str),
+    #[error("the orchestrator is closed")]
+    Closed,
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Fresh random bytes from the operating system.
+pub fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut out = [0u8; N];
+    getrandom::fill(&mut out).expect("the operating system's random source works");
+    out
+}
+
+/// Resolve `host:port` strings (names allowed) to socket addresses.
+pub fn resolve(addr: &str) -> Result<std::net::SocketAddr> {
+    use std::net::ToSocketAddrs;
+    let mut addrs = addr.to_socket_addrs().map_err(|e| {
+        Error::Config(format!(
+            "cannot resolve address {addr:?} (expected HOST:PORT): {e}"
+        ))
+    })?;
+    addrs
+        .next()
+        .ok_or_else(|| Error::Config(format!("address {addr:?} resolves to nothing")))
+}

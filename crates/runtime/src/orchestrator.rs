@@ -1,0 +1,768 @@
+//! The orchestrator: accepts agents, schedules tasks, routes results.
+//!
+//! It runs on its own tokio runtime inside the driver process. A single *core*
+//! task owns all mutable state — the [`Scheduler`], the agents' outgoing
+//! queues, the clients' completion channels and the function registry — and
+//! is fed by one event channel, so there is no lock on the per-task path.
+//!
+//! ```text
+//!  Client::submit ─┐                         ┌─► agent writer ─► socket
+//!  agent reader ───┼─► events ─► core task ──┤
+//!  listeners ──────┘            (Scheduler)  └─► Client completions (std mpsc)
+//! ```
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{mpsc as std_mpsc, Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use distripool_protocol::{FromAgent, ToAgent, DEFAULT_MAX_FRAME};
+use distripool_scheduler::{Command, Config as SchedulerConfig, Scheduler};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::{mpsc, watch};
+
+use crate::agent::{run_session, AgentConfig};
+use crate::conn::{
+    client_handshake, server_handshake, FrameReader, FrameWriter, Outgoing, HEARTBEAT, PEER_TIMEOUT,
+};
+use crate::{resolve, Error, Result};
+
+/// Tasks an agent may hold per executor slot (running plus prefetched).
+const PREFETCH_PER_SLOT: usize = 2;
+/// Functions kept after their last task, in case they are used again.
+const IDLE_FUNCTIONS: usize = 64;
+/// Cap on connections that have not finished their handshake.
+const MAX_PENDING_HANDSHAKES: usize = 256;
+
+#[derive(Debug, Clone)]
+pub struct OrchestratorConfig {
+    /// `host:port` addresses to listen on; may be empty (embedded pools).
+    pub listen: Vec<String>,
+    pub key: Vec<u8>,
+    pub max_frame: usize,
+    pub max_crashes: u32,
+}
+
+impl Default for OrchestratorConfig {
+    fn default() -> Self {
+        Self {
+            listen: Vec::new(),
+            key: Vec::new(),
+            max_frame: DEFAULT_MAX_FRAME,
+            max_crashes: 3,
+        }
+    }
+}
+
+/// Counters readable from any thread.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub workers: AtomicUsize,
+    pub slots: AtomicUsize,
+    pub auth_failures: AtomicUsize,
+    pub handshake_failures: AtomicUsize,
+    pub tasks_done: AtomicU64,
+    pub crashes: AtomicU64,
+}
+
+/// How a task ended, as seen by its client.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The executor's pickled outcome (a value or a Python exception).
+    Done(Bytes),
+    /// The task could not be run: retries exhausted, or the pool stopped.
+    Failed(String),
+}
+
+#[derive(Debug)]
+pub struct Completion {
+    pub job: u64,
+    pub index: u32,
+    pub outcome: Outcome,
+}
+
+enum Event {
+    AgentJoined {
+        worker: u64,
+        slots: usize,
+        tx: mpsc::UnboundedSender<Outgoing<ToAgent>>,
+    },
+    AgentMessage {
+        worker: u64,
+        msg: FromAgent,
+        payload: Bytes,
+    },
+    AgentLeft {
+        worker: u64,
+        reason: String,
+    },
+    ClientOpened {
+        client: u64,
+        tx: std_mpsc::Sender<Completion>,
+    },
+    Submit {
+        client: u64,
+        job: u64,
+        fn_id: u64,
+        function: Bytes,
+        tasks: Vec<(u32, Bytes)>,
+    },
+    ClientClosed {
+        client: u64,
+    },
+}
+
+struct TaskMeta {
+    client: u64,
+    job: u64,
+    index: u32,
+    fn_id: u64,
+}
+
+struct AgentLink {
+    tx: mpsc::UnboundedSender<Outgoing<ToAgent>>,
+    fns: HashSet<u64>,
+    slots: usize,
+}
+
+struct FnEntry {
+    bytes: Bytes,
+    refs: usize,
+}
+
+struct Core {
+    sched: Scheduler<Bytes, Bytes>,
+    agents: HashMap<u64, AgentLink>,
+    clients: HashMap<u64, std_mpsc::Sender<Completion>>,
+    meta: HashMap<u64, TaskMeta>,
+    fns: HashMap<u64, FnEntry>,
+    idle_fns: VecDeque<u64>,
+    next_task: u64,
+    stats: Arc<Stats>,
+}
+
+/// Handle to a running orchestrator. Dropping it (or [`close`](Self::close))
+/// stops everything it runs and frees its ports.
+pub struct Orchestrator {
+    runtime: Option<tokio::runtime::Runtime>,
+    events: mpsc::UnboundedSender<Event>,
+    addrs: Vec<SocketAddr>,
+    key: Vec<u8>,
+    max_frame: usize,
+    stats: Arc<Stats>,
+    next_id: Arc<AtomicU64>,
+    stop: watch::Sender<bool>,
+}
+
+impl Orchestrator {
+    pub fn start(config: OrchestratorConfig) -> Result<Self> {
+        let mut addrs = Vec::new();
+        for a in &config.listen {
+            let addr = resolve(a)?;
+            if !addr.ip().is_loopback() && config.key.is_empty() {
+                return Err(Error::Config(format!(
+                    "refusing to listen on {addr} without an authentication key: anyone who can reach it \
+                     could run code on your workers. Pass authkey=..., or set DISTRIPOOL_AUTHKEY or \
+                     DISTRIPOOL_AUTHKEY_FILE (make a key with `distripool keygen`), or listen on 127.0.0.1"
+                )));
+            }
+            addrs.push(addr);
+        }
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("distripool-orchestrator")
+            .enable_all()
+            .build()?;
+        let stats = Arc::new(Stats::default());
+        let next_id = Arc::new(AtomicU64::new(1));
+        let (events, rx) = mpsc::unbounded_channel();
+        let (stop, _) = watch::channel(false);
+
+        let mut bound = Vec::new();
+        for addr in &addrs {
+            let listener = runtime.block_on(async {
+                let socket = if addr.is_ipv4() {
+                    TcpSocket::new_v4()?
+                } else {
+                    TcpSocket::new_v6()?
+                };
+                socket.set_reuseaddr(true)?;
+                socket.bind(*addr)?;
+                socket.listen(1024)
+            });
+            let listener =
+                listener.map_err(|e| Error::Config(format!("cannot listen on {addr}: {e}")))?;
+            bound.push(listener.local_addr()?);
+            runtime.spawn(accept_loop(
+                listener,
+                config.key.clone(),
+                config.max_frame,
+                events.clone(),
+                stats.clone(),
+                next_id.clone(),
+            ));
+        }
+
+        let core = Core {
+            sched: Scheduler::new(SchedulerConfig {
+                max_crashes: config.max_crashes,
+                max_losses: 10,
+            }),
+            agents: HashMap::new(),
+            clients: HashMap::new(),
+            meta: HashMap::new(),
+            fns: HashMap::new(),
+            idle_fns: VecDeque::new(),
+            next_task: 1,
+            stats: stats.clone(),
+        };
+        runtime.spawn(core.run(rx));
+        Ok(Self {
+            runtime: Some(runtime),
+            events,
+            addrs: bound,
+            key: config.key,
+            max_frame: config.max_frame,
+            stats,
+            next_id,
+            stop,
+        })
+    }
+
+    /// The addresses actually bound (port 0 resolved).
+    pub fn local_addrs(&self) -> &[SocketAddr] {
+        &self.addrs
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.runtime.is_none()
+    }
+
+    /// A new client (one per pool) with its own completion channel.
+    pub fn open_client(&self) -> Result<Client> {
+        if self.is_closed() {
+            return Err(Error::Closed);
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = std_mpsc::channel();
+        self.events
+            .send(Event::ClientOpened { client: id, tx })
+            .map_err(|_| Error::Closed)?;
+        Ok(Client {
+            id,
+            events: self.events.clone(),
+            completions: Mutex::new(rx),
+            next_job: AtomicU64::new(1),
+        })
+    }
+
+    /// Run an agent with `processes` executors inside this process, connected
+    /// through an in-memory stream (no port). It lives as long as the
+    /// orchestrator.
+    pub fn start_local_agent(&self, mut config: AgentConfig) -> Result<()> {
+        let Some(rt) = &self.runtime else {
+            return Err(Error::Closed);
+        };
+        config.key = self.key.clone();
+        config.executor.max_frame = self.max_frame;
+        let (agent_end, orch_end) = tokio::io::duplex(1 << 20);
+        let worker = self.next_id.fetch_add(1, Ordering::Relaxed);
+        rt.spawn(serve_agent(
+            orch_end,
+            "local".into(),
+            self.key.clone(),
+            self.max_frame,
+            worker,
+            self.events.clone(),
+            self.stats.clone(),
+        ));
+        let mut stop = self.stop.subscribe();
+        rt.spawn(async move {
+            let mut stream = agent_end;
+            match client_handshake(&mut stream, &config.key).await {
+                Ok(_) => {
+                    tokio::select! {
+                        reason = run_session(stream, &config) => {
+                            tracing::error!("local agent stopped: {reason}");
+                        }
+                        _ = stop.changed() => {}
+                    }
+                }
+                Err(e) => tracing::error!("local agent could not authenticate: {e}"),
+            }
+        });
+        Ok(())
+    }
+
+    /// Stop all tasks, agents and listeners and free the ports. Idempotent.
+    pub fn close(&mut self) {
+        let _ = self.stop.send(true);
+        if let Some(rt) = self.runtime.take() {
+            // Dropping the tasks drops every executor handle, which kills the
+            // executors' process groups.
+            rt.shutdown_timeout(Duration::from_secs(2));
+        }
+    }
+}
+
+impl Drop for Orchestrator {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// A pool's connection to the orchestrator.
+pub struct Client {
+    id: u64,
+    events: mpsc::UnboundedSender<Event>,
+    completions: Mutex<std_mpsc::Receiver<Completion>>,
+    next_job: AtomicU64,
+}
+
+impl Client {
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// A fresh job number for this client.
+    pub fn new_job(&self) -> u64 {
+        self.next_job.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Queue tasks `(index, payload)` of `job`, all calling the pickled `function`.
+    pub fn submit(&self, job: u64, function: Bytes, tasks: Vec<(u32, Bytes)>) -> Result<()> {
+        let fn_id = function_id(&function);
+        self.events
+            .send(Event::Submit {
+                client: self.id,
+                job,
+                fn_id,
+                function,
+                tasks,
+            })
+            .map_err(|_| Error::Closed)
+    }
+
+    /// Wait up to `timeout` for completions; returns all that are ready
+    /// (possibly none). `Err(Closed)` once the orchestrator is gone.
+    pub fn recv(&self, timeout: Duration) -> Result<Vec<Completion>> {
+        let rx = self.completions.lock().expect("completion lock");
+        let first = match rx.recv_timeout(timeout) {
+            Ok(c) => c,
+            Err(std_mpsc::RecvTimeoutError::Timeout) => return Ok(Vec::new()),
+            Err(std_mpsc::RecvTimeoutError::Disconnected) => return Err(Error::Closed),
+        };
+        let mut out = vec![first];
+        out.extend(rx.try_iter().take(4096));
+        Ok(out)
+    }
+
+    /// Cancel everything this client submitted and detach it.
+    pub fn close(&self) {
+        let _ = self.events.send(Event::ClientClosed { client: self.id });
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// Content address of a pickled function.
+pub fn function_id(bytes: &[u8]) -> u64 {
+    let digest = Sha256::digest(bytes);
+    u64::from_le_bytes(digest[..8].try_into().expect("8 bytes"))
+}
+
+impl Core {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Event>) {
+        while let Some(ev) = rx.recv().await {
+            self.handle(ev);
+            // Drain what else is ready before touching the scheduler's output,
+            // so bursts are handled together.
+            while let Ok(ev) = rx.try_recv() {
+                self.handle(ev);
+            }
+        }
+    }
+
+    fn handle(&mut self, ev: Event) {
+        match ev {
+            Event::AgentJoined { worker, slots, tx } => {
+                self.agents.insert(
+                    worker,
+                    AgentLink {
+                        tx,
+                        fns: HashSet::new(),
+                        slots,
+                    },
+                );
+                self.stats.workers.fetch_add(1, Ordering::Relaxed);
+                self.stats.slots.fetch_add(slots, Ordering::Relaxed);
+                self.sched.worker_joined(worker, slots * PREFETCH_PER_SLOT);
+            }
+            Event::AgentLeft { worker, reason } => {
+                if let Some(link) = self.agents.remove(&worker) {
+                    self.stats.workers.fetch_sub(1, Ordering::Relaxed);
+                    self.stats.slots.fetch_sub(link.slots, Ordering::Relaxed);
+                }
+                self.sched.worker_lost(worker, &reason);
+            }
+            Event::AgentMessage {
+                worker,
+                msg,
+                payload,
+            } => match msg {
+                FromAgent::Result { task, attempt } => {
+                    if self.sched.task_finished(worker, task, attempt, payload) {
+                        self.stats.tasks_done.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                FromAgent::Crashed {
+                    task,
+                    attempt,
+                    reason,
+                } => {
+                    self.stats.crashes.fetch_add(1, Ordering::Relaxed);
+                    self.sched.task_crashed(worker, task, attempt, &reason);
+                }
+                FromAgent::Ready { .. } | FromAgent::Pong { .. } => {}
+            },
+            Event::ClientOpened { client, tx } => {
+                self.clients.insert(client, tx);
+            }
+            Event::Submit {
+                client,
+                job,
+                fn_id,
+                function,
+                tasks,
+            } => {
+                if !self.clients.contains_key(&client) {
+                    return;
+                }
+                let entry = self.fns.entry(fn_id).or_insert(FnEntry {
+                    bytes: function,
+                    refs: 0,
+                });
+                entry.refs += tasks.len();
+                for (index, payload) in tasks {
+                    let task = self.next_task;
+                    self.next_task += 1;
+                    self.meta.insert(
+                        task,
+                        TaskMeta {
+                            client,
+                            job,
+                            index,
+                            fn_id,
+                        },
+                    );
+                    self.sched.submit(task, client, payload);
+                }
+            }
+            Event::ClientClosed { client } => {
+                if self.clients.remove(&client).is_some() {
+                    self.sched.cancel_group(client);
+                    // Running tasks come back as Cancel commands; queued ones
+                    // leave the scheduler silently, so forget them here.
+                    let gone: Vec<u64> = self
+                        .meta
+                        .iter()
+                        .filter(|(_, m)| m.client == client)
+                        .map(|(t, _)| *t)
+                        .collect();
+                    for t in gone {
+                        if let Some(m) = self.meta.remove(&t) {
+                            self.release_function(m.fn_id);
+                        }
+                    }
+                }
+            }
+        }
+        self.apply_commands();
+    }
+
+    fn apply_commands(&mut self) {
+        while let Some(cmd) = self.sched.poll_command() {
+            match cmd {
+                Command::Dispatch {
+                    worker,
+                    task,
+                    attempt,
+                    payload,
+                } => {
+                    let (Some(link), Some(meta)) =
+                        (self.agents.get_mut(&worker), self.meta.get(&task))
+                    else {
+                        continue;
+                    };
+                    if link.fns.insert(meta.fn_id) {
+                        let bytes = self.fns[&meta.fn_id].bytes.clone();
+                        let _ = link.tx.send(Outgoing::with_payload(
+                            ToAgent::Function { fn_id: meta.fn_id },
+                            bytes,
+                        ));
+                    }
+                    let msg = ToAgent::Task {
+                        task,
+                        attempt,
+                        fn_id: meta.fn_id,
+                    };
+                    let _ = link.tx.send(Outgoing::with_payload(msg, payload));
+                }
+                Command::Deliver { task, result, .. } => self.complete(task, Outcome::Done(result)),
+                Command::Fail { task, failure, .. } => {
+                    let reason = format!(
+                        "task failed after {} attempts: {}",
+                        failure.attempts,
+                        failure.reasons.join("; ")
+                    );
+                    self.complete(task, Outcome::Failed(reason));
+                }
+                Command::Cancel { worker, tasks } => {
+                    for t in &tasks {
+                        if let Some(meta) = self.meta.remove(t) {
+                            self.release_function(meta.fn_id);
+                        }
+                    }
+                    if let Some(link) = self.agents.get(&worker) {
+                        let _ = link.tx.send(Outgoing::new(ToAgent::Cancel { tasks }));
+                    }
+                }
+            }
+        }
+    }
+
+    fn complete(&mut self, task: u64, outcome: Outcome) {
+        let Some(meta) = self.meta.remove(&task) else {
+            return;
+        };
+        self.release_function(meta.fn_id);
+        if let Some(tx) = self.clients.get(&meta.client) {
+            let _ = tx.send(Completion {
+                job: meta.job,
+                index: meta.index,
+                outcome,
+            });
+        }
+    }
+
+    fn release_function(&mut self, fn_id: u64) {
+        let Some(entry) = self.fns.get_mut(&fn_id) else {
+            return;
+        };
+        entry.refs = entry.refs.saturating_sub(1);
+        if entry.refs > 0 {
+            return;
+        }
+        self.idle_fns.push_back(fn_id);
+        while self.idle_fns.len() > IDLE_FUNCTIONS {
+            let old = self.idle_fns.pop_front().expect("not empty");
+            if self.fns.get(&old).is_some_and(|e| e.refs == 0) && !self.idle_fns.contains(&old) {
+                self.fns.remove(&old);
+                for link in self.agents.values_mut() {
+                    if link.fns.remove(&old) {
+                        let _ = link.tx.send(Outgoing::new(ToAgent::Forget { fn_id: old }));
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    key: Vec<u8>,
+    max_frame: usize,
+    events: mpsc::UnboundedSender<Event>,
+    stats: Arc<Stats>,
+    next_id: Arc<AtomicU64>,
+) {
+    let pending = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // Out of file descriptors and the like: back off briefly
+                // instead of spinning.
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = pending.clone().try_acquire_owned() else {
+            // Too many peers are mid-handshake; drop this one at once.
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let worker = next_id.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(serve_agent_with_permit(
+            stream,
+            peer.to_string(),
+            key.clone(),
+            max_frame,
+            worker,
+            events.clone(),
+            stats.clone(),
+            permit,
+        ));
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn serve_agent_with_permit<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
+    stream: S,
+    peer: String,
+    key: Vec<u8>,
+    max_frame: usize,
+    worker: u64,
+    events: mpsc::UnboundedSender<Event>,
+    stats: Arc<Stats>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let mut stream = stream;
+    if let Err(e) = server_handshake(&mut stream, &key, worker).await {
+        note_handshake_failure(&stats, &peer, &e);
+        return;
+    }
+    drop(permit);
+    serve_session(stream, peer, max_frame, worker, events).await;
+}
+
+fn note_handshake_failure(stats: &Stats, peer: &str, e: &Error) {
+    match e {
+        Error::Handshake(h) if h.is_auth_failure() => {
+            stats.auth_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!("rejected agent {peer}: {e}");
+        }
+        _ => {
+            stats.handshake_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::info!("handshake with {peer} failed: {e}");
+        }
+    }
+}
+
+async fn serve_agent<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
+    mut stream: S,
+    peer: String,
+    key: Vec<u8>,
+    max_frame: usize,
+    worker: u64,
+    events: mpsc::UnboundedSender<Event>,
+    stats: Arc<Stats>,
+) {
+    if let Err(e) = server_handshake(&mut stream, &key, worker).await {
+        note_handshake_failure(&stats, &peer, &e);
+        return;
+    }
+    serve_session(stream, peer, max_frame, worker, events).await;
+}
+
+/// One authenticated agent: forward its frames to the core, and the core's
+/// frames (plus heartbeats) to it, until either side goes away.
+async fn serve_session<S: AsyncRead + AsyncWrite + Send + 'static>(
+    stream: S,
+    peer: String,
+    max_frame: usize,
+    worker: u64,
+    events: mpsc::UnboundedSender<Event>,
+) {
+    let (rd, wr) = tokio::io::split(stream);
+    let mut reader = FrameReader::new(rd, max_frame);
+
+    // The first message must be Ready, and it must come promptly.
+    let slots = match tokio::time::timeout(PEER_TIMEOUT, reader.read_frame()).await {
+        Ok(Ok(Some(f))) => match f.message::<FromAgent>() {
+            Ok(FromAgent::Ready { slots, host, pid }) => {
+                tracing::info!("agent {peer} ({host}, pid {pid}) joined with {slots} executors");
+                slots as usize
+            }
+            _ => return,
+        },
+        _ => return,
+    };
+
+    let (tx, mut rx) = mpsc::unbounded_channel::<Outgoing<ToAgent>>();
+    if events
+        .send(Event::AgentJoined { worker, slots, tx })
+        .is_err()
+    {
+        return;
+    }
+    let writer = tokio::spawn(async move {
+        let mut w = FrameWriter::new(wr, max_frame);
+        let mut heartbeat = tokio::time::interval(HEARTBEAT);
+        let mut seq = 0u64;
+        loop {
+            let first = tokio::select! {
+                f = rx.recv() => match f { Some(f) => f, None => return Ok::<(), Error>(()) },
+                _ = heartbeat.tick() => {
+                    seq += 1;
+                    Outgoing::new(ToAgent::Ping { seq })
+                }
+            };
+            let mut next = Some(first);
+            while let Some(f) = next {
+                w.write(&f.msg, &f.payload).await?;
+                next = rx.try_recv().ok();
+            }
+            w.flush().await?;
+        }
+    });
+    let writer = AbortOnDrop(writer);
+
+    let reason = loop {
+        match tokio::time::timeout(PEER_TIMEOUT, reader.read_frame()).await {
+            Err(_) => break format!("no heartbeat for {PEER_TIMEOUT:?}"),
+            Ok(Err(e)) => break format!("connection error: {e}"),
+            Ok(Ok(None)) => break "connection closed".to_string(),
+            Ok(Ok(Some(frame))) => match frame.message::<FromAgent>() {
+                Ok(FromAgent::Pong { .. }) => {}
+                Ok(msg) => {
+                    if events
+                        .send(Event::AgentMessage {
+                            worker,
+                            msg,
+                            payload: frame.payload,
+                        })
+                        .is_err()
+                    {
+                        break "orchestrator stopped".to_string();
+                    }
+                }
+                Err(e) => break format!("bad message: {e}"),
+            },
+        }
+        if writer.0.is_finished() {
+            break "connection closed while sending".to_string();
+        }
+    };
+    tracing::info!("agent {peer} left: {reason}");
+    let _ = events.send(Event::AgentLeft { worker, reason });
+}
+
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Helper for tests and the local agent: connect a stream as an agent.
+pub async fn connect_as_agent<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    key: &[u8],
+) -> Result<u64> {
+    client_handshake(stream, key).await
+}

@@ -1,0 +1,318 @@
+//! The distripool scheduler as a sans-I/O state machine.
+//!
+//! The runtime feeds it events — a worker joined or was lost, a task was
+//! submitted, finished, crashed its executor, or its group was cancelled — and
+//! drains [`Command`]s: dispatch this attempt to that worker, deliver this
+//! result, fail this task, cancel these tasks on that worker. There are no
+//! sockets, threads or clocks in here, so every interleaving can be tested.
+//!
+//! Guarantees, each covered by the tests below:
+//! - every submitted task ends in exactly one [`Command::Deliver`] or
+//!   [`Command::Fail`], unless its group is cancelled first;
+//! - a result is accepted only from the worker that holds the task's current
+//!   attempt, so late or duplicated results are dropped;
+//! - a task that crashes its executor `max_crashes` times, or loses its worker
+//!   `max_losses` times, fails instead of being retried forever;
+//! - nothing is dispatched to a worker after it is lost, and no worker holds
+//!   more tasks than its capacity.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+
+pub type TaskId = u64;
+pub type WorkerId = u64;
+/// Tasks are grouped by the client (pool) that submitted them.
+pub type GroupId = u64;
+
+/// Retry limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Config {
+    /// A task fails after its executor died this many times while running it.
+    pub max_crashes: u32,
+    /// A task fails after the worker holding it was lost this many times.
+    pub max_losses: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            max_crashes: 3,
+            max_losses: 10,
+        }
+    }
+}
+
+/// Why a task failed for good.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// Attempts made in total.
+    pub attempts: u32,
+    /// How each crash or loss was reported, oldest first.
+    pub reasons: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command<P, R> {
+    /// Send attempt `attempt` of `task` to `worker`.
+    Dispatch {
+        worker: WorkerId,
+        task: TaskId,
+        attempt: u32,
+        payload: P,
+    },
+    /// The task's outcome, to hand to its submitter. Happens at most once.
+    Deliver {
+        task: TaskId,
+        group: GroupId,
+        result: R,
+    },
+    /// The task will not be retried any more.
+    Fail {
+        task: TaskId,
+        group: GroupId,
+        failure: Failure,
+    },
+    /// Tell `worker` to drop or stop these tasks.
+    Cancel {
+        worker: WorkerId,
+        tasks: Vec<TaskId>,
+    },
+}
+
+#[derive(Debug)]
+struct Task<P> {
+    group: GroupId,
+    payload: P,
+    attempt: u32,
+    crashes: u32,
+    losses: u32,
+    worker: Option<WorkerId>,
+    reasons: Vec<String>,
+}
+
+#[derive(Debug)]
+struct Worker {
+    capacity: usize,
+    tasks: BTreeSet<TaskId>,
+}
+
+#[derive(Debug)]
+pub struct Scheduler<P, R> {
+    config: Config,
+    tasks: HashMap<TaskId, Task<P>>,
+    queue: VecDeque<TaskId>,
+    workers: BTreeMap<WorkerId, Worker>,
+    out: VecDeque<Command<P, R>>,
+}
+
+impl<P: Clone, R> Scheduler<P, R> {
+    pub fn new(config: Config) -> Self {
+        Self {
+            config,
+            tasks: HashMap::new(),
+            queue: VecDeque::new(),
+            workers: BTreeMap::new(),
+            out: VecDeque::new(),
+        }
+    }
+
+    /// Next command to carry out, if any.
+    pub fn poll_command(&mut self) -> Option<Command<P, R>> {
+        self.out.pop_front()
+    }
+
+    /// Tasks waiting for a worker.
+    pub fn queued(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Tasks submitted and not yet delivered, failed or cancelled.
+    pub fn pending(&self) -> usize {
+        self.tasks.len()
+    }
+
+    pub fn workers(&self) -> usize {
+        self.workers.len()
+    }
+
+    /// Total capacity of all workers.
+    pub fn capacity(&self) -> usize {
+        self.workers.values().map(|w| w.capacity).sum()
+    }
+
+    pub fn submit(&mut self, task: TaskId, group: GroupId, payload: P) {
+        let previous = self.tasks.insert(
+            task,
+            Task {
+                group,
+                payload,
+                attempt: 0,
+                crashes: 0,
+                losses: 0,
+                worker: None,
+                reasons: Vec::new(),
+            },
+        );
+        assert!(previous.is_none(), "task id {task} submitted twice");
+        self.queue.push_back(task);
+        self.schedule();
+    }
+
+    /// A worker joined, or changed how many tasks it takes at once.
+    pub fn worker_joined(&mut self, worker: WorkerId, capacity: usize) {
+        self.workers
+            .entry(worker)
+            .and_modify(|w| w.capacity = capacity)
+            .or_insert(Worker {
+                capacity,
+                tasks: BTreeSet::new(),
+            });
+        self.schedule();
+    }
+
+    /// A worker is gone: its tasks go back to the queue (or fail, past the limit).
+    pub fn worker_lost(&mut self, worker: WorkerId, reason: &str) {
+        let Some(w) = self.workers.remove(&worker) else {
+            return;
+        };
+        // Requeue in reverse so that the oldest task ends up first in line.
+        for task in w.tasks.into_iter().rev() {
+            let Some(t) = self.tasks.get_mut(&task) else {
+                continue;
+            };
+            t.worker = None;
+            t.losses += 1;
+            t.reasons
+                .push(format!("attempt {}: worker lost ({reason})", t.attempt));
+            if t.losses >= self.config.max_losses {
+                self.fail(task);
+            } else {
+                self.queue.push_front(task);
+            }
+        }
+        self.schedule();
+    }
+
+    /// A result arrived. Returns false (and drops it) when it is stale: the
+    /// task is done, cancelled, or now belongs to another attempt.
+    pub fn task_finished(
+        &mut self,
+        worker: WorkerId,
+        task: TaskId,
+        attempt: u32,
+        result: R,
+    ) -> bool {
+        if !self.is_current(worker, task, attempt) {
+            return false;
+        }
+        let t = self.tasks.remove(&task).expect("current task exists");
+        self.release(worker, task);
+        self.out.push_back(Command::Deliver {
+            task,
+            group: t.group,
+            result,
+        });
+        self.schedule();
+        true
+    }
+
+    /// The executor running this attempt died. Returns false when stale.
+    pub fn task_crashed(
+        &mut self,
+        worker: WorkerId,
+        task: TaskId,
+        attempt: u32,
+        reason: &str,
+    ) -> bool {
+        if !self.is_current(worker, task, attempt) {
+            return false;
+        }
+        self.release(worker, task);
+        let t = self.tasks.get_mut(&task).expect("current task exists");
+        t.worker = None;
+        t.crashes += 1;
+        t.reasons.push(format!("attempt {attempt}: {reason}"));
+        if t.crashes >= self.config.max_crashes {
+            self.fail(task);
+        } else {
+            self.queue.push_front(task);
+        }
+        self.schedule();
+        true
+    }
+
+    /// Forget every task of `group`; running ones are cancelled on their workers.
+    pub fn cancel_group(&mut self, group: GroupId) {
+        let tasks = &self.tasks;
+        self.queue.retain(|t| tasks[t].group != group);
+        let mut per_worker: BTreeMap<WorkerId, Vec<TaskId>> = BTreeMap::new();
+        self.tasks.retain(|&id, t| {
+            if t.group != group {
+                return true;
+            }
+            if let Some(w) = t.worker {
+                per_worker.entry(w).or_default().push(id);
+            }
+            false
+        });
+        for (worker, mut tasks) in per_worker {
+            tasks.sort_unstable();
+            if let Some(w) = self.workers.get_mut(&worker) {
+                for t in &tasks {
+                    w.tasks.remove(t);
+                }
+            }
+            self.out.push_back(Command::Cancel { worker, tasks });
+        }
+        self.schedule();
+    }
+
+    fn is_current(&self, worker: WorkerId, task: TaskId, attempt: u32) -> bool {
+        matches!(self.tasks.get(&task), Some(t) if t.worker == Some(worker) && t.attempt == attempt)
+    }
+
+    fn release(&mut self, worker: WorkerId, task: TaskId) {
+        if let Some(w) = self.workers.get_mut(&worker) {
+            w.tasks.remove(&task);
+        }
+    }
+
+    fn fail(&mut self, task: TaskId) {
+        let t = self.tasks.remove(&task).expect("failing task exists");
+        self.out.push_back(Command::Fail {
+            task,
+            group: t.group,
+            failure: Failure {
+                attempts: t.attempt,
+                reasons: t.reasons,
+            },
+        });
+    }
+
+    /// Hand queued tasks to the workers with the most free slots.
+    fn schedule(&mut self) {
+        while !self.queue.is_empty() {
+            let Some((&worker, w)) = self
+                .workers
+                .iter_mut()
+                .filter(|(_, w)| w.tasks.len() < w.capacity)
+                .max_by_key(|(id, w)| (w.capacity - w.tasks.len(), std::cmp::Reverse(**id)))
+            else {
+                return;
+            };
+            let task = self.queue.pop_front().expect("queue is not empty");
+            let t = self.tasks.get_mut(&task).expect("queued task exists");
+            t.attempt += 1;
+            t.worker = Some(worker);
+            w.tasks.insert(task);
+            self.out.push_back(Command::Dispatch {
+                worker,
+                task,
+                attempt: t.attempt,
+                payload: t.payload.clone(),
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

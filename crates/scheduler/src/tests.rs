@@ -1,0 +1,314 @@
+use super::*;
+use proptest::prelude::*;
+use std::collections::HashMap;
+
+type S = Scheduler<&'static str, u32>;
+
+fn drain(s: &mut S) -> Vec<Command<&'static str, u32>> {
+    std::iter::from_fn(|| s.poll_command()).collect()
+}
+
+fn dispatched(cmds: &[Command<&'static str, u32>]) -> Vec<(WorkerId, TaskId, u32)> {
+    cmds.iter()
+        .filter_map(|c| match c {
+            Command::Dispatch {
+                worker,
+                task,
+                attempt,
+                ..
+            } => Some((*worker, *task, *attempt)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn tasks_wait_for_a_worker_then_respect_its_capacity() {
+    let mut s = S::new(Config::default());
+    for t in 0..5 {
+        s.submit(t, 1, "x");
+    }
+    assert!(drain(&mut s).is_empty());
+    assert_eq!(s.queued(), 5);
+    s.worker_joined(10, 2);
+    assert_eq!(dispatched(&drain(&mut s)), vec![(10, 0, 1), (10, 1, 1)]);
+    assert!(s.task_finished(10, 0, 1, 100));
+    let cmds = drain(&mut s);
+    assert_eq!(
+        cmds[0],
+        Command::Deliver {
+            task: 0,
+            group: 1,
+            result: 100
+        }
+    );
+    assert_eq!(dispatched(&cmds), vec![(10, 2, 1)]);
+}
+
+#[test]
+fn load_is_spread_over_workers() {
+    let mut s = S::new(Config::default());
+    s.worker_joined(1, 2);
+    s.worker_joined(2, 2);
+    for t in 0..4 {
+        s.submit(t, 1, "x");
+    }
+    let per: Vec<_> = dispatched(&drain(&mut s)).iter().map(|d| d.0).collect();
+    assert_eq!(per.iter().filter(|&&w| w == 1).count(), 2);
+    assert_eq!(per.iter().filter(|&&w| w == 2).count(), 2);
+}
+
+#[test]
+fn stale_and_duplicate_results_are_dropped() {
+    let mut s = S::new(Config::default());
+    s.worker_joined(1, 1);
+    s.submit(0, 1, "x");
+    drain(&mut s);
+    assert!(!s.task_finished(2, 0, 1, 5), "wrong worker");
+    assert!(!s.task_finished(1, 0, 2, 5), "wrong attempt");
+    assert!(s.task_finished(1, 0, 1, 5));
+    assert!(!s.task_finished(1, 0, 1, 5), "duplicate");
+    let delivered = drain(&mut s)
+        .into_iter()
+        .filter(|c| matches!(c, Command::Deliver { .. }))
+        .count();
+    assert_eq!(delivered, 1);
+}
+
+#[test]
+fn a_lost_worker_gives_its_tasks_to_another_in_order() {
+    let mut s = S::new(Config::default());
+    s.worker_joined(1, 3);
+    for t in 0..3 {
+        s.submit(t, 1, "x");
+    }
+    drain(&mut s);
+    s.worker_lost(1, "connection reset");
+    assert_eq!(s.queued(), 3);
+    s.worker_joined(2, 3);
+    assert_eq!(
+        dispatched(&drain(&mut s)),
+        vec![(2, 0, 2), (2, 1, 2), (2, 2, 2)]
+    );
+    // The old worker's late result is refused.
+    assert!(!s.task_finished(1, 0, 1, 0));
+}
+
+#[test]
+fn crash_limit_fails_the_task_with_every_reason() {
+    let mut s = S::new(Config {
+        max_crashes: 3,
+        max_losses: 10,
+    });
+    s.worker_joined(1, 1);
+    s.submit(0, 7, "poison");
+    s.submit(1, 7, "fine");
+    for attempt in 1..=3 {
+        let d = dispatched(&drain(&mut s));
+        assert_eq!(d[0], (1, 0, attempt));
+        assert!(s.task_crashed(1, 0, attempt, "killed by signal 9"));
+    }
+    let cmds = drain(&mut s);
+    let Command::Fail {
+        task: 0,
+        group: 7,
+        failure,
+    } = &cmds[0]
+    else {
+        panic!("{cmds:?}")
+    };
+    assert_eq!(failure.attempts, 3);
+    assert_eq!(failure.reasons.len(), 3);
+    assert!(failure.reasons[2].contains("signal 9"));
+    // The healthy task still runs.
+    assert_eq!(dispatched(&cmds), vec![(1, 1, 1)]);
+}
+
+#[test]
+fn cancel_group_drops_queued_and_cancels_running_tasks() {
+    let mut s = S::new(Config::default());
+    s.worker_joined(1, 1);
+    s.submit(0, 1, "a");
+    s.submit(1, 1, "b");
+    s.submit(2, 2, "c");
+    drain(&mut s);
+    s.cancel_group(1);
+    let cmds = drain(&mut s);
+    assert_eq!(
+        cmds[0],
+        Command::Cancel {
+            worker: 1,
+            tasks: vec![0]
+        }
+    );
+    assert_eq!(dispatched(&cmds), vec![(1, 2, 1)]);
+    assert!(
+        !s.task_finished(1, 0, 1, 0),
+        "cancelled task's result is dropped"
+    );
+    assert_eq!(s.pending(), 1);
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Submit,
+    Join(u8, u8),
+    Lose(u8),
+    Finish(u8),
+    Duplicate(u8),
+    Crash(u8),
+    CancelGroup(u8),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => Just(Op::Submit),
+        1 => (0u8..4, 1u8..4).prop_map(|(w, c)| Op::Join(w, c)),
+        1 => (0u8..4).prop_map(Op::Lose),
+        4 => any::<u8>().prop_map(Op::Finish),
+        1 => any::<u8>().prop_map(Op::Duplicate),
+        1 => any::<u8>().prop_map(Op::Crash),
+        1 => (0u8..3).prop_map(Op::CancelGroup),
+    ]
+}
+
+/// Every outcome the scheduler produced, checked against its invariants.
+#[derive(Default)]
+struct Model {
+    outcomes: HashMap<TaskId, u32>,
+    cancelled: BTreeSet<TaskId>,
+    group_of: HashMap<TaskId, GroupId>,
+    /// (worker, task) → attempt for every dispatched, unresolved attempt.
+    inflight: BTreeMap<(WorkerId, TaskId), u32>,
+    live_workers: BTreeMap<WorkerId, usize>,
+    max_attempt: u32,
+}
+
+impl Model {
+    fn absorb(&mut self, s: &mut Scheduler<u64, u64>) {
+        while let Some(c) = s.poll_command() {
+            match c {
+                Command::Dispatch {
+                    worker,
+                    task,
+                    attempt,
+                    payload,
+                } => {
+                    assert_eq!(payload, task, "payload travels with its task");
+                    assert!(
+                        self.live_workers.contains_key(&worker),
+                        "dispatch to a lost worker"
+                    );
+                    assert!(
+                        !self.outcomes.contains_key(&task),
+                        "dispatch after the outcome"
+                    );
+                    self.max_attempt = self.max_attempt.max(attempt);
+                    self.inflight.retain(|&(_, t), _| t != task);
+                    self.inflight.insert((worker, task), attempt);
+                    let load = self.inflight.keys().filter(|(w, _)| *w == worker).count();
+                    assert!(load <= self.live_workers[&worker], "worker over capacity");
+                }
+                Command::Deliver { task, result, .. } => {
+                    assert_eq!(result, task * 10);
+                    *self.outcomes.entry(task).or_default() += 1;
+                    self.inflight.retain(|&(_, t), _| t != task);
+                }
+                Command::Fail { task, .. } => {
+                    *self.outcomes.entry(task).or_default() += 1;
+                    self.inflight.retain(|&(_, t), _| t != task);
+                }
+                Command::Cancel { tasks, .. } => {
+                    for t in tasks {
+                        assert!(
+                            self.cancelled.contains(&t),
+                            "cancelled a task of another group"
+                        );
+                        self.inflight.retain(|&(_, x), _| x != t);
+                    }
+                }
+            }
+        }
+        for (t, n) in &self.outcomes {
+            assert_eq!(*n, 1, "task {t} has {n} outcomes");
+            assert!(!self.cancelled.contains(t) || *n == 1);
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn no_interleaving_loses_or_duplicates_a_result(ops in proptest::collection::vec(op(), 1..200)) {
+        let config = Config { max_crashes: 3, max_losses: 4 };
+        let mut s: Scheduler<u64, u64> = Scheduler::new(config);
+        let mut m = Model::default();
+        let mut next = 0u64;
+        for op in ops {
+            match op {
+                Op::Submit => {
+                    let group = next % 3;
+                    m.group_of.insert(next, group);
+                    s.submit(next, group, next);
+                    next += 1;
+                }
+                Op::Join(w, c) => {
+                    m.live_workers.insert(w as u64, c as usize);
+                    s.worker_joined(w as u64, c as usize);
+                }
+                Op::Lose(w) => {
+                    m.live_workers.remove(&(w as u64));
+                    s.worker_lost(w as u64, "test");
+                    m.inflight.retain(|&(wk, _), _| wk != w as u64);
+                }
+                Op::Finish(i) | Op::Duplicate(i) | Op::Crash(i) => {
+                    if m.inflight.is_empty() { continue; }
+                    let (&(w, t), &a) = m.inflight.iter().nth(i as usize % m.inflight.len()).unwrap();
+                    match op {
+                        Op::Finish(_) => prop_assert!(s.task_finished(w, t, a, t * 10)),
+                        Op::Crash(_) => {
+                            prop_assert!(s.task_crashed(w, t, a, "boom"));
+                            m.inflight.remove(&(w, t));
+                        }
+                        _ => {
+                            // A stale copy from an earlier attempt must be refused.
+                            prop_assert!(!s.task_finished(w, t, a.wrapping_sub(1), t * 10));
+                            prop_assert!(!s.task_finished(w + 100, t, a, t * 10));
+                        }
+                    }
+                }
+                Op::CancelGroup(g) => {
+                    for (&t, &grp) in &m.group_of {
+                        if grp == g as u64 && !m.outcomes.contains_key(&t) {
+                            m.cancelled.insert(t);
+                        }
+                    }
+                    s.cancel_group(g as u64);
+                }
+            }
+            m.absorb(&mut s);
+        }
+        // Quiescence: a healthy worker joins and finishes everything.
+        m.live_workers.insert(99, 4);
+        s.worker_joined(99, 4);
+        m.absorb(&mut s);
+        let mut rounds = 0;
+        while let Some((&(w, t), &a)) = m.inflight.iter().next() {
+            prop_assert!(s.task_finished(w, t, a, t * 10));
+            m.absorb(&mut s);
+            rounds += 1;
+            prop_assert!(rounds < 10_000);
+        }
+        prop_assert_eq!(s.pending(), 0);
+        for t in 0..next {
+            let n = m.outcomes.get(&t).copied().unwrap_or(0);
+            if m.cancelled.contains(&t) {
+                prop_assert!(n <= 1);
+            } else {
+                prop_assert_eq!(n, 1, "task {} has {} outcomes", t, n);
+            }
+        }
+        prop_assert!(m.max_attempt <= config.max_crashes + config.max_losses);
+    }
+}

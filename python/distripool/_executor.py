@@ -1,0 +1,133 @@
+"""Executor process: runs the tasks its agent sends over file descriptor 3.
+
+Started by the agent as ``python -m distripool._executor`` in a process group
+of its own. It reads frames (see ``crates/runtime/src/executor.rs`` for the
+layout), runs each task, and answers with one RESULT frame per task, in order.
+It exits when the agent closes the socket. Imports are kept to a minimum so
+that a new executor is ready quickly.
+"""
+
+import os
+import pickle
+import socket
+import struct
+import sys
+
+HEADER = struct.Struct("<IBQQ")
+BODY_HEADER = 17
+FUNCTION, TASK, FORGET, RESULT = 1, 2, 3, 4
+MAP, STARMAP, APPLY = 0, 1, 2
+
+
+def _encode(outcome, max_frame):
+    """Pickle an outcome tuple, falling back to cloudpickle, then to an error."""
+    try:
+        data = pickle.dumps(outcome, protocol=5)
+    except Exception:
+        try:
+            import cloudpickle
+
+            data = cloudpickle.dumps(outcome, protocol=5)
+        except Exception as exc:
+            from multiprocessing.pool import MaybeEncodingError
+
+            err = MaybeEncodingError(exc, outcome[1])
+            data = pickle.dumps((False, err, None), protocol=5)
+    if len(data) + BODY_HEADER > max_frame:
+        err = ValueError(
+            f"the task's result is {len(data)} bytes, more than the frame limit of "
+            f"{max_frame} bytes"
+        )
+        data = pickle.dumps((False, err, None), protocol=5)
+    return data
+
+
+def _failure(exc):
+    import traceback
+
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    exc.__traceback__ = None
+    return (False, exc, text)
+
+
+class _Function:
+    """A loaded task function and the pool initializer that must run first."""
+
+    __slots__ = ("fn", "init_key", "init")
+
+    def __init__(self, blob):
+        self.fn, self.init_key, self.init = pickle.loads(blob)
+
+
+def _run(entry, payload, initialized):
+    try:
+        if entry.init is not None and entry.init_key not in initialized:
+            initializer, initargs = entry.init
+            initialized.add(entry.init_key)
+            initializer(*initargs)
+        mode, items = pickle.loads(payload)
+        fn = entry.fn
+        if mode == MAP:
+            value = [fn(x) for x in items]
+        elif mode == STARMAP:
+            value = [fn(*x) for x in items]
+        else:
+            args, kwargs = items
+            value = fn(*args, **kwargs)
+        return (True, value)
+    except BaseException as exc:  # noqa: BLE001 - every failure belongs to the task
+        return _failure(exc)
+
+
+def serve(sock, max_frame):
+    rfile = sock.makefile("rb", buffering=1 << 16)
+    blobs = {}
+    loaded = {}
+    initialized = set()
+    while True:
+        head = rfile.read(HEADER.size)
+        if len(head) < HEADER.size:
+            return  # the agent is gone
+        length, kind, a, b = HEADER.unpack(head)
+        payload = rfile.read(length - BODY_HEADER) if length > BODY_HEADER else b""
+        if kind == TASK:
+            entry = loaded.get(b)
+            if entry is None:
+                try:
+                    entry = loaded[b] = _Function(blobs[b])
+                except BaseException as exc:  # noqa: BLE001
+                    data = _encode(_failure(exc), max_frame)
+                    entry = None
+            if entry is not None:
+                data = _encode(_run(entry, payload, initialized), max_frame)
+            header = HEADER.pack(BODY_HEADER + len(data), RESULT, a, 0)
+            if len(data) < 65536:
+                sock.sendall(header + data)
+            else:
+                sock.sendall(header)
+                sock.sendall(data)
+        elif kind == FUNCTION:
+            blobs[a] = payload
+        elif kind == FORGET:
+            blobs.pop(a, None)
+            loaded.pop(a, None)
+
+
+def main():
+    fd = int(os.environ["DISTRIPOOL_EXECUTOR_FD"])
+    max_frame = int(os.environ.get("DISTRIPOOL_MAX_FRAME", str(1 << 30)))
+    sock = socket.socket(fileno=fd)
+    try:
+        serve(sock, max_frame)
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except Exception:
+            pass
+
+
+if __name__ == "__main__":
+    main()

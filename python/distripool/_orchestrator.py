@@ -1,0 +1,174 @@
+"""Orchestrators and workers: ``make_orchestrator`` and ``make_worker``."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+import weakref
+
+from . import _native
+from ._config import DEFAULT_PORTS, executor_env, normalize_addresses, resolve_key
+
+EXECUTOR_MODULE = "distripool._executor"
+
+_default_lock = threading.Lock()
+_default: Orchestrator | None = None
+_live: weakref.WeakSet[Orchestrator] = weakref.WeakSet()
+
+
+class Orchestrator:
+    """Accepts worker agents and schedules the tasks of the pools that use it.
+
+    Runs on background threads of this process until :meth:`close`. Make one
+    with :func:`make_orchestrator` and pass it as ``Pool(orchestrator=...)``.
+    """
+
+    def __init__(self, addresses, authkey: bytes | str | None = None, *, max_crashes: int = 3):
+        if max_crashes < 1:
+            raise ValueError("max_crashes must be at least 1")
+        self._native = _native.Orchestrator(normalize_addresses(addresses), resolve_key(authkey), max_crashes)
+        _live.add(self)
+
+    @classmethod
+    def _embedded(cls, processes: int, max_crashes: int = 3) -> Orchestrator:
+        """A private orchestrator with ``processes`` local executors and no port."""
+        self = cls.__new__(cls)
+        self._native = _native.Orchestrator([], os.urandom(32), max_crashes)
+        self._native.start_local_agent(processes, sys.executable, EXECUTOR_MODULE, executor_env())
+        _live.add(self)
+        return self
+
+    @property
+    def addresses(self) -> list[str]:
+        """The ``host:port`` addresses workers can connect to."""
+        return self._native.addresses
+
+    @property
+    def closed(self) -> bool:
+        return self._native.closed
+
+    @property
+    def workers(self) -> int:
+        """Number of worker agents connected now."""
+        return self.stats().get("workers", 0)
+
+    @property
+    def slots(self) -> int:
+        """Executors available across all connected workers."""
+        return self.stats().get("slots", 0)
+
+    def stats(self) -> dict:
+        """Counters: ``workers``, ``slots``, ``auth_failures``,
+        ``handshake_failures``, ``tasks_done``, ``crashes``."""
+        return dict(self._native.stats())
+
+    def wait_for_workers(self, n: int = 1, timeout: float | None = None) -> bool:
+        """Block until at least ``n`` workers are connected; False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.005
+        while self.workers < n:
+            if self.closed:
+                return False
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(delay)  # polling a counter owned by another thread
+            delay = min(delay * 2, 0.1)
+        return True
+
+    def _open_client(self):
+        if self.closed:
+            raise ValueError("orchestrator is closed")
+        return self._native.open_client()
+
+    def close(self) -> None:
+        """Stop accepting workers, cancel the tasks of its pools and free the ports."""
+        global _default
+        with _default_lock:
+            if _default is self:
+                _default = None
+        self._native.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        state = "closed" if self.closed else f"addresses={self.addresses}, workers={self.workers}"
+        return f"<distripool.Orchestrator {state}>"
+
+
+def make_orchestrator(
+    addresses=None, authkey: bytes | str | None = None, *, max_crashes: int = 3
+) -> Orchestrator:
+    """Start an orchestrator that worker agents can connect to.
+
+    Args:
+        addresses: ``"host:port"`` or a tuple of them. Default: ports 1337 and
+            1338 on 127.0.0.1, or on all interfaces (0.0.0.0) when a key is set.
+            Workers may connect to any of them.
+        authkey: shared secret; default ``$DISTRIPOOL_AUTHKEY`` or the file
+            named by ``$DISTRIPOOL_AUTHKEY_FILE``. Required for any address
+            that is not loopback.
+        max_crashes: times a task may kill its executor before it fails with
+            :class:`~distripool.WorkerLostError`.
+
+    Returns:
+        The :class:`Orchestrator`. The first one made (while open) is also the
+        default that ``Pool()`` uses when no ``orchestrator`` is given.
+
+    Raises:
+        ValueError: a non-loopback address without a key, or a bad address.
+        OSError: an address is already in use.
+    """
+    global _default
+    key = resolve_key(authkey)
+    if addresses is None:
+        host = "0.0.0.0" if key else "127.0.0.1"
+        addresses = tuple(f"{host}:{p}" for p in DEFAULT_PORTS)
+    orch = Orchestrator(addresses, key, max_crashes=max_crashes)
+    with _default_lock:
+        if _default is None or _default.closed:
+            _default = orch
+    return orch
+
+
+def default_orchestrator() -> Orchestrator | None:
+    with _default_lock:
+        if _default is not None and not _default.closed:
+            return _default
+        return None
+
+
+def make_worker(
+    addresses, processes: int | None = None, authkey: bytes | str | None = None, *, key_file=None
+) -> None:
+    """Run a worker agent in this process; blocks and executes work until interrupted.
+
+    The agent dials the orchestrator at ``addresses`` (``"host:port"`` or a
+    tuple of them, tried in turn), retrying with backoff until it is up and
+    reconnecting whenever it goes away. It runs ``processes`` executors
+    (default: the number of CPUs).
+
+    Raises:
+        KeyboardInterrupt: on Ctrl-C, after stopping the executors.
+        PermissionError: the key file is readable by other users.
+    """
+    addrs = normalize_addresses(addresses)
+    if processes is None:
+        processes = os.cpu_count() or 1
+    if processes < 1:
+        raise ValueError("Number of processes must be at least 1")
+    key = resolve_key(authkey, key_file)
+    _native.run_agent(addrs, key, processes, sys.executable, EXECUTOR_MODULE, executor_env())
+
+
+def _close_all():
+    for orch in list(_live):
+        try:
+            orch.close()
+        except Exception:
+            pass

@@ -1,0 +1,103 @@
+"""The ``distripool`` command: run a worker agent, or make a key."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from . import _native
+from ._config import normalize_addresses
+
+WORKER_HELP = """\
+Run a worker agent on this machine. It connects to the orchestrator that a
+program started with distripool.make_orchestrator(), authenticates with the
+shared key, and runs the tasks of that program's pools on PROCESSES local
+executor processes. It keeps retrying until the orchestrator is up, reconnects
+when it goes away, and runs until interrupted (Ctrl-C).
+
+example:
+  distripool keygen cluster.key        # once; copy the file to every machine
+  distripool worker --connect 10.0.0.5:1337 --authkey-file cluster.key
+"""
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from ._orchestrator import make_worker
+
+    _native.enable_logging(os.environ.get("DISTRIPOOL_LOG", "info"))
+    addrs = [a for item in args.connect for a in item.split(",") if a]
+    normalize_addresses(addrs)
+    try:
+        make_worker(addrs, processes=args.processes, key_file=args.authkey_file)
+    except KeyboardInterrupt:
+        print("distripool worker: interrupted, executors stopped", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    key = os.urandom(32).hex().encode() + b"\n"
+    if args.path in (None, "-"):
+        sys.stdout.write(key.decode())
+        return 0
+    fd = os.open(args.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key)
+    print(f"wrote a new key to {args.path} (mode 600)", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="distripool",
+        description="Distributed multiprocessing.Pool: worker agents and key management.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    w = sub.add_parser(
+        "worker",
+        help="run a worker agent that executes tasks for an orchestrator",
+        description=WORKER_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    w.add_argument(
+        "--connect",
+        action="append",
+        required=True,
+        metavar="HOST:PORT",
+        help="orchestrator address; repeat (or separate with commas) to give several, tried in turn",
+    )
+    w.add_argument(
+        "--processes",
+        "-p",
+        type=int,
+        default=None,
+        metavar="N",
+        help="executor processes to run (default: the number of CPUs)",
+    )
+    w.add_argument(
+        "--authkey-file",
+        metavar="FILE",
+        default=None,
+        help="file holding the shared key (default: $DISTRIPOOL_AUTHKEY, then "
+        "$DISTRIPOOL_AUTHKEY_FILE); must not be readable by other users",
+    )
+    w.set_defaults(func=_cmd_worker)
+
+    k = sub.add_parser("keygen", help="write a new random key to PATH (mode 600), or print it")
+    k.add_argument("path", nargs="?", metavar="PATH", help="file to create; '-' or nothing prints the key")
+    k.set_defaults(func=_cmd_keygen)
+
+    args = parser.parse_args(argv)
+    if getattr(args, "processes", None) is not None and args.processes < 1:
+        parser.error("--processes must be at least 1")
+    try:
+        return args.func(args)
+    except (ValueError, PermissionError, FileNotFoundError, FileExistsError) as exc:
+        print(f"distripool {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""Exceptions of distripool.
+
+Errors that ``multiprocessing.Pool`` users already know keep their stdlib
+types: ``multiprocessing.TimeoutError`` from ``get(timeout)``,
+``ValueError("Pool not running")`` after ``close()``, and
+``multiprocessing.pool.MaybeEncodingError`` for results that cannot be
+pickled. The classes here cover what only a distributed pool can run into.
+"""
+
+from multiprocessing import TimeoutError  # noqa: F401  (re-exported)
+from multiprocessing.pool import MaybeEncodingError, RemoteTraceback  # noqa: F401
+
+
+class DistripoolError(Exception):
+    """Base class of the errors raised by distripool itself.
+
+    Raised only for conditions of the distributed machinery; exceptions raised
+    by a task are re-raised with their own type.
+    """
+
+
+class WorkerLostError(DistripoolError):
+    """Raised when a task could not be completed because its workers kept dying.
+
+    Each time the executor running a task dies (killed, segfault, ``os._exit``)
+    the task is retried elsewhere. After the pool's crash limit is reached the
+    task fails with this error; its message names every attempt's cause.
+    """
+
+
+class PoolTerminatedError(DistripoolError):
+    """Raised by ``get()`` of a result that was still pending when its pool was
+    terminated or its orchestrator closed."""

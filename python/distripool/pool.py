@@ -1,0 +1,587 @@
+"""``distripool.Pool``: the interface of ``multiprocessing.Pool``, run on
+local executors or on worker agents anywhere.
+
+::
+
+    caller thread                      result thread              Rust core
+    map(f, xs) ── pickle f once ──┐
+               ── pickle chunks ──┴─► client.submit ───────────►  scheduler ─► agents
+    get() ◄── Event ◄── _set() ◄── unpickle ◄── client.recv ◄───  completions ◄─┘
+
+Functions are pickled with cloudpickle, so lambdas, closures and functions
+defined in ``__main__`` work. Arguments and results use pickle protocol 5
+(cloudpickle only when plain pickle cannot). Results are unpickled and
+callbacks run on the pool's result thread, as in the standard library.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import os
+import pickle
+import sys
+import threading
+import traceback
+import types
+import warnings
+import weakref
+from multiprocessing import TimeoutError
+from multiprocessing.pool import RemoteTraceback
+
+import cloudpickle
+
+from ._orchestrator import Orchestrator, default_orchestrator
+from .exceptions import DistripoolError, PoolTerminatedError, WorkerLostError
+
+__all__ = ["Pool", "AsyncResult", "ApplyResult", "MapResult", "IMapIterator", "IMapUnorderedIterator"]
+
+RUN, CLOSE, TERMINATE = "RUN", "CLOSE", "TERMINATE"
+MAP, STARMAP, APPLY = 0, 1, 2
+# How long the result thread waits for completions before checking for shutdown.
+_POLL = 0.05
+
+_live_pools: weakref.WeakSet = weakref.WeakSet()
+
+
+def _dumps(obj) -> bytes:
+    try:
+        return pickle.dumps(obj, protocol=5)
+    except Exception:
+        return cloudpickle.dumps(obj, protocol=5)
+
+
+def _decode(ok: bool, data) -> tuple[bool, object]:
+    """Turn one completion into ``(success, value_or_exception)``."""
+    if not ok:
+        return False, WorkerLostError(data)
+    try:
+        outcome = pickle.loads(data)
+    except BaseException as exc:  # noqa: BLE001 - any unpickling failure is the task's
+        err = DistripoolError(f"the task's outcome could not be unpickled in the driver: {exc!r}")
+        err.__cause__ = exc
+        return False, err
+    if outcome[0]:
+        return True, outcome[1]
+    exc, tb = outcome[1], outcome[2]
+    if tb is not None:
+        exc.__cause__ = RemoteTraceback(f'\n"""\n{tb}"""')
+    return False, exc
+
+
+def _report_callback_error(kind: str) -> None:
+    print(f"distripool: exception in {kind} (ignored):", file=sys.stderr)
+    traceback.print_exc()
+
+
+class _Shared:
+    """What the result thread and the result objects need, without the pool
+    itself, so that an abandoned pool can be garbage-collected."""
+
+    def __init__(self, client, orchestrator: Orchestrator, owns_orchestrator: bool):
+        self.client = client
+        self.orchestrator = orchestrator
+        self.owns_orchestrator = owns_orchestrator
+        self.cache: dict[int, object] = {}
+        self.idle = threading.Condition(threading.Lock())
+        self.stopping = False
+        self.shutdown_done = False
+
+    def job_done(self, job: int) -> None:
+        with self.idle:
+            self.cache.pop(job, None)
+            if not self.cache:
+                self.idle.notify_all()
+
+    def fail_pending(self, exc_factory) -> None:
+        for job in list(self.cache):
+            r = self.cache.get(job)
+            if r is not None:
+                r._abort(exc_factory())
+        with self.idle:
+            self.cache.clear()
+            self.idle.notify_all()
+
+    def handle_results(self) -> None:
+        client, cache = self.client, self.cache
+        while True:
+            try:
+                batch = client.recv(_POLL)
+            except RuntimeError:
+                self.fail_pending(lambda: PoolTerminatedError("the pool's orchestrator was closed"))
+                return
+            if not batch:
+                if self.stopping:
+                    return
+                continue
+            for job, index, ok, data in batch:
+                r = cache.get(job)
+                if r is not None:
+                    r._set(index, ok, data)
+
+    def shutdown(self) -> None:
+        """Cancel remote work, stop the result thread's source, free executors."""
+        if self.shutdown_done:
+            return
+        self.shutdown_done = True
+        self.stopping = True
+        self.client.close()
+        if self.owns_orchestrator:
+            self.orchestrator.close()
+
+
+class ApplyResult:
+    """Handle of one ``apply_async`` call (``multiprocessing.pool.AsyncResult``)."""
+
+    def __init__(self, shared: _Shared, callback=None, error_callback=None):
+        self._shared = shared
+        self._event = threading.Event()
+        self._job = shared.client.new_job()
+        self._callback = callback
+        self._error_callback = error_callback
+        self._success = False
+        self._value = None
+        shared.cache[self._job] = self
+
+    def ready(self) -> bool:
+        return self._event.is_set()
+
+    def successful(self) -> bool:
+        if not self.ready():
+            raise ValueError(f"{self!r} not ready")
+        return self._success
+
+    def wait(self, timeout: float | None = None) -> None:
+        self._event.wait(timeout)
+
+    def get(self, timeout: float | None = None):
+        self.wait(timeout)
+        if not self.ready():
+            raise TimeoutError
+        if self._success:
+            return self._value
+        raise self._value
+
+    def _finish(self) -> None:
+        self._event.set()
+        self._shared.job_done(self._job)
+
+    def _set(self, index: int, ok: bool, data) -> None:
+        self._success, self._value = _decode(ok, data)
+        if self._success and self._callback is not None:
+            try:
+                self._callback(self._value)
+            except Exception:
+                _report_callback_error("callback")
+        elif not self._success and self._error_callback is not None:
+            try:
+                self._error_callback(self._value)
+            except Exception:
+                _report_callback_error("error_callback")
+        self._finish()
+
+    def _abort(self, exc: BaseException) -> None:
+        if not self._event.is_set():
+            self._success, self._value = False, exc
+            self._event.set()
+
+    __class_getitem__ = classmethod(types.GenericAlias)
+
+
+AsyncResult = ApplyResult
+
+
+class MapResult(ApplyResult):
+    """Handle of a ``map_async``/``starmap_async`` call: one list, in order."""
+
+    def __init__(self, shared, chunksize: int, length: int, callback, error_callback):
+        super().__init__(shared, callback, error_callback)
+        self._success = True
+        self._value = [None] * length
+        self._chunksize = chunksize
+        if chunksize <= 0:
+            self._number_left = 0
+            self._finish()
+        else:
+            self._number_left = length // chunksize + bool(length % chunksize)
+
+    def _set(self, index: int, ok: bool, data) -> None:
+        self._number_left -= 1
+        success, result = _decode(ok, data)
+        if success and self._success:
+            self._value[index * self._chunksize : (index + 1) * self._chunksize] = result
+        elif not success and self._success:
+            # The first error wins; the result is ready once every chunk is back.
+            self._success = False
+            self._value = result
+        if self._number_left == 0:
+            if self._success and self._callback is not None:
+                try:
+                    self._callback(self._value)
+                except Exception:
+                    _report_callback_error("callback")
+            elif not self._success and self._error_callback is not None:
+                try:
+                    self._error_callback(self._value)
+                except Exception:
+                    _report_callback_error("error_callback")
+            self._finish()
+
+
+class IMapIterator:
+    """Results of ``imap``, in input order, as they become available.
+
+    The input is consumed lazily by a feeder thread that keeps a bounded
+    number of chunks in flight, so an endless generator is fine.
+    """
+
+    _ordered = True
+
+    def __init__(self, shared: _Shared, max_in_flight: int):
+        self._shared = shared
+        self._cond = threading.Condition(threading.Lock())
+        self._job = shared.client.new_job()
+        self._items: collections.deque = collections.deque()  # decoded chunks ready to hand out
+        self._current = iter(())
+        self._unsorted: dict[int, tuple] = {}
+        self._next_chunk = 0  # ordered: index of the next chunk to hand out
+        self._received = 0
+        self._taken = 0  # chunks handed to the consumer
+        self._length: int | None = None  # number of chunks, once the input is exhausted
+        self._permits = threading.Semaphore(max_in_flight)
+        self._feed_error: tuple[int, BaseException] | None = None
+        shared.cache[self._job] = self
+
+    def __iter__(self):
+        return self
+
+    def next(self, timeout: float | None = None):
+        while True:
+            for value in self._current:
+                return value
+            with self._cond:
+                if not self._items:
+                    if self._exhausted():
+                        raise StopIteration
+                    self._cond.wait(timeout)
+                    if not self._items:
+                        if self._exhausted():
+                            raise StopIteration
+                        raise TimeoutError
+                success, value = self._items.popleft()
+                self._taken += 1
+            self._permits.release()
+            if not success:
+                raise value
+            self._current = iter(value)
+
+    __next__ = next
+
+    def _exhausted(self) -> bool:
+        return self._length is not None and self._taken >= self._length
+
+    def _push(self, item) -> None:
+        # Caller holds self._cond.
+        self._items.append(item)
+        self._cond.notify()
+
+    def _set(self, index: int, ok: bool, data) -> None:
+        item = _decode(ok, data)
+        with self._cond:
+            self._accept(index, item)
+            self._received += 1
+            self._maybe_done()
+
+    def _accept(self, index: int, item) -> None:
+        if not self._ordered:
+            self._push(item)
+            return
+        if index != self._next_chunk:
+            self._unsorted[index] = item
+            return
+        self._push(item)
+        self._next_chunk += 1
+        while self._next_chunk in self._unsorted:
+            self._push(self._unsorted.pop(self._next_chunk))
+            self._next_chunk += 1
+
+    def _maybe_done(self) -> None:
+        if self._length is not None and self._received >= self._length:
+            self._shared.job_done(self._job)
+
+    def _set_length(self, length: int) -> None:
+        with self._cond:
+            self._length = length
+            self._cond.notify_all()
+            self._maybe_done()
+
+    def _set_input_error(self, index: int, exc: BaseException) -> None:
+        # The input iterable raised after `index` chunks: deliver it in its place.
+        with self._cond:
+            self._accept(index, (False, exc))
+            self._received += 1
+            self._length = index + 1
+            self._cond.notify_all()
+            self._maybe_done()
+
+    def _abort(self, exc: BaseException) -> None:
+        with self._cond:
+            self._items.append((False, exc))
+            self._length = 0
+            self._cond.notify_all()
+
+
+class IMapUnorderedIterator(IMapIterator):
+    """Results of ``imap_unordered``, in completion order."""
+
+    _ordered = False
+
+
+class Pool:
+    """A process pool with the interface of ``multiprocessing.Pool``.
+
+    Without ``orchestrator`` (and when no default one was made with
+    :func:`~distripool.make_orchestrator`), the pool runs ``processes``
+    executors on this machine, like ``multiprocessing.Pool``. With one, tasks
+    go to the worker agents connected to it, wherever they run.
+
+    Args:
+        processes: local executors to start (default ``os.cpu_count()``).
+            Ignored with an orchestrator, whose workers bring their own.
+        initializer: called as ``initializer(*initargs)`` in each executor
+            before the first task of this pool it runs.
+        initargs: arguments for ``initializer``.
+        maxtasksperchild: accepted for compatibility.
+        context: accepted for compatibility; executors are always fresh
+            interpreters, never forks of the driver.
+        orchestrator: an :class:`~distripool.Orchestrator` to run on.
+        max_crashes: for the embedded default, how many times a task may kill
+            its executor before it fails with :class:`~distripool.WorkerLostError`.
+    """
+
+    def __init__(
+        self,
+        processes: int | None = None,
+        initializer=None,
+        initargs=(),
+        maxtasksperchild: int | None = None,
+        context=None,
+        *,
+        orchestrator: Orchestrator | None = None,
+        max_crashes: int = 3,
+    ):
+        self._state = None  # so that __del__ works if the checks below raise
+        if processes is not None and processes < 1:
+            raise ValueError("Number of processes must be at least 1")
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be a callable")
+        if maxtasksperchild is not None and (
+            not isinstance(maxtasksperchild, int) or maxtasksperchild <= 0
+        ):
+            raise ValueError("maxtasksperchild must be a positive int or None")
+        if orchestrator is not None and not isinstance(orchestrator, Orchestrator):
+            raise TypeError(
+                f"orchestrator must be a distripool Orchestrator, not {type(orchestrator).__name__}"
+            )
+        if orchestrator is None:
+            orchestrator = default_orchestrator()
+        owns = orchestrator is None
+        if owns:
+            self._processes = processes or os.cpu_count() or 1
+            orchestrator = Orchestrator._embedded(self._processes, max_crashes)
+        else:
+            self._processes = None
+        self._orchestrator = orchestrator
+        self._shared = _Shared(orchestrator._open_client(), orchestrator, owns)
+        self._init = None
+        if initializer is not None:
+            self._init = (os.urandom(8).hex(), (initializer, tuple(initargs)))
+        self._state = RUN
+        self._result_thread = threading.Thread(
+            target=self._shared.handle_results, name="distripool-results", daemon=True
+        )
+        self._result_thread.start()
+        _live_pools.add(self)
+
+    # -- helpers -----------------------------------------------------------
+
+    def _check_running(self) -> None:
+        if self._state != RUN:
+            raise ValueError("Pool not running")
+
+    def _slots(self) -> int:
+        if self._processes is not None:
+            return self._processes
+        return max(1, self._orchestrator.slots)
+
+    def _function_blob(self, func) -> bytes:
+        if not callable(func):
+            raise TypeError(f"{type(func).__name__!r} object is not callable")
+        key, init = self._init if self._init is not None else (None, None)
+        return cloudpickle.dumps((func, key, init), protocol=5)
+
+    @staticmethod
+    def _check_chunksize(chunksize) -> None:
+        if chunksize is not None and chunksize < 1:
+            raise ValueError(f"Chunksize must be 1+, not {chunksize:n}")
+
+    # -- apply -------------------------------------------------------------
+
+    def apply(self, func, args=(), kwds={}):
+        """Call ``func(*args, **kwds)`` in an executor and return its result."""
+        return self.apply_async(func, args, kwds).get()
+
+    def apply_async(self, func, args=(), kwds={}, callback=None, error_callback=None) -> ApplyResult:
+        """Like :meth:`apply`, but return an :class:`AsyncResult` at once."""
+        self._check_running()
+        blob = self._function_blob(func)
+        payload = _dumps((APPLY, (tuple(args), dict(kwds))))
+        result = ApplyResult(self._shared, callback, error_callback)
+        self._shared.client.submit(result._job, blob, [(0, payload)])
+        return result
+
+    # -- map ---------------------------------------------------------------
+
+    def map(self, func, iterable, chunksize=None):
+        """Apply ``func`` to every item; return the results in order."""
+        return self._map_async(func, iterable, MAP, chunksize).get()
+
+    def starmap(self, func, iterable, chunksize=None):
+        """Like :meth:`map`, calling ``func(*item)`` for each argument tuple."""
+        return self._map_async(func, iterable, STARMAP, chunksize).get()
+
+    def map_async(self, func, iterable, chunksize=None, callback=None, error_callback=None) -> MapResult:
+        return self._map_async(func, iterable, MAP, chunksize, callback, error_callback)
+
+    def starmap_async(self, func, iterable, chunksize=None, callback=None, error_callback=None) -> MapResult:
+        return self._map_async(func, iterable, STARMAP, chunksize, callback, error_callback)
+
+    def _map_async(self, func, iterable, mode, chunksize=None, callback=None, error_callback=None):
+        self._check_running()
+        self._check_chunksize(chunksize)
+        if not hasattr(iterable, "__len__"):
+            iterable = list(iterable)
+        n = len(iterable)
+        if chunksize is None:
+            chunksize, extra = divmod(n, self._slots() * 4)
+            if extra:
+                chunksize += 1
+        if n == 0:
+            chunksize = 0
+        blob = self._function_blob(func) if n else b""
+        result = MapResult(self._shared, chunksize, n, callback, error_callback)
+        if n:
+            items = list(iterable) if not isinstance(iterable, list) else iterable
+            tasks = [
+                (i, _dumps((mode, items[start : start + chunksize])))
+                for i, start in enumerate(range(0, n, chunksize))
+            ]
+            self._shared.client.submit(result._job, blob, tasks)
+        return result
+
+    # -- imap --------------------------------------------------------------
+
+    def imap(self, func, iterable, chunksize=1):
+        """Lazy :meth:`map`: an iterator over the results, in order."""
+        return self._imap(IMapIterator, func, iterable, chunksize)
+
+    def imap_unordered(self, func, iterable, chunksize=1):
+        """Like :meth:`imap`, yielding results as they finish."""
+        return self._imap(IMapUnorderedIterator, func, iterable, chunksize)
+
+    def _imap(self, cls, func, iterable, chunksize):
+        self._check_running()
+        if chunksize < 1:
+            raise ValueError(f"Chunksize must be 1+, not {chunksize:n}")
+        blob = self._function_blob(func)
+        it = cls(self._shared, max(16, 4 * self._slots()))
+        feeder = threading.Thread(
+            target=_feed,
+            args=(self._shared, it, blob, iter(iterable), chunksize),
+            name="distripool-feeder",
+            daemon=True,
+        )
+        feeder.start()
+        return it
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def close(self) -> None:
+        """Accept no more work; :meth:`join` then waits for what is queued."""
+        if self._state == RUN:
+            self._state = CLOSE
+
+    def terminate(self) -> None:
+        """Stop at once: running tasks, local and remote, are cancelled."""
+        if self._state is None:
+            return
+        self._state = TERMINATE
+        self._shared.shutdown()
+        self._shared.fail_pending(lambda: PoolTerminatedError("the pool was terminated"))
+
+    def join(self) -> None:
+        """Wait for the pool to finish; call :meth:`close` or :meth:`terminate` first."""
+        if self._state == RUN:
+            raise ValueError("Pool is still running")
+        if self._state not in (CLOSE, TERMINATE):
+            raise ValueError("In unknown state")
+        if self._state == CLOSE:
+            with self._shared.idle:
+                while self._shared.cache:
+                    self._shared.idle.wait()
+            self._shared.shutdown()
+        if self._result_thread is not threading.current_thread():
+            self._result_thread.join()
+
+    def __enter__(self):
+        self._check_running()
+        return self
+
+    def __exit__(self, exc_type, exc_val, exc_tb):
+        self.terminate()
+
+    def __reduce__(self):
+        raise NotImplementedError(
+            "pool objects cannot be passed between processes or pickled"
+        )
+
+    def __del__(self, _warn=warnings.warn, RUN=RUN):
+        if getattr(self, "_state", None) == RUN:
+            _warn(f"unclosed running multiprocessing pool {self!r}", ResourceWarning, source=self)
+            shared = getattr(self, "_shared", None)
+            if shared is not None:
+                shared.shutdown()
+
+    def __repr__(self):
+        where = "embedded" if self._shared.owns_orchestrator else repr(self._orchestrator)
+        return f"<distripool.Pool state={self._state} {where}>"
+
+
+def _feed(shared: _Shared, it: IMapIterator, blob: bytes, source, chunksize: int) -> None:
+    """Feeder thread of one imap: pull chunks lazily, submit with backpressure."""
+    index = 0
+    try:
+        while True:
+            chunk = list(itertools.islice(source, chunksize))
+            if not chunk:
+                break
+            while not it._permits.acquire(timeout=_POLL):
+                if shared.stopping:
+                    return
+            if shared.stopping:
+                return
+            shared.client.submit(it._job, blob, [(index, _dumps((MAP, chunk)))])
+            index += 1
+    except BaseException as exc:  # noqa: BLE001 - the input's error belongs to the caller
+        it._set_input_error(index, exc)
+        return
+    it._set_length(index)
+
+
+def _terminate_all() -> None:
+    for pool in list(_live_pools):
+        try:
+            if pool._state != TERMINATE:
+                pool.terminate()
+        except Exception:
+            pass
