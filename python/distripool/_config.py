@@ -60,8 +60,7 @@ def normalize_addresses(addresses) -> list[str]:
         out = [str(a) for a in addresses]
     except TypeError:
         raise TypeError(
-            "addresses must be 'host:port' or a tuple of such strings, "
-            f"not {type(addresses).__name__}"
+            f"addresses must be 'host:port' or a tuple of such strings, not {type(addresses).__name__}"
         ) from None
     if not out:
         raise ValueError("at least one 'host:port' address is required")

@@ -35,8 +35,7 @@ def _encode(outcome, max_frame):
             data = pickle.dumps((False, err, None), protocol=5)
     if len(data) + BODY_HEADER > max_frame:
         err = ValueError(
-            f"the task's result is {len(data)} bytes, more than the frame limit of "
-            f"{max_frame} bytes"
+            f"the task's result is {len(data)} bytes, more than the frame limit of {max_frame} bytes"
         )
         data = pickle.dumps((False, err, None), protocol=5)
     return data

@@ -260,14 +260,10 @@ class IMapIterator:
             for value in self._current:
                 return value
             with self._cond:
+                if not self._cond.wait_for(lambda: self._items or self._exhausted(), timeout):
+                    raise TimeoutError
                 if not self._items:
-                    if self._exhausted():
-                        raise StopIteration
-                    self._cond.wait(timeout)
-                    if not self._items:
-                        if self._exhausted():
-                            raise StopIteration
-                        raise TimeoutError
+                    raise StopIteration
                 success, value = self._items.popleft()
                 self._taken += 1
             self._permits.release()
@@ -375,9 +371,7 @@ class Pool:
             raise ValueError("Number of processes must be at least 1")
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
-        if maxtasksperchild is not None and (
-            not isinstance(maxtasksperchild, int) or maxtasksperchild <= 0
-        ):
+        if maxtasksperchild is not None and (not isinstance(maxtasksperchild, int) or maxtasksperchild <= 0):
             raise ValueError("maxtasksperchild must be a positive int or None")
         if orchestrator is not None and not isinstance(orchestrator, Orchestrator):
             raise TypeError(
@@ -541,9 +535,7 @@ class Pool:
         self.terminate()
 
     def __reduce__(self):
-        raise NotImplementedError(
-            "pool objects cannot be passed between processes or pickled"
-        )
+        raise NotImplementedError("pool objects cannot be passed between processes or pickled")
 
     def __del__(self, _warn=warnings.warn, RUN=RUN):
         if getattr(self, "_state", None) == RUN:

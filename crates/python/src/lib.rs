@@ -11,7 +11,9 @@ use distripool_runtime::{AgentConfig, Error, OrchestratorConfig, Outcome};
 use pyo3::exceptions::{
     PyConnectionError, PyOSError, PyPermissionError, PyRuntimeError, PyTimeoutError, PyValueError,
 };
+use bytes::Bytes;
 use pyo3::prelude::*;
+use pyo3::pybacked::PyBackedBytes;
 use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
 use std::sync::atomic::Ordering;
 
@@ -149,8 +151,9 @@ impl Client {
     }
 
     /// Queue `(index, payload)` tasks of `job`, each calling `function`.
-    fn submit(&self, job: u64, function: &[u8], tasks: Vec<(u32, Vec<u8>)>) -> PyResult<()> {
-        let tasks = tasks.into_iter().map(|(i, p)| (i, p.into())).collect();
+    fn submit(&self, job: u64, function: &[u8], tasks: Vec<(u32, PyBackedBytes)>) -> PyResult<()> {
+        // One copy out of Python's memory; the core never holds Python objects.
+        let tasks = tasks.into_iter().map(|(i, p)| (i, Bytes::copy_from_slice(&p))).collect();
         self.inner
             .submit(job, function.to_vec().into(), tasks)
             .map_err(to_py)
@@ -260,6 +263,7 @@ fn enable_logging(filter: &str) {
         .with_writer(std::io::stderr)
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }
 

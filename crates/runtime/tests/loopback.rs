@@ -1,0 +1,213 @@
+//! The runtime over real loopback sockets, with a stand-in executor: a tiny
+//! Python program that echoes each task's payload back, or exits when the
+//! payload is `die`. No distripool Python package is needed.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use distripool_runtime::executor::ExecutorSpec;
+use distripool_runtime::{run_agent, AgentConfig, Orchestrator, OrchestratorConfig, Outcome};
+
+const ECHO_EXECUTOR: &str = r#"
+import os, socket, struct
+H = struct.Struct("<IBQQ")
+s = socket.socket(fileno=int(os.environ["DISTRIPOOL_EXECUTOR_FD"]))
+f = s.makefile("rb")
+while True:
+    h = f.read(H.size)
+    if len(h) < H.size:
+        break
+    n, kind, a, b = H.unpack(h)
+    p = f.read(n - 17)
+    if kind == 2:
+        if p == b"die":
+            os._exit(7)
+        s.sendall(H.pack(17 + len(p), 4, a, 0) + p)
+"#;
+
+fn echo_spec(dir: &std::path::Path) -> ExecutorSpec {
+    std::fs::write(dir.join("echo_executor.py"), ECHO_EXECUTOR).unwrap();
+    ExecutorSpec {
+        python: "python3".into(),
+        module: "echo_executor".into(),
+        env: vec![("PYTHONPATH".into(), dir.display().to_string())],
+        max_frame: distripool_runtime::DEFAULT_MAX_FRAME,
+    }
+}
+
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+struct AgentThread {
+    stop: tokio::sync::watch::Sender<bool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl AgentThread {
+    fn start(addr: String, key: &[u8], processes: usize, spec: ExecutorSpec) -> Self {
+        let (stop, rx) = tokio::sync::watch::channel(false);
+        let config = AgentConfig {
+            connect: vec![addr],
+            key: key.to_vec(),
+            processes,
+            executor: spec,
+        };
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(run_agent(config, rx)).unwrap();
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for AgentThread {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+    }
+}
+
+fn collect(client: &distripool_runtime::Client, n: usize) -> Vec<distripool_runtime::Completion> {
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while out.len() < n {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {n} completions arrived",
+            out.len()
+        );
+        out.extend(client.recv(Duration::from_millis(100)).unwrap());
+    }
+    out
+}
+
+#[test]
+fn tasks_round_trip_through_an_agent_exactly_once() {
+    let dir = tempdir();
+    let key = b"loopback key".to_vec();
+    let orch = Orchestrator::start(OrchestratorConfig {
+        listen: vec!["127.0.0.1:0".into()],
+        key: key.clone(),
+        ..Default::default()
+    })
+    .unwrap();
+    let addr = orch.local_addrs()[0].to_string();
+    let _agent = AgentThread::start(addr, &key, 2, echo_spec(&dir));
+    wait_for("the agent", || {
+        orch.stats().workers.load(Ordering::Relaxed) == 1
+    });
+
+    let client = orch.open_client().unwrap();
+    let job = client.new_job();
+    let tasks = (0..1000u32)
+        .map(|i| (i, i.to_le_bytes().to_vec().into()))
+        .collect();
+    client
+        .submit(job, b"function".to_vec().into(), tasks)
+        .unwrap();
+    let mut seen = vec![false; 1000];
+    for c in collect(&client, 1000) {
+        assert_eq!(c.job, job);
+        let Outcome::Done(bytes) = c.outcome else {
+            panic!("task {} failed", c.index)
+        };
+        assert_eq!(&bytes[..], &c.index.to_le_bytes());
+        assert!(
+            !std::mem::replace(&mut seen[c.index as usize], true),
+            "duplicate {}",
+            c.index
+        );
+    }
+    assert!(client.recv(Duration::from_millis(50)).unwrap().is_empty());
+    assert_eq!(orch.stats().tasks_done.load(Ordering::Relaxed), 1000);
+}
+
+#[test]
+fn a_task_that_kills_its_executor_fails_after_the_crash_limit() {
+    let dir = tempdir();
+    let orch = Orchestrator::start(OrchestratorConfig {
+        listen: vec!["127.0.0.1:0".into()],
+        max_crashes: 3,
+        ..Default::default()
+    })
+    .unwrap();
+    let _agent = AgentThread::start(orch.local_addrs()[0].to_string(), b"", 1, echo_spec(&dir));
+    wait_for("the agent", || {
+        orch.stats().workers.load(Ordering::Relaxed) == 1
+    });
+    let client = orch.open_client().unwrap();
+    let job = client.new_job();
+    client
+        .submit(
+            job,
+            b"f".to_vec().into(),
+            vec![(0, b"die".to_vec().into()), (1, b"fine".to_vec().into())],
+        )
+        .unwrap();
+    let mut done = collect(&client, 2);
+    done.sort_by_key(|c| c.index);
+    match &done[0].outcome {
+        Outcome::Failed(reason) => {
+            assert!(reason.contains("after 3 attempts"), "{reason}");
+            assert!(reason.contains("exited with code 7"), "{reason}");
+        }
+        other => panic!("poison task should fail, got {other:?}"),
+    }
+    assert!(matches!(&done[1].outcome, Outcome::Done(b) if &b[..] == b"fine"));
+    assert_eq!(orch.stats().crashes.load(Ordering::Relaxed), 3);
+}
+
+#[test]
+fn an_agent_with_the_wrong_key_is_refused() {
+    let dir = tempdir();
+    let orch = Orchestrator::start(OrchestratorConfig {
+        listen: vec!["127.0.0.1:0".into()],
+        key: b"right".to_vec(),
+        ..Default::default()
+    })
+    .unwrap();
+    let _agent = AgentThread::start(
+        orch.local_addrs()[0].to_string(),
+        b"wrong",
+        1,
+        echo_spec(&dir),
+    );
+    wait_for("the refusal", || {
+        orch.stats().auth_failures.load(Ordering::Relaxed) >= 1
+    });
+    assert_eq!(orch.stats().workers.load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn listening_beyond_loopback_needs_a_key() {
+    let err = Orchestrator::start(OrchestratorConfig {
+        listen: vec!["0.0.0.0:0".into()],
+        ..Default::default()
+    })
+    .err()
+    .expect("must be refused");
+    assert!(err.to_string().contains("DISTRIPOOL_AUTHKEY"), "{err}");
+}
+
+fn tempdir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "distripool-rt-{}",
+        u64::from_le_bytes(distripool_runtime::random_bytes())
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}

@@ -1,0 +1,119 @@
+"""Shared fixtures: free ports, worker processes with their own log files."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.01):
+    """Poll ``predicate`` until true; fail the test with ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+class Worker:
+    """A worker agent in its own process, logging to a file of its own."""
+
+    def __init__(self, argv: list[str], log: Path, env: dict[str, str]):
+        self.log_path = log
+        self._log = open(log, "wb")
+        self.proc = subprocess.Popen(
+            argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._log.close()
+
+
+@pytest.fixture
+def spawn_worker(tmp_path):
+    """Start worker agents: ``spawn_worker(addresses, key=..., processes=..., via=...)``.
+
+    ``via`` is ``"cli"`` (``python -m distripool worker``) or ``"make_worker"``.
+    Every worker started is stopped at the end of the test, by its PID.
+    """
+    workers: list[Worker] = []
+
+    def spawn(addresses, key: bytes | None = None, processes: int = 2, via: str = "cli", netns=None):
+        if isinstance(addresses, str):
+            addresses = [addresses]
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")])
+        env["DISTRIPOOL_LOG"] = "info"
+        env.pop("DISTRIPOOL_AUTHKEY", None)
+        env.pop("DISTRIPOOL_AUTHKEY_FILE", None)
+        if via == "cli":
+            argv = [sys.executable, "-m", "distripool", "worker", "--processes", str(processes)]
+            for a in addresses:
+                argv += ["--connect", a]
+            if key is not None:
+                key_file = tmp_path / f"worker{len(workers)}.key"
+                key_file.write_bytes(key)
+                key_file.chmod(0o600)
+                argv += ["--authkey-file", str(key_file)]
+        elif via == "make_worker":
+            if key is not None:
+                env["DISTRIPOOL_AUTHKEY"] = key.decode()
+            code = (
+                "import sys\nfrom distripool import make_worker\n"
+                f"make_worker({tuple(addresses)!r}, processes={processes})\n"
+            )
+            argv = [sys.executable, "-c", code]
+        else:
+            raise ValueError(via)
+        if netns is not None:
+            argv = ["ip", "netns", "exec", netns, *argv]
+        w = Worker(argv, tmp_path / f"worker{len(workers)}.log", env)
+        workers.append(w)
+        return w
+
+    yield spawn
+    for w in workers:
+        w.stop()
+
+
+@pytest.fixture
+def orchestrator():
+    """A loopback orchestrator on two free ports, closed after the test."""
+    from distripool import make_orchestrator
+
+    orch = make_orchestrator((f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"))
+    yield orch
+    orch.close()

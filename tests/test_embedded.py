@@ -1,0 +1,287 @@
+"""The embedded default: ``Pool()`` with local executors and no cluster."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+from conftest import wait_until
+
+import distripool
+from distripool import Pool
+
+
+def square(x):
+    return x * x
+
+
+def add(x, y):
+    return x + y
+
+
+def fail_on(x, bad=3):
+    if x == bad:
+        raise KeyError(f"bad item {x}")
+    return x
+
+
+def pid_of(_):
+    return os.getpid()
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with Pool(2) as p:
+        yield p
+
+
+def test_map_returns_results_in_order(pool):
+    assert pool.map(square, range(100)) == [x * x for x in range(100)]
+
+
+def test_map_with_explicit_chunksizes(pool):
+    for chunksize in (1, 3, 7, 100, 1000):
+        assert pool.map(square, range(50), chunksize) == [x * x for x in range(50)]
+
+
+def test_map_over_a_generator(pool):
+    assert pool.map(square, (x for x in range(10))) == [x * x for x in range(10)]
+
+
+def test_empty_iterables_return_empty_lists(pool):
+    assert pool.map(square, []) == []
+    assert pool.starmap(add, []) == []
+    assert list(pool.imap(square, [])) == []
+    assert list(pool.imap_unordered(square, [])) == []
+
+
+def test_apply_and_starmap(pool):
+    assert pool.apply(add, (2, 3)) == 5
+    assert pool.apply(add, (), {"x": 1, "y": 2}) == 3
+    assert pool.starmap(add, [(i, i + 1) for i in range(20)]) == [2 * i + 1 for i in range(20)]
+
+
+def test_lambdas_and_closures_work(pool):
+    offset = 1000
+    assert pool.map(lambda x: x + offset, range(5)) == [1000, 1001, 1002, 1003, 1004]
+
+    def make_adder(n):
+        def adder(x):
+            return x + n
+
+        return adder
+
+    assert pool.map(make_adder(7), [1, 2]) == [8, 9]
+    assert pool.apply(lambda: __import__("math").log2(8)) == 3.0
+
+
+def test_imap_is_ordered_and_imap_unordered_complete(pool):
+    assert list(pool.imap(square, range(30), chunksize=4)) == [x * x for x in range(30)]
+    assert sorted(pool.imap_unordered(square, range(30))) == [x * x for x in range(30)]
+
+
+def test_imap_next_with_timeout(pool):
+    it = pool.imap(square, range(3))
+    assert [it.next(timeout=30) for _ in range(3)] == [0, 1, 4]
+    with pytest.raises(StopIteration):
+        it.next(timeout=30)
+
+
+def test_async_results(pool):
+    r = pool.map_async(square, range(10))
+    assert r.get(timeout=30) == [x * x for x in range(10)]
+    assert r.ready() and r.successful()
+    a = pool.apply_async(add, (1, 2))
+    a.wait(30)
+    assert a.get() == 3
+
+
+def test_get_timeout_raises_multiprocessing_timeout_error(pool):
+    import multiprocessing
+
+    r = pool.apply_async(time.sleep, (1.0,))
+    with pytest.raises(multiprocessing.TimeoutError):
+        r.get(timeout=0.01)
+    with pytest.raises(ValueError):
+        # not ready yet
+        r.successful()
+    assert r.get(timeout=30) is None
+
+
+def test_callbacks_run_once(pool):
+    got, errors = [], []
+    done = threading.Event()
+    r = pool.map_async(square, range(5), callback=lambda v: (got.append(v), done.set()))
+    r.get(30)
+    assert done.wait(30)
+    assert got == [[0, 1, 4, 9, 16]]
+    e = pool.apply_async(fail_on, (3,), error_callback=errors.append)
+    with pytest.raises(KeyError):
+        e.get(30)
+    assert len(errors) == 1 and isinstance(errors[0], KeyError)
+
+
+def test_task_exception_keeps_type_and_remote_traceback(pool):
+    with pytest.raises(KeyError) as info:
+        pool.map(fail_on, range(10))
+    cause = info.value.__cause__
+    assert isinstance(cause, distripool.RemoteTraceback)
+    assert "fail_on" in str(cause) and "bad item 3" in str(cause)
+    # The pool keeps working afterwards.
+    assert pool.map(square, [3]) == [9]
+
+
+def test_imap_raises_at_the_failing_item(pool):
+    it = pool.imap(fail_on, range(6))
+    assert [next(it), next(it), next(it)] == [0, 1, 2]
+    with pytest.raises(KeyError):
+        next(it)
+    assert list(it) == [4, 5]
+
+
+def test_error_in_input_iterable_reaches_the_caller(pool):
+    def source():
+        yield 1
+        yield 2
+        raise RuntimeError("input broke")
+
+    it = pool.imap(square, source())
+    assert next(it) == 1 and next(it) == 4
+    with pytest.raises(RuntimeError, match="input broke"):
+        next(it)
+
+
+def test_unpicklable_result_gives_maybe_encoding_error(pool):
+    from multiprocessing.pool import MaybeEncodingError
+
+    with pytest.raises(MaybeEncodingError):
+        pool.apply(lambda: threading.Lock())
+    assert pool.apply(add, (1, 1)) == 2
+
+
+def test_base_exceptions_in_tasks_are_results(pool):
+    with pytest.raises(SystemExit):
+        pool.apply(lambda: exit(3))
+    with pytest.raises(KeyboardInterrupt):
+        pool.apply(lambda: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert pool.apply(add, (2, 2)) == 4
+
+
+def test_uses_the_requested_number_of_processes():
+    with Pool(3) as p:
+        barrier_pids = set(p.map(pid_of, range(300), chunksize=1))
+    assert 1 <= len(barrier_pids) <= 3
+    assert os.getpid() not in barrier_pids
+
+
+def test_initializer_runs_before_tasks():
+    with Pool(2, initializer=_set_global, initargs=(41,)) as p:
+        assert set(p.map(_read_global, range(10))) == {42}
+
+
+_GLOBAL = None
+
+
+def _set_global(v):
+    global _GLOBAL
+    _GLOBAL = v + 1
+
+
+def _read_global(_):
+    return _GLOBAL
+
+
+def test_lifecycle_errors():
+    p = Pool(1)
+    with pytest.raises(ValueError, match="still running"):
+        p.join()
+    p.close()
+    with pytest.raises(ValueError, match="Pool not running"):
+        p.map(square, [1])
+    p.join()
+    with pytest.raises(ValueError, match="Pool not running"):
+        p.apply_async(square, (1,))
+
+
+def test_close_then_join_waits_for_queued_work():
+    p = Pool(2)
+    r = p.map_async(square, range(40), chunksize=1)
+    p.close()
+    p.join()
+    assert r.ready() and r.get(0) == [x * x for x in range(40)]
+
+
+def test_terminate_fails_pending_results():
+    p = Pool(1)
+    r = p.apply_async(time.sleep, (60,))
+    p.terminate()
+    p.join()
+    with pytest.raises(distripool.PoolTerminatedError):
+        r.get(timeout=10)
+
+
+def test_bad_arguments_are_rejected():
+    with pytest.raises(ValueError):
+        Pool(0)
+    with pytest.raises(TypeError):
+        Pool(1, initializer=3)
+    with Pool(1) as p:
+        with pytest.raises(ValueError, match="Chunksize"):
+            p.map(square, [1, 2], chunksize=0)
+        with pytest.raises(ValueError, match="Chunksize"):
+            p.imap(square, [1, 2], chunksize=0)
+        with pytest.raises(TypeError):
+            p.map(3, [1])
+
+
+def test_pool_cannot_be_pickled():
+    import pickle
+
+    with Pool(1) as p, pytest.raises(NotImplementedError):
+        pickle.dumps(p)
+
+
+def test_abandoned_running_pool_warns_and_frees_its_executors():
+    import gc
+
+    p = Pool(1)
+    pid = p.apply(os.getpid)
+    with pytest.warns(ResourceWarning):
+        del p
+        gc.collect()
+    wait_until(lambda: not _alive(pid), 30, f"executor {pid} to exit")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _stall_once(x, marker):
+    """Item 5 records its executor's pid and stalls, once; a retry just runs."""
+    if x == 5 and not os.path.exists(marker):
+        with open(marker + ".tmp", "w") as f:
+            f.write(str(os.getpid()))
+        os.rename(marker + ".tmp", marker)
+        time.sleep(120)  # killed long before this ends
+    return x * x
+
+
+def test_sigkill_of_an_executor_mid_map_gives_a_complete_result(tmp_path):
+    marker = str(tmp_path / "stalled")
+    with Pool(2) as p:
+        r = p.map_async(lambda x: _stall_once(x, marker), range(40), chunksize=1)
+        wait_until(lambda: os.path.exists(marker), 60, "item 5 to start")
+        victim = int(open(marker).read())
+        os.kill(victim, signal.SIGKILL)
+        assert r.get(timeout=60) == [x * x for x in range(40)]
+        assert p._orchestrator.stats()["crashes"] == 1
+        wait_until(lambda: not _alive(victim), 30, "the killed executor to be reaped")
+        # The replacement executor serves later work.
+        assert p.map(square, range(10)) == [x * x for x in range(10)]

@@ -1,0 +1,83 @@
+"""Orchestrator and worker on two hosts: network namespaces joined by a veth pair.
+
+The addresses exist only inside the two namespaces this test creates; both
+namespaces (and with them the veth pair) are removed afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+
+import pytest
+from conftest import TESTS
+
+pytestmark = [
+    pytest.mark.netns,
+    pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None, reason="needs root and iproute2"),
+]
+
+DRIVER = r"""
+import os, sys
+from distripool import Pool, make_orchestrator
+
+def where(x):
+    return x * x, os.readlink("/proc/self/ns/net")
+
+orch = make_orchestrator((sys.argv[1],), authkey=sys.argv[2].encode())
+assert orch.wait_for_workers(1, timeout=60), "no worker joined"
+with Pool(orchestrator=orch) as pool:
+    out = pool.map(where, range(100), chunksize=5)
+orch.close()
+mine = os.readlink("/proc/self/ns/net")
+assert [v for v, _ in out] == [x * x for x in range(100)], out
+assert {ns for _, ns in out} != {mine}, "tasks ran in the driver's namespace"
+print("ok", len(out))
+"""
+
+
+def sh(*args: str) -> None:
+    subprocess.run(args, check=True, capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def two_hosts():
+    tag = uuid.uuid4().hex[:6]
+    a, b = f"dpA{tag}", f"dpB{tag}"
+    octet = int(tag[:2], 16) % 250 + 1
+    addr_a, addr_b = f"10.213.{octet}.1", f"10.213.{octet}.2"
+    try:
+        sh("ip", "netns", "add", a)
+        sh("ip", "netns", "add", b)
+        sh("ip", "link", "add", f"va{tag}", "netns", a, "type", "veth", "peer", "name", f"vb{tag}", "netns", b)
+        sh("ip", "-n", a, "addr", "add", f"{addr_a}/24", "dev", f"va{tag}")
+        sh("ip", "-n", b, "addr", "add", f"{addr_b}/24", "dev", f"vb{tag}")
+        for ns, dev in ((a, f"va{tag}"), (b, f"vb{tag}")):
+            sh("ip", "-n", ns, "link", "set", dev, "up")
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        yield (a, addr_a), (b, addr_b)
+    finally:
+        for ns in (a, b):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+
+
+def test_orchestrator_and_worker_on_two_hosts(two_hosts, spawn_worker, tmp_path):
+    (ns_a, addr_a), (ns_b, _) = two_hosts
+    key = uuid.uuid4().hex
+    address = f"{addr_a}:1337"
+    worker = spawn_worker(address, key=key.encode(), processes=2, netns=ns_b)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run(
+        ["ip", "netns", "exec", ns_a, sys.executable, "-c", DRIVER, address, key],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert out.returncode == 0, f"driver: {out.stderr}\nworker: {worker.log()}"
+    assert out.stdout.strip() == "ok 100"
+    assert "connected to orchestrator" in worker.log()
+    assert subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.count(ns_a) == 1
