@@ -85,7 +85,9 @@ def main() -> int:
     }
     results: dict[str, dict[str, float]] = {p: {} for p in peers}
     for peer, make in peers.items():
-        results[peer]["startup"] = statistics.median(startup(make, args.processes) for _ in range(args.rounds))
+        results[peer]["startup"] = statistics.median(
+            startup(make, args.processes) for _ in range(args.rounds)
+        )
     for peer, make in peers.items():
         with make(args.processes) as pool:
             pool.map(tiny, range(1000))  # warm up
@@ -95,20 +97,27 @@ def main() -> int:
                 )
 
     rows = [
-        ("start-up + first task", "startup", lambda s: f"{s * 1e3:.0f} ms", False),
-        (f"map tiny fn, {n_items['map_default']:,} items", "map_default",
-         lambda s: f"{n_items['map_default'] / s / 1e6:.2f} M items/s", True),
-        (f"map chunksize=1, {n_items['map_chunk1']:,} items", "map_chunk1",
-         lambda s: f"{n_items['map_chunk1'] / s / 1e3:.1f} k tasks/s", True),
-        ("sequential apply round trip", "apply_latency", lambda s: f"{s * 1e6:.0f} µs", False),
-        (f"{payload_mib} MiB argument round trip", "payload",
-         lambda s: f"{payload_mib / s:.0f} MiB/s", True),
+        ("start-up + first task", "startup", lambda s: f"{s * 1e3:.0f} ms"),
+        (
+            f"map tiny fn, {n_items['map_default']:,} items",
+            "map_default",
+            lambda s: f"{n_items['map_default'] / s / 1e6:.2f} M items/s",
+        ),
+        (
+            f"map chunksize=1, {n_items['map_chunk1']:,} items",
+            "map_chunk1",
+            lambda s: f"{n_items['map_chunk1'] / s / 1e3:.1f} k tasks/s",
+        ),
+        ("sequential apply round trip", "apply_latency", lambda s: f"{s * 1e6:.0f} µs"),
+        (f"{payload_mib} MiB argument round trip", "payload", lambda s: f"{payload_mib / s:.0f} MiB/s"),
     ]
-    print(f"\ndistripool {distripool.__version__} vs multiprocessing.Pool (fork), "
-          f"{args.processes} processes, median of {args.rounds}, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}\n")
+    print(
+        f"\ndistripool {distripool.__version__} vs multiprocessing.Pool (fork), "
+        f"{args.processes} processes, median of {args.rounds}, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}\n"
+    )
     print(f"| {'figure':<34} | {'multiprocessing':>18} | {'distripool':>18} | {'ratio':>7} |")
     print(f"|{'-' * 36}|{'-' * 20}|{'-' * 20}|{'-' * 9}|")
-    for label, key, fmt, higher_better in rows:
+    for label, key, fmt in rows:
         mp, dp = results["multiprocessing"][key], results["distripool"][key]
         # ratio > 1 means distripool is better
         ratio = mp / dp

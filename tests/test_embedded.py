@@ -8,9 +8,9 @@ import threading
 import time
 
 import pytest
-from conftest import wait_until
 
 import distripool
+from conftest import wait_until
 from distripool import Pool
 
 

@@ -13,6 +13,7 @@ import sys
 import uuid
 
 import pytest
+
 from conftest import TESTS
 
 pytestmark = [
@@ -52,7 +53,21 @@ def two_hosts():
     try:
         sh("ip", "netns", "add", a)
         sh("ip", "netns", "add", b)
-        sh("ip", "link", "add", f"va{tag}", "netns", a, "type", "veth", "peer", "name", f"vb{tag}", "netns", b)
+        sh(
+            "ip",
+            "link",
+            "add",
+            f"va{tag}",
+            "netns",
+            a,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            f"vb{tag}",
+            "netns",
+            b,
+        )
         sh("ip", "-n", a, "addr", "add", f"{addr_a}/24", "dev", f"va{tag}")
         sh("ip", "-n", b, "addr", "add", f"{addr_b}/24", "dev", f"vb{tag}")
         for ns, dev in ((a, f"va{tag}"), (b, f"vb{tag}")):

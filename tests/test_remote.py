@@ -6,8 +6,8 @@ import multiprocessing
 import threading
 
 import pytest
-from conftest import free_port, wait_until
 
+from conftest import free_port, wait_until
 from distripool import Pool, make_orchestrator
 
 

@@ -20,7 +20,10 @@ SEED = Path(__file__).resolve().parent / "seed"
 def seed_worker(tmp_path):
     log = open(tmp_path / "worker.log", "wb")
     proc = subprocess.Popen(
-        [sys.executable, str(SEED / "worker.py")], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        [sys.executable, str(SEED / "worker.py")],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
     )
     yield proc
     proc.terminate()
@@ -30,7 +33,11 @@ def seed_worker(tmp_path):
 
 def run(script: str) -> list[str]:
     out = subprocess.run(
-        [sys.executable, str(SEED / script)], capture_output=True, text=True, timeout=90, stdin=subprocess.DEVNULL
+        [sys.executable, str(SEED / script)],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        stdin=subprocess.DEVNULL,
     )
     assert out.returncode == 0, out.stderr
     return out.stdout.splitlines()

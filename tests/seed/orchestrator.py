@@ -17,7 +17,7 @@ def add(x, y):
     return x + y
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
     # somewhere before the first usage of Pool:
     make_orchestrator()
 

@@ -6,12 +6,12 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
+use bytes::Bytes;
 use distripool_runtime::executor::ExecutorSpec;
 use distripool_runtime::{AgentConfig, Error, OrchestratorConfig, Outcome};
 use pyo3::exceptions::{
     PyConnectionError, PyOSError, PyPermissionError, PyRuntimeError, PyTimeoutError, PyValueError,
 };
-use bytes::Bytes;
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
 use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
@@ -153,7 +153,10 @@ impl Client {
     /// Queue `(index, payload)` tasks of `job`, each calling `function`.
     fn submit(&self, job: u64, function: &[u8], tasks: Vec<(u32, PyBackedBytes)>) -> PyResult<()> {
         // One copy out of Python's memory; the core never holds Python objects.
-        let tasks = tasks.into_iter().map(|(i, p)| (i, Bytes::copy_from_slice(&p))).collect();
+        let tasks = tasks
+            .into_iter()
+            .map(|(i, p)| (i, Bytes::copy_from_slice(&p)))
+            .collect();
         self.inner
             .submit(job, function.to_vec().into(), tasks)
             .map_err(to_py)

@@ -168,9 +168,18 @@ pub fn spawn(
         .stdin(Stdio::null())
         .process_group(0)
         .kill_on_drop(true);
+    let agent_pid = std::process::id() as libc::pid_t;
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
+            // If the agent dies, however it dies, its executors die with it.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() != agent_pid {
+                // The agent is already gone.
+                libc::_exit(1);
+            }
             if child_fd == EXECUTOR_FD {
                 let flags = libc::fcntl(child_fd, libc::F_GETFD);
                 if flags < 0 || libc::fcntl(child_fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0

@@ -1,0 +1,107 @@
+"""Ctrl-C and exits: a blocked caller is interrupted, nothing is left behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+from conftest import TESTS, wait_until
+
+# Prints the executors' pids, then blocks in map() on tasks that never end.
+BLOCKED_DRIVER = r"""
+import os, sys, time
+from distripool import Pool
+
+MARKS = sys.argv[1]  # captured by value when forever() is pickled
+
+def forever(i):
+    open(os.path.join(MARKS, str(i)), "w").close()
+    time.sleep(3600)
+
+pool = Pool(2)
+pids = sorted(set(pool.map(lambda _: os.getpid(), range(40), chunksize=1)))
+print(" ".join(map(str, pids)), flush=True)
+try:
+    pool.map(forever, range(4))
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+    pool.terminate()
+    sys.exit(0)
+"""
+
+# Leaves a running pool behind on purpose and exits.
+ABANDONING_DRIVER = r"""
+import os
+from distripool import Pool
+pool = Pool(2)
+print(" ".join(map(str, sorted(set(pool.map(lambda _: os.getpid(), range(40), chunksize=1))))), flush=True)
+pool.apply_async(__import__("time").sleep, (3600,))
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _start(code: str, *args: str) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+def test_ctrl_c_interrupts_a_blocking_map_and_stops_the_executors(tmp_path):
+    proc = _start(BLOCKED_DRIVER, str(tmp_path))
+    try:
+        pids = [int(p) for p in proc.stdout.readline().split()]
+        assert pids, proc.stderr.read()
+        # Tasks only start after map() submitted them, so once both executors
+        # are running one, the caller is blocked inside map().
+        wait_until(lambda: len(os.listdir(tmp_path)) >= 2, 30, "tasks to start")
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        assert "interrupted" in out
+        wait_until(lambda: not any(_alive(p) for p in pids), 30, "executors to exit")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_driver_exit_with_a_running_pool_leaves_no_executor():
+    proc = _start(ABANDONING_DRIVER)
+    try:
+        pids = [int(p) for p in proc.stdout.readline().split()]
+        assert pids
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        wait_until(lambda: not any(_alive(p) for p in pids), 30, "executors to exit")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_killed_driver_takes_its_executors_along():
+    proc = _start(ABANDONING_DRIVER.replace("(3600,))", "(3600,)); __import__('time').sleep(3600)"))
+    try:
+        pids = [int(p) for p in proc.stdout.readline().split()]
+        assert pids
+        proc.kill()
+        proc.wait(30)
+        wait_until(lambda: not any(_alive(p) for p in pids), 30, "executors to exit")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
