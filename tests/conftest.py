@@ -33,6 +33,15 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.01):
         time.sleep(interval)
 
 
+def alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 class Worker:
     """A worker agent in its own process, logging to a file of its own."""
 

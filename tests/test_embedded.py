@@ -10,7 +10,7 @@ import time
 import pytest
 
 import distripool
-from conftest import wait_until
+from conftest import alive, wait_until
 from distripool import Pool
 
 
@@ -252,15 +252,7 @@ def test_abandoned_running_pool_warns_and_frees_its_executors():
     with pytest.warns(ResourceWarning):
         del p
         gc.collect()
-    wait_until(lambda: not _alive(pid), 30, f"executor {pid} to exit")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ")[1][0] != "Z"
-    except FileNotFoundError:
-        return False
+    wait_until(lambda: not alive(pid), 30, f"executor {pid} to exit")
 
 
 def _stall_once(x, marker):
@@ -282,6 +274,6 @@ def test_sigkill_of_an_executor_mid_map_gives_a_complete_result(tmp_path):
         os.kill(victim, signal.SIGKILL)
         assert r.get(timeout=60) == [x * x for x in range(40)]
         assert p._orchestrator.stats()["crashes"] == 1
-        wait_until(lambda: not _alive(victim), 30, "the killed executor to be reaped")
+        wait_until(lambda: not alive(victim), 30, "the killed executor to be reaped")
         # The replacement executor serves later work.
         assert p.map(square, range(10)) == [x * x for x in range(10)]

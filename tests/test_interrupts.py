@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 
-from conftest import TESTS, wait_until
+from conftest import TESTS, alive, wait_until
 
 # Prints the executors' pids, then blocks in map() on tasks that never end.
 BLOCKED_DRIVER = r"""
@@ -41,14 +41,6 @@ pool.apply_async(__import__("time").sleep, (3600,))
 """
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ")[1][0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 def _start(code: str, *args: str) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
     return subprocess.Popen(
@@ -72,7 +64,7 @@ def test_ctrl_c_interrupts_a_blocking_map_and_stops_the_executors(tmp_path):
         out, err = proc.communicate(timeout=30)
         assert proc.returncode == 0, err
         assert "interrupted" in out
-        wait_until(lambda: not any(_alive(p) for p in pids), 30, "executors to exit")
+        wait_until(lambda: not any(alive(p) for p in pids), 30, "executors to exit")
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -86,7 +78,7 @@ def test_driver_exit_with_a_running_pool_leaves_no_executor():
         assert pids
         out, err = proc.communicate(timeout=30)
         assert proc.returncode == 0, err
-        wait_until(lambda: not any(_alive(p) for p in pids), 30, "executors to exit")
+        wait_until(lambda: not any(alive(p) for p in pids), 30, "executors to exit")
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -100,7 +92,7 @@ def test_killed_driver_takes_its_executors_along():
         assert pids
         proc.kill()
         proc.wait(30)
-        wait_until(lambda: not any(_alive(p) for p in pids), 30, "executors to exit")
+        wait_until(lambda: not any(alive(p) for p in pids), 30, "executors to exit")
     finally:
         if proc.poll() is None:
             proc.kill()

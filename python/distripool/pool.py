@@ -168,17 +168,20 @@ class ApplyResult:
 
     def _set(self, index: int, ok: bool, data) -> None:
         self._success, self._value = _decode(ok, data)
-        if self._success and self._callback is not None:
-            try:
-                self._callback(self._value)
-            except Exception:
-                _report_callback_error("callback")
-        elif not self._success and self._error_callback is not None:
-            try:
-                self._error_callback(self._value)
-            except Exception:
-                _report_callback_error("error_callback")
+        self._run_callback()
         self._finish()
+
+    def _run_callback(self) -> None:
+        """Call the callback or error callback with the final value. An
+        exception there is reported and does not stop the result thread."""
+        callback, kind = (
+            (self._callback, "callback") if self._success else (self._error_callback, "error_callback")
+        )
+        if callback is not None:
+            try:
+                callback(self._value)
+            except Exception:
+                _report_callback_error(kind)
 
     def _abort(self, exc: BaseException) -> None:
         if not self._event.is_set():
@@ -215,16 +218,7 @@ class MapResult(ApplyResult):
             self._success = False
             self._value = result
         if self._number_left == 0:
-            if self._success and self._callback is not None:
-                try:
-                    self._callback(self._value)
-                except Exception:
-                    _report_callback_error("callback")
-            elif not self._success and self._error_callback is not None:
-                try:
-                    self._error_callback(self._value)
-                except Exception:
-                    _report_callback_error("error_callback")
+            self._run_callback()
             self._finish()
 
 

@@ -22,7 +22,9 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 
-use crate::conn::{client_handshake, FrameReader, FrameWriter, Outgoing, PEER_TIMEOUT};
+use crate::conn::{
+    client_handshake, AbortOnDrop, FrameReader, FrameWriter, Outgoing, PEER_TIMEOUT,
+};
 use crate::executor::{self, ExecEvent, ExecIn, ExecutorHandle, ExecutorSpec};
 use crate::{resolve, Error, Result};
 
@@ -381,14 +383,6 @@ impl Session<'_> {
             }
         }
         Ok(())
-    }
-}
-
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 

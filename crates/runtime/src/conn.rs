@@ -212,3 +212,13 @@ impl<M> Outgoing<M> {
         Self { msg, payload }
     }
 }
+
+/// Aborts the task when dropped, so a connection's helper tasks never
+/// outlive the connection.
+pub struct AbortOnDrop<T>(pub tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

@@ -27,7 +27,8 @@ use tokio::sync::{mpsc, watch};
 
 use crate::agent::{run_session, AgentConfig};
 use crate::conn::{
-    client_handshake, server_handshake, FrameReader, FrameWriter, Outgoing, HEARTBEAT, PEER_TIMEOUT,
+    client_handshake, server_handshake, AbortOnDrop, FrameReader, FrameWriter, Outgoing, HEARTBEAT,
+    PEER_TIMEOUT,
 };
 use crate::{resolve, Error, Result};
 
@@ -197,14 +198,13 @@ impl Orchestrator {
             let listener =
                 listener.map_err(|e| Error::Config(format!("cannot listen on {addr}: {e}")))?;
             bound.push(listener.local_addr()?);
-            runtime.spawn(accept_loop(
-                listener,
-                config.key.clone(),
-                config.max_frame,
-                events.clone(),
-                stats.clone(),
-                next_id.clone(),
-            ));
+            let intake = Intake {
+                key: config.key.clone().into(),
+                max_frame: config.max_frame,
+                events: events.clone(),
+                stats: stats.clone(),
+            };
+            runtime.spawn(accept_loop(listener, intake, next_id.clone()));
         }
 
         let core = Core {
@@ -275,15 +275,13 @@ impl Orchestrator {
         config.executor.max_frame = self.max_frame;
         let (agent_end, orch_end) = tokio::io::duplex(1 << 20);
         let worker = self.next_id.fetch_add(1, Ordering::Relaxed);
-        rt.spawn(serve_agent(
-            orch_end,
-            "local".into(),
-            self.key.clone(),
-            self.max_frame,
-            worker,
-            self.events.clone(),
-            self.stats.clone(),
-        ));
+        let intake = Intake {
+            key: self.key.clone().into(),
+            max_frame: self.max_frame,
+            events: self.events.clone(),
+            stats: self.stats.clone(),
+        };
+        rt.spawn(intake.serve(orch_end, "local".into(), worker, None));
         let mut stop = self.stop.subscribe();
         rt.spawn(async move {
             let mut stream = agent_end;
@@ -580,14 +578,7 @@ impl Core {
     }
 }
 
-async fn accept_loop(
-    listener: TcpListener,
-    key: Vec<u8>,
-    max_frame: usize,
-    events: mpsc::UnboundedSender<Event>,
-    stats: Arc<Stats>,
-    next_id: Arc<AtomicU64>,
-) {
+async fn accept_loop(listener: TcpListener, intake: Intake, next_id: Arc<AtomicU64>) {
     let pending = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -606,37 +597,12 @@ async fn accept_loop(
         };
         let _ = stream.set_nodelay(true);
         let worker = next_id.fetch_add(1, Ordering::Relaxed);
-        tokio::spawn(serve_agent_with_permit(
-            stream,
-            peer.to_string(),
-            key.clone(),
-            max_frame,
-            worker,
-            events.clone(),
-            stats.clone(),
-            permit,
-        ));
+        tokio::spawn(
+            intake
+                .clone()
+                .serve(stream, peer.to_string(), worker, Some(permit)),
+        );
     }
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn serve_agent_with_permit<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
-    stream: S,
-    peer: String,
-    key: Vec<u8>,
-    max_frame: usize,
-    worker: u64,
-    events: mpsc::UnboundedSender<Event>,
-    stats: Arc<Stats>,
-    permit: tokio::sync::OwnedSemaphorePermit,
-) {
-    let mut stream = stream;
-    if let Err(e) = server_handshake(&mut stream, &key, worker).await {
-        note_handshake_failure(&stats, &peer, &e);
-        return;
-    }
-    drop(permit);
-    serve_session(stream, peer, max_frame, worker, events).await;
 }
 
 fn note_handshake_failure(stats: &Stats, peer: &str, e: &Error) {
@@ -652,20 +618,32 @@ fn note_handshake_failure(stats: &Stats, peer: &str, e: &Error) {
     }
 }
 
-async fn serve_agent<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
-    mut stream: S,
-    peer: String,
-    key: Vec<u8>,
+/// What every new agent connection needs, whichever way it arrived.
+#[derive(Clone)]
+struct Intake {
+    key: Arc<[u8]>,
     max_frame: usize,
-    worker: u64,
     events: mpsc::UnboundedSender<Event>,
     stats: Arc<Stats>,
-) {
-    if let Err(e) = server_handshake(&mut stream, &key, worker).await {
-        note_handshake_failure(&stats, &peer, &e);
-        return;
+}
+
+impl Intake {
+    /// Authenticate the peer, then serve it until it goes away. The permit,
+    /// if any, counts the connection as pending until the handshake is over.
+    async fn serve<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
+        self,
+        mut stream: S,
+        peer: String,
+        worker: u64,
+        permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) {
+        if let Err(e) = server_handshake(&mut stream, &self.key, worker).await {
+            note_handshake_failure(&self.stats, &peer, &e);
+            return;
+        }
+        drop(permit);
+        serve_session(stream, peer, self.max_frame, worker, self.events).await;
     }
-    serve_session(stream, peer, max_frame, worker, events).await;
 }
 
 /// One authenticated agent: forward its frames to the core, and the core's
@@ -749,20 +727,4 @@ async fn serve_session<S: AsyncRead + AsyncWrite + Send + 'static>(
     };
     tracing::info!("agent {peer} left: {reason}");
     let _ = events.send(Event::AgentLeft { worker, reason });
-}
-
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-/// Helper for tests and the local agent: connect a stream as an agent.
-pub async fn connect_as_agent<S: AsyncRead + AsyncWrite + Unpin>(
-    stream: &mut S,
-    key: &[u8],
-) -> Result<u64> {
-    client_handshake(stream, key).await
 }
