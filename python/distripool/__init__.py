@@ -30,10 +30,14 @@ from .exceptions import (
     TimeoutError,
     WorkerLostError,
 )
-from .pool import ApplyResult, AsyncResult, IMapIterator, IMapUnorderedIterator, MapResult, Pool
+from .futures import Executor, ProcessPoolExecutor
+from .pool import ApplyResult, AsyncResult, IMapIterator, IMapUnorderedIterator, MapResult, Pool, ThreadPool
 
 __all__ = [
     "Pool",
+    "ThreadPool",
+    "ProcessPoolExecutor",
+    "Executor",
     "AsyncResult",
     "ApplyResult",
     "MapResult",

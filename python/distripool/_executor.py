@@ -15,7 +15,7 @@ import sys
 
 HEADER = struct.Struct("<IBQQ")
 BODY_HEADER = 17
-FUNCTION, TASK, FORGET, RESULT = 1, 2, 3, 4
+FUNCTION, TASK, FORGET, RESULT, RETIRE = 1, 2, 3, 4, 5
 MAP, STARMAP, APPLY = 0, 1, 2
 
 
@@ -50,19 +50,21 @@ def _failure(exc):
 
 
 class _Function:
-    """A loaded task function and the pool initializer that must run first."""
+    """A loaded task function with its pool's settings: the pool's key, its
+    initializer (run once per executor before the pool's first task) and its
+    ``maxtasksperchild``."""
 
-    __slots__ = ("fn", "init_key", "init")
+    __slots__ = ("fn", "pool_key", "init", "maxtasks")
 
     def __init__(self, blob):
-        self.fn, self.init_key, self.init = pickle.loads(blob)
+        self.fn, self.pool_key, self.init, self.maxtasks = pickle.loads(blob)
 
 
 def _run(entry, payload, initialized):
     try:
-        if entry.init is not None and entry.init_key not in initialized:
+        if entry.init is not None and entry.pool_key not in initialized:
             initializer, initargs = entry.init
-            initialized.add(entry.init_key)
+            initialized.add(entry.pool_key)
             initializer(*initargs)
         mode, items = pickle.loads(payload)
         fn = entry.fn
@@ -83,6 +85,7 @@ def serve(sock, max_frame):
     blobs = {}
     loaded = {}
     initialized = set()
+    tasks_run = {}  # pool key -> tasks this executor ran for that pool
     while True:
         head = rfile.read(HEADER.size)
         if len(head) < HEADER.size:
@@ -105,6 +108,12 @@ def serve(sock, max_frame):
             else:
                 sock.sendall(header)
                 sock.sendall(data)
+            if entry is not None and entry.maxtasks is not None:
+                done = tasks_run[entry.pool_key] = tasks_run.get(entry.pool_key, 0) + 1
+                if done >= entry.maxtasks:
+                    # Tell the agent this is a recycle, not a crash, and leave.
+                    sock.sendall(HEADER.pack(BODY_HEADER, RETIRE, 0, 0))
+                    return
         elif kind == FUNCTION:
             blobs[a] = payload
         elif kind == FORGET:

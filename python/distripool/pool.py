@@ -27,14 +27,22 @@ import types
 import warnings
 import weakref
 from multiprocessing import TimeoutError
-from multiprocessing.pool import RemoteTraceback
+from multiprocessing.pool import RemoteTraceback, ThreadPool
 
 import cloudpickle
 
 from ._orchestrator import Orchestrator, default_orchestrator
 from .exceptions import DistripoolError, PoolTerminatedError, WorkerLostError
 
-__all__ = ["Pool", "AsyncResult", "ApplyResult", "MapResult", "IMapIterator", "IMapUnorderedIterator"]
+__all__ = [
+    "Pool",
+    "ThreadPool",
+    "AsyncResult",
+    "ApplyResult",
+    "MapResult",
+    "IMapIterator",
+    "IMapUnorderedIterator",
+]
 
 RUN, CLOSE, TERMINATE = "RUN", "CLOSE", "TERMINATE"
 MAP, STARMAP, APPLY = 0, 1, 2
@@ -341,7 +349,8 @@ class Pool:
         initializer: called as ``initializer(*initargs)`` in each executor
             before the first task of this pool it runs.
         initargs: arguments for ``initializer``.
-        maxtasksperchild: accepted for compatibility.
+        maxtasksperchild: an executor is replaced by a fresh one after running
+            this many tasks (chunks) of this pool.
         context: accepted for compatibility; executors are always fresh
             interpreters, never forks of the driver.
         orchestrator: an :class:`~distripool.Orchestrator` to run on.
@@ -381,9 +390,9 @@ class Pool:
             self._processes = None
         self._orchestrator = orchestrator
         self._shared = _Shared(orchestrator._open_client(), orchestrator, owns)
-        self._init = None
-        if initializer is not None:
-            self._init = (os.urandom(8).hex(), (initializer, tuple(initargs)))
+        # Travels with every function: which pool, its initializer, its task limit.
+        init = (initializer, tuple(initargs)) if initializer is not None else None
+        self._settings = (os.urandom(8).hex(), init, maxtasksperchild)
         self._state = RUN
         self._result_thread = threading.Thread(
             target=self._shared.handle_results, name="distripool-results", daemon=True
@@ -405,8 +414,7 @@ class Pool:
     def _function_blob(self, func) -> bytes:
         if not callable(func):
             raise TypeError(f"{type(func).__name__!r} object is not callable")
-        key, init = self._init if self._init is not None else (None, None)
-        return cloudpickle.dumps((func, key, init), protocol=5)
+        return cloudpickle.dumps((func, *self._settings), protocol=5)
 
     @staticmethod
     def _check_chunksize(chunksize) -> None:

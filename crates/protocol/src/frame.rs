@@ -60,10 +60,7 @@ pub fn encode_prefix<T: Serialize>(
     }
     let len = 4 + header.len() + payload_len;
     if len > max_frame || len > u32::MAX as usize {
-        return Err(FrameError::TooLarge {
-            len,
-            max: max_frame,
-        });
+        return Err(FrameError::TooLarge { len, max: max_frame });
     }
     let mut out = Vec::with_capacity(8 + header.len());
     out.extend_from_slice(&(len as u32).to_le_bytes());
@@ -73,11 +70,7 @@ pub fn encode_prefix<T: Serialize>(
 }
 
 /// Encode a whole frame into one buffer (handshake messages and tests).
-pub fn encode<T: Serialize>(
-    message: &T,
-    payload: &[u8],
-    max_frame: usize,
-) -> Result<Vec<u8>, FrameError> {
+pub fn encode<T: Serialize>(message: &T, payload: &[u8], max_frame: usize) -> Result<Vec<u8>, FrameError> {
     let mut out = encode_prefix(message, payload.len(), max_frame)?;
     out.extend_from_slice(payload);
     Ok(out)
@@ -111,10 +104,7 @@ impl FrameDecoder {
     fn check_len(&self, buf: &[u8]) -> Result<usize, FrameError> {
         let len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
         if len > self.max_frame {
-            return Err(FrameError::TooLarge {
-                len,
-                max: self.max_frame,
-            });
+            return Err(FrameError::TooLarge { len, max: self.max_frame });
         }
         if len < 4 {
             return Err(FrameError::TooShort { len });
@@ -133,11 +123,7 @@ impl FrameDecoder {
         }
         let hlen = u32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]) as usize;
         if hlen > MAX_HEADER || hlen > len - 4 {
-            return Err(FrameError::BadHeaderLength {
-                hlen,
-                len,
-                max: MAX_HEADER,
-            });
+            return Err(FrameError::BadHeaderLength { hlen, len, max: MAX_HEADER });
         }
         buf.advance(8);
         let header = buf.split_to(hlen).freeze();
@@ -153,17 +139,10 @@ mod tests {
 
     #[test]
     fn round_trip_with_payload() {
-        let msg = ToAgent::Task {
-            task: 7,
-            attempt: 2,
-            fn_id: 99,
-        };
+        let msg = ToAgent::Task { task: 7, attempt: 2, fn_id: 99 };
         let bytes = encode(&msg, b"pickled args", 1 << 20).unwrap();
         let mut buf = BytesMut::from(&bytes[..]);
-        let frame = FrameDecoder::new(1 << 20)
-            .decode(&mut buf)
-            .unwrap()
-            .unwrap();
+        let frame = FrameDecoder::new(1 << 20).decode(&mut buf).unwrap().unwrap();
         assert_eq!(frame.message::<ToAgent>().unwrap(), msg);
         assert_eq!(&frame.payload[..], b"pickled args");
         assert!(buf.is_empty());
@@ -188,10 +167,7 @@ mod tests {
         let dec = FrameDecoder::new(1024);
         let a = dec.decode(&mut buf).unwrap().unwrap();
         let b = dec.decode(&mut buf).unwrap().unwrap();
-        assert_eq!(
-            a.message::<FromAgent>().unwrap(),
-            FromAgent::Pong { seq: 1 }
-        );
+        assert_eq!(a.message::<FromAgent>().unwrap(), FromAgent::Pong { seq: 1 });
         assert_eq!(&b.payload[..], b"bc");
         assert_eq!(dec.decode(&mut buf).unwrap(), None);
     }
@@ -200,20 +176,11 @@ mod tests {
     fn oversized_length_is_rejected_before_the_body_arrives() {
         let dec = FrameDecoder::new(1000);
         let mut buf = BytesMut::from(&1001u32.to_le_bytes()[..]);
-        assert_eq!(
-            dec.decode(&mut buf),
-            Err(FrameError::TooLarge {
-                len: 1001,
-                max: 1000
-            })
-        );
+        assert_eq!(dec.decode(&mut buf), Err(FrameError::TooLarge { len: 1001, max: 1000 }));
         assert!(dec.missing(&buf).is_err());
         // u32::MAX must not be mistaken for something small.
         let mut buf = BytesMut::from(&u32::MAX.to_le_bytes()[..]);
-        assert!(matches!(
-            dec.decode(&mut buf),
-            Err(FrameError::TooLarge { .. })
-        ));
+        assert!(matches!(dec.decode(&mut buf), Err(FrameError::TooLarge { .. })));
     }
 
     #[test]
@@ -231,10 +198,7 @@ mod tests {
     #[test]
     fn frame_shorter_than_its_header_length_field_is_rejected() {
         let mut buf = BytesMut::from(&[2u8, 0, 0, 0, 1, 1][..]);
-        assert_eq!(
-            FrameDecoder::new(1024).decode(&mut buf),
-            Err(FrameError::TooShort { len: 2 })
-        );
+        assert_eq!(FrameDecoder::new(1024).decode(&mut buf), Err(FrameError::TooShort { len: 2 }));
     }
 
     #[test]
@@ -244,10 +208,7 @@ mod tests {
         raw.extend([0xff, 0xff, 0xff]);
         let mut buf = BytesMut::from(&raw[..]);
         let frame = FrameDecoder::new(1024).decode(&mut buf).unwrap().unwrap();
-        assert!(matches!(
-            frame.message::<ToAgent>(),
-            Err(FrameError::Malformed(_))
-        ));
+        assert!(matches!(frame.message::<ToAgent>(), Err(FrameError::Malformed(_))));
     }
 
     #[test]

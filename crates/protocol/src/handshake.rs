@@ -49,26 +49,11 @@ pub enum RejectReason {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum HandshakeMsg {
-    Hello {
-        magic: [u8; 8],
-        version: u32,
-        role: Role,
-        nonce: Nonce,
-    },
-    Challenge {
-        version: u32,
-        nonce: Nonce,
-        proof: Tag,
-    },
-    Proof {
-        proof: Tag,
-    },
-    Accept {
-        session: u64,
-    },
-    Reject {
-        reason: RejectReason,
-    },
+    Hello { magic: [u8; 8], version: u32, role: Role, nonce: Nonce },
+    Challenge { version: u32, nonce: Nonce, proof: Tag },
+    Proof { proof: Tag },
+    Accept { session: u64 },
+    Reject { reason: RejectReason },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -93,9 +78,7 @@ impl HandshakeError {
     /// The message to send the peer before closing, if any.
     pub fn reply(&self) -> Option<HandshakeMsg> {
         let reason = match self {
-            HandshakeError::VersionMismatch { .. } => RejectReason::Version {
-                supported: PROTOCOL_VERSION,
-            },
+            HandshakeError::VersionMismatch { .. } => RejectReason::Version { supported: PROTOCOL_VERSION },
             HandshakeError::WrongRole { .. } => RejectReason::Role,
             HandshakeError::PeerFailedAuth => RejectReason::Auth,
             HandshakeError::BadMagic | HandshakeError::Unexpected => RejectReason::Malformed,
@@ -106,10 +89,7 @@ impl HandshakeError {
 
     /// True when the shared keys differ, as opposed to a protocol mismatch.
     pub fn is_auth_failure(&self) -> bool {
-        matches!(
-            self,
-            HandshakeError::PeerFailedAuth | HandshakeError::RejectedAuth
-        )
+        matches!(self, HandshakeError::PeerFailedAuth | HandshakeError::RejectedAuth)
     }
 }
 
@@ -145,45 +125,27 @@ pub struct ClientHandshake {
 
 impl ClientHandshake {
     pub fn new(key: &[u8], nonce: Nonce) -> Self {
-        Self {
-            key: key.to_vec(),
-            nonce,
-            server_nonce: None,
-        }
+        Self { key: key.to_vec(), nonce, server_nonce: None }
     }
 
     /// First message to send.
     pub fn hello(&self) -> HandshakeMsg {
-        HandshakeMsg::Hello {
-            magic: MAGIC,
-            version: PROTOCOL_VERSION,
-            role: Role::Agent,
-            nonce: self.nonce,
-        }
+        HandshakeMsg::Hello { magic: MAGIC, version: PROTOCOL_VERSION, role: Role::Agent, nonce: self.nonce }
     }
 
     /// Check the server's proof and answer with ours.
     pub fn on_challenge(&mut self, msg: HandshakeMsg) -> Result<HandshakeMsg, HandshakeError> {
         match msg {
-            HandshakeMsg::Challenge {
-                version,
-                nonce,
-                proof: theirs,
-            } => {
+            HandshakeMsg::Challenge { version, nonce, proof: theirs } => {
                 if version != PROTOCOL_VERSION {
-                    return Err(HandshakeError::VersionMismatch {
-                        ours: PROTOCOL_VERSION,
-                        theirs: version,
-                    });
+                    return Err(HandshakeError::VersionMismatch { ours: PROTOCOL_VERSION, theirs: version });
                 }
                 let expected = proof(&self.key, Role::Orchestrator, &self.nonce, &nonce);
                 if !verify(&expected, &theirs) {
                     return Err(HandshakeError::PeerFailedAuth);
                 }
                 self.server_nonce = Some(nonce);
-                Ok(HandshakeMsg::Proof {
-                    proof: proof(&self.key, Role::Agent, &self.nonce, &nonce),
-                })
+                Ok(HandshakeMsg::Proof { proof: proof(&self.key, Role::Agent, &self.nonce, &nonce) })
             }
             HandshakeMsg::Reject { reason } => Err(rejected(reason)),
             _ => Err(HandshakeError::Unexpected),
@@ -209,38 +171,22 @@ pub struct ServerHandshake {
 
 impl ServerHandshake {
     pub fn new(key: &[u8], nonce: Nonce) -> Self {
-        Self {
-            key: key.to_vec(),
-            nonce,
-            client_nonce: None,
-        }
+        Self { key: key.to_vec(), nonce, client_nonce: None }
     }
 
     /// Check the client's hello and answer with our challenge and proof.
     pub fn on_hello(&mut self, msg: HandshakeMsg) -> Result<HandshakeMsg, HandshakeError> {
-        let HandshakeMsg::Hello {
-            magic,
-            version,
-            role,
-            nonce,
-        } = msg
-        else {
+        let HandshakeMsg::Hello { magic, version, role, nonce } = msg else {
             return Err(HandshakeError::Unexpected);
         };
         if magic != MAGIC {
             return Err(HandshakeError::BadMagic);
         }
         if version != PROTOCOL_VERSION {
-            return Err(HandshakeError::VersionMismatch {
-                ours: PROTOCOL_VERSION,
-                theirs: version,
-            });
+            return Err(HandshakeError::VersionMismatch { ours: PROTOCOL_VERSION, theirs: version });
         }
         if role != Role::Agent {
-            return Err(HandshakeError::WrongRole {
-                expected: Role::Agent,
-                got: role,
-            });
+            return Err(HandshakeError::WrongRole { expected: Role::Agent, got: role });
         }
         self.client_nonce = Some(nonce);
         Ok(HandshakeMsg::Challenge {
@@ -251,11 +197,7 @@ impl ServerHandshake {
     }
 
     /// Check the client's proof; on success answer `Accept{session}`.
-    pub fn on_proof(
-        &mut self,
-        msg: HandshakeMsg,
-        session: u64,
-    ) -> Result<HandshakeMsg, HandshakeError> {
+    pub fn on_proof(&mut self, msg: HandshakeMsg, session: u64) -> Result<HandshakeMsg, HandshakeError> {
         let Some(client_nonce) = self.client_nonce else {
             return Err(HandshakeError::Unexpected);
         };
@@ -281,10 +223,7 @@ mod tests {
     fn run(
         client_key: &[u8],
         server_key: &[u8],
-    ) -> (
-        Result<u64, HandshakeError>,
-        Result<HandshakeMsg, HandshakeError>,
-    ) {
+    ) -> (Result<u64, HandshakeError>, Result<HandshakeMsg, HandshakeError>) {
         let mut c = ClientHandshake::new(client_key, [1; 32]);
         let mut s = ServerHandshake::new(server_key, [2; 32]);
         let challenge = s.on_hello(c.hello()).unwrap();
@@ -325,14 +264,9 @@ mod tests {
     fn forged_client_proof_is_refused() {
         let c = ClientHandshake::new(b"k", [1; 32]);
         let mut s = ServerHandshake::new(b"k", [2; 32]);
-        let HandshakeMsg::Challenge { proof, .. } = s.on_hello(c.hello()).unwrap() else {
-            panic!()
-        };
+        let HandshakeMsg::Challenge { proof, .. } = s.on_hello(c.hello()).unwrap() else { panic!() };
         // Reflecting the server's own proof back must not work: proofs are role-bound.
-        assert_eq!(
-            s.on_proof(HandshakeMsg::Proof { proof }, 1),
-            Err(HandshakeError::PeerFailedAuth)
-        );
+        assert_eq!(s.on_proof(HandshakeMsg::Proof { proof }, 1), Err(HandshakeError::PeerFailedAuth));
     }
 
     #[test]
@@ -348,74 +282,38 @@ mod tests {
     #[test]
     fn version_magic_and_role_are_checked_first() {
         let mut s = ServerHandshake::new(b"k", [2; 32]);
-        let hello = |magic, version, role| HandshakeMsg::Hello {
-            magic,
-            version,
-            role,
-            nonce: [0; 32],
-        };
+        let hello = |magic, version, role| HandshakeMsg::Hello { magic, version, role, nonce: [0; 32] };
         assert_eq!(
             s.on_hello(hello(*b"HTTP/1.1", PROTOCOL_VERSION, Role::Agent)),
             Err(HandshakeError::BadMagic)
         );
-        let err = s
-            .on_hello(hello(MAGIC, PROTOCOL_VERSION + 1, Role::Agent))
-            .unwrap_err();
+        let err = s.on_hello(hello(MAGIC, PROTOCOL_VERSION + 1, Role::Agent)).unwrap_err();
         assert!(matches!(err, HandshakeError::VersionMismatch { .. }));
         assert_eq!(
             err.reply(),
-            Some(HandshakeMsg::Reject {
-                reason: RejectReason::Version {
-                    supported: PROTOCOL_VERSION
-                }
-            })
+            Some(HandshakeMsg::Reject { reason: RejectReason::Version { supported: PROTOCOL_VERSION } })
         );
-        let err = s
-            .on_hello(hello(MAGIC, PROTOCOL_VERSION, Role::Orchestrator))
-            .unwrap_err();
-        assert_eq!(
-            err.reply(),
-            Some(HandshakeMsg::Reject {
-                reason: RejectReason::Role
-            })
-        );
+        let err = s.on_hello(hello(MAGIC, PROTOCOL_VERSION, Role::Orchestrator)).unwrap_err();
+        assert_eq!(err.reply(), Some(HandshakeMsg::Reject { reason: RejectReason::Role }));
         // A proof before any hello is out of order.
-        assert_eq!(
-            s.on_proof(HandshakeMsg::Proof { proof: [0; 32] }, 1),
-            Err(HandshakeError::Unexpected)
-        );
+        assert_eq!(s.on_proof(HandshakeMsg::Proof { proof: [0; 32] }, 1), Err(HandshakeError::Unexpected));
     }
 
     #[test]
     fn client_reports_a_version_mismatch_from_the_server() {
         let mut c = ClientHandshake::new(b"k", [1; 32]);
         let err = c
-            .on_challenge(HandshakeMsg::Reject {
-                reason: RejectReason::Version { supported: 9 },
-            })
+            .on_challenge(HandshakeMsg::Reject { reason: RejectReason::Version { supported: 9 } })
             .unwrap_err();
-        assert_eq!(
-            err,
-            HandshakeError::Rejected(RejectReason::Version { supported: 9 })
-        );
-        let err = c.on_challenge(HandshakeMsg::Challenge {
-            version: 9,
-            nonce: [0; 32],
-            proof: [0; 32],
-        });
-        assert!(matches!(
-            err,
-            Err(HandshakeError::VersionMismatch { theirs: 9, .. })
-        ));
+        assert_eq!(err, HandshakeError::Rejected(RejectReason::Version { supported: 9 }));
+        let err = c.on_challenge(HandshakeMsg::Challenge { version: 9, nonce: [0; 32], proof: [0; 32] });
+        assert!(matches!(err, Err(HandshakeError::VersionMismatch { theirs: 9, .. })));
     }
 
     #[test]
     fn accept_without_a_verified_challenge_is_unexpected() {
         let mut c = ClientHandshake::new(b"k", [1; 32]);
-        assert_eq!(
-            c.on_outcome(HandshakeMsg::Accept { session: 1 }),
-            Err(HandshakeError::Unexpected)
-        );
+        assert_eq!(c.on_outcome(HandshakeMsg::Accept { session: 1 }), Err(HandshakeError::Unexpected));
     }
 
     #[test]
@@ -423,11 +321,7 @@ mod tests {
         let c = ClientHandshake::new(b"k", [0xff; 32]);
         let msgs = [
             c.hello(),
-            HandshakeMsg::Challenge {
-                version: u32::MAX,
-                nonce: [0xff; 32],
-                proof: [0xff; 32],
-            },
+            HandshakeMsg::Challenge { version: u32::MAX, nonce: [0xff; 32], proof: [0xff; 32] },
             HandshakeMsg::Proof { proof: [0xff; 32] },
             HandshakeMsg::Accept { session: u64::MAX },
         ];

@@ -28,11 +28,7 @@ pub enum FromAgent {
     /// the pickled outcome.
     Result { task: u64, attempt: u32 },
     /// The executor running this attempt died before it produced a result.
-    Crashed {
-        task: u64,
-        attempt: u32,
-        reason: String,
-    },
+    Crashed { task: u64, attempt: u32, reason: String },
     /// Answer to [`ToAgent::Ping`].
     Pong { seq: u64 },
 }

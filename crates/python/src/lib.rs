@@ -45,31 +45,19 @@ impl Orchestrator {
         max_crashes: u32,
         max_frame: Option<usize>,
     ) -> PyResult<Self> {
-        let mut config = OrchestratorConfig {
-            listen,
-            key,
-            max_crashes,
-            ..Default::default()
-        };
+        let mut config = OrchestratorConfig { listen, key, max_crashes, ..Default::default() };
         if let Some(m) = max_frame {
             config.max_frame = m;
         }
-        let orch = py
-            .detach(|| distripool_runtime::Orchestrator::start(config))
-            .map_err(to_py)?;
-        Ok(Self {
-            inner: Mutex::new(Some(orch)),
-        })
+        let orch = py.detach(|| distripool_runtime::Orchestrator::start(config)).map_err(to_py)?;
+        Ok(Self { inner: Mutex::new(Some(orch)) })
     }
 
     /// The bound addresses as `host:port` strings.
     #[getter]
     fn addresses(&self) -> Vec<String> {
         let guard = self.inner.lock().expect("orchestrator lock");
-        guard
-            .as_ref()
-            .map(|o| o.local_addrs().iter().map(|a| a.to_string()).collect())
-            .unwrap_or_default()
+        guard.as_ref().map(|o| o.local_addrs().iter().map(|a| a.to_string()).collect()).unwrap_or_default()
     }
 
     #[getter]
@@ -92,12 +80,7 @@ impl Orchestrator {
             connect: Vec::new(),
             key: Vec::new(),
             processes,
-            executor: ExecutorSpec {
-                python,
-                module,
-                env,
-                max_frame: 0,
-            },
+            executor: ExecutorSpec { python, module, env, max_frame: 0 },
         };
         orch.start_local_agent(config).map_err(to_py)
     }
@@ -105,9 +88,7 @@ impl Orchestrator {
     fn open_client(&self) -> PyResult<Client> {
         let guard = self.inner.lock().expect("orchestrator lock");
         let orch = guard.as_ref().ok_or_else(|| to_py(Error::Closed))?;
-        Ok(Client {
-            inner: orch.open_client().map_err(to_py)?,
-        })
+        Ok(Client { inner: orch.open_client().map_err(to_py)? })
     }
 
     /// Counters: connected workers, their executor slots, rejected peers, tasks done.
@@ -119,10 +100,7 @@ impl Orchestrator {
             d.set_item("workers", s.workers.load(Ordering::Relaxed))?;
             d.set_item("slots", s.slots.load(Ordering::Relaxed))?;
             d.set_item("auth_failures", s.auth_failures.load(Ordering::Relaxed))?;
-            d.set_item(
-                "handshake_failures",
-                s.handshake_failures.load(Ordering::Relaxed),
-            )?;
+            d.set_item("handshake_failures", s.handshake_failures.load(Ordering::Relaxed))?;
             d.set_item("tasks_done", s.tasks_done.load(Ordering::Relaxed))?;
             d.set_item("crashes", s.crashes.load(Ordering::Relaxed))?;
         }
@@ -153,13 +131,8 @@ impl Client {
     /// Queue `(index, payload)` tasks of `job`, each calling `function`.
     fn submit(&self, job: u64, function: &[u8], tasks: Vec<(u32, PyBackedBytes)>) -> PyResult<()> {
         // One copy out of Python's memory; the core never holds Python objects.
-        let tasks = tasks
-            .into_iter()
-            .map(|(i, p)| (i, Bytes::copy_from_slice(&p)))
-            .collect();
-        self.inner
-            .submit(job, function.to_vec().into(), tasks)
-            .map_err(to_py)
+        let tasks = tasks.into_iter().map(|(i, p)| (i, Bytes::copy_from_slice(&p))).collect();
+        self.inner.submit(job, function.to_vec().into(), tasks).map_err(to_py)
     }
 
     /// Completions ready within `timeout` seconds, as `(job, index, ok, data)`
@@ -194,6 +167,12 @@ impl Client {
         Ok(out)
     }
 
+    /// Withdraw the job's tasks that no worker has started; True when none of
+    /// the job will run.
+    fn withdraw(&self, py: Python<'_>, job: u64) -> PyResult<bool> {
+        py.detach(|| self.inner.withdraw(job)).map_err(to_py)
+    }
+
     /// Cancel this client's tasks; no more completions will arrive.
     fn close(&self) {
         self.inner.close();
@@ -215,17 +194,8 @@ fn run_agent(
     max_frame: Option<usize>,
 ) -> PyResult<()> {
     let max_frame = max_frame.unwrap_or(distripool_runtime::DEFAULT_MAX_FRAME);
-    let config = AgentConfig {
-        connect,
-        key,
-        processes,
-        executor: ExecutorSpec {
-            python,
-            module,
-            env,
-            max_frame,
-        },
-    };
+    let config =
+        AgentConfig { connect, key, processes, executor: ExecutorSpec { python, module, env, max_frame } };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("distripool-agent")

@@ -22,9 +22,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 
-use crate::conn::{
-    client_handshake, AbortOnDrop, FrameReader, FrameWriter, Outgoing, PEER_TIMEOUT,
-};
+use crate::conn::{client_handshake, AbortOnDrop, FrameReader, FrameWriter, Outgoing, PEER_TIMEOUT};
 use crate::executor::{self, ExecEvent, ExecIn, ExecutorHandle, ExecutorSpec};
 use crate::{resolve, Error, Result};
 
@@ -46,9 +44,7 @@ pub struct AgentConfig {
 /// authentication failures are logged and retried; they never end the agent.
 pub async fn run_agent(config: AgentConfig, mut stop: watch::Receiver<bool>) -> Result<()> {
     if config.connect.is_empty() {
-        return Err(Error::Config(
-            "no orchestrator address to connect to".into(),
-        ));
+        return Err(Error::Config("no orchestrator address to connect to".into()));
     }
     let mut backoff = BACKOFF_START;
     let mut target = 0usize;
@@ -109,6 +105,8 @@ struct Queued {
 struct Slot {
     handle: ExecutorHandle,
     generation: u64,
+    /// The executor announced a clean exit; it gets no more tasks.
+    retiring: bool,
     inflight: VecDeque<(Inflight, Queued)>,
     fns: HashSet<u64>,
 }
@@ -164,6 +162,7 @@ where
             Ok((handle, generation)) => s.slots.push(Slot {
                 handle,
                 generation,
+                retiring: false,
                 inflight: VecDeque::new(),
                 fns: HashSet::new(),
             }),
@@ -201,20 +200,12 @@ where
 }
 
 impl Session<'_> {
-    fn start_executor(
-        &mut self,
-        slot: usize,
-    ) -> std::result::Result<(ExecutorHandle, u64), String> {
+    fn start_executor(&mut self, slot: usize) -> std::result::Result<(ExecutorHandle, u64), String> {
         self.generations += 1;
         let generation = self.generations;
         executor::spawn(&self.config.executor, slot, generation, self.events.clone())
             .map(|h| (h, generation))
-            .map_err(|e| {
-                format!(
-                    "cannot start an executor with {:?}: {e}",
-                    self.config.executor.python
-                )
-            })
+            .map_err(|e| format!("cannot start an executor with {:?}: {e}", self.config.executor.python))
     }
 
     /// Replace the executor of `slot`; the old one's process group is killed.
@@ -223,14 +214,10 @@ impl Session<'_> {
         let s = &mut self.slots[slot];
         s.handle = handle;
         s.generation = generation;
+        s.retiring = false;
         s.fns.clear();
         // Whatever was prefetched behind the running task goes back in line.
-        let requeue: Vec<_> = s
-            .inflight
-            .drain(..)
-            .filter(|(i, _)| !i.cancelled)
-            .map(|(_, q)| q)
-            .collect();
+        let requeue: Vec<_> = s.inflight.drain(..).filter(|(i, _)| !i.cancelled).map(|(_, q)| q).collect();
         for q in requeue.into_iter().rev() {
             self.queue.push_front(q);
         }
@@ -239,20 +226,13 @@ impl Session<'_> {
 
     fn on_executor_event(&mut self, ev: ExecEvent) -> std::result::Result<(), String> {
         match ev {
-            ExecEvent::Result {
-                slot,
-                generation,
-                task,
-                payload,
-            } => {
+            ExecEvent::Result { slot, generation, task, payload } => {
                 let s = &mut self.slots[slot];
                 if s.generation != generation {
                     return Ok(());
                 }
                 let Some((done, _)) = s.inflight.pop_front() else {
-                    return Err(format!(
-                        "executor in slot {slot} answered a task it was not given"
-                    ));
+                    return Err(format!("executor in slot {slot} answered a task it was not given"));
                 };
                 if done.task != task {
                     return Err(format!(
@@ -262,23 +242,27 @@ impl Session<'_> {
                 }
                 if !done.cancelled {
                     let _ = self.out.send(Outgoing::with_payload(
-                        FromAgent::Result {
-                            task,
-                            attempt: done.attempt,
-                        },
+                        FromAgent::Result { task, attempt: done.attempt },
                         payload,
                     ));
                 }
                 Ok(())
             }
-            ExecEvent::Exited {
-                slot,
-                generation,
-                reason,
-            } => {
+            ExecEvent::Retiring { slot, generation } => {
+                let s = &mut self.slots[slot];
+                if s.generation == generation {
+                    s.retiring = true;
+                }
+                Ok(())
+            }
+            ExecEvent::Exited { slot, generation, reason } => {
                 let s = &mut self.slots[slot];
                 if s.generation != generation {
                     return Ok(());
+                }
+                if s.retiring {
+                    // A clean recycle: whatever it still held was never started.
+                    return self.restart(slot);
                 }
                 if let Some((running, _)) = s.inflight.pop_front() {
                     if !running.cancelled {
@@ -308,17 +292,8 @@ impl Session<'_> {
                     }
                 }
             }
-            ToAgent::Task {
-                task,
-                attempt,
-                fn_id,
-            } => {
-                self.queue.push_back(Queued {
-                    task,
-                    attempt,
-                    fn_id,
-                    payload,
-                });
+            ToAgent::Task { task, attempt, fn_id } => {
+                self.queue.push_back(Queued { task, attempt, fn_id, payload });
             }
             ToAgent::Cancel { tasks } => {
                 let cancel: HashSet<u64> = tasks.into_iter().collect();
@@ -350,7 +325,7 @@ impl Session<'_> {
                 if self.queue.is_empty() {
                     return Ok(());
                 }
-                if self.slots[slot].inflight.len() >= depth {
+                if self.slots[slot].retiring || self.slots[slot].inflight.len() >= depth {
                     continue;
                 }
                 let q = self.queue.pop_front().expect("queue is not empty");
@@ -362,24 +337,14 @@ impl Session<'_> {
                             q.task, q.fn_id
                         ));
                     };
-                    let _ = s.handle.tx.send(ExecIn::Function {
-                        fn_id: q.fn_id,
-                        bytes: bytes.clone(),
-                    });
+                    let _ = s.handle.tx.send(ExecIn::Function { fn_id: q.fn_id, bytes: bytes.clone() });
                 }
                 let _ = s.handle.tx.send(ExecIn::Task {
                     task: q.task,
                     fn_id: q.fn_id,
                     payload: q.payload.clone(),
                 });
-                s.inflight.push_back((
-                    Inflight {
-                        task: q.task,
-                        attempt: q.attempt,
-                        cancelled: false,
-                    },
-                    q,
-                ));
+                s.inflight.push_back((Inflight { task: q.task, attempt: q.attempt, cancelled: false }, q));
             }
         }
         Ok(())

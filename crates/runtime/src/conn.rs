@@ -33,11 +33,7 @@ pub struct FrameReader<R> {
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub fn new(inner: R, max_frame: usize) -> Self {
-        Self {
-            inner,
-            buf: BytesMut::with_capacity(64 * 1024),
-            decoder: FrameDecoder::new(max_frame),
-        }
+        Self { inner, buf: BytesMut::with_capacity(64 * 1024), decoder: FrameDecoder::new(max_frame) }
     }
 
     pub fn set_max_frame(&mut self, max_frame: usize) {
@@ -78,10 +74,7 @@ pub struct FrameWriter<W> {
 
 impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     pub fn new(inner: W, max_frame: usize) -> Self {
-        Self {
-            inner: BufWriter::with_capacity(64 * 1024, inner),
-            max_frame,
-        }
+        Self { inner: BufWriter::with_capacity(64 * 1024, inner), max_frame }
     }
 
     /// Queue one frame; call [`flush`](Self::flush) when no more are ready.
@@ -116,11 +109,7 @@ async fn recv_hs<R: AsyncRead + Unpin>(r: &mut R) -> Result<HandshakeMsg> {
     r.read_exact(&mut len).await?;
     let n = u32::from_le_bytes(len) as usize;
     if n > HANDSHAKE_MAX_FRAME {
-        return Err(distripool_protocol::FrameError::TooLarge {
-            len: n,
-            max: HANDSHAKE_MAX_FRAME,
-        }
-        .into());
+        return Err(distripool_protocol::FrameError::TooLarge { len: n, max: HANDSHAKE_MAX_FRAME }.into());
     }
     let mut body = vec![0u8; n];
     r.read_exact(&mut body).await?;
@@ -134,10 +123,7 @@ async fn recv_hs<R: AsyncRead + Unpin>(r: &mut R) -> Result<HandshakeMsg> {
 }
 
 /// Authenticate to an orchestrator as an agent; returns the session id.
-pub async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(
-    s: &mut S,
-    key: &[u8],
-) -> Result<u64> {
+pub async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, key: &[u8]) -> Result<u64> {
     let fut = async {
         let mut hs = ClientHandshake::new(key, random_bytes());
         send_hs(s, &hs.hello()).await?;
@@ -174,9 +160,7 @@ pub async fn server_handshake<S: AsyncRead + AsyncWrite + Unpin>(
         send_hs(s, &accept).await?;
         Ok(())
     };
-    tokio::time::timeout(HANDSHAKE_TIMEOUT, fut)
-        .await
-        .map_err(|_| Error::Timeout("agent handshake"))?
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, fut).await.map_err(|_| Error::Timeout("agent handshake"))?
 }
 
 async fn reply_or_fail<S: AsyncWrite + Unpin>(
@@ -203,10 +187,7 @@ pub struct Outgoing<M> {
 
 impl<M> Outgoing<M> {
     pub fn new(msg: M) -> Self {
-        Self {
-            msg,
-            payload: Bytes::new(),
-        }
+        Self { msg, payload: Bytes::new() }
     }
     pub fn with_payload(msg: M, payload: Bytes) -> Self {
         Self { msg, payload }

@@ -17,7 +17,11 @@
 //! | 2 TASK | agent → executor | task id | fn id | pickled arguments |
 //! | 3 FORGET | agent → executor | fn id | – | – |
 //! | 4 RESULT | executor → agent | task id | – | pickled outcome |
+//! | 5 RETIRE | executor → agent | – | – | – |
 //!
+//! RETIRE means the executor has run as many tasks as its pool allows
+//! (`maxtasksperchild`) and exits cleanly right after; whatever it was sent
+//! beyond that goes to its replacement.//!
 //! The executor answers tasks strictly in the order it receives them.
 
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -34,6 +38,7 @@ pub const KIND_FUNCTION: u8 = 1;
 pub const KIND_TASK: u8 = 2;
 pub const KIND_FORGET: u8 = 3;
 pub const KIND_RESULT: u8 = 4;
+pub const KIND_RETIRE: u8 = 5;
 /// Bytes counted by `len` before the payload: kind, a, b.
 const BODY_HEADER: usize = 17;
 /// File descriptor number of the socket inside the executor.
@@ -51,18 +56,9 @@ pub struct ExecutorSpec {
 /// What the agent sends to one executor.
 #[derive(Debug)]
 pub enum ExecIn {
-    Function {
-        fn_id: u64,
-        bytes: Bytes,
-    },
-    Task {
-        task: u64,
-        fn_id: u64,
-        payload: Bytes,
-    },
-    Forget {
-        fn_id: u64,
-    },
+    Function { fn_id: u64, bytes: Bytes },
+    Task { task: u64, fn_id: u64, payload: Bytes },
+    Forget { fn_id: u64 },
 }
 
 /// What an executor reports back, tagged with its slot and generation so that
@@ -74,6 +70,11 @@ pub enum ExecEvent {
         generation: u64,
         task: u64,
         payload: Bytes,
+    },
+    /// The executor will exit after its last result; not a crash.
+    Retiring {
+        slot: usize,
+        generation: u64,
     },
     Exited {
         slot: usize,
@@ -112,10 +113,7 @@ pub fn describe_exit(pid: u32, status: std::io::Result<ExitStatus>) -> String {
         Ok(s) => match (s.code(), s.signal()) {
             (Some(code), _) => format!("executor (pid {pid}) exited with code {code}"),
             (None, Some(sig)) => {
-                format!(
-                    "executor (pid {pid}) was killed by signal {sig} ({})",
-                    signal_name(sig)
-                )
+                format!("executor (pid {pid}) was killed by signal {sig} ({})", signal_name(sig))
             }
             _ => format!("executor (pid {pid}) ended: {s}"),
         },
@@ -182,8 +180,7 @@ pub fn spawn(
             }
             if child_fd == EXECUTOR_FD {
                 let flags = libc::fcntl(child_fd, libc::F_GETFD);
-                if flags < 0 || libc::fcntl(child_fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0
-                {
+                if flags < 0 || libc::fcntl(child_fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
             } else if libc::dup2(child_fd, EXECUTOR_FD) < 0 {
@@ -209,11 +206,7 @@ pub fn spawn(
             while let Some(m) = next {
                 let (kind, a, b, payload) = match m {
                     ExecIn::Function { fn_id, bytes } => (KIND_FUNCTION, fn_id, 0, bytes),
-                    ExecIn::Task {
-                        task,
-                        fn_id,
-                        payload,
-                    } => (KIND_TASK, task, fn_id, payload),
+                    ExecIn::Task { task, fn_id, payload } => (KIND_TASK, task, fn_id, payload),
                     ExecIn::Forget { fn_id } => (KIND_FORGET, fn_id, 0, Bytes::new()),
                 };
                 let header = encode_header(kind, a, b, payload.len());
@@ -234,13 +227,11 @@ pub fn spawn(
         let mut protocol_error = None;
         loop {
             match next_result(&mut rd, &mut buf, max_frame).await {
-                Ok(Some((task, payload))) => {
-                    let _ = events.send(ExecEvent::Result {
-                        slot,
-                        generation,
-                        task,
-                        payload,
-                    });
+                Ok(Some(Incoming::Result(task, payload))) => {
+                    let _ = events.send(ExecEvent::Result { slot, generation, task, payload });
+                }
+                Ok(Some(Incoming::Retire)) => {
+                    let _ = events.send(ExecEvent::Retiring { slot, generation });
                 }
                 Ok(None) => break,
                 Err(e) => {
@@ -255,26 +246,22 @@ pub fn spawn(
         if let Some(e) = protocol_error {
             reason = format!("{reason} after a protocol error: {e}");
         }
-        let _ = events.send(ExecEvent::Exited {
-            slot,
-            generation,
-            reason,
-        });
+        let _ = events.send(ExecEvent::Exited { slot, generation, reason });
     });
 
-    Ok(ExecutorHandle {
-        tx,
-        pid,
-        reader,
-        writer,
-    })
+    Ok(ExecutorHandle { tx, pid, reader, writer })
+}
+
+enum Incoming {
+    Result(u64, Bytes),
+    Retire,
 }
 
 async fn next_result(
     rd: &mut tokio::net::unix::OwnedReadHalf,
     buf: &mut BytesMut,
     max_frame: usize,
-) -> std::io::Result<Option<(u64, Bytes)>> {
+) -> std::io::Result<Option<Incoming>> {
     loop {
         if buf.len() >= 4 {
             let len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
@@ -289,13 +276,14 @@ async fn next_result(
                 let task = u64::from_le_bytes(buf[5..13].try_into().expect("8 bytes"));
                 buf.advance(4 + BODY_HEADER);
                 let payload = buf.split_to(len - BODY_HEADER).freeze();
-                if kind != KIND_RESULT {
-                    return Err(std::io::Error::new(
+                return match kind {
+                    KIND_RESULT => Ok(Some(Incoming::Result(task, payload))),
+                    KIND_RETIRE => Ok(Some(Incoming::Retire)),
+                    _ => Err(std::io::Error::new(
                         std::io::ErrorKind::InvalidData,
                         format!("executor sent unexpected frame kind {kind}"),
-                    ));
-                }
-                return Ok(Some((task, payload)));
+                    )),
+                };
             }
             buf.reserve(4 + len - buf.len());
         } else {

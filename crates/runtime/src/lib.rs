@@ -54,12 +54,8 @@ pub fn random_bytes<const N: usize>() -> [u8; N] {
 /// Resolve `host:port` strings (names allowed) to socket addresses.
 pub fn resolve(addr: &str) -> Result<std::net::SocketAddr> {
     use std::net::ToSocketAddrs;
-    let mut addrs = addr.to_socket_addrs().map_err(|e| {
-        Error::Config(format!(
-            "cannot resolve address {addr:?} (expected HOST:PORT): {e}"
-        ))
-    })?;
-    addrs
-        .next()
-        .ok_or_else(|| Error::Config(format!("address {addr:?} resolves to nothing")))
+    let mut addrs = addr
+        .to_socket_addrs()
+        .map_err(|e| Error::Config(format!("cannot resolve address {addr:?} (expected HOST:PORT): {e}")))?;
+    addrs.next().ok_or_else(|| Error::Config(format!("address {addr:?} resolves to nothing")))
 }

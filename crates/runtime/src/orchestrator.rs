@@ -50,12 +50,7 @@ pub struct OrchestratorConfig {
 
 impl Default for OrchestratorConfig {
     fn default() -> Self {
-        Self {
-            listen: Vec::new(),
-            key: Vec::new(),
-            max_frame: DEFAULT_MAX_FRAME,
-            max_crashes: 3,
-        }
+        Self { listen: Vec::new(), key: Vec::new(), max_frame: DEFAULT_MAX_FRAME, max_crashes: 3 }
     }
 }
 
@@ -87,34 +82,13 @@ pub struct Completion {
 }
 
 enum Event {
-    AgentJoined {
-        worker: u64,
-        slots: usize,
-        tx: mpsc::UnboundedSender<Outgoing<ToAgent>>,
-    },
-    AgentMessage {
-        worker: u64,
-        msg: FromAgent,
-        payload: Bytes,
-    },
-    AgentLeft {
-        worker: u64,
-        reason: String,
-    },
-    ClientOpened {
-        client: u64,
-        tx: std_mpsc::Sender<Completion>,
-    },
-    Submit {
-        client: u64,
-        job: u64,
-        fn_id: u64,
-        function: Bytes,
-        tasks: Vec<(u32, Bytes)>,
-    },
-    ClientClosed {
-        client: u64,
-    },
+    AgentJoined { worker: u64, slots: usize, tx: mpsc::UnboundedSender<Outgoing<ToAgent>> },
+    AgentMessage { worker: u64, msg: FromAgent, payload: Bytes },
+    AgentLeft { worker: u64, reason: String },
+    ClientOpened { client: u64, tx: std_mpsc::Sender<Completion> },
+    Submit { client: u64, job: u64, fn_id: u64, function: Bytes, tasks: Vec<(u32, Bytes)> },
+    ClientClosed { client: u64 },
+    Withdraw { client: u64, job: u64, reply: tokio::sync::oneshot::Sender<bool> },
 }
 
 struct TaskMeta {
@@ -186,17 +160,12 @@ impl Orchestrator {
         let mut bound = Vec::new();
         for addr in &addrs {
             let listener = runtime.block_on(async {
-                let socket = if addr.is_ipv4() {
-                    TcpSocket::new_v4()?
-                } else {
-                    TcpSocket::new_v6()?
-                };
+                let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
                 socket.set_reuseaddr(true)?;
                 socket.bind(*addr)?;
                 socket.listen(1024)
             });
-            let listener =
-                listener.map_err(|e| Error::Config(format!("cannot listen on {addr}: {e}")))?;
+            let listener = listener.map_err(|e| Error::Config(format!("cannot listen on {addr}: {e}")))?;
             bound.push(listener.local_addr()?);
             let intake = Intake {
                 key: config.key.clone().into(),
@@ -208,10 +177,7 @@ impl Orchestrator {
         }
 
         let core = Core {
-            sched: Scheduler::new(SchedulerConfig {
-                max_crashes: config.max_crashes,
-                max_losses: 10,
-            }),
+            sched: Scheduler::new(SchedulerConfig { max_crashes: config.max_crashes, max_losses: 10 }),
             agents: HashMap::new(),
             clients: HashMap::new(),
             meta: HashMap::new(),
@@ -253,9 +219,7 @@ impl Orchestrator {
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = std_mpsc::channel();
-        self.events
-            .send(Event::ClientOpened { client: id, tx })
-            .map_err(|_| Error::Closed)?;
+        self.events.send(Event::ClientOpened { client: id, tx }).map_err(|_| Error::Closed)?;
         Ok(Client {
             id,
             events: self.events.clone(),
@@ -339,13 +303,7 @@ impl Client {
     pub fn submit(&self, job: u64, function: Bytes, tasks: Vec<(u32, Bytes)>) -> Result<()> {
         let fn_id = function_id(&function);
         self.events
-            .send(Event::Submit {
-                client: self.id,
-                job,
-                fn_id,
-                function,
-                tasks,
-            })
+            .send(Event::Submit { client: self.id, job, fn_id, function, tasks })
             .map_err(|_| Error::Closed)
     }
 
@@ -361,6 +319,15 @@ impl Client {
         let mut out = vec![first];
         out.extend(rx.try_iter().take(4096));
         Ok(out)
+    }
+
+    /// Take back the tasks of `job` that no worker has been given yet.
+    /// Returns true when every remaining task of the job was withdrawn, so
+    /// none of it will run; false when some of it is running or done.
+    pub fn withdraw(&self, job: u64) -> Result<bool> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.events.send(Event::Withdraw { client: self.id, job, reply }).map_err(|_| Error::Closed)?;
+        rx.blocking_recv().map_err(|_| Error::Closed)
     }
 
     /// Cancel everything this client submitted and detach it.
@@ -396,14 +363,7 @@ impl Core {
     fn handle(&mut self, ev: Event) {
         match ev {
             Event::AgentJoined { worker, slots, tx } => {
-                self.agents.insert(
-                    worker,
-                    AgentLink {
-                        tx,
-                        fns: HashSet::new(),
-                        slots,
-                    },
-                );
+                self.agents.insert(worker, AgentLink { tx, fns: HashSet::new(), slots });
                 self.stats.workers.fetch_add(1, Ordering::Relaxed);
                 self.stats.slots.fetch_add(slots, Ordering::Relaxed);
                 self.sched.worker_joined(worker, slots * PREFETCH_PER_SLOT);
@@ -415,21 +375,13 @@ impl Core {
                 }
                 self.sched.worker_lost(worker, &reason);
             }
-            Event::AgentMessage {
-                worker,
-                msg,
-                payload,
-            } => match msg {
+            Event::AgentMessage { worker, msg, payload } => match msg {
                 FromAgent::Result { task, attempt } => {
                     if self.sched.task_finished(worker, task, attempt, payload) {
                         self.stats.tasks_done.fetch_add(1, Ordering::Relaxed);
                     }
                 }
-                FromAgent::Crashed {
-                    task,
-                    attempt,
-                    reason,
-                } => {
+                FromAgent::Crashed { task, attempt, reason } => {
                     self.stats.crashes.fetch_add(1, Ordering::Relaxed);
                     self.sched.task_crashed(worker, task, attempt, &reason);
                 }
@@ -438,47 +390,44 @@ impl Core {
             Event::ClientOpened { client, tx } => {
                 self.clients.insert(client, tx);
             }
-            Event::Submit {
-                client,
-                job,
-                fn_id,
-                function,
-                tasks,
-            } => {
+            Event::Submit { client, job, fn_id, function, tasks } => {
                 if !self.clients.contains_key(&client) {
                     return;
                 }
-                let entry = self.fns.entry(fn_id).or_insert(FnEntry {
-                    bytes: function,
-                    refs: 0,
-                });
+                let entry = self.fns.entry(fn_id).or_insert(FnEntry { bytes: function, refs: 0 });
                 entry.refs += tasks.len();
                 for (index, payload) in tasks {
                     let task = self.next_task;
                     self.next_task += 1;
-                    self.meta.insert(
-                        task,
-                        TaskMeta {
-                            client,
-                            job,
-                            index,
-                            fn_id,
-                        },
-                    );
+                    self.meta.insert(task, TaskMeta { client, job, index, fn_id });
                     self.sched.submit(task, client, payload);
                 }
+            }
+            Event::Withdraw { client, job, reply } => {
+                let tasks: Vec<u64> = self
+                    .meta
+                    .iter()
+                    .filter(|(_, m)| m.client == client && m.job == job)
+                    .map(|(t, _)| *t)
+                    .collect();
+                let mut all = !tasks.is_empty();
+                for t in tasks {
+                    if self.sched.withdraw(t) {
+                        let m = self.meta.remove(&t).expect("withdrawn task has metadata");
+                        self.release_function(m.fn_id);
+                    } else {
+                        all = false;
+                    }
+                }
+                let _ = reply.send(all);
             }
             Event::ClientClosed { client } => {
                 if self.clients.remove(&client).is_some() {
                     self.sched.cancel_group(client);
                     // Running tasks come back as Cancel commands; queued ones
                     // leave the scheduler silently, so forget them here.
-                    let gone: Vec<u64> = self
-                        .meta
-                        .iter()
-                        .filter(|(_, m)| m.client == client)
-                        .map(|(t, _)| *t)
-                        .collect();
+                    let gone: Vec<u64> =
+                        self.meta.iter().filter(|(_, m)| m.client == client).map(|(t, _)| *t).collect();
                     for t in gone {
                         if let Some(m) = self.meta.remove(&t) {
                             self.release_function(m.fn_id);
@@ -493,29 +442,18 @@ impl Core {
     fn apply_commands(&mut self) {
         while let Some(cmd) = self.sched.poll_command() {
             match cmd {
-                Command::Dispatch {
-                    worker,
-                    task,
-                    attempt,
-                    payload,
-                } => {
-                    let (Some(link), Some(meta)) =
-                        (self.agents.get_mut(&worker), self.meta.get(&task))
+                Command::Dispatch { worker, task, attempt, payload } => {
+                    let (Some(link), Some(meta)) = (self.agents.get_mut(&worker), self.meta.get(&task))
                     else {
                         continue;
                     };
                     if link.fns.insert(meta.fn_id) {
                         let bytes = self.fns[&meta.fn_id].bytes.clone();
-                        let _ = link.tx.send(Outgoing::with_payload(
-                            ToAgent::Function { fn_id: meta.fn_id },
-                            bytes,
-                        ));
+                        let _ = link
+                            .tx
+                            .send(Outgoing::with_payload(ToAgent::Function { fn_id: meta.fn_id }, bytes));
                     }
-                    let msg = ToAgent::Task {
-                        task,
-                        attempt,
-                        fn_id: meta.fn_id,
-                    };
+                    let msg = ToAgent::Task { task, attempt, fn_id: meta.fn_id };
                     let _ = link.tx.send(Outgoing::with_payload(msg, payload));
                 }
                 Command::Deliver { task, result, .. } => self.complete(task, Outcome::Done(result)),
@@ -547,11 +485,7 @@ impl Core {
         };
         self.release_function(meta.fn_id);
         if let Some(tx) = self.clients.get(&meta.client) {
-            let _ = tx.send(Completion {
-                job: meta.job,
-                index: meta.index,
-                outcome,
-            });
+            let _ = tx.send(Completion { job: meta.job, index: meta.index, outcome });
         }
     }
 
@@ -597,11 +531,7 @@ async fn accept_loop(listener: TcpListener, intake: Intake, next_id: Arc<AtomicU
         };
         let _ = stream.set_nodelay(true);
         let worker = next_id.fetch_add(1, Ordering::Relaxed);
-        tokio::spawn(
-            intake
-                .clone()
-                .serve(stream, peer.to_string(), worker, Some(permit)),
-        );
+        tokio::spawn(intake.clone().serve(stream, peer.to_string(), worker, Some(permit)));
     }
 }
 
@@ -671,10 +601,7 @@ async fn serve_session<S: AsyncRead + AsyncWrite + Send + 'static>(
     };
 
     let (tx, mut rx) = mpsc::unbounded_channel::<Outgoing<ToAgent>>();
-    if events
-        .send(Event::AgentJoined { worker, slots, tx })
-        .is_err()
-    {
+    if events.send(Event::AgentJoined { worker, slots, tx }).is_err() {
         return;
     }
     let writer = tokio::spawn(async move {
@@ -707,14 +634,7 @@ async fn serve_session<S: AsyncRead + AsyncWrite + Send + 'static>(
             Ok(Ok(Some(frame))) => match frame.message::<FromAgent>() {
                 Ok(FromAgent::Pong { .. }) => {}
                 Ok(msg) => {
-                    if events
-                        .send(Event::AgentMessage {
-                            worker,
-                            msg,
-                            payload: frame.payload,
-                        })
-                        .is_err()
-                    {
+                    if events.send(Event::AgentMessage { worker, msg, payload: frame.payload }).is_err() {
                         break "orchestrator stopped".to_string();
                     }
                 }

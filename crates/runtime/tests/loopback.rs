@@ -51,24 +51,13 @@ struct AgentThread {
 impl AgentThread {
     fn start(addr: String, key: &[u8], processes: usize, spec: ExecutorSpec) -> Self {
         let (stop, rx) = tokio::sync::watch::channel(false);
-        let config = AgentConfig {
-            connect: vec![addr],
-            key: key.to_vec(),
-            processes,
-            executor: spec,
-        };
+        let config = AgentConfig { connect: vec![addr], key: key.to_vec(), processes, executor: spec };
         let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .enable_all()
-                .build()
-                .unwrap();
+            let rt =
+                tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
             rt.block_on(run_agent(config, rx)).unwrap();
         });
-        Self {
-            stop,
-            thread: Some(thread),
-        }
+        Self { stop, thread: Some(thread) }
     }
 }
 
@@ -85,11 +74,7 @@ fn collect(client: &distripool_runtime::Client, n: usize) -> Vec<distripool_runt
     let mut out = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(60);
     while out.len() < n {
-        assert!(
-            Instant::now() < deadline,
-            "only {} of {n} completions arrived",
-            out.len()
-        );
+        assert!(Instant::now() < deadline, "only {} of {n} completions arrived", out.len());
         out.extend(client.recv(Duration::from_millis(100)).unwrap());
     }
     out
@@ -107,30 +92,18 @@ fn tasks_round_trip_through_an_agent_exactly_once() {
     .unwrap();
     let addr = orch.local_addrs()[0].to_string();
     let _agent = AgentThread::start(addr, &key, 2, echo_spec(&dir));
-    wait_for("the agent", || {
-        orch.stats().workers.load(Ordering::Relaxed) == 1
-    });
+    wait_for("the agent", || orch.stats().workers.load(Ordering::Relaxed) == 1);
 
     let client = orch.open_client().unwrap();
     let job = client.new_job();
-    let tasks = (0..1000u32)
-        .map(|i| (i, i.to_le_bytes().to_vec().into()))
-        .collect();
-    client
-        .submit(job, b"function".to_vec().into(), tasks)
-        .unwrap();
+    let tasks = (0..1000u32).map(|i| (i, i.to_le_bytes().to_vec().into())).collect();
+    client.submit(job, b"function".to_vec().into(), tasks).unwrap();
     let mut seen = vec![false; 1000];
     for c in collect(&client, 1000) {
         assert_eq!(c.job, job);
-        let Outcome::Done(bytes) = c.outcome else {
-            panic!("task {} failed", c.index)
-        };
+        let Outcome::Done(bytes) = c.outcome else { panic!("task {} failed", c.index) };
         assert_eq!(&bytes[..], &c.index.to_le_bytes());
-        assert!(
-            !std::mem::replace(&mut seen[c.index as usize], true),
-            "duplicate {}",
-            c.index
-        );
+        assert!(!std::mem::replace(&mut seen[c.index as usize], true), "duplicate {}", c.index);
     }
     assert!(client.recv(Duration::from_millis(50)).unwrap().is_empty());
     assert_eq!(orch.stats().tasks_done.load(Ordering::Relaxed), 1000);
@@ -146,17 +119,11 @@ fn a_task_that_kills_its_executor_fails_after_the_crash_limit() {
     })
     .unwrap();
     let _agent = AgentThread::start(orch.local_addrs()[0].to_string(), b"", 1, echo_spec(&dir));
-    wait_for("the agent", || {
-        orch.stats().workers.load(Ordering::Relaxed) == 1
-    });
+    wait_for("the agent", || orch.stats().workers.load(Ordering::Relaxed) == 1);
     let client = orch.open_client().unwrap();
     let job = client.new_job();
     client
-        .submit(
-            job,
-            b"f".to_vec().into(),
-            vec![(0, b"die".to_vec().into()), (1, b"fine".to_vec().into())],
-        )
+        .submit(job, b"f".to_vec().into(), vec![(0, b"die".to_vec().into()), (1, b"fine".to_vec().into())])
         .unwrap();
     let mut done = collect(&client, 2);
     done.sort_by_key(|c| c.index);
@@ -180,34 +147,23 @@ fn an_agent_with_the_wrong_key_is_refused() {
         ..Default::default()
     })
     .unwrap();
-    let _agent = AgentThread::start(
-        orch.local_addrs()[0].to_string(),
-        b"wrong",
-        1,
-        echo_spec(&dir),
-    );
-    wait_for("the refusal", || {
-        orch.stats().auth_failures.load(Ordering::Relaxed) >= 1
-    });
+    let _agent = AgentThread::start(orch.local_addrs()[0].to_string(), b"wrong", 1, echo_spec(&dir));
+    wait_for("the refusal", || orch.stats().auth_failures.load(Ordering::Relaxed) >= 1);
     assert_eq!(orch.stats().workers.load(Ordering::Relaxed), 0);
 }
 
 #[test]
 fn listening_beyond_loopback_needs_a_key() {
-    let err = Orchestrator::start(OrchestratorConfig {
-        listen: vec!["0.0.0.0:0".into()],
-        ..Default::default()
-    })
-    .err()
-    .expect("must be refused");
+    let err =
+        Orchestrator::start(OrchestratorConfig { listen: vec!["0.0.0.0:0".into()], ..Default::default() })
+            .err()
+            .expect("must be refused");
     assert!(err.to_string().contains("DISTRIPOOL_AUTHKEY"), "{err}");
 }
 
 fn tempdir() -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "distripool-rt-{}",
-        u64::from_le_bytes(distripool_runtime::random_bytes())
-    ));
+    let dir = std::env::temp_dir()
+        .join(format!("distripool-rt-{}", u64::from_le_bytes(distripool_runtime::random_bytes())));
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }

@@ -34,10 +34,7 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        Self {
-            max_crashes: 3,
-            max_losses: 10,
-        }
+        Self { max_crashes: 3, max_losses: 10 }
     }
 }
 
@@ -53,29 +50,13 @@ pub struct Failure {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command<P, R> {
     /// Send attempt `attempt` of `task` to `worker`.
-    Dispatch {
-        worker: WorkerId,
-        task: TaskId,
-        attempt: u32,
-        payload: P,
-    },
+    Dispatch { worker: WorkerId, task: TaskId, attempt: u32, payload: P },
     /// The task's outcome, to hand to its submitter. Happens at most once.
-    Deliver {
-        task: TaskId,
-        group: GroupId,
-        result: R,
-    },
+    Deliver { task: TaskId, group: GroupId, result: R },
     /// The task will not be retried any more.
-    Fail {
-        task: TaskId,
-        group: GroupId,
-        failure: Failure,
-    },
+    Fail { task: TaskId, group: GroupId, failure: Failure },
     /// Tell `worker` to drop or stop these tasks.
-    Cancel {
-        worker: WorkerId,
-        tasks: Vec<TaskId>,
-    },
+    Cancel { worker: WorkerId, tasks: Vec<TaskId> },
 }
 
 #[derive(Debug)]
@@ -142,15 +123,7 @@ impl<P: Clone, R> Scheduler<P, R> {
     pub fn submit(&mut self, task: TaskId, group: GroupId, payload: P) {
         let previous = self.tasks.insert(
             task,
-            Task {
-                group,
-                payload,
-                attempt: 0,
-                crashes: 0,
-                losses: 0,
-                worker: None,
-                reasons: Vec::new(),
-            },
+            Task { group, payload, attempt: 0, crashes: 0, losses: 0, worker: None, reasons: Vec::new() },
         );
         assert!(previous.is_none(), "task id {task} submitted twice");
         self.queue.push_back(task);
@@ -162,10 +135,7 @@ impl<P: Clone, R> Scheduler<P, R> {
         self.workers
             .entry(worker)
             .and_modify(|w| w.capacity = capacity)
-            .or_insert(Worker {
-                capacity,
-                tasks: BTreeSet::new(),
-            });
+            .or_insert(Worker { capacity, tasks: BTreeSet::new() });
         self.schedule();
     }
 
@@ -181,8 +151,7 @@ impl<P: Clone, R> Scheduler<P, R> {
             };
             t.worker = None;
             t.losses += 1;
-            t.reasons
-                .push(format!("attempt {}: worker lost ({reason})", t.attempt));
+            t.reasons.push(format!("attempt {}: worker lost ({reason})", t.attempt));
             if t.losses >= self.config.max_losses {
                 self.fail(task);
             } else {
@@ -194,35 +163,19 @@ impl<P: Clone, R> Scheduler<P, R> {
 
     /// A result arrived. Returns false (and drops it) when it is stale: the
     /// task is done, cancelled, or now belongs to another attempt.
-    pub fn task_finished(
-        &mut self,
-        worker: WorkerId,
-        task: TaskId,
-        attempt: u32,
-        result: R,
-    ) -> bool {
+    pub fn task_finished(&mut self, worker: WorkerId, task: TaskId, attempt: u32, result: R) -> bool {
         if !self.is_current(worker, task, attempt) {
             return false;
         }
         let t = self.tasks.remove(&task).expect("current task exists");
         self.release(worker, task);
-        self.out.push_back(Command::Deliver {
-            task,
-            group: t.group,
-            result,
-        });
+        self.out.push_back(Command::Deliver { task, group: t.group, result });
         self.schedule();
         true
     }
 
     /// The executor running this attempt died. Returns false when stale.
-    pub fn task_crashed(
-        &mut self,
-        worker: WorkerId,
-        task: TaskId,
-        attempt: u32,
-        reason: &str,
-    ) -> bool {
+    pub fn task_crashed(&mut self, worker: WorkerId, task: TaskId, attempt: u32, reason: &str) -> bool {
         if !self.is_current(worker, task, attempt) {
             return false;
         }
@@ -266,6 +219,17 @@ impl<P: Clone, R> Scheduler<P, R> {
         self.schedule();
     }
 
+    /// Take back a task that has not been dispatched yet. Returns false, and
+    /// changes nothing, when it is running, finished or unknown.
+    pub fn withdraw(&mut self, task: TaskId) -> bool {
+        if !matches!(self.tasks.get(&task), Some(t) if t.worker.is_none()) {
+            return false;
+        }
+        self.tasks.remove(&task);
+        self.queue.retain(|&t| t != task);
+        true
+    }
+
     fn is_current(&self, worker: WorkerId, task: TaskId, attempt: u32) -> bool {
         matches!(self.tasks.get(&task), Some(t) if t.worker == Some(worker) && t.attempt == attempt)
     }
@@ -281,10 +245,7 @@ impl<P: Clone, R> Scheduler<P, R> {
         self.out.push_back(Command::Fail {
             task,
             group: t.group,
-            failure: Failure {
-                attempts: t.attempt,
-                reasons: t.reasons,
-            },
+            failure: Failure { attempts: t.attempt, reasons: t.reasons },
         });
     }
 

@@ -11,12 +11,7 @@ fn drain(s: &mut S) -> Vec<Command<&'static str, u32>> {
 fn dispatched(cmds: &[Command<&'static str, u32>]) -> Vec<(WorkerId, TaskId, u32)> {
     cmds.iter()
         .filter_map(|c| match c {
-            Command::Dispatch {
-                worker,
-                task,
-                attempt,
-                ..
-            } => Some((*worker, *task, *attempt)),
+            Command::Dispatch { worker, task, attempt, .. } => Some((*worker, *task, *attempt)),
             _ => None,
         })
         .collect()
@@ -34,14 +29,7 @@ fn tasks_wait_for_a_worker_then_respect_its_capacity() {
     assert_eq!(dispatched(&drain(&mut s)), vec![(10, 0, 1), (10, 1, 1)]);
     assert!(s.task_finished(10, 0, 1, 100));
     let cmds = drain(&mut s);
-    assert_eq!(
-        cmds[0],
-        Command::Deliver {
-            task: 0,
-            group: 1,
-            result: 100
-        }
-    );
+    assert_eq!(cmds[0], Command::Deliver { task: 0, group: 1, result: 100 });
     assert_eq!(dispatched(&cmds), vec![(10, 2, 1)]);
 }
 
@@ -68,10 +56,7 @@ fn stale_and_duplicate_results_are_dropped() {
     assert!(!s.task_finished(1, 0, 2, 5), "wrong attempt");
     assert!(s.task_finished(1, 0, 1, 5));
     assert!(!s.task_finished(1, 0, 1, 5), "duplicate");
-    let delivered = drain(&mut s)
-        .into_iter()
-        .filter(|c| matches!(c, Command::Deliver { .. }))
-        .count();
+    let delivered = drain(&mut s).into_iter().filter(|c| matches!(c, Command::Deliver { .. })).count();
     assert_eq!(delivered, 1);
 }
 
@@ -86,20 +71,14 @@ fn a_lost_worker_gives_its_tasks_to_another_in_order() {
     s.worker_lost(1, "connection reset");
     assert_eq!(s.queued(), 3);
     s.worker_joined(2, 3);
-    assert_eq!(
-        dispatched(&drain(&mut s)),
-        vec![(2, 0, 2), (2, 1, 2), (2, 2, 2)]
-    );
+    assert_eq!(dispatched(&drain(&mut s)), vec![(2, 0, 2), (2, 1, 2), (2, 2, 2)]);
     // The old worker's late result is refused.
     assert!(!s.task_finished(1, 0, 1, 0));
 }
 
 #[test]
 fn crash_limit_fails_the_task_with_every_reason() {
-    let mut s = S::new(Config {
-        max_crashes: 3,
-        max_losses: 10,
-    });
+    let mut s = S::new(Config { max_crashes: 3, max_losses: 10 });
     s.worker_joined(1, 1);
     s.submit(0, 7, "poison");
     s.submit(1, 7, "fine");
@@ -109,14 +88,7 @@ fn crash_limit_fails_the_task_with_every_reason() {
         assert!(s.task_crashed(1, 0, attempt, "killed by signal 9"));
     }
     let cmds = drain(&mut s);
-    let Command::Fail {
-        task: 0,
-        group: 7,
-        failure,
-    } = &cmds[0]
-    else {
-        panic!("{cmds:?}")
-    };
+    let Command::Fail { task: 0, group: 7, failure } = &cmds[0] else { panic!("{cmds:?}") };
     assert_eq!(failure.attempts, 3);
     assert_eq!(failure.reasons.len(), 3);
     assert!(failure.reasons[2].contains("signal 9"));
@@ -134,19 +106,27 @@ fn cancel_group_drops_queued_and_cancels_running_tasks() {
     drain(&mut s);
     s.cancel_group(1);
     let cmds = drain(&mut s);
-    assert_eq!(
-        cmds[0],
-        Command::Cancel {
-            worker: 1,
-            tasks: vec![0]
-        }
-    );
+    assert_eq!(cmds[0], Command::Cancel { worker: 1, tasks: vec![0] });
     assert_eq!(dispatched(&cmds), vec![(1, 2, 1)]);
-    assert!(
-        !s.task_finished(1, 0, 1, 0),
-        "cancelled task's result is dropped"
-    );
+    assert!(!s.task_finished(1, 0, 1, 0), "cancelled task's result is dropped");
     assert_eq!(s.pending(), 1);
+}
+
+#[test]
+fn only_undispatched_tasks_can_be_withdrawn() {
+    let mut s = S::new(Config::default());
+    s.worker_joined(1, 1);
+    s.submit(0, 1, "running");
+    s.submit(1, 1, "queued");
+    drain(&mut s);
+    assert!(!s.withdraw(0), "a dispatched task stays");
+    assert!(s.withdraw(1));
+    assert!(!s.withdraw(1), "already gone");
+    assert_eq!(s.queued(), 0);
+    assert!(s.task_finished(1, 0, 1, 9));
+    // Nothing is dispatched for the withdrawn task once the worker is free.
+    assert!(dispatched(&drain(&mut s)).is_empty());
+    assert_eq!(s.pending(), 0);
 }
 
 #[derive(Debug, Clone)]
@@ -158,6 +138,7 @@ enum Op {
     Duplicate(u8),
     Crash(u8),
     CancelGroup(u8),
+    Withdraw(u8),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -169,6 +150,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => any::<u8>().prop_map(Op::Duplicate),
         1 => any::<u8>().prop_map(Op::Crash),
         1 => (0u8..3).prop_map(Op::CancelGroup),
+        1 => any::<u8>().prop_map(Op::Withdraw),
     ]
 }
 
@@ -188,21 +170,11 @@ impl Model {
     fn absorb(&mut self, s: &mut Scheduler<u64, u64>) {
         while let Some(c) = s.poll_command() {
             match c {
-                Command::Dispatch {
-                    worker,
-                    task,
-                    attempt,
-                    payload,
-                } => {
+                Command::Dispatch { worker, task, attempt, payload } => {
                     assert_eq!(payload, task, "payload travels with its task");
-                    assert!(
-                        self.live_workers.contains_key(&worker),
-                        "dispatch to a lost worker"
-                    );
-                    assert!(
-                        !self.outcomes.contains_key(&task),
-                        "dispatch after the outcome"
-                    );
+                    assert!(self.live_workers.contains_key(&worker), "dispatch to a lost worker");
+                    assert!(!self.outcomes.contains_key(&task), "dispatch after the outcome");
+                    assert!(!self.cancelled.contains(&task), "dispatch of a cancelled or withdrawn task");
                     self.max_attempt = self.max_attempt.max(attempt);
                     self.inflight.retain(|&(_, t), _| t != task);
                     self.inflight.insert((worker, task), attempt);
@@ -220,10 +192,7 @@ impl Model {
                 }
                 Command::Cancel { tasks, .. } => {
                     for t in tasks {
-                        assert!(
-                            self.cancelled.contains(&t),
-                            "cancelled a task of another group"
-                        );
+                        assert!(self.cancelled.contains(&t), "cancelled a task of another group");
                         self.inflight.retain(|&(_, x), _| x != t);
                     }
                 }
@@ -276,6 +245,16 @@ proptest! {
                             prop_assert!(!s.task_finished(w, t, a.wrapping_sub(1), t * 10));
                             prop_assert!(!s.task_finished(w + 100, t, a, t * 10));
                         }
+                    }
+                }
+                Op::Withdraw(i) => {
+                    if next == 0 { continue; }
+                    let t = u64::from(i) % next;
+                    let was_inflight = m.inflight.keys().any(|&(_, x)| x == t);
+                    if s.withdraw(t) {
+                        prop_assert!(!was_inflight, "withdrew a dispatched task");
+                        prop_assert!(!m.outcomes.contains_key(&t), "withdrew a finished task");
+                        m.cancelled.insert(t);
                     }
                 }
                 Op::CancelGroup(g) => {

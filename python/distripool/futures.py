@@ -1,0 +1,200 @@
+"""``distripool.ProcessPoolExecutor``: the ``concurrent.futures`` interface on
+the same engine as :class:`distripool.Pool`.
+
+Futures are real :class:`concurrent.futures.Future` objects, so
+``concurrent.futures.wait`` and ``as_completed`` work with them. A future
+whose task no worker has been given yet can be cancelled; once its task has
+been handed to a worker, ``cancel()`` returns False, as with the standard
+library's executor.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing
+import threading
+import time
+import weakref
+
+from ._orchestrator import Orchestrator
+from .pool import APPLY, STARMAP, ApplyResult, IMapIterator, Pool, _decode, _dumps
+
+__all__ = ["ProcessPoolExecutor", "Executor"]
+
+
+class _Future(cf.Future):
+    """A future that can withdraw its task from the orchestrator's queue."""
+
+    def __init__(self, executor: ProcessPoolExecutor):
+        super().__init__()
+        self._client = executor._pool._shared.client
+        self._shared = executor._pool._shared
+        self._job: int | None = None
+
+    def cancel(self) -> bool:
+        with self._condition:
+            if self._state != "PENDING" or self._job is None:
+                return super().cancel()
+        if self._shared.stopping:
+            withdrawn = False
+        else:
+            withdrawn = self._client.withdraw(self._job)
+        if withdrawn:
+            self._shared.job_done(self._job)
+            return super().cancel()
+        with self._condition:
+            # Handed to a worker already: it is running (or about to).
+            if self._state == "PENDING":
+                self._state = "RUNNING"
+        return False
+
+
+class _FutureResult(ApplyResult):
+    """Routes one task's completion into its future."""
+
+    def __init__(self, shared, future: _Future):
+        super().__init__(shared)
+        self._future = future
+        future._job = self._job
+
+    def _set(self, index, ok, data):
+        success, value = _decode(ok, data)
+        if not self._future.cancelled():
+            try:
+                if success:
+                    self._future.set_result(value)
+                else:
+                    self._future.set_exception(value)
+            except cf.InvalidStateError:
+                pass
+        self._shared.job_done(self._job)
+
+    def _abort(self, exc):
+        if not self._future.done():
+            try:
+                self._future.set_exception(exc)
+            except cf.InvalidStateError:
+                pass
+
+
+class ProcessPoolExecutor(cf.Executor):
+    """An executor with the interface of ``concurrent.futures.ProcessPoolExecutor``.
+
+    Args:
+        max_workers: local executors for the embedded default (default: the
+            number of CPUs). Ignored with an orchestrator.
+        mp_context: accepted for compatibility; executors are always fresh
+            interpreters.
+        initializer: called as ``initializer(*initargs)`` in each executor
+            before its first task of this executor.
+        initargs: arguments for ``initializer``.
+        max_tasks_per_child: an executor process is replaced after this many tasks.
+        orchestrator: run on this :class:`~distripool.Orchestrator`'s workers
+            (default: the one made by :func:`~distripool.make_orchestrator`, if any).
+        max_crashes: how many times a task may kill its executor before it fails.
+    """
+
+    def __init__(
+        self,
+        max_workers: int | None = None,
+        mp_context=None,
+        initializer=None,
+        initargs=(),
+        *,
+        max_tasks_per_child: int | None = None,
+        orchestrator: Orchestrator | None = None,
+        max_crashes: int = 3,
+    ):
+        if max_workers is not None and max_workers <= 0:
+            raise ValueError("max_workers must be greater than 0")
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be a callable")
+        if max_tasks_per_child is not None:
+            if not isinstance(max_tasks_per_child, int):
+                raise TypeError("max_tasks_per_child must be an integer")
+            if max_tasks_per_child <= 0:
+                raise ValueError("max_tasks_per_child must be >= 1")
+        self._pool = Pool(
+            max_workers,
+            initializer,
+            initargs,
+            max_tasks_per_child,
+            orchestrator=orchestrator,
+            max_crashes=max_crashes,
+        )
+        self._shutdown_lock = threading.Lock()
+        self._shutdown = False
+        self._futures: weakref.WeakSet[_Future] = weakref.WeakSet()
+
+    def submit(self, fn, /, *args, **kwargs) -> cf.Future:
+        """Schedule ``fn(*args, **kwargs)``; return its future."""
+        with self._shutdown_lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            pool = self._pool
+            blob = pool._function_blob(fn)
+            payload = _dumps((APPLY, (args, kwargs)))
+            future = _Future(self)
+            result = _FutureResult(pool._shared, future)
+            pool._shared.client.submit(result._job, blob, [(0, payload)])
+            self._futures.add(future)
+            return future
+
+    def map(self, fn, *iterables, timeout: float | None = None, chunksize: int = 1):
+        """Like ``map(fn, *iterables)``, run in parallel; results in order.
+
+        The inputs are read at once, as the standard library does. Iterating
+        the result raises ``TimeoutError`` if a result is not ready within
+        ``timeout`` seconds of this call, and re-raises a task's exception at
+        its position.
+        """
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1.")
+        end_time = None if timeout is None else timeout + time.monotonic()
+        with self._shutdown_lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            items = list(zip(*iterables))
+            pool = self._pool
+            blob = pool._function_blob(fn)
+            it = IMapIterator(pool._shared, max_in_flight=len(items) + 1)
+            chunks = [items[i : i + chunksize] for i in range(0, len(items), chunksize)]
+            if chunks:
+                pool._shared.client.submit(
+                    it._job, blob, [(i, _dumps((STARMAP, c))) for i, c in enumerate(chunks)]
+                )
+            it._set_length(len(chunks))
+        return _results(it, len(items), end_time, pool._shared)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Accept no more work; optionally cancel what has not started; wait."""
+        with self._shutdown_lock:
+            self._shutdown = True
+        if cancel_futures:
+            for f in list(self._futures):
+                f.cancel()
+        self._pool.close()
+        if wait:
+            self._pool.join()
+        else:
+            threading.Thread(target=self._pool.join, name="distripool-shutdown", daemon=True).start()
+
+
+Executor = ProcessPoolExecutor
+
+
+def _results(it: IMapIterator, n: int, end_time: float | None, shared):
+    """The generator behind ``map``: results in order, with a deadline."""
+    try:
+        for _ in range(n):
+            if end_time is None:
+                yield it.next()
+            else:
+                try:
+                    yield it.next(end_time - time.monotonic())
+                except multiprocessing.TimeoutError:
+                    raise cf.TimeoutError from None
+    finally:
+        if not it._exhausted() and not shared.stopping:
+            # Abandoned early: what has not started will not run.
+            shared.client.withdraw(it._job)
