@@ -126,3 +126,33 @@ def orchestrator():
     orch = make_orchestrator((f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"))
     yield orch
     orch.close()
+
+
+@pytest.fixture(scope="session")
+def remote_orchestrator(tmp_path_factory):
+    """An orchestrator with one remote worker (2 executors, over TCP), shared by
+    the tests that run the same bodies against remote workers.
+
+    Made with ``Orchestrator(...)``, not ``make_orchestrator``, so it never
+    becomes the process default that a plain ``Pool()`` would pick up.
+    """
+    from distripool import Orchestrator
+
+    key = os.urandom(16).hex().encode()
+    orch = Orchestrator(f"127.0.0.1:{free_port()}", authkey=key)
+    log_dir = tmp_path_factory.mktemp("remote-worker")
+    key_file = log_dir / "key"
+    key_file.write_bytes(key)
+    key_file.chmod(0o600)
+    env = dict(os.environ, DISTRIPOOL_LOG="info")
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")])
+    argv = [sys.executable, "-m", "distripool", "worker", "--processes", "2"]
+    argv += ["--connect", orch.addresses[0], "--authkey-file", str(key_file)]
+    worker = Worker(argv, log_dir / "worker.log", env)
+    try:
+        if not orch.wait_for_workers(1, timeout=60):
+            pytest.fail(f"remote worker did not connect:\n{worker.log()}")
+        yield orch
+    finally:
+        orch.close()
+        worker.stop()

@@ -1,0 +1,377 @@
+"""The same test bodies against ``multiprocessing.Pool`` and ``distripool.Pool``.
+
+Every test takes ``make``, a pool factory with the signature of
+``multiprocessing.Pool``; it is run three times: with the standard library's
+pool, with distripool's embedded default, and with distripool on a remote
+worker (another process connected over TCP, two executors). A difference in
+behaviour shows up here as a failing test. Deliberate differences are listed
+in docs/api.md and tested in test_embedded.py instead.
+"""
+
+from __future__ import annotations
+
+import gc
+import multiprocessing
+import multiprocessing.pool
+import os
+import pickle
+import threading
+import time
+from multiprocessing.pool import MaybeEncodingError, RemoteTraceback
+
+import pytest
+
+import distripool
+from conftest import alive, wait_until
+
+KINDS = ["multiprocessing", "distripool", "distripool-remote"]
+
+
+@pytest.fixture(params=KINDS)
+def make(request):
+    """``make(processes=2, ...)`` builds a pool of the kind under test; every
+    pool made is terminated at the end of the test."""
+    made = []
+
+    def factory(processes=2, *args, **kwargs):
+        if request.param == "multiprocessing":
+            pool = multiprocessing.pool.Pool(processes, *args, **kwargs)
+        elif request.param == "distripool":
+            pool = distripool.Pool(processes, *args, **kwargs)
+        else:
+            orch = request.getfixturevalue("remote_orchestrator")
+            pool = distripool.Pool(processes, *args, orchestrator=orch, **kwargs)
+        made.append(pool)
+        return pool
+
+    factory.kind = request.param
+    factory.forget = lambda pool: made.remove(pool)
+    yield factory
+    for pool in made:
+        pool.terminate()
+        pool.join()
+
+
+# -- functions the tests run (module level, so multiprocessing can pickle them) --
+
+
+def square(x):
+    return x * x
+
+
+def add(x, y=0):
+    return x + y
+
+
+def pid_and_item(x):
+    return os.getpid(), x
+
+
+def getpid(_=None):
+    return os.getpid()
+
+
+def sleep_and_return(t):
+    time.sleep(t)
+    return t
+
+
+def fail_on(x, bad=3, delay=0.0):
+    if x == bad:
+        time.sleep(delay)
+        raise KeyError(f"bad item {x}")
+    return x
+
+
+def fail_odd(x):
+    if x == 1:
+        raise ValueError("first")
+    if x == 3:
+        time.sleep(0.3)
+        raise ValueError("second")
+    return x
+
+
+def make_lock(_=None):
+    return threading.Lock()
+
+
+INIT_CALLS = 0
+INIT_VALUE = None
+
+
+def initializer(value):
+    global INIT_CALLS, INIT_VALUE
+    INIT_CALLS += 1
+    INIT_VALUE = value
+
+
+def read_init(_=None):
+    return os.getpid(), INIT_CALLS, INIT_VALUE
+
+
+def record_pid_and_stall(path):
+    with open(path + ".tmp", "w") as f:
+        f.write(str(os.getpid()))
+    os.rename(path + ".tmp", path)
+    time.sleep(300)
+
+
+def failing_source(n):
+    yield from range(n)
+    raise RuntimeError("the input broke")
+
+
+# -- constructor -----------------------------------------------------------
+
+
+def test_constructor_rejects_bad_arguments(make):
+    with pytest.raises(ValueError):
+        make(0)
+    with pytest.raises(ValueError):
+        make(-1)
+    with pytest.raises(TypeError):
+        make(2, initializer=3)
+    with pytest.raises(ValueError):
+        make(2, maxtasksperchild=0)
+    with pytest.raises(ValueError):
+        make(2, maxtasksperchild="3")
+
+
+def test_context_is_accepted(make):
+    pool = make(2, context=multiprocessing.get_context("spawn"))
+    assert pool.apply(square, (4,)) == 16
+
+
+# -- initializer and maxtasksperchild ----------------------------------------
+
+
+def test_initializer_runs_once_per_executor_before_its_tasks(make):
+    pool = make(2, initializer=initializer, initargs=("ready",))
+    seen = pool.map(read_init, range(40), chunksize=1)
+    assert {value for _, _, value in seen} == {"ready"}
+    calls_per_pid = {pid: calls for pid, calls, _ in seen}
+    assert set(calls_per_pid.values()) == {1}
+
+
+def test_maxtasksperchild_replaces_executors(make):
+    pool = make(2, maxtasksperchild=1)
+    pids = pool.map(getpid, range(6), chunksize=1)
+    assert len(set(pids)) == 6
+    assert pool.map(square, range(4)) == [0, 1, 4, 9]
+
+
+# -- chunksize ---------------------------------------------------------------
+
+
+def _assert_runs_of(results, chunksize):
+    for start in range(0, len(results), chunksize):
+        block = results[start : start + chunksize]
+        assert len({pid for pid, _ in block}) == 1, f"chunk at {start} was split: {block}"
+    assert [x for _, x in results] == list(range(len(results)))
+
+
+def test_explicit_chunksize_keeps_each_chunk_in_one_process(make):
+    pool = make(2)
+    _assert_runs_of(pool.map(pid_and_item, range(40), chunksize=7), 7)
+    _assert_runs_of(list(pool.imap(pid_and_item, range(40), chunksize=6)), 6)
+
+
+def test_default_chunksize_rule(make):
+    # 40 items on 2 processes: chunks of ceil(40 / (2 * 4)) = 5.
+    pool = make(2)
+    _assert_runs_of(pool.map(pid_and_item, range(40)), 5)
+    _assert_runs_of(pool.starmap(pid_and_item, [(x,) for x in range(40)]), 5)
+
+
+def test_imap_chunksize_below_one_is_an_error(make):
+    pool = make(2)
+    with pytest.raises(ValueError):
+        pool.imap(square, range(3), chunksize=0)
+    with pytest.raises(ValueError):
+        pool.imap_unordered(square, range(3), chunksize=-1)
+
+
+# -- results -------------------------------------------------------------------
+
+
+def test_every_method_returns_the_right_results(make):
+    pool = make(2)
+    assert pool.apply(add, (1,), {"y": 2}) == 3
+    assert pool.apply_async(add, (2, 3)).get(30) == 5
+    assert pool.map(square, range(100)) == [x * x for x in range(100)]
+    assert pool.map_async(square, range(10)).get(30) == [x * x for x in range(10)]
+    assert pool.starmap(add, [(1, 2), (3, 4)]) == [3, 7]
+    assert pool.starmap_async(add, [(5, 6)]).get(30) == [11]
+    assert list(pool.imap(square, range(50))) == [x * x for x in range(50)]
+    assert sorted(pool.imap_unordered(square, range(50))) == [x * x for x in range(50)]
+
+
+def test_empty_iterables_give_empty_results(make):
+    pool = make(2)
+    assert pool.map(square, []) == []
+    assert pool.starmap(add, []) == []
+    assert pool.map_async(square, []).get(30) == []
+    assert list(pool.imap(square, [])) == []
+    assert list(pool.imap_unordered(square, iter([]))) == []
+
+
+def test_async_result_protocol(make):
+    pool = make(2)
+    r = pool.apply_async(sleep_and_return, (1.0,))
+    assert not r.ready()
+    with pytest.raises(ValueError):
+        r.successful()
+    with pytest.raises(multiprocessing.TimeoutError):
+        r.get(timeout=0.01)
+    assert r.wait(0.01) is None
+    assert r.get(timeout=60) == 1.0
+    assert r.ready() and r.successful()
+    failed = pool.apply_async(fail_on, (3,))
+    failed.wait(60)
+    assert failed.ready() and not failed.successful()
+
+
+def test_callbacks_run_once_on_a_result_thread(make):
+    pool = make(2)
+    calls = []
+    r = pool.map_async(square, range(8), callback=lambda v: calls.append((v, threading.current_thread())))
+    assert r.get(60) == [x * x for x in range(8)]
+    assert len(calls) == 1
+    value, thread = calls[0]
+    assert value == [x * x for x in range(8)]
+    assert thread is not threading.main_thread()
+
+    errors = []
+    e = pool.apply_async(fail_on, (3,), error_callback=errors.append)
+    with pytest.raises(KeyError):
+        e.get(60)
+    assert len(errors) == 1 and isinstance(errors[0], KeyError)
+
+    ok = []
+    pool.apply_async(add, (1, 1), callback=ok.append).get(60)
+    assert ok == [2]
+
+
+def test_map_async_first_error_wins(make):
+    pool = make(2)
+    errors = []
+    r = pool.map_async(fail_odd, range(6), chunksize=1, error_callback=errors.append)
+    with pytest.raises(ValueError, match="first"):
+        r.get(60)
+    assert len(errors) == 1 and str(errors[0]) == "first"
+
+
+def test_imap_next_timeout_and_end(make):
+    pool = make(2)
+    it = pool.imap(sleep_and_return, [0.5])
+    with pytest.raises(multiprocessing.TimeoutError):
+        it.next(timeout=0.01)
+    assert it.next(timeout=60) == 0.5
+    with pytest.raises(StopIteration):
+        it.next(timeout=60)
+
+
+def test_imap_unordered_yields_results_as_they_finish(make):
+    pool = make(2)
+    it = pool.imap_unordered(sleep_and_return, [1.0, 0.0])
+    assert it.next(timeout=60) == 0.0
+    assert it.next(timeout=60) == 1.0
+
+
+# -- errors --------------------------------------------------------------------
+
+
+def test_task_exception_has_its_type_and_a_remote_traceback(make):
+    pool = make(2)
+    with pytest.raises(KeyError) as info:
+        pool.map(fail_on, range(10))
+    assert isinstance(info.value.__cause__, RemoteTraceback)
+    assert "fail_on" in str(info.value.__cause__)
+    with pytest.raises(KeyError):
+        pool.apply(fail_on, (3,))
+    it = pool.imap(fail_on, range(5))
+    assert [next(it) for _ in range(3)] == [0, 1, 2]
+    with pytest.raises(KeyError):
+        next(it)
+    assert pool.map(square, [2]) == [4]
+
+
+def test_unpicklable_result_is_a_maybe_encoding_error(make):
+    pool = make(2)
+    with pytest.raises(MaybeEncodingError):
+        pool.apply(make_lock)
+    with pytest.raises(MaybeEncodingError):
+        pool.map(make_lock, range(3))
+    assert pool.apply(add, (2, 2)) == 4
+
+
+def test_errors_of_the_input_iterable_reach_the_caller(make):
+    pool = make(2)
+    with pytest.raises(RuntimeError, match="input broke"):
+        pool.map(square, failing_source(3))
+    it = pool.imap(square, failing_source(2))
+    assert next(it) == 0 and next(it) == 1
+    with pytest.raises(RuntimeError, match="input broke"):
+        next(it)
+
+
+# -- lifecycle -------------------------------------------------------------------
+
+
+def test_close_and_join_state_machine(make):
+    pool = make(2)
+    with pytest.raises(ValueError):
+        pool.join()  # still running
+    r = pool.map_async(square, range(20), chunksize=1)
+    pool.close()
+    for call in (
+        lambda: pool.apply_async(square, (1,)),
+        lambda: pool.map(square, [1]),
+        lambda: pool.starmap(add, [(1, 2)]),
+        lambda: pool.imap(square, [1]),
+        lambda: pool.imap_unordered(square, [1]),
+    ):
+        with pytest.raises(ValueError, match="Pool not running"):
+            call()
+    with pytest.raises(ValueError):
+        pool.__enter__()
+    pool.join()
+    assert r.get(0) == [x * x for x in range(20)]
+    pool.terminate()  # after close and join: harmless
+
+
+def _stall_and_find(pool, tmp_path):
+    marker = str(tmp_path / "pid")
+    pool.apply_async(record_pid_and_stall, (marker,))
+    wait_until(lambda: os.path.exists(marker), 60, "the task to start")
+    return int(open(marker).read())
+
+
+def test_terminate_stops_running_tasks(make, tmp_path):
+    pool = make(2)
+    pid = _stall_and_find(pool, tmp_path)
+    pool.terminate()
+    pool.join()
+    wait_until(lambda: not alive(pid), 60, f"the executor {pid} running the task to stop")
+
+
+def test_exit_of_with_block_terminates(make, tmp_path):
+    with make(2) as pool:
+        pid = _stall_and_find(pool, tmp_path)
+    wait_until(lambda: not alive(pid), 60, f"the executor {pid} running the task to stop")
+
+
+def test_garbage_collected_running_pool_warns(make):
+    pool = make(2)
+    assert pool.apply(square, (3,)) == 9
+    make.forget(pool)
+    with pytest.warns(ResourceWarning):
+        del pool
+        gc.collect()
+
+
+def test_pool_cannot_be_pickled(make):
+    pool = make(2)
+    with pytest.raises(NotImplementedError):
+        pickle.dumps(pool)

@@ -1,0 +1,213 @@
+"""The same test bodies against ``concurrent.futures.ProcessPoolExecutor`` and
+``distripool.ProcessPoolExecutor`` (embedded, and on a remote worker)."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing
+import os
+import time
+
+import pytest
+
+import distripool
+from conftest import wait_until
+
+KINDS = ["concurrent.futures", "distripool", "distripool-remote"]
+
+
+@pytest.fixture(params=KINDS)
+def make(request):
+    made = []
+
+    def factory(max_workers=2, **kwargs):
+        if request.param == "concurrent.futures":
+            ex = cf.ProcessPoolExecutor(max_workers, **kwargs)
+        elif request.param == "distripool":
+            ex = distripool.ProcessPoolExecutor(max_workers, **kwargs)
+        else:
+            orch = request.getfixturevalue("remote_orchestrator")
+            ex = distripool.ProcessPoolExecutor(max_workers, orchestrator=orch, **kwargs)
+        made.append(ex)
+        return ex
+
+    yield factory
+    for ex in made:
+        ex.shutdown(wait=True, cancel_futures=True)
+
+
+def square(x):
+    return x * x
+
+
+def add(x, y=0):
+    return x + y
+
+
+def fail(x):
+    raise KeyError(f"bad {x}")
+
+
+def sleep_and_return(t):
+    time.sleep(t)
+    return t
+
+
+def wait_for_file(path, started=None):
+    """Create ``started`` (if given), then block until ``path`` exists (bounded)."""
+    if started:
+        open(started, "w").close()
+    deadline = time.monotonic() + 60
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(path)
+        time.sleep(0.01)
+    return "released"
+
+
+def touch(path):
+    open(path, "w").close()
+    return path
+
+
+INIT_VALUE = None
+
+
+def initializer(v):
+    global INIT_VALUE
+    INIT_VALUE = v
+
+
+def read_init(_=None):
+    return INIT_VALUE
+
+
+def getpid(_=None):
+    return os.getpid()
+
+
+def test_constructor_checks(make):
+    with pytest.raises(ValueError):
+        make(0)
+    with pytest.raises(TypeError):
+        make(2, initializer=3)
+
+
+def test_submit_returns_real_futures(make):
+    ex = make()
+    futures = [ex.submit(square, i) for i in range(20)]
+    assert all(isinstance(f, cf.Future) for f in futures)
+    assert sorted(f.result(timeout=60) for f in cf.as_completed(futures, timeout=60)) == [
+        i * i for i in range(20)
+    ]
+    done, not_done = cf.wait(futures, timeout=60)
+    assert len(done) == 20 and not not_done
+    assert ex.submit(add, 1, y=2).result(60) == 3
+
+
+def test_task_exception_is_the_futures_exception(make):
+    ex = make()
+    f = ex.submit(fail, 7)
+    exc = f.exception(timeout=60)
+    assert isinstance(exc, KeyError) and "bad 7" in str(exc)
+    assert "Traceback" in str(exc.__cause__)
+    with pytest.raises(KeyError):
+        f.result()
+    assert ex.submit(square, 3).result(60) == 9
+
+
+def test_map_in_order_with_chunks_and_several_iterables(make):
+    ex = make()
+    assert list(ex.map(square, range(30))) == [i * i for i in range(30)]
+    assert list(ex.map(square, range(30), chunksize=7)) == [i * i for i in range(30)]
+    assert list(ex.map(add, [1, 2, 3], [10, 20])) == [11, 22]
+    assert list(ex.map(square, [])) == []
+
+
+def test_map_raises_at_the_failing_item(make):
+    ex = make()
+    it = ex.map(fail, [1])
+    with pytest.raises(KeyError):
+        next(it)
+
+
+def test_map_timeout(make):
+    ex = make()
+    it = ex.map(sleep_and_return, [2.0], timeout=0.05)
+    with pytest.raises(TimeoutError):
+        next(it)
+
+
+def executors(ex) -> int:
+    """How many tasks ``ex`` runs at once."""
+    if isinstance(ex, cf.ProcessPoolExecutor):
+        return ex._max_workers
+    return ex._pool._slots()
+
+
+def test_cancel_a_queued_future(make, tmp_path):
+    ex = make(1)
+    gate = str(tmp_path / "gate")
+    blockers = [ex.submit(wait_for_file, gate, str(tmp_path / f"started{i}")) for i in range(executors(ex))]
+    wait_until(
+        lambda: all(os.path.exists(str(tmp_path / f"started{i}")) for i in range(len(blockers))),
+        60,
+        "every executor to be busy",
+    )
+    others = [ex.submit(touch, str(tmp_path / f"ran{i}")) for i in range(10)]
+    last = others[-1]
+    assert last.cancel()
+    assert last.cancelled() and last.done()
+    with pytest.raises(cf.CancelledError):
+        last.result()
+    touch(gate)
+    assert [b.result(60) for b in blockers] == ["released"] * len(blockers)
+    for f in others[:-1]:
+        f.result(60)
+    assert not os.path.exists(str(tmp_path / "ran9")), "a cancelled task ran"
+    assert not blockers[0].cancel(), "a finished future cannot be cancelled"
+
+
+def test_shutdown_cancel_futures_and_submit_after_shutdown(make, tmp_path):
+    import threading
+
+    ex = make(1)
+    gate = str(tmp_path / "gate")
+    blockers = [ex.submit(wait_for_file, gate) for _ in range(executors(ex))]
+    others = [ex.submit(touch, str(tmp_path / f"ran{i}")) for i in range(10)]
+
+    def open_gate_once_cancelled():
+        # shutdown(wait=True) blocks on the blocker: release it from here,
+        # once shutdown has cancelled what was still queued.
+        deadline = time.monotonic() + 60
+        while not any(f.cancelled() for f in others) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        touch(gate)
+
+    opener = threading.Thread(target=open_gate_once_cancelled)
+    opener.start()
+    ex.shutdown(wait=True, cancel_futures=True)
+    opener.join(60)
+    assert [b.result(0) for b in blockers] == ["released"] * len(blockers)
+    assert any(f.cancelled() for f in others), "nothing was cancelled"
+    for i, f in enumerate(others):
+        assert f.done()
+        if f.cancelled():
+            assert not os.path.exists(str(tmp_path / f"ran{i}")), f"cancelled task {i} ran"
+    with pytest.raises(RuntimeError):
+        ex.submit(square, 1)
+
+
+def test_context_manager_waits_for_the_work(make):
+    with make() as ex:
+        f = ex.submit(sleep_and_return, 0.2)
+    assert f.done() and f.result() == 0.2
+
+
+def test_initializer_and_max_tasks_per_child(make):
+    ctx = multiprocessing.get_context("spawn")
+    ex = make(2, mp_context=ctx, initializer=initializer, initargs=("ok",))
+    assert set(ex.map(read_init, range(10))) == {"ok"}
+    ex2 = make(1, mp_context=ctx, max_tasks_per_child=1)
+    pids = [ex2.submit(getpid).result(60) for _ in range(3)]
+    assert len(set(pids)) == 3
