@@ -15,57 +15,63 @@ driver and ``distripool worker --connect HOST:PORT`` on each worker machine::
     make_orchestrator()                   # ports 1337 and 1338
     with Pool() as pool:                  # now runs on the connected workers
         ...
+
+Names are imported on first use, so that an executor process, which imports
+only ``distripool._executor``, starts quickly.
 """
 
 import atexit as _atexit
-import os as _os
-
-from . import _native
-from ._orchestrator import Orchestrator, make_orchestrator, make_worker
-from .exceptions import (
-    DistripoolError,
-    MaybeEncodingError,
-    PoolTerminatedError,
-    RemoteTraceback,
-    TimeoutError,
-    WorkerLostError,
-)
-from .futures import Executor, ProcessPoolExecutor
-from .pool import ApplyResult, AsyncResult, IMapIterator, IMapUnorderedIterator, MapResult, Pool, ThreadPool
-
-__all__ = [
-    "Pool",
-    "ThreadPool",
-    "ProcessPoolExecutor",
-    "Executor",
-    "AsyncResult",
-    "ApplyResult",
-    "MapResult",
-    "IMapIterator",
-    "IMapUnorderedIterator",
-    "Orchestrator",
-    "make_orchestrator",
-    "make_worker",
-    "DistripoolError",
-    "WorkerLostError",
-    "PoolTerminatedError",
-    "TimeoutError",
-    "MaybeEncodingError",
-    "RemoteTraceback",
-]
+import importlib as _importlib
+import sys as _sys
 
 __version__ = "0.1.0"
 
-if _os.environ.get("DISTRIPOOL_LOG"):
-    _native.enable_logging(_os.environ["DISTRIPOOL_LOG"])
+_EXPORTS = {
+    "Pool": ".pool",
+    "ThreadPool": ".pool",
+    "AsyncResult": ".pool",
+    "ApplyResult": ".pool",
+    "MapResult": ".pool",
+    "IMapIterator": ".pool",
+    "IMapUnorderedIterator": ".pool",
+    "ProcessPoolExecutor": ".futures",
+    "Executor": ".futures",
+    "Orchestrator": "._orchestrator",
+    "make_orchestrator": "._orchestrator",
+    "make_worker": "._orchestrator",
+    "DistripoolError": ".exceptions",
+    "WorkerLostError": ".exceptions",
+    "PoolTerminatedError": ".exceptions",
+    "ResultTooLargeError": ".exceptions",
+    "TimeoutError": ".exceptions",
+    "MaybeEncodingError": ".exceptions",
+    "RemoteTraceback": ".exceptions",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'distripool' has no attribute {name!r}")
+    value = getattr(_importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))
 
 
 def _shutdown():
-    from ._orchestrator import _close_all
-    from .pool import _terminate_all
-
-    _terminate_all()
-    _close_all()
+    # Only what was used needs stopping.
+    pool = _sys.modules.get(f"{__name__}.pool")
+    if pool is not None:
+        pool._terminate_all()
+    orchestrator = _sys.modules.get(f"{__name__}._orchestrator")
+    if orchestrator is not None:
+        orchestrator._close_all()
 
 
 _atexit.register(_shutdown)

@@ -23,22 +23,67 @@ def _encode(outcome, max_frame):
     """Pickle an outcome tuple, falling back to cloudpickle, then to an error."""
     try:
         data = pickle.dumps(outcome, protocol=5)
-    except Exception:
+    except BaseException:  # noqa: BLE001 - even SystemExit raised by a __reduce__
         try:
             import cloudpickle
 
             data = cloudpickle.dumps(outcome, protocol=5)
-        except Exception as exc:
+        except BaseException as exc:  # noqa: BLE001
             from multiprocessing.pool import MaybeEncodingError
 
             err = MaybeEncodingError(exc, outcome[1])
             data = pickle.dumps((False, err, None), protocol=5)
     if len(data) + BODY_HEADER > max_frame:
-        err = ValueError(
-            f"the task's result is {len(data)} bytes, more than the frame limit of {max_frame} bytes"
+        from distripool.exceptions import ResultTooLargeError
+
+        err = ResultTooLargeError(
+            f"the task's result pickles to {len(data)} bytes, more than the frame limit of {max_frame} bytes"
         )
         data = pickle.dumps((False, err, None), protocol=5)
     return data
+
+
+class ExceptionParts:
+    """An exception that would not survive pickling as it is (say, its
+    constructor needs arguments its ``args`` do not hold), carried as its class,
+    ``args`` and attributes, and rebuilt in the driver without calling
+    ``__init__``."""
+
+    __slots__ = ("cls", "args", "state", "message")
+
+    def __init__(self, exc):
+        self.cls = type(exc)
+        self.message = f"{type(exc).__qualname__}: {exc}"
+        self.args = exc.args if _round_trips(exc.args) else (str(exc),)
+        state = getattr(exc, "__dict__", None) or None
+        self.state = state if state is not None and _round_trips(state) else None
+
+    def __getstate__(self):
+        return {k: getattr(self, k) for k in self.__slots__}
+
+    def __setstate__(self, state):
+        for k, v in state.items():
+            setattr(self, k, v)
+
+    def rebuild(self):
+        try:
+            exc = self.cls.__new__(self.cls)
+            exc.args = self.args
+            if self.state:
+                exc.__dict__.update(self.state)
+            return exc
+        except Exception:
+            from distripool.exceptions import DistripoolError
+
+            return DistripoolError(self.message)
+
+
+def _round_trips(obj) -> bool:
+    try:
+        pickle.loads(pickle.dumps(obj, protocol=5))
+        return True
+    except BaseException:  # noqa: BLE001
+        return False
 
 
 def _failure(exc):
@@ -46,6 +91,12 @@ def _failure(exc):
 
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     exc.__traceback__ = None
+    exc.__context__ = None
+    if not _round_trips(exc):
+        try:
+            exc = ExceptionParts(exc)
+        except BaseException:  # noqa: BLE001 - leave it to _encode's last resort
+            pass
     return (False, exc, text)
 
 
@@ -138,4 +189,8 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    # Run the importable copy of this module, so that the classes pickled
+    # from here (ExceptionParts) carry the name the driver can import.
+    from distripool._executor import main as _main
+
+    _main()

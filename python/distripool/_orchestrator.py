@@ -13,6 +13,9 @@ from ._config import DEFAULT_PORTS, executor_env, normalize_addresses, resolve_k
 
 EXECUTOR_MODULE = "distripool._executor"
 
+if os.environ.get("DISTRIPOOL_LOG"):
+    _native.enable_logging(os.environ["DISTRIPOOL_LOG"])
+
 _default_lock = threading.Lock()
 _default: Orchestrator | None = None
 _live: weakref.WeakSet[Orchestrator] = weakref.WeakSet()

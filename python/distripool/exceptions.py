@@ -31,3 +31,8 @@ class WorkerLostError(DistripoolError):
 class PoolTerminatedError(DistripoolError):
     """Raised by ``get()`` of a result that was still pending when its pool was
     terminated or its orchestrator closed."""
+
+
+class ResultTooLargeError(DistripoolError):
+    """Raised when a task's pickled result is larger than the frame limit, so
+    it cannot be sent back. The executor stays usable; only that task fails."""

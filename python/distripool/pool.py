@@ -31,6 +31,7 @@ from multiprocessing.pool import RemoteTraceback, ThreadPool
 
 import cloudpickle
 
+from ._executor import ExceptionParts
 from ._orchestrator import Orchestrator, default_orchestrator
 from .exceptions import DistripoolError, PoolTerminatedError, WorkerLostError
 
@@ -72,6 +73,8 @@ def _decode(ok: bool, data) -> tuple[bool, object]:
     if outcome[0]:
         return True, outcome[1]
     exc, tb = outcome[1], outcome[2]
+    if isinstance(exc, ExceptionParts):
+        exc = exc.rebuild()
     if tb is not None:
         exc.__cause__ = RemoteTraceback(f'\n"""\n{tb}"""')
     return False, exc

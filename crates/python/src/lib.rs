@@ -25,6 +25,7 @@ fn to_py(e: Error) -> PyErr {
         Error::Handshake(e) => PyPermissionError::new_err(format!("authentication failed: {e}")),
         Error::Timeout(what) => PyTimeoutError::new_err(format!("timed out: {what}")),
         Error::Closed => PyRuntimeError::new_err("the orchestrator is closed"),
+        Error::TooLarge(m) => PyValueError::new_err(m),
     }
 }
 

@@ -22,7 +22,9 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 
-use crate::conn::{client_handshake, AbortOnDrop, FrameReader, FrameWriter, Outgoing, PEER_TIMEOUT};
+use crate::conn::{
+    client_handshake, tune_tcp, AbortOnDrop, FrameReader, FrameWriter, Outgoing, PEER_TIMEOUT,
+};
 use crate::executor::{self, ExecEvent, ExecIn, ExecutorHandle, ExecutorSpec};
 use crate::{resolve, Error, Result};
 
@@ -54,7 +56,7 @@ pub async fn run_agent(config: AgentConfig, mut stop: watch::Receiver<bool>) -> 
         let attempt = async {
             let sockaddr = resolve(addr)?;
             let mut stream = TcpStream::connect(sockaddr).await?;
-            stream.set_nodelay(true)?;
+            tune_tcp(&stream)?;
             let session = client_handshake(&mut stream, &config.key).await?;
             Ok::<_, Error>((stream, session))
         };

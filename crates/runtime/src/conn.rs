@@ -178,6 +178,22 @@ async fn reply_or_fail<S: AsyncWrite + Unpin>(
     }
 }
 
+/// Socket options for every agent ↔ orchestrator connection: no Nagle delay
+/// on small frames, and the kernel gives up on a peer that stops
+/// acknowledging (an unplugged host, a silent firewall) within about
+/// [`PEER_TIMEOUT`], even while we have data queued for it.
+pub fn tune_tcp(stream: &tokio::net::TcpStream) -> std::io::Result<()> {
+    stream.set_nodelay(true)?;
+    let sock = socket2::SockRef::from(stream);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(3))
+        .with_interval(Duration::from_secs(1))
+        .with_retries(5);
+    sock.set_tcp_keepalive(&keepalive)?;
+    sock.set_tcp_user_timeout(Some(PEER_TIMEOUT))?;
+    Ok(())
+}
+
 /// A frame queued for a connection's writer task.
 #[derive(Debug)]
 pub struct Outgoing<M> {

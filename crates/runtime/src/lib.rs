@@ -40,6 +40,8 @@ pub enum Error {
     Timeout(&'static str),
     #[error("the orchestrator is closed")]
     Closed,
+    #[error("{0}")]
+    TooLarge(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -27,7 +27,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::agent::{run_session, AgentConfig};
 use crate::conn::{
-    client_handshake, server_handshake, AbortOnDrop, FrameReader, FrameWriter, Outgoing, HEARTBEAT,
+    client_handshake, server_handshake, tune_tcp, AbortOnDrop, FrameReader, FrameWriter, Outgoing, HEARTBEAT,
     PEER_TIMEOUT,
 };
 use crate::{resolve, Error, Result};
@@ -36,6 +36,8 @@ use crate::{resolve, Error, Result};
 const PREFETCH_PER_SLOT: usize = 2;
 /// Functions kept after their last task, in case they are used again.
 const IDLE_FUNCTIONS: usize = 64;
+/// Room kept in a frame for its lengths and header, beside the payload.
+const FRAME_OVERHEAD: usize = 1024;
 /// Cap on connections that have not finished their handshake.
 const MAX_PENDING_HANDSHAKES: usize = 256;
 
@@ -82,7 +84,7 @@ pub struct Completion {
 }
 
 enum Event {
-    AgentJoined { worker: u64, slots: usize, tx: mpsc::UnboundedSender<Outgoing<ToAgent>> },
+    AgentJoined { worker: u64, name: String, slots: usize, tx: mpsc::UnboundedSender<Outgoing<ToAgent>> },
     AgentMessage { worker: u64, msg: FromAgent, payload: Bytes },
     AgentLeft { worker: u64, reason: String },
     ClientOpened { client: u64, tx: std_mpsc::Sender<Completion> },
@@ -102,6 +104,8 @@ struct AgentLink {
     tx: mpsc::UnboundedSender<Outgoing<ToAgent>>,
     fns: HashSet<u64>,
     slots: usize,
+    /// `host (address, agent pid N)`, for error messages.
+    name: String,
 }
 
 struct FnEntry {
@@ -222,6 +226,7 @@ impl Orchestrator {
         self.events.send(Event::ClientOpened { client: id, tx }).map_err(|_| Error::Closed)?;
         Ok(Client {
             id,
+            max_frame: self.max_frame,
             events: self.events.clone(),
             completions: Mutex::new(rx),
             next_job: AtomicU64::new(1),
@@ -284,6 +289,7 @@ impl Drop for Orchestrator {
 /// A pool's connection to the orchestrator.
 pub struct Client {
     id: u64,
+    max_frame: usize,
     events: mpsc::UnboundedSender<Event>,
     completions: Mutex<std_mpsc::Receiver<Completion>>,
     next_job: AtomicU64,
@@ -301,6 +307,15 @@ impl Client {
 
     /// Queue tasks `(index, payload)` of `job`, all calling the pickled `function`.
     pub fn submit(&self, job: u64, function: Bytes, tasks: Vec<(u32, Bytes)>) -> Result<()> {
+        // Refuse here, in the caller, what no connection could carry.
+        let limit = self.max_frame.saturating_sub(FRAME_OVERHEAD);
+        let largest = tasks.iter().map(|(_, p)| p.len()).chain([function.len()]).max().unwrap_or(0);
+        if largest > limit {
+            return Err(Error::TooLarge(format!(
+                "a task of {largest} bytes exceeds the frame limit of {} bytes",
+                self.max_frame
+            )));
+        }
         let fn_id = function_id(&function);
         self.events
             .send(Event::Submit { client: self.id, job, fn_id, function, tasks })
@@ -362,8 +377,8 @@ impl Core {
 
     fn handle(&mut self, ev: Event) {
         match ev {
-            Event::AgentJoined { worker, slots, tx } => {
-                self.agents.insert(worker, AgentLink { tx, fns: HashSet::new(), slots });
+            Event::AgentJoined { worker, name, slots, tx } => {
+                self.agents.insert(worker, AgentLink { tx, fns: HashSet::new(), slots, name });
                 self.stats.workers.fetch_add(1, Ordering::Relaxed);
                 self.stats.slots.fetch_add(slots, Ordering::Relaxed);
                 self.sched.worker_joined(worker, slots * PREFETCH_PER_SLOT);
@@ -372,8 +387,8 @@ impl Core {
                 if let Some(link) = self.agents.remove(&worker) {
                     self.stats.workers.fetch_sub(1, Ordering::Relaxed);
                     self.stats.slots.fetch_sub(link.slots, Ordering::Relaxed);
+                    self.sched.worker_lost(worker, &format!("worker {} lost: {reason}", link.name));
                 }
-                self.sched.worker_lost(worker, &reason);
             }
             Event::AgentMessage { worker, msg, payload } => match msg {
                 FromAgent::Result { task, attempt } => {
@@ -383,6 +398,8 @@ impl Core {
                 }
                 FromAgent::Crashed { task, attempt, reason } => {
                     self.stats.crashes.fetch_add(1, Ordering::Relaxed);
+                    let name = self.agents.get(&worker).map_or("?", |l| l.name.as_str());
+                    let reason = format!("{reason} on worker {name}");
                     self.sched.task_crashed(worker, task, attempt, &reason);
                 }
                 FromAgent::Ready { .. } | FromAgent::Pong { .. } => {}
@@ -529,7 +546,9 @@ async fn accept_loop(listener: TcpListener, intake: Intake, next_id: Arc<AtomicU
             // Too many peers are mid-handshake; drop this one at once.
             continue;
         };
-        let _ = stream.set_nodelay(true);
+        if let Err(e) = tune_tcp(&stream) {
+            tracing::warn!("cannot set socket options for {peer}: {e}");
+        }
         let worker = next_id.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(intake.clone().serve(stream, peer.to_string(), worker, Some(permit)));
     }
@@ -589,11 +608,11 @@ async fn serve_session<S: AsyncRead + AsyncWrite + Send + 'static>(
     let mut reader = FrameReader::new(rd, max_frame);
 
     // The first message must be Ready, and it must come promptly.
-    let slots = match tokio::time::timeout(PEER_TIMEOUT, reader.read_frame()).await {
+    let (slots, name) = match tokio::time::timeout(PEER_TIMEOUT, reader.read_frame()).await {
         Ok(Ok(Some(f))) => match f.message::<FromAgent>() {
             Ok(FromAgent::Ready { slots, host, pid }) => {
                 tracing::info!("agent {peer} ({host}, pid {pid}) joined with {slots} executors");
-                slots as usize
+                (slots as usize, format!("{host} ({peer}, agent pid {pid})"))
             }
             _ => return,
         },
@@ -601,7 +620,7 @@ async fn serve_session<S: AsyncRead + AsyncWrite + Send + 'static>(
     };
 
     let (tx, mut rx) = mpsc::unbounded_channel::<Outgoing<ToAgent>>();
-    if events.send(Event::AgentJoined { worker, slots, tx }).is_err() {
+    if events.send(Event::AgentJoined { worker, name, slots, tx }).is_err() {
         return;
     }
     let writer = tokio::spawn(async move {
