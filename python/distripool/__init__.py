@@ -43,6 +43,7 @@ _EXPORTS = {
     "WorkerLostError": ".exceptions",
     "PoolTerminatedError": ".exceptions",
     "ResultTooLargeError": ".exceptions",
+    "TaskTimeoutError": ".exceptions",
     "TimeoutError": ".exceptions",
     "MaybeEncodingError": ".exceptions",
     "RemoteTraceback": ".exceptions",

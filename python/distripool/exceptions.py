@@ -36,3 +36,13 @@ class PoolTerminatedError(DistripoolError):
 class ResultTooLargeError(DistripoolError):
     """Raised when a task's pickled result is larger than the frame limit, so
     it cannot be sent back. The executor stays usable; only that task fails."""
+
+
+class TaskTimeoutError(DistripoolError, TimeoutError):
+    """Raised when a task ran longer than the pool's ``task_timeout``.
+
+    The executor running it was killed (and replaced), and the task is not
+    retried. It is also a :class:`TimeoutError`, but not the
+    ``multiprocessing.TimeoutError`` that ``get(timeout)`` raises when a result
+    is merely not ready yet.
+    """

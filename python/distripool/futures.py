@@ -57,8 +57,8 @@ class _FutureResult(ApplyResult):
         self._future = future
         future._job = self._job
 
-    def _set(self, index, ok, data):
-        success, value = _decode(ok, data)
+    def _set(self, index, status, data):
+        success, value = _decode(status, data)
         if not self._future.cancelled():
             try:
                 if success:
@@ -92,6 +92,8 @@ class ProcessPoolExecutor(cf.Executor):
         orchestrator: run on this :class:`~distripool.Orchestrator`'s workers
             (default: the one made by :func:`~distripool.make_orchestrator`, if any).
         max_crashes: how many times a task may kill its executor before it fails.
+        task_timeout: seconds a task may run before its executor is killed and
+            its future fails with :class:`~distripool.TaskTimeoutError`.
     """
 
     def __init__(
@@ -104,6 +106,7 @@ class ProcessPoolExecutor(cf.Executor):
         max_tasks_per_child: int | None = None,
         orchestrator: Orchestrator | None = None,
         max_crashes: int = 3,
+        task_timeout: float | None = None,
     ):
         if max_workers is not None and max_workers <= 0:
             raise ValueError("max_workers must be greater than 0")
@@ -121,6 +124,7 @@ class ProcessPoolExecutor(cf.Executor):
             max_tasks_per_child,
             orchestrator=orchestrator,
             max_crashes=max_crashes,
+            task_timeout=task_timeout,
         )
         self._shutdown_lock = threading.Lock()
         self._shutdown = False
@@ -136,7 +140,7 @@ class ProcessPoolExecutor(cf.Executor):
             payload = _dumps((APPLY, (args, kwargs)))
             future = _Future(self)
             result = _FutureResult(pool._shared, future)
-            pool._shared.client.submit(result._job, blob, [(0, payload)])
+            pool._shared.submit(result._job, blob, [(0, payload)])
             self._futures.add(future)
             return future
 
@@ -160,9 +164,7 @@ class ProcessPoolExecutor(cf.Executor):
             it = IMapIterator(pool._shared, max_in_flight=len(items) + 1)
             chunks = [items[i : i + chunksize] for i in range(0, len(items), chunksize)]
             if chunks:
-                pool._shared.client.submit(
-                    it._job, blob, [(i, _dumps((STARMAP, c))) for i, c in enumerate(chunks)]
-                )
+                pool._shared.submit(it._job, blob, [(i, _dumps((STARMAP, c))) for i, c in enumerate(chunks)])
             it._set_length(len(chunks))
         return _results(it, len(items), end_time, pool._shared)
 

@@ -33,7 +33,7 @@ import cloudpickle
 
 from ._executor import ExceptionParts
 from ._orchestrator import Orchestrator, default_orchestrator
-from .exceptions import DistripoolError, PoolTerminatedError, WorkerLostError
+from .exceptions import DistripoolError, PoolTerminatedError, TaskTimeoutError, WorkerLostError
 
 __all__ = [
     "Pool",
@@ -60,9 +60,14 @@ def _dumps(obj) -> bytes:
         return cloudpickle.dumps(obj, protocol=5)
 
 
-def _decode(ok: bool, data) -> tuple[bool, object]:
-    """Turn one completion into ``(success, value_or_exception)``."""
-    if not ok:
+def _decode(status: int, data) -> tuple[bool, object]:
+    """Turn one completion into ``(success, value_or_exception)``.
+
+    ``status`` 0 carries the task's pickled outcome; the others say why the
+    task could not be completed (see ``_native.Client.recv``)."""
+    if status == 3:
+        return False, TaskTimeoutError(data)
+    if status != 0:
         return False, WorkerLostError(data)
     try:
         outcome = pickle.loads(data)
@@ -89,14 +94,18 @@ class _Shared:
     """What the result thread and the result objects need, without the pool
     itself, so that an abandoned pool can be garbage-collected."""
 
-    def __init__(self, client, orchestrator: Orchestrator, owns_orchestrator: bool):
+    def __init__(self, client, orchestrator: Orchestrator, owns_orchestrator: bool, task_timeout=None):
         self.client = client
+        self.task_timeout = task_timeout
         self.orchestrator = orchestrator
         self.owns_orchestrator = owns_orchestrator
         self.cache: dict[int, object] = {}
         self.idle = threading.Condition(threading.Lock())
         self.stopping = False
         self.shutdown_done = False
+
+    def submit(self, job: int, blob: bytes, tasks) -> None:
+        self.client.submit(job, blob, tasks, self.task_timeout)
 
     def job_done(self, job: int) -> None:
         with self.idle:
@@ -125,10 +134,10 @@ class _Shared:
                 if self.stopping:
                     return
                 continue
-            for job, index, ok, data in batch:
+            for job, index, status, data in batch:
                 r = cache.get(job)
                 if r is not None:
-                    r._set(index, ok, data)
+                    r._set(index, status, data)
 
     def shutdown(self) -> None:
         """Cancel remote work, stop the result thread's source, free executors."""
@@ -177,8 +186,8 @@ class ApplyResult:
         self._event.set()
         self._shared.job_done(self._job)
 
-    def _set(self, index: int, ok: bool, data) -> None:
-        self._success, self._value = _decode(ok, data)
+    def _set(self, index: int, status: int, data) -> None:
+        self._success, self._value = _decode(status, data)
         self._run_callback()
         self._finish()
 
@@ -219,9 +228,9 @@ class MapResult(ApplyResult):
         else:
             self._number_left = length // chunksize + bool(length % chunksize)
 
-    def _set(self, index: int, ok: bool, data) -> None:
+    def _set(self, index: int, status: int, data) -> None:
         self._number_left -= 1
-        success, result = _decode(ok, data)
+        success, result = _decode(status, data)
         if success and self._success:
             self._value[index * self._chunksize : (index + 1) * self._chunksize] = result
         elif not success and self._success:
@@ -286,8 +295,8 @@ class IMapIterator:
         self._items.append(item)
         self._cond.notify()
 
-    def _set(self, index: int, ok: bool, data) -> None:
-        item = _decode(ok, data)
+    def _set(self, index: int, status: int, data) -> None:
+        item = _decode(status, data)
         with self._cond:
             self._accept(index, item)
             self._received += 1
@@ -359,6 +368,9 @@ class Pool:
         orchestrator: an :class:`~distripool.Orchestrator` to run on.
         max_crashes: for the embedded default, how many times a task may kill
             its executor before it fails with :class:`~distripool.WorkerLostError`.
+        task_timeout: seconds a task (one chunk) may run; past that its
+            executor is killed and the task fails with
+            :class:`~distripool.TaskTimeoutError`, without a retry.
     """
 
     def __init__(
@@ -371,8 +383,13 @@ class Pool:
         *,
         orchestrator: Orchestrator | None = None,
         max_crashes: int = 3,
+        task_timeout: float | None = None,
     ):
         self._state = None  # so that __del__ works if the checks below raise
+        if task_timeout is not None and not (isinstance(task_timeout, (int, float)) and task_timeout > 0):
+            raise ValueError(
+                f"task_timeout must be a positive number of seconds or None, not {task_timeout!r}"
+            )
         if processes is not None and processes < 1:
             raise ValueError("Number of processes must be at least 1")
         if initializer is not None and not callable(initializer):
@@ -392,7 +409,7 @@ class Pool:
         else:
             self._processes = None
         self._orchestrator = orchestrator
-        self._shared = _Shared(orchestrator._open_client(), orchestrator, owns)
+        self._shared = _Shared(orchestrator._open_client(), orchestrator, owns, task_timeout)
         # Travels with every function: which pool, its initializer, its task limit.
         init = (initializer, tuple(initargs)) if initializer is not None else None
         self._settings = (os.urandom(8).hex(), init, maxtasksperchild)
@@ -436,7 +453,7 @@ class Pool:
         blob = self._function_blob(func)
         payload = _dumps((APPLY, (tuple(args), dict(kwds))))
         result = ApplyResult(self._shared, callback, error_callback)
-        self._shared.client.submit(result._job, blob, [(0, payload)])
+        self._shared.submit(result._job, blob, [(0, payload)])
         return result
 
     # -- map ---------------------------------------------------------------
@@ -475,7 +492,7 @@ class Pool:
                 (i, _dumps((mode, items[start : start + chunksize])))
                 for i, start in enumerate(range(0, n, chunksize))
             ]
-            self._shared.client.submit(result._job, blob, tasks)
+            self._shared.submit(result._job, blob, tasks)
         return result
 
     # -- imap --------------------------------------------------------------
@@ -567,7 +584,7 @@ def _feed(shared: _Shared, it: IMapIterator, blob: bytes, source, chunksize: int
                     return
             if shared.stopping:
                 return
-            shared.client.submit(it._job, blob, [(index, _dumps((MAP, chunk)))])
+            shared.submit(it._job, blob, [(index, _dumps((MAP, chunk)))])
             index += 1
     except BaseException as exc:  # noqa: BLE001 - the input's error belongs to the caller
         it._set_input_error(index, exc)

@@ -139,7 +139,7 @@ mod tests {
 
     #[test]
     fn round_trip_with_payload() {
-        let msg = ToAgent::Task { task: 7, attempt: 2, fn_id: 99 };
+        let msg = ToAgent::Task { task: 7, attempt: 2, fn_id: 99, timeout_ms: 0 };
         let bytes = encode(&msg, b"pickled args", 1 << 20).unwrap();
         let mut buf = BytesMut::from(&bytes[..]);
         let frame = FrameDecoder::new(1 << 20).decode(&mut buf).unwrap().unwrap();
@@ -230,7 +230,7 @@ mod tests {
 
         #[test]
         fn any_message_round_trips(task: u64, attempt: u32, fn_id: u64, payload: Vec<u8>) {
-            let msg = ToAgent::Task { task, attempt, fn_id };
+            let msg = ToAgent::Task { task, attempt, fn_id, timeout_ms: 0 };
             let bytes = encode(&msg, &payload, 1 << 20).unwrap();
             let mut buf = BytesMut::from(&bytes[..]);
             let frame = FrameDecoder::new(1 << 20).decode(&mut buf).unwrap().unwrap();

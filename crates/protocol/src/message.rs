@@ -12,7 +12,9 @@ pub enum ToAgent {
     /// The function is no longer needed; drop it from every cache.
     Forget { fn_id: u64 },
     /// Run one task (a chunk of items); payload: the pickled arguments.
-    Task { task: u64, attempt: u32, fn_id: u64 },
+    /// `timeout_ms` (0: none) bounds its running time; past it the agent
+    /// kills the executor and reports [`FromAgent::TimedOut`].
+    Task { task: u64, attempt: u32, fn_id: u64, timeout_ms: u64 },
     /// These tasks are no longer wanted: drop them if queued, stop them if running.
     Cancel { tasks: Vec<u64> },
     /// Liveness probe; answered with [`FromAgent::Pong`].
@@ -29,6 +31,8 @@ pub enum FromAgent {
     Result { task: u64, attempt: u32 },
     /// The executor running this attempt died before it produced a result.
     Crashed { task: u64, attempt: u32, reason: String },
+    /// This attempt ran past its timeout; its executor was killed.
+    TimedOut { task: u64, attempt: u32, reason: String },
     /// Answer to [`ToAgent::Ping`].
     Pong { seq: u64 },
 }

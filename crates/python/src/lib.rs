@@ -8,13 +8,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use distripool_runtime::executor::ExecutorSpec;
+use distripool_runtime::orchestrator::FailureKind;
 use distripool_runtime::{AgentConfig, Error, OrchestratorConfig, Outcome};
 use pyo3::exceptions::{
     PyConnectionError, PyOSError, PyPermissionError, PyRuntimeError, PyTimeoutError, PyValueError,
 };
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
-use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
+use pyo3::types::{PyBytes, PyDict, PyList};
 use std::sync::atomic::Ordering;
 
 fn to_py(e: Error) -> PyErr {
@@ -129,41 +130,49 @@ impl Client {
         self.inner.new_job()
     }
 
-    /// Queue `(index, payload)` tasks of `job`, each calling `function`.
-    fn submit(&self, job: u64, function: &[u8], tasks: Vec<(u32, PyBackedBytes)>) -> PyResult<()> {
+    /// Queue `(index, payload)` tasks of `job`, each calling `function` and
+    /// allowed to run for at most `timeout` seconds.
+    #[pyo3(signature = (job, function, tasks, timeout = None))]
+    fn submit(
+        &self,
+        job: u64,
+        function: &[u8],
+        tasks: Vec<(u32, PyBackedBytes)>,
+        timeout: Option<f64>,
+    ) -> PyResult<()> {
+        let timeout = match timeout {
+            None => None,
+            Some(t) if t.is_finite() && t > 0.0 => Some(Duration::from_secs_f64(t)),
+            Some(t) => {
+                return Err(PyValueError::new_err(format!("task timeout must be a positive number, not {t}")))
+            }
+        };
         // One copy out of Python's memory; the core never holds Python objects.
         let tasks = tasks.into_iter().map(|(i, p)| (i, Bytes::copy_from_slice(&p))).collect();
-        self.inner.submit(job, function.to_vec().into(), tasks).map_err(to_py)
+        self.inner.submit(job, Bytes::copy_from_slice(function), tasks, timeout).map_err(to_py)
     }
 
-    /// Completions ready within `timeout` seconds, as `(job, index, ok, data)`
-    /// tuples: `data` is the pickled outcome when `ok`, else the failure reason.
+    /// Completions ready within `timeout` seconds, as `(job, index, status,
+    /// data)` tuples. `status` 0: done, `data` is the pickled outcome; 1: its
+    /// executors kept dying; 2: its workers kept being lost; 3: it ran past
+    /// its time limit. For 1 to 3, `data` is the reason.
     fn recv<'py>(&self, py: Python<'py>, timeout: f64) -> PyResult<Bound<'py, PyList>> {
         let wait = Duration::from_secs_f64(timeout.max(0.0));
         let batch = py.detach(|| self.inner.recv(wait)).map_err(to_py)?;
         let out = PyList::empty(py);
         for c in batch {
-            let item = match c.outcome {
-                Outcome::Done(bytes) => PyTuple::new(
-                    py,
-                    [
-                        c.job.into_pyobject(py)?.into_any(),
-                        c.index.into_pyobject(py)?.into_any(),
-                        true.into_pyobject(py)?.to_owned().into_any(),
-                        PyBytes::new(py, &bytes).into_any(),
-                    ],
-                )?,
-                Outcome::Failed(reason) => PyTuple::new(
-                    py,
-                    [
-                        c.job.into_pyobject(py)?.into_any(),
-                        c.index.into_pyobject(py)?.into_any(),
-                        false.into_pyobject(py)?.to_owned().into_any(),
-                        reason.into_pyobject(py)?.into_any(),
-                    ],
-                )?,
+            let (status, data) = match c.outcome {
+                Outcome::Done(bytes) => (0u8, PyBytes::new(py, &bytes).into_any()),
+                Outcome::Failed { kind, reason } => {
+                    let status = match kind {
+                        FailureKind::Crashes => 1u8,
+                        FailureKind::Losses => 2,
+                        FailureKind::Timeout => 3,
+                    };
+                    (status, reason.into_pyobject(py)?.into_any())
+                }
             };
-            out.append(item)?;
+            out.append((c.job, c.index, status, data))?;
         }
         Ok(out)
     }

@@ -14,7 +14,7 @@
 //! jittered exponential backoff.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use distripool_protocol::{FromAgent, ToAgent};
@@ -95,6 +95,8 @@ struct Inflight {
     task: u64,
     attempt: u32,
     cancelled: bool,
+    /// When the executor started on it (it reached the front of the slot).
+    started: Option<Instant>,
 }
 
 struct Queued {
@@ -102,6 +104,7 @@ struct Queued {
     attempt: u32,
     fn_id: u64,
     payload: Bytes,
+    timeout: Option<Duration>,
 }
 
 struct Slot {
@@ -179,6 +182,7 @@ where
 
     let mut writer = writer;
     loop {
+        let deadline = s.next_deadline();
         let step = tokio::select! {
             ev = ev_rx.recv() => match ev {
                 Some(ev) => s.on_executor_event(ev),
@@ -194,6 +198,9 @@ where
                 },
             },
             end = &mut writer.0 => Err(end.unwrap_or_else(|e| e.to_string())),
+            _ = tokio::time::sleep_until(deadline.unwrap_or_else(far_future)), if deadline.is_some() => {
+                s.expire_timeouts()
+            }
         };
         if let Err(reason) = step.and_then(|()| s.feed()) {
             return reason;
@@ -201,7 +208,51 @@ where
     }
 }
 
+fn far_future() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(86_400)
+}
+
 impl Session<'_> {
+    /// The earliest moment a running task goes past its time limit.
+    fn next_deadline(&self) -> Option<tokio::time::Instant> {
+        self.slots
+            .iter()
+            .filter_map(|s| {
+                let (i, q) = s.inflight.front()?;
+                Some((i.started? + q.timeout?).into())
+            })
+            .min()
+    }
+
+    /// Kill the executors whose running task is past its time limit.
+    fn expire_timeouts(&mut self) -> std::result::Result<(), String> {
+        let now = Instant::now();
+        for slot in 0..self.slots.len() {
+            let s = &mut self.slots[slot];
+            let expired = matches!(
+                s.inflight.front(),
+                Some((i, q)) if !i.cancelled && matches!((i.started, q.timeout), (Some(t0), Some(t)) if now >= t0 + t)
+            );
+            if !expired {
+                continue;
+            }
+            let (running, q) = s.inflight.pop_front().expect("front exists");
+            let reason = format!(
+                "ran longer than its time limit of {:?}; its executor (pid {}) was killed",
+                q.timeout.unwrap_or_default(),
+                s.handle.pid
+            );
+            tracing::warn!("task {} {reason}", running.task);
+            let _ = self.out.send(Outgoing::new(FromAgent::TimedOut {
+                task: running.task,
+                attempt: running.attempt,
+                reason,
+            }));
+            self.restart(slot)?;
+        }
+        Ok(())
+    }
+
     fn start_executor(&mut self, slot: usize) -> std::result::Result<(ExecutorHandle, u64), String> {
         self.generations += 1;
         let generation = self.generations;
@@ -247,6 +298,10 @@ impl Session<'_> {
                         FromAgent::Result { task, attempt: done.attempt },
                         payload,
                     ));
+                }
+                // The executor moves on to the next task it holds.
+                if let Some((next, _)) = s.inflight.front_mut() {
+                    next.started = Some(Instant::now());
                 }
                 Ok(())
             }
@@ -294,8 +349,9 @@ impl Session<'_> {
                     }
                 }
             }
-            ToAgent::Task { task, attempt, fn_id } => {
-                self.queue.push_back(Queued { task, attempt, fn_id, payload });
+            ToAgent::Task { task, attempt, fn_id, timeout_ms } => {
+                let timeout = (timeout_ms > 0).then(|| Duration::from_millis(timeout_ms));
+                self.queue.push_back(Queued { task, attempt, fn_id, payload, timeout });
             }
             ToAgent::Cancel { tasks } => {
                 let cancel: HashSet<u64> = tasks.into_iter().collect();
@@ -346,7 +402,9 @@ impl Session<'_> {
                     fn_id: q.fn_id,
                     payload: q.payload.clone(),
                 });
-                s.inflight.push_back((Inflight { task: q.task, attempt: q.attempt, cancelled: false }, q));
+                let started = s.inflight.is_empty().then(Instant::now);
+                s.inflight
+                    .push_back((Inflight { task: q.task, attempt: q.attempt, cancelled: false, started }, q));
             }
         }
         Ok(())

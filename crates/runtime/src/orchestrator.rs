@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use distripool_protocol::{FromAgent, ToAgent, DEFAULT_MAX_FRAME};
+pub use distripool_scheduler::FailureKind;
 use distripool_scheduler::{Command, Config as SchedulerConfig, Scheduler};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -72,8 +73,8 @@ pub struct Stats {
 pub enum Outcome {
     /// The executor's pickled outcome (a value or a Python exception).
     Done(Bytes),
-    /// The task could not be run: retries exhausted, or the pool stopped.
-    Failed(String),
+    /// The task could not be completed: retries exhausted, or out of time.
+    Failed { kind: FailureKind, reason: String },
 }
 
 #[derive(Debug)]
@@ -88,7 +89,7 @@ enum Event {
     AgentMessage { worker: u64, msg: FromAgent, payload: Bytes },
     AgentLeft { worker: u64, reason: String },
     ClientOpened { client: u64, tx: std_mpsc::Sender<Completion> },
-    Submit { client: u64, job: u64, fn_id: u64, function: Bytes, tasks: Vec<(u32, Bytes)> },
+    Submit { client: u64, job: u64, fn_id: u64, function: Bytes, tasks: Vec<(u32, Bytes)>, timeout_ms: u64 },
     ClientClosed { client: u64 },
     Withdraw { client: u64, job: u64, reply: tokio::sync::oneshot::Sender<bool> },
 }
@@ -98,6 +99,7 @@ struct TaskMeta {
     job: u64,
     index: u32,
     fn_id: u64,
+    timeout_ms: u64,
 }
 
 struct AgentLink {
@@ -305,8 +307,15 @@ impl Client {
         self.next_job.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Queue tasks `(index, payload)` of `job`, all calling the pickled `function`.
-    pub fn submit(&self, job: u64, function: Bytes, tasks: Vec<(u32, Bytes)>) -> Result<()> {
+    /// Queue tasks `(index, payload)` of `job`, all calling the pickled
+    /// `function`, each allowed to run for at most `timeout`.
+    pub fn submit(
+        &self,
+        job: u64,
+        function: Bytes,
+        tasks: Vec<(u32, Bytes)>,
+        timeout: Option<Duration>,
+    ) -> Result<()> {
         // Refuse here, in the caller, what no connection could carry.
         let limit = self.max_frame.saturating_sub(FRAME_OVERHEAD);
         let largest = tasks.iter().map(|(_, p)| p.len()).chain([function.len()]).max().unwrap_or(0);
@@ -318,7 +327,14 @@ impl Client {
         }
         let fn_id = function_id(&function);
         self.events
-            .send(Event::Submit { client: self.id, job, fn_id, function, tasks })
+            .send(Event::Submit {
+                client: self.id,
+                job,
+                fn_id,
+                function,
+                tasks,
+                timeout_ms: timeout.map_or(0, |t| t.as_millis().clamp(1, u64::MAX as u128) as u64),
+            })
             .map_err(|_| Error::Closed)
     }
 
@@ -402,12 +418,17 @@ impl Core {
                     let reason = format!("{reason} on worker {name}");
                     self.sched.task_crashed(worker, task, attempt, &reason);
                 }
+                FromAgent::TimedOut { task, attempt, reason } => {
+                    let name = self.agents.get(&worker).map_or("?", |l| l.name.as_str());
+                    let reason = format!("{reason} on worker {name}");
+                    self.sched.task_timed_out(worker, task, attempt, &reason);
+                }
                 FromAgent::Ready { .. } | FromAgent::Pong { .. } => {}
             },
             Event::ClientOpened { client, tx } => {
                 self.clients.insert(client, tx);
             }
-            Event::Submit { client, job, fn_id, function, tasks } => {
+            Event::Submit { client, job, fn_id, function, tasks, timeout_ms } => {
                 if !self.clients.contains_key(&client) {
                     return;
                 }
@@ -416,7 +437,7 @@ impl Core {
                 for (index, payload) in tasks {
                     let task = self.next_task;
                     self.next_task += 1;
-                    self.meta.insert(task, TaskMeta { client, job, index, fn_id });
+                    self.meta.insert(task, TaskMeta { client, job, index, fn_id, timeout_ms });
                     self.sched.submit(task, client, payload);
                 }
             }
@@ -470,17 +491,20 @@ impl Core {
                             .tx
                             .send(Outgoing::with_payload(ToAgent::Function { fn_id: meta.fn_id }, bytes));
                     }
-                    let msg = ToAgent::Task { task, attempt, fn_id: meta.fn_id };
+                    let msg = ToAgent::Task { task, attempt, fn_id: meta.fn_id, timeout_ms: meta.timeout_ms };
                     let _ = link.tx.send(Outgoing::with_payload(msg, payload));
                 }
                 Command::Deliver { task, result, .. } => self.complete(task, Outcome::Done(result)),
                 Command::Fail { task, failure, .. } => {
-                    let reason = format!(
-                        "task failed after {} attempts: {}",
-                        failure.attempts,
-                        failure.reasons.join("; ")
-                    );
-                    self.complete(task, Outcome::Failed(reason));
+                    let reason = match failure.kind {
+                        FailureKind::Timeout => format!("task {}", failure.reasons.last().map_or("", |r| r)),
+                        _ => format!(
+                            "task failed after {} attempts: {}",
+                            failure.attempts,
+                            failure.reasons.join("; ")
+                        ),
+                    };
+                    self.complete(task, Outcome::Failed { kind: failure.kind, reason });
                 }
                 Command::Cancel { worker, tasks } => {
                     for t in &tasks {

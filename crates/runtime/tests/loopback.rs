@@ -97,7 +97,7 @@ fn tasks_round_trip_through_an_agent_exactly_once() {
     let client = orch.open_client().unwrap();
     let job = client.new_job();
     let tasks = (0..1000u32).map(|i| (i, i.to_le_bytes().to_vec().into())).collect();
-    client.submit(job, b"function".to_vec().into(), tasks).unwrap();
+    client.submit(job, b"function".to_vec().into(), tasks, None).unwrap();
     let mut seen = vec![false; 1000];
     for c in collect(&client, 1000) {
         assert_eq!(c.job, job);
@@ -123,12 +123,17 @@ fn a_task_that_kills_its_executor_fails_after_the_crash_limit() {
     let client = orch.open_client().unwrap();
     let job = client.new_job();
     client
-        .submit(job, b"f".to_vec().into(), vec![(0, b"die".to_vec().into()), (1, b"fine".to_vec().into())])
+        .submit(
+            job,
+            b"f".to_vec().into(),
+            vec![(0, b"die".to_vec().into()), (1, b"fine".to_vec().into())],
+            None,
+        )
         .unwrap();
     let mut done = collect(&client, 2);
     done.sort_by_key(|c| c.index);
     match &done[0].outcome {
-        Outcome::Failed(reason) => {
+        Outcome::Failed { reason, .. } => {
             assert!(reason.contains("after 3 attempts"), "{reason}");
             assert!(reason.contains("exited with code 7"), "{reason}");
         }

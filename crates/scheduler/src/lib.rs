@@ -12,7 +12,8 @@
 //! - a result is accepted only from the worker that holds the task's current
 //!   attempt, so late or duplicated results are dropped;
 //! - a task that crashes its executor `max_crashes` times, or loses its worker
-//!   `max_losses` times, fails instead of being retried forever;
+//!   `max_losses` times, fails instead of being retried forever; one that runs
+//!   past its time limit fails at once;
 //! - nothing is dispatched to a worker after it is lost, and no worker holds
 //!   more tasks than its capacity.
 
@@ -41,10 +42,22 @@ impl Default for Config {
 /// Why a task failed for good.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Failure {
+    pub kind: FailureKind,
     /// Attempts made in total.
     pub attempts: u32,
     /// How each crash or loss was reported, oldest first.
     pub reasons: Vec<String>,
+}
+
+/// What ended a task for good.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// Its executors died `max_crashes` times.
+    Crashes,
+    /// Its workers were lost `max_losses` times.
+    Losses,
+    /// It ran past its time limit (never retried).
+    Timeout,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -153,7 +166,7 @@ impl<P: Clone, R> Scheduler<P, R> {
             t.losses += 1;
             t.reasons.push(format!("attempt {}: worker lost ({reason})", t.attempt));
             if t.losses >= self.config.max_losses {
-                self.fail(task);
+                self.fail(task, FailureKind::Losses);
             } else {
                 self.queue.push_front(task);
             }
@@ -185,10 +198,24 @@ impl<P: Clone, R> Scheduler<P, R> {
         t.crashes += 1;
         t.reasons.push(format!("attempt {attempt}: {reason}"));
         if t.crashes >= self.config.max_crashes {
-            self.fail(task);
+            self.fail(task, FailureKind::Crashes);
         } else {
             self.queue.push_front(task);
         }
+        self.schedule();
+        true
+    }
+
+    /// The attempt ran past its time limit: the task fails now, without a retry.
+    /// Returns false when stale.
+    pub fn task_timed_out(&mut self, worker: WorkerId, task: TaskId, attempt: u32, reason: &str) -> bool {
+        if !self.is_current(worker, task, attempt) {
+            return false;
+        }
+        self.release(worker, task);
+        let t = self.tasks.get_mut(&task).expect("current task exists");
+        t.reasons.push(format!("attempt {attempt}: {reason}"));
+        self.fail(task, FailureKind::Timeout);
         self.schedule();
         true
     }
@@ -240,12 +267,12 @@ impl<P: Clone, R> Scheduler<P, R> {
         }
     }
 
-    fn fail(&mut self, task: TaskId) {
+    fn fail(&mut self, task: TaskId, kind: FailureKind) {
         let t = self.tasks.remove(&task).expect("failing task exists");
         self.out.push_back(Command::Fail {
             task,
             group: t.group,
-            failure: Failure { attempts: t.attempt, reasons: t.reasons },
+            failure: Failure { kind, attempts: t.attempt, reasons: t.reasons },
         });
     }
 

@@ -90,6 +90,7 @@ fn crash_limit_fails_the_task_with_every_reason() {
     let cmds = drain(&mut s);
     let Command::Fail { task: 0, group: 7, failure } = &cmds[0] else { panic!("{cmds:?}") };
     assert_eq!(failure.attempts, 3);
+    assert_eq!(failure.kind, FailureKind::Crashes);
     assert_eq!(failure.reasons.len(), 3);
     assert!(failure.reasons[2].contains("signal 9"));
     // The healthy task still runs.
@@ -110,6 +111,22 @@ fn cancel_group_drops_queued_and_cancels_running_tasks() {
     assert_eq!(dispatched(&cmds), vec![(1, 2, 1)]);
     assert!(!s.task_finished(1, 0, 1, 0), "cancelled task's result is dropped");
     assert_eq!(s.pending(), 1);
+}
+
+#[test]
+fn a_timed_out_task_fails_at_once_and_frees_its_slot() {
+    let mut s = S::new(Config::default());
+    s.worker_joined(1, 1);
+    s.submit(0, 1, "slow");
+    s.submit(1, 1, "next");
+    drain(&mut s);
+    assert!(!s.task_timed_out(1, 0, 2, "late"), "stale attempt");
+    assert!(s.task_timed_out(1, 0, 1, "ran past 5 s"));
+    let cmds = drain(&mut s);
+    let Command::Fail { task: 0, failure, .. } = &cmds[0] else { panic!("{cmds:?}") };
+    assert_eq!(failure.kind, FailureKind::Timeout);
+    assert!(failure.reasons[0].contains("ran past 5 s"));
+    assert_eq!(dispatched(&cmds), vec![(1, 1, 1)]);
 }
 
 #[test]
@@ -137,6 +154,7 @@ enum Op {
     Finish(u8),
     Duplicate(u8),
     Crash(u8),
+    Timeout(u8),
     CancelGroup(u8),
     Withdraw(u8),
 }
@@ -149,6 +167,7 @@ fn op() -> impl Strategy<Value = Op> {
         4 => any::<u8>().prop_map(Op::Finish),
         1 => any::<u8>().prop_map(Op::Duplicate),
         1 => any::<u8>().prop_map(Op::Crash),
+        1 => any::<u8>().prop_map(Op::Timeout),
         1 => (0u8..3).prop_map(Op::CancelGroup),
         1 => any::<u8>().prop_map(Op::Withdraw),
     ]
@@ -231,13 +250,17 @@ proptest! {
                     s.worker_lost(w as u64, "test");
                     m.inflight.retain(|&(wk, _), _| wk != w as u64);
                 }
-                Op::Finish(i) | Op::Duplicate(i) | Op::Crash(i) => {
+                Op::Finish(i) | Op::Duplicate(i) | Op::Crash(i) | Op::Timeout(i) => {
                     if m.inflight.is_empty() { continue; }
                     let (&(w, t), &a) = m.inflight.iter().nth(i as usize % m.inflight.len()).unwrap();
                     match op {
                         Op::Finish(_) => prop_assert!(s.task_finished(w, t, a, t * 10)),
                         Op::Crash(_) => {
                             prop_assert!(s.task_crashed(w, t, a, "boom"));
+                            m.inflight.remove(&(w, t));
+                        }
+                        Op::Timeout(_) => {
+                            prop_assert!(s.task_timed_out(w, t, a, "too slow"));
                             m.inflight.remove(&(w, t));
                         }
                         _ => {
