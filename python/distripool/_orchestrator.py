@@ -28,17 +28,28 @@ class Orchestrator:
     with :func:`make_orchestrator` and pass it as ``Pool(orchestrator=...)``.
     """
 
-    def __init__(self, addresses, authkey: bytes | str | None = None, *, max_crashes: int = 3):
-        if max_crashes < 1:
-            raise ValueError("max_crashes must be at least 1")
-        self._native = _native.Orchestrator(normalize_addresses(addresses), resolve_key(authkey), max_crashes)
+    def __init__(
+        self,
+        addresses,
+        authkey: bytes | str | None = None,
+        *,
+        max_crashes: int = 3,
+        max_message_size: int | None = None,
+    ):
+        _check_limits(max_crashes, max_message_size)
+        self._native = _native.Orchestrator(
+            normalize_addresses(addresses), resolve_key(authkey), max_crashes, max_message_size
+        )
         _live.add(self)
 
     @classmethod
-    def _embedded(cls, processes: int, max_crashes: int = 3) -> Orchestrator:
+    def _embedded(
+        cls, processes: int, max_crashes: int = 3, max_message_size: int | None = None
+    ) -> Orchestrator:
         """A private orchestrator with ``processes`` local executors and no port."""
+        _check_limits(max_crashes, max_message_size)
         self = cls.__new__(cls)
-        self._native = _native.Orchestrator([], os.urandom(32), max_crashes)
+        self._native = _native.Orchestrator([], os.urandom(32), max_crashes, max_message_size)
         self._native.start_local_agent(processes, sys.executable, EXECUTOR_MODULE, executor_env())
         _live.add(self)
         return self
@@ -105,7 +116,11 @@ class Orchestrator:
 
 
 def make_orchestrator(
-    addresses=None, authkey: bytes | str | None = None, *, max_crashes: int = 3
+    addresses=None,
+    authkey: bytes | str | None = None,
+    *,
+    max_crashes: int = 3,
+    max_message_size: int | None = None,
 ) -> Orchestrator:
     """Start an orchestrator that worker agents can connect to.
 
@@ -118,6 +133,8 @@ def make_orchestrator(
             that is not loopback.
         max_crashes: times a task may kill its executor before it fails with
             :class:`~distripool.WorkerLostError`.
+        max_message_size: largest message (a pickled chunk of arguments, a
+            function or a result) in bytes; default 1 GiB.
 
     Returns:
         The :class:`Orchestrator`. The first one made (while open) is also the
@@ -132,11 +149,25 @@ def make_orchestrator(
     if addresses is None:
         host = "0.0.0.0" if key else "127.0.0.1"
         addresses = tuple(f"{host}:{p}" for p in DEFAULT_PORTS)
-    orch = Orchestrator(addresses, key, max_crashes=max_crashes)
+    orch = Orchestrator(addresses, key, max_crashes=max_crashes, max_message_size=max_message_size)
     with _default_lock:
         if _default is None or _default.closed:
             _default = orch
     return orch
+
+
+MIN_MESSAGE_SIZE = 4096
+
+
+def _check_limits(max_crashes: int, max_message_size: int | None) -> None:
+    if not isinstance(max_crashes, int) or max_crashes < 1:
+        raise ValueError(f"max_crashes must be an int of at least 1, not {max_crashes!r}")
+    if max_message_size is not None and (
+        not isinstance(max_message_size, int) or not MIN_MESSAGE_SIZE <= max_message_size <= 2**32 - 1
+    ):
+        raise ValueError(
+            f"max_message_size must be an int from {MIN_MESSAGE_SIZE} to 2**32 - 1 bytes, not {max_message_size!r}"
+        )
 
 
 def default_orchestrator() -> Orchestrator | None:

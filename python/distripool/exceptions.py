@@ -7,6 +7,7 @@ types: ``multiprocessing.TimeoutError`` from ``get(timeout)``,
 pickled. The classes here cover what only a distributed pool can run into.
 """
 
+import builtins
 from multiprocessing import TimeoutError  # noqa: F401  (re-exported)
 from multiprocessing.pool import MaybeEncodingError, RemoteTraceback  # noqa: F401
 
@@ -38,7 +39,7 @@ class ResultTooLargeError(DistripoolError):
     it cannot be sent back. The executor stays usable; only that task fails."""
 
 
-class TaskTimeoutError(DistripoolError, TimeoutError):
+class TaskTimeoutError(DistripoolError, builtins.TimeoutError):
     """Raised when a task ran longer than the pool's ``task_timeout``.
 
     The executor running it was killed (and replaced), and the task is not

@@ -107,6 +107,7 @@ class ProcessPoolExecutor(cf.Executor):
         orchestrator: Orchestrator | None = None,
         max_crashes: int = 3,
         task_timeout: float | None = None,
+        max_message_size: int | None = None,
     ):
         if max_workers is not None and max_workers <= 0:
             raise ValueError("max_workers must be greater than 0")
@@ -125,6 +126,7 @@ class ProcessPoolExecutor(cf.Executor):
             orchestrator=orchestrator,
             max_crashes=max_crashes,
             task_timeout=task_timeout,
+            max_message_size=max_message_size,
         )
         self._shutdown_lock = threading.Lock()
         self._shutdown = False

@@ -368,6 +368,8 @@ class Pool:
         orchestrator: an :class:`~distripool.Orchestrator` to run on.
         max_crashes: for the embedded default, how many times a task may kill
             its executor before it fails with :class:`~distripool.WorkerLostError`.
+        max_message_size: for the embedded default, the largest pickled chunk
+            of arguments, function or result in bytes (default 1 GiB).
         task_timeout: seconds a task (one chunk) may run; past that its
             executor is killed and the task fails with
             :class:`~distripool.TaskTimeoutError`, without a retry.
@@ -384,6 +386,7 @@ class Pool:
         orchestrator: Orchestrator | None = None,
         max_crashes: int = 3,
         task_timeout: float | None = None,
+        max_message_size: int | None = None,
     ):
         self._state = None  # so that __del__ works if the checks below raise
         if task_timeout is not None and not (isinstance(task_timeout, (int, float)) and task_timeout > 0):
@@ -405,7 +408,7 @@ class Pool:
         owns = orchestrator is None
         if owns:
             self._processes = processes or os.cpu_count() or 1
-            orchestrator = Orchestrator._embedded(self._processes, max_crashes)
+            orchestrator = Orchestrator._embedded(self._processes, max_crashes, max_message_size)
         else:
             self._processes = None
         self._orchestrator = orchestrator

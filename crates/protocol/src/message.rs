@@ -6,6 +6,9 @@ use serde::{Deserialize, Serialize};
 /// Orchestrator → agent, after the handshake.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ToAgent {
+    /// Sent once, first, in answer to [`FromAgent::Ready`]: the largest frame
+    /// the orchestrator accepts, which bounds what executors may send back.
+    Limits { max_frame: u64 },
     /// Keep this pickled function under `fn_id`; payload: the function.
     /// Sent once per agent before the first task that needs it.
     Function { fn_id: u64 },

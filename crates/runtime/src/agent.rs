@@ -116,14 +116,15 @@ struct Slot {
     fns: HashSet<u64>,
 }
 
-struct Session<'a> {
-    config: &'a AgentConfig,
+struct Session {
     slots: Vec<Slot>,
     queue: VecDeque<Queued>,
     fns: HashMap<u64, Bytes>,
     out: mpsc::UnboundedSender<Outgoing<FromAgent>>,
     events: mpsc::UnboundedSender<ExecEvent>,
     generations: u64,
+    /// How executors are started, with the session's frame limit.
+    spec: ExecutorSpec,
 }
 
 /// Run one authenticated session to its end; returns why it ended.
@@ -154,14 +155,32 @@ where
 
     let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
     let mut s = Session {
-        config,
         slots: Vec::with_capacity(config.processes),
         queue: VecDeque::new(),
         fns: HashMap::new(),
         out: out_tx,
         events: ev_tx,
         generations: 0,
+        spec: config.executor.clone(),
     };
+    let _ = s.out.send(Outgoing::new(FromAgent::Ready {
+        slots: config.processes as u32,
+        host: hostname(),
+        pid: std::process::id(),
+    }));
+    // The orchestrator answers with its limits before anything else; results
+    // larger than its frame cap must fail in the executor, not on the wire.
+    match tokio::time::timeout(PEER_TIMEOUT, reader.read_frame()).await {
+        Ok(Ok(Some(f))) => match f.message::<ToAgent>() {
+            Ok(ToAgent::Limits { max_frame }) => {
+                s.spec.max_frame = s.spec.max_frame.min(usize::try_from(max_frame).unwrap_or(usize::MAX));
+            }
+            _ => return "the orchestrator did not start with its limits".to_string(),
+        },
+        Ok(Ok(None)) => return "the orchestrator closed the connection".to_string(),
+        Ok(Err(e)) => return format!("connection error: {e}"),
+        Err(_) => return format!("no word from the orchestrator for {PEER_TIMEOUT:?}"),
+    }
     for slot in 0..config.processes {
         match s.start_executor(slot) {
             Ok((handle, generation)) => s.slots.push(Slot {
@@ -174,11 +193,6 @@ where
             Err(e) => return e,
         }
     }
-    let _ = s.out.send(Outgoing::new(FromAgent::Ready {
-        slots: config.processes as u32,
-        host: hostname(),
-        pid: std::process::id(),
-    }));
 
     let mut writer = writer;
     loop {
@@ -212,7 +226,7 @@ fn far_future() -> tokio::time::Instant {
     tokio::time::Instant::now() + Duration::from_secs(86_400)
 }
 
-impl Session<'_> {
+impl Session {
     /// The earliest moment a running task goes past its time limit.
     fn next_deadline(&self) -> Option<tokio::time::Instant> {
         self.slots
@@ -256,9 +270,9 @@ impl Session<'_> {
     fn start_executor(&mut self, slot: usize) -> std::result::Result<(ExecutorHandle, u64), String> {
         self.generations += 1;
         let generation = self.generations;
-        executor::spawn(&self.config.executor, slot, generation, self.events.clone())
+        executor::spawn(&self.spec, slot, generation, self.events.clone())
             .map(|h| (h, generation))
-            .map_err(|e| format!("cannot start an executor with {:?}: {e}", self.config.executor.python))
+            .map_err(|e| format!("cannot start an executor with {:?}: {e}", self.spec.python))
     }
 
     /// Replace the executor of `slot`; the old one's process group is killed.
@@ -368,6 +382,9 @@ impl Session<'_> {
                         self.restart(slot)?;
                     }
                 }
+            }
+            ToAgent::Limits { .. } => {
+                return Err("the orchestrator sent its limits twice".to_string());
             }
             ToAgent::Ping { seq } => {
                 let _ = self.out.send(Outgoing::new(FromAgent::Pong { seq }));

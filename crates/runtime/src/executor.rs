@@ -41,6 +41,8 @@ pub const KIND_RESULT: u8 = 4;
 pub const KIND_RETIRE: u8 = 5;
 /// Bytes counted by `len` before the payload: kind, a, b.
 const BODY_HEADER: usize = 17;
+/// Bytes a result's frame may grow by when the agent relays it.
+const RELAY_OVERHEAD: usize = 1024;
 /// File descriptor number of the socket inside the executor.
 pub const EXECUTOR_FD: i32 = 3;
 
@@ -161,7 +163,8 @@ pub fn spawn(
     cmd.arg("-m")
         .arg(&spec.module)
         .env("DISTRIPOOL_EXECUTOR_FD", EXECUTOR_FD.to_string())
-        .env("DISTRIPOOL_MAX_FRAME", spec.max_frame.to_string())
+        // Leave room for the frame that carries a result on to the orchestrator.
+        .env("DISTRIPOOL_MAX_FRAME", spec.max_frame.saturating_sub(RELAY_OVERHEAD).to_string())
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .process_group(0)

@@ -497,7 +497,11 @@ impl Core {
                 Command::Deliver { task, result, .. } => self.complete(task, Outcome::Done(result)),
                 Command::Fail { task, failure, .. } => {
                     let reason = match failure.kind {
-                        FailureKind::Timeout => format!("task {}", failure.reasons.last().map_or("", |r| r)),
+                        FailureKind::Timeout => {
+                            let last = failure.reasons.last().map_or("", |r| r.as_str());
+                            // Drop the "attempt N: " prefix; there is no retry to count.
+                            format!("task {}", last.split_once(": ").map_or(last, |(_, r)| r))
+                        }
                         _ => format!(
                             "task failed after {} attempts: {}",
                             failure.attempts,
@@ -644,6 +648,7 @@ async fn serve_session<S: AsyncRead + AsyncWrite + Send + 'static>(
     };
 
     let (tx, mut rx) = mpsc::unbounded_channel::<Outgoing<ToAgent>>();
+    let _ = tx.send(Outgoing::new(ToAgent::Limits { max_frame: max_frame as u64 }));
     if events.send(Event::AgentJoined { worker, name, slots, tx }).is_err() {
         return;
     }
