@@ -15,7 +15,7 @@ import sys
 
 HEADER = struct.Struct("<IBQQ")
 BODY_HEADER = 17
-FUNCTION, TASK, FORGET, RESULT, RETIRE = 1, 2, 3, 4, 5
+FUNCTION, TASK, FORGET, RESULT, RETIRE, READY = 1, 2, 3, 4, 5, 6
 MAP, STARMAP, APPLY = 0, 1, 2
 
 
@@ -132,6 +132,7 @@ def _run(entry, payload, initialized):
 
 
 def serve(sock, max_frame):
+    sock.sendall(HEADER.pack(BODY_HEADER, READY, os.getpid(), 0))
     rfile = sock.makefile("rb", buffering=1 << 16)
     blobs = {}
     loaded = {}

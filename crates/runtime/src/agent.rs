@@ -30,6 +30,9 @@ use crate::{resolve, Error, Result};
 
 /// Tasks held by one executor at once: one running, the rest prefetched.
 pub const DEPTH: usize = 2;
+/// Executors of one slot that may die in a row before they are ready, before
+/// the session gives up (a broken Python installation, say).
+const MAX_START_FAILURES: u32 = 5;
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
@@ -112,6 +115,10 @@ struct Slot {
     generation: u64,
     /// The executor announced a clean exit; it gets no more tasks.
     retiring: bool,
+    /// The executor said it is up; before that, its death is not its task's fault.
+    ready: bool,
+    /// Executors of this slot that died before they were ready, in a row.
+    start_failures: u32,
     inflight: VecDeque<(Inflight, Queued)>,
     fns: HashSet<u64>,
 }
@@ -187,6 +194,8 @@ where
                 handle,
                 generation,
                 retiring: false,
+                ready: false,
+                start_failures: 0,
                 inflight: VecDeque::new(),
                 fns: HashSet::new(),
             }),
@@ -282,6 +291,7 @@ impl Session {
         s.handle = handle;
         s.generation = generation;
         s.retiring = false;
+        s.ready = false;
         s.fns.clear();
         // Whatever was prefetched behind the running task goes back in line.
         let requeue: Vec<_> = s.inflight.drain(..).filter(|(i, _)| !i.cancelled).map(|(_, q)| q).collect();
@@ -319,6 +329,17 @@ impl Session {
                 }
                 Ok(())
             }
+            ExecEvent::Ready { slot, generation } => {
+                let s = &mut self.slots[slot];
+                if s.generation == generation {
+                    s.ready = true;
+                    s.start_failures = 0;
+                    if let Some((running, _)) = s.inflight.front_mut() {
+                        running.started = Some(Instant::now());
+                    }
+                }
+                Ok(())
+            }
             ExecEvent::Retiring { slot, generation } => {
                 let s = &mut self.slots[slot];
                 if s.generation == generation {
@@ -333,6 +354,18 @@ impl Session {
                 }
                 if s.retiring {
                     // A clean recycle: whatever it still held was never started.
+                    return self.restart(slot);
+                }
+                if !s.ready {
+                    // It died starting up: what it held never ran. Retry,
+                    // unless executors cannot start at all here.
+                    s.start_failures += 1;
+                    if s.start_failures >= MAX_START_FAILURES {
+                        return Err(format!(
+                            "{MAX_START_FAILURES} executors in a row died before they started; the last: {reason}"
+                        ));
+                    }
+                    tracing::warn!("executor died while starting: {reason}");
                     return self.restart(slot);
                 }
                 if let Some((running, _)) = s.inflight.pop_front() {
@@ -419,7 +452,7 @@ impl Session {
                     fn_id: q.fn_id,
                     payload: q.payload.clone(),
                 });
-                let started = s.inflight.is_empty().then(Instant::now);
+                let started = (s.ready && s.inflight.is_empty()).then(Instant::now);
                 s.inflight
                     .push_back((Inflight { task: q.task, attempt: q.attempt, cancelled: false, started }, q));
             }

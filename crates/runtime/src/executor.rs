@@ -18,10 +18,13 @@
 //! | 3 FORGET | agent → executor | fn id | – | – |
 //! | 4 RESULT | executor → agent | task id | – | pickled outcome |
 //! | 5 RETIRE | executor → agent | – | – | – |
+//! | 6 READY | executor → agent | pid | – | – |
 //!
 //! RETIRE means the executor has run as many tasks as its pool allows
 //! (`maxtasksperchild`) and exits cleanly right after; whatever it was sent
 //! beyond that goes to its replacement.//!
+//! READY is the executor's first frame, once the interpreter is up. An
+//! executor that dies before it is ready never started the task it holds.
 //! The executor answers tasks strictly in the order it receives them.
 
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -39,6 +42,7 @@ pub const KIND_TASK: u8 = 2;
 pub const KIND_FORGET: u8 = 3;
 pub const KIND_RESULT: u8 = 4;
 pub const KIND_RETIRE: u8 = 5;
+pub const KIND_READY: u8 = 6;
 /// Bytes counted by `len` before the payload: kind, a, b.
 const BODY_HEADER: usize = 17;
 /// Bytes a result's frame may grow by when the agent relays it.
@@ -72,6 +76,11 @@ pub enum ExecEvent {
         generation: u64,
         task: u64,
         payload: Bytes,
+    },
+    /// The executor is up and about to read its first task.
+    Ready {
+        slot: usize,
+        generation: u64,
     },
     /// The executor will exit after its last result; not a crash.
     Retiring {
@@ -236,7 +245,20 @@ pub fn spawn(
                 Ok(Some(Incoming::Retire)) => {
                     let _ = events.send(ExecEvent::Retiring { slot, generation });
                 }
+                Ok(Some(Incoming::Ready)) => {
+                    let _ = events.send(ExecEvent::Ready { slot, generation });
+                }
                 Ok(None) => break,
+                // A killed executor resets its end of the socket: that is an
+                // end, not a protocol error.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+                    ) =>
+                {
+                    break
+                }
                 Err(e) => {
                     protocol_error = Some(e);
                     kill_group(pid);
@@ -258,6 +280,7 @@ pub fn spawn(
 enum Incoming {
     Result(u64, Bytes),
     Retire,
+    Ready,
 }
 
 async fn next_result(
@@ -282,6 +305,7 @@ async fn next_result(
                 return match kind {
                     KIND_RESULT => Ok(Some(Incoming::Result(task, payload))),
                     KIND_RETIRE => Ok(Some(Incoming::Retire)),
+                    KIND_READY => Ok(Some(Incoming::Ready)),
                     _ => Err(std::io::Error::new(
                         std::io::ErrorKind::InvalidData,
                         format!("executor sent unexpected frame kind {kind}"),

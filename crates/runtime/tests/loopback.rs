@@ -12,6 +12,7 @@ const ECHO_EXECUTOR: &str = r#"
 import os, socket, struct
 H = struct.Struct("<IBQQ")
 s = socket.socket(fileno=int(os.environ["DISTRIPOOL_EXECUTOR_FD"]))
+s.sendall(H.pack(17, 6, os.getpid(), 0))
 f = s.makefile("rb")
 while True:
     h = f.read(H.size)

@@ -81,6 +81,9 @@ struct Task<P> {
     losses: u32,
     worker: Option<WorkerId>,
     reasons: Vec<String>,
+    /// The worker whose executor died running this task last, if any: a
+    /// retry goes elsewhere when another worker has room.
+    crashed_on: Option<WorkerId>,
 }
 
 #[derive(Debug)]
@@ -136,7 +139,16 @@ impl<P: Clone, R> Scheduler<P, R> {
     pub fn submit(&mut self, task: TaskId, group: GroupId, payload: P) {
         let previous = self.tasks.insert(
             task,
-            Task { group, payload, attempt: 0, crashes: 0, losses: 0, worker: None, reasons: Vec::new() },
+            Task {
+                group,
+                payload,
+                attempt: 0,
+                crashes: 0,
+                losses: 0,
+                worker: None,
+                reasons: Vec::new(),
+                crashed_on: None,
+            },
         );
         assert!(previous.is_none(), "task id {task} submitted twice");
         self.queue.push_back(task);
@@ -196,6 +208,7 @@ impl<P: Clone, R> Scheduler<P, R> {
         let t = self.tasks.get_mut(&task).expect("current task exists");
         t.worker = None;
         t.crashes += 1;
+        t.crashed_on = Some(worker);
         t.reasons.push(format!("attempt {attempt}: {reason}"));
         if t.crashes >= self.config.max_crashes {
             self.fail(task, FailureKind::Crashes);
@@ -276,18 +289,21 @@ impl<P: Clone, R> Scheduler<P, R> {
         });
     }
 
-    /// Hand queued tasks to the workers with the most free slots.
+    /// Hand queued tasks to the workers with the most free slots; a task
+    /// that just crashed an executor prefers any other worker with room.
     fn schedule(&mut self) {
-        while !self.queue.is_empty() {
+        while let Some(&task) = self.queue.front() {
+            let avoid = self.tasks[&task].crashed_on;
+            let free = |w: &Worker| w.capacity.saturating_sub(w.tasks.len());
             let Some((&worker, w)) = self
                 .workers
                 .iter_mut()
-                .filter(|(_, w)| w.tasks.len() < w.capacity)
-                .max_by_key(|(id, w)| (w.capacity - w.tasks.len(), std::cmp::Reverse(**id)))
+                .filter(|(_, w)| free(w) > 0)
+                .max_by_key(|(id, w)| (Some(**id) != avoid, free(w), std::cmp::Reverse(**id)))
             else {
                 return;
             };
-            let task = self.queue.pop_front().expect("queue is not empty");
+            self.queue.pop_front();
             let t = self.tasks.get_mut(&task).expect("queued task exists");
             t.attempt += 1;
             t.worker = Some(worker);

@@ -98,6 +98,21 @@ fn crash_limit_fails_the_task_with_every_reason() {
 }
 
 #[test]
+fn a_crashed_task_is_retried_on_another_worker_when_one_has_room() {
+    let mut s = S::new(Config::default());
+    s.worker_joined(1, 2);
+    s.worker_joined(2, 1);
+    s.submit(0, 1, "x");
+    assert_eq!(dispatched(&drain(&mut s)), vec![(1, 0, 1)]);
+    assert!(s.task_crashed(1, 0, 1, "killed"));
+    // Worker 1 has more room, but the task just crashed there.
+    assert_eq!(dispatched(&drain(&mut s)), vec![(2, 0, 2)]);
+    // With no other worker free, it may go back.
+    s.worker_lost(2, "gone");
+    assert_eq!(dispatched(&drain(&mut s)), vec![(1, 0, 3)]);
+}
+
+#[test]
 fn cancel_group_drops_queued_and_cancels_running_tasks() {
     let mut s = S::new(Config::default());
     s.worker_joined(1, 1);
