@@ -96,3 +96,101 @@ def test_orchestrator_and_worker_on_two_hosts(two_hosts, spawn_worker, tmp_path)
     assert out.stdout.strip() == "ok 100"
     assert "connected to orchestrator" in worker.log()
     assert subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.count(ns_a) == 1
+
+
+PARTITION_DRIVER = r"""
+import subprocess, sys, time
+from distripool import Orchestrator, Pool
+from workloads import spin_then_scale
+
+address, key, ns_b, dev_b, mode = sys.argv[1:6]
+orch = Orchestrator((address,), authkey=key.encode())
+assert orch.wait_for_workers(2, timeout=60), "workers did not join"
+
+def ip(*args):
+    subprocess.run(args, check=True, capture_output=True, timeout=30)
+
+def cut():
+    if mode == "link":
+        ip("ip", "-n", ns_b, "link", "set", dev_b, "down")
+    else:
+        for chain in ("INPUT", "OUTPUT"):
+            ip("ip", "netns", "exec", ns_b, "iptables", "-I", chain, "-j", "DROP")
+
+def heal():
+    if mode == "link":
+        ip("ip", "-n", ns_b, "link", "set", dev_b, "up")
+    else:
+        for chain in ("INPUT", "OUTPUT"):
+            ip("ip", "netns", "exec", ns_b, "iptables", "-D", chain, "-j", "DROP")
+
+def wait(pred, what, timeout=60):
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+def slow(x):
+    import time
+    time.sleep(0.02)
+    return spin_then_scale(x)
+
+with Pool(orchestrator=orch) as pool:
+    result = pool.map_async(slow, range(3000), chunksize=1)
+    wait(lambda: orch.stats()["tasks_done"] >= 100, "no progress before the partition")
+    cut()
+    t0 = time.monotonic()
+    wait(lambda: orch.workers == 1, "the partitioned worker was never declared lost")
+    detected = time.monotonic() - t0
+    heal()
+    t1 = time.monotonic()
+    wait(lambda: orch.workers == 2, "the worker did not come back")
+    rejoined = time.monotonic() - t1
+    out = result.get(180)
+orch.close()
+assert out == [spin_then_scale(x) for x in range(3000)], "wrong result"
+print(f"ok detected={detected:.1f}s rejoined={rejoined:.1f}s", flush=True)
+"""
+
+
+@pytest.mark.parametrize("mode", ["link", "firewall"])
+def test_partitioned_worker_mid_map(two_hosts, spawn_worker, mode):
+    if mode == "firewall" and shutil.which("iptables") is None:
+        pytest.fail("iptables is not installed (.ci/run installs it)")
+    (ns_a, addr_a), (ns_b, _) = two_hosts
+    dev_b = next(d for d in _links(ns_b) if d.startswith("vb"))
+    key = uuid.uuid4().hex
+    address = f"{addr_a}:1337"
+    spawn_worker(address, key=key.encode(), processes=2, netns=ns_a)
+    far = spawn_worker(address, key=key.encode(), processes=2, netns=ns_b)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run(
+        [
+            "ip",
+            "netns",
+            "exec",
+            ns_a,
+            sys.executable,
+            "-c",
+            PARTITION_DRIVER,
+            address,
+            key,
+            ns_b,
+            dev_b,
+            mode,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+    )
+    assert out.returncode == 0, f"driver: {out.stderr}\nfar worker: {far.log()}"
+    assert out.stdout.startswith("ok"), out.stdout
+    print(mode, out.stdout.strip())
+    log = far.log()
+    assert log.count("connected to orchestrator") >= 2, f"the far worker never reconnected:\n{log}"
+
+
+def _links(ns: str) -> list[str]:
+    out = subprocess.run(["ip", "-n", ns, "-o", "link"], capture_output=True, text=True, check=True).stdout
+    return [line.split(": ")[1].split("@")[0] for line in out.splitlines()]

@@ -33,6 +33,7 @@ pub const DEPTH: usize = 2;
 /// Executors of one slot that may die in a row before they are ready, before
 /// the session gives up (a broken Python installation, say).
 const MAX_START_FAILURES: u32 = 5;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
@@ -58,7 +59,11 @@ pub async fn run_agent(config: AgentConfig, mut stop: watch::Receiver<bool>) -> 
         target += 1;
         let attempt = async {
             let sockaddr = resolve(addr)?;
-            let mut stream = TcpStream::connect(sockaddr).await?;
+            // A SYN into a partition is retried by the kernel for minutes;
+            // give up sooner and try again on the backoff schedule.
+            let mut stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(sockaddr))
+                .await
+                .map_err(|_| Error::Timeout("connecting to the orchestrator"))??;
             tune_tcp(&stream)?;
             let session = client_handshake(&mut stream, &config.key).await?;
             Ok::<_, Error>((stream, session))
