@@ -7,7 +7,9 @@ import signal
 import subprocess
 import sys
 
-from conftest import TESTS, alive, wait_until
+import pytest
+
+from conftest import TESTS, alive, free_port, wait_until
 
 # Prints the executors' pids, then blocks in map() on tasks that never end.
 BLOCKED_DRIVER = r"""
@@ -20,14 +22,18 @@ def forever(i):
     open(os.path.join(MARKS, str(i)), "w").close()
     time.sleep(3600)
 
+if len(sys.argv) > 2:  # remote: an orchestrator on this address, one worker
+    from distripool import make_orchestrator
+    orch = make_orchestrator(sys.argv[2])
+    assert orch.wait_for_workers(1, timeout=60)
 pool = Pool(2)
 pids = sorted(set(pool.map(lambda _: os.getpid(), range(40), chunksize=1)))
 print(" ".join(map(str, pids)), flush=True)
 try:
-    pool.map(forever, range(4))
+    with pool:
+        pool.map(forever, range(4))
 except KeyboardInterrupt:
     print("interrupted", flush=True)
-    pool.terminate()
     sys.exit(0)
 """
 
@@ -52,8 +58,14 @@ def _start(code: str, *args: str) -> subprocess.Popen:
     )
 
 
-def test_ctrl_c_interrupts_a_blocking_map_and_stops_the_executors(tmp_path):
-    proc = _start(BLOCKED_DRIVER, str(tmp_path))
+@pytest.mark.parametrize("where", ["embedded", "remote"])
+def test_ctrl_c_interrupts_a_blocking_map_and_stops_the_executors(tmp_path, where, spawn_worker):
+    args = [str(tmp_path)]
+    if where == "remote":
+        address = f"127.0.0.1:{free_port()}"
+        spawn_worker(address, processes=2)  # retries until the driver's orchestrator is up
+        args.append(address)
+    proc = _start(BLOCKED_DRIVER, *args)
     try:
         pids = [int(p) for p in proc.stdout.readline().split()]
         assert pids, proc.stderr.read()
@@ -64,6 +76,8 @@ def test_ctrl_c_interrupts_a_blocking_map_and_stops_the_executors(tmp_path):
         out, err = proc.communicate(timeout=30)
         assert proc.returncode == 0, err
         assert "interrupted" in out
+        # Leaving the with-block terminated the pool: its executors, local or
+        # remote, running the endless tasks are gone.
         wait_until(lambda: not any(alive(p) for p in pids), 30, "executors to exit")
     finally:
         if proc.poll() is None:

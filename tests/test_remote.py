@@ -179,3 +179,27 @@ def test_pool_on_a_closed_orchestrator_is_refused():
     orch.close()
     with pytest.raises(ValueError, match="closed"):
         Pool(orchestrator=orch)
+
+
+def hold_the_gil(seconds):
+    import ctypes
+
+    # PyDLL calls keep the GIL: this executor runs no Python at all meanwhile.
+    ctypes.PyDLL(None).sleep(seconds)
+    return "held"
+
+
+def test_holding_the_gil_longer_than_the_silence_timeout_is_not_a_death(orchestrator, spawn_worker):
+    import ctypes
+
+    spawn_worker(orchestrator.addresses[0], processes=2)
+    assert orchestrator.wait_for_workers(1, timeout=60)
+    seconds = 12  # beyond the 10 s after which a silent worker is declared lost
+    with Pool(orchestrator=orchestrator) as pool:
+        result = pool.map_async(hold_the_gil, [seconds, seconds], chunksize=1)
+        # The driver holds its own GIL just as long: the Rust core keeps the
+        # heartbeats going without it.
+        ctypes.PyDLL(None).sleep(seconds)
+        assert result.get(60) == ["held", "held"]
+    stats = orchestrator.stats()
+    assert stats["workers_lost"] == 0 and stats["crashes"] == 0 and stats["workers"] == 1

@@ -75,7 +75,7 @@ class Orchestrator:
 
     def stats(self) -> dict:
         """Counters: ``workers``, ``slots``, ``auth_failures``,
-        ``handshake_failures``, ``tasks_done``, ``crashes``."""
+        ``handshake_failures``, ``tasks_done``, ``crashes``, ``workers_lost``."""
         return dict(self._native.stats())
 
     def wait_for_workers(self, n: int = 1, timeout: float | None = None) -> bool:

@@ -105,6 +105,7 @@ impl Orchestrator {
             d.set_item("handshake_failures", s.handshake_failures.load(Ordering::Relaxed))?;
             d.set_item("tasks_done", s.tasks_done.load(Ordering::Relaxed))?;
             d.set_item("crashes", s.crashes.load(Ordering::Relaxed))?;
+            d.set_item("workers_lost", s.workers_lost.load(Ordering::Relaxed))?;
         }
         Ok(d)
     }

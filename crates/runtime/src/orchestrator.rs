@@ -66,6 +66,8 @@ pub struct Stats {
     pub handshake_failures: AtomicUsize,
     pub tasks_done: AtomicU64,
     pub crashes: AtomicU64,
+    /// Workers that left or were declared lost.
+    pub workers_lost: AtomicU64,
 }
 
 /// How a task ended, as seen by its client.
@@ -402,6 +404,7 @@ impl Core {
             Event::AgentLeft { worker, reason } => {
                 if let Some(link) = self.agents.remove(&worker) {
                     self.stats.workers.fetch_sub(1, Ordering::Relaxed);
+                    self.stats.workers_lost.fetch_add(1, Ordering::Relaxed);
                     self.stats.slots.fetch_sub(link.slots, Ordering::Relaxed);
                     self.sched.worker_lost(worker, &format!("worker {} lost: {reason}", link.name));
                 }

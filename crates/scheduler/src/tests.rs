@@ -170,6 +170,8 @@ enum Op {
     Duplicate(u8),
     Crash(u8),
     Timeout(u8),
+    /// A result lost on the way: only losing its worker recovers the task.
+    DropResult(u8),
     CancelGroup(u8),
     Withdraw(u8),
 }
@@ -183,6 +185,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => any::<u8>().prop_map(Op::Duplicate),
         1 => any::<u8>().prop_map(Op::Crash),
         1 => any::<u8>().prop_map(Op::Timeout),
+        1 => any::<u8>().prop_map(Op::DropResult),
         1 => (0u8..3).prop_map(Op::CancelGroup),
         1 => any::<u8>().prop_map(Op::Withdraw),
     ]
@@ -285,6 +288,11 @@ proptest! {
                         }
                     }
                 }
+                Op::DropResult(i) => {
+                    if m.inflight.is_empty() { continue; }
+                    let key = *m.inflight.keys().nth(i as usize % m.inflight.len()).unwrap();
+                    m.inflight.remove(&key);
+                }
                 Op::Withdraw(i) => {
                     if next == 0 { continue; }
                     let t = u64::from(i) % next;
@@ -306,7 +314,14 @@ proptest! {
             }
             m.absorb(&mut s);
         }
-        // Quiescence: a healthy worker joins and finishes everything.
+        // Quiescence: the old workers go (recovering tasks whose results were
+        // lost), a healthy worker joins and finishes everything.
+        for w in 0..4u64 {
+            m.live_workers.remove(&w);
+            s.worker_lost(w, "end of test");
+            m.inflight.retain(|&(wk, _), _| wk != w);
+            m.absorb(&mut s);
+        }
         m.live_workers.insert(99, 4);
         s.worker_joined(99, 4);
         m.absorb(&mut s);
