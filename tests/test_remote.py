@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 import threading
 
 import pytest
 
-from conftest import free_port, wait_until
+from conftest import alive, free_port, wait_until
 from distripool import Pool, make_orchestrator
 
 
@@ -203,3 +204,34 @@ def test_holding_the_gil_longer_than_the_silence_timeout_is_not_a_death(orchestr
         assert result.get(60) == ["held", "held"]
     stats = orchestrator.stats()
     assert stats["workers_lost"] == 0 and stats["crashes"] == 0 and stats["workers"] == 1
+
+
+def spawn_grandchild_and_wait(marker):
+    import subprocess
+    import time
+
+    child = subprocess.Popen(["sleep", "3600"])
+    with open(marker + ".tmp", "w") as f:
+        f.write(f"{os.getpid()} {child.pid}")
+    os.rename(marker + ".tmp", marker)
+    time.sleep(3600)
+
+
+def test_orchestrator_gone_kills_running_tasks_and_their_children(spawn_worker, tmp_path):
+    orch = make_orchestrator(f"127.0.0.1:{free_port()}")
+    try:
+        worker = spawn_worker(orch.addresses[0], processes=1)
+        assert orch.wait_for_workers(1, timeout=60)
+        marker = str(tmp_path / "pids")
+        pool = Pool(orchestrator=orch)
+        pool.apply_async(spawn_grandchild_and_wait, (marker,))
+        wait_until(lambda: os.path.exists(marker), 60, "the task to start its child")
+        executor, grandchild = (int(p) for p in open(marker).read().split())
+        assert alive(executor) and alive(grandchild)
+    finally:
+        orch.close()
+    # The agent ends its session: the executor's whole process group goes.
+    wait_until(lambda: not alive(executor) and not alive(grandchild), 60, "the task and its child to die")
+    wait_until(lambda: "reconnecting" in worker.log(), 60, "the worker to start reconnecting")
+    assert worker.proc.poll() is None, "the worker itself keeps running"
+    pool.terminate()
