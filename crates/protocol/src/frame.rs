@@ -114,23 +114,72 @@ impl FrameDecoder {
 
     /// Take one complete frame off the front of `buf`, if there is one.
     pub fn decode(&self, buf: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
+        match self.decode_raw(buf)? {
+            Some(body) => parse_body(body.freeze()).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Take one frame's body (everything after the length prefix) off the
+    /// front of `buf`, without looking inside it: it may still be sealed.
+    pub fn decode_raw(&self, buf: &mut BytesMut) -> Result<Option<BytesMut>, FrameError> {
         if buf.len() < 4 {
             return Ok(None);
         }
-        let len = self.check_len(buf)?;
+        let len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+        if len > self.max_frame {
+            return Err(FrameError::TooLarge { len, max: self.max_frame });
+        }
         if buf.len() < 4 + len {
             return Ok(None);
         }
-        let hlen = u32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]) as usize;
-        if hlen > MAX_HEADER || hlen > len - 4 {
-            return Err(FrameError::BadHeaderLength { hlen, len, max: MAX_HEADER });
-        }
-        buf.advance(8);
-        let header = buf.split_to(hlen).freeze();
-        let payload = buf.split_to(len - 4 - hlen).freeze();
-        Ok(Some(Frame { header, payload }))
+        buf.advance(4);
+        Ok(Some(buf.split_to(len)))
     }
 }
+
+/// Split a plaintext frame body (`hlen ‖ header ‖ payload`).
+pub fn parse_body(mut body: Bytes) -> Result<Frame, FrameError> {
+    let len = body.len();
+    if len < 4 {
+        return Err(FrameError::TooShort { len });
+    }
+    let hlen = u32::from_le_bytes([body[0], body[1], body[2], body[3]]) as usize;
+    if hlen > MAX_HEADER || hlen > len - 4 {
+        return Err(FrameError::BadHeaderLength { hlen, len, max: MAX_HEADER });
+    }
+    body.advance(4);
+    let header = body.split_to(hlen);
+    Ok(Frame { header, payload: body })
+}
+
+/// Encode a frame's plaintext body (`hlen ‖ header ‖ payload`) into one
+/// buffer, ready to be sealed in place.
+pub fn encode_body<T: Serialize>(
+    message: &T,
+    payload: &[u8],
+    max_frame: usize,
+) -> Result<Vec<u8>, FrameError> {
+    let header = postcard::to_stdvec(message).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    if header.len() > MAX_HEADER {
+        return Err(FrameError::BadHeaderLength {
+            hlen: header.len(),
+            len: header.len() + 4,
+            max: MAX_HEADER,
+        });
+    }
+    let len = 4 + header.len() + payload.len() + crate::cipher::TAG_LEN;
+    if len > max_frame || len > u32::MAX as usize {
+        return Err(FrameError::TooLarge { len, max: max_frame });
+    }
+    let mut out = Vec::with_capacity(len);
+    out.extend_from_slice(&(header.len() as u32).to_le_bytes());
+    out.extend_from_slice(&header);
+    out.extend_from_slice(payload);
+    Ok(out)
+}
+
+impl FrameDecoder {}
 
 #[cfg(test)]
 mod tests {

@@ -152,6 +152,12 @@ impl ClientHandshake {
         }
     }
 
+    /// This session's frame keys; only meaningful once the handshake succeeded.
+    pub fn session_keys(&self) -> Option<crate::SessionKeys> {
+        let server = self.server_nonce?;
+        Some(crate::SessionKeys::for_agent(&self.key, &self.nonce, &server))
+    }
+
     /// The server's verdict on our proof; the session id on success.
     pub fn on_outcome(&mut self, msg: HandshakeMsg) -> Result<u64, HandshakeError> {
         match (msg, self.server_nonce) {
@@ -194,6 +200,12 @@ impl ServerHandshake {
             nonce: self.nonce,
             proof: proof(&self.key, Role::Orchestrator, &nonce, &self.nonce),
         })
+    }
+
+    /// This session's frame keys; only meaningful once the handshake succeeded.
+    pub fn session_keys(&self) -> Option<crate::SessionKeys> {
+        let client = self.client_nonce?;
+        Some(crate::SessionKeys::for_orchestrator(&self.key, &client, &self.nonce))
     }
 
     /// Check the client's proof; on success answer `Accept{session}`.

@@ -8,11 +8,15 @@
 //! Before any message is exchanged, both peers run the [handshake]: versions
 //! and roles are checked first, then each side proves that it holds the shared
 //! key with an HMAC over fresh nonces. Nothing else is accepted before that.
+//! Every frame after it is encrypted and authenticated with keys derived for
+//! that session ([`cipher`]).
 
+pub mod cipher;
 pub mod frame;
 pub mod handshake;
 pub mod message;
 
+pub use cipher::{CipherError, Opener, Sealer, SessionKeys};
 pub use frame::{Frame, FrameDecoder, FrameError};
 pub use handshake::{ClientHandshake, HandshakeError, Role, ServerHandshake};
 pub use message::{FromAgent, ToAgent};

@@ -23,6 +23,7 @@ fn to_py(e: Error) -> PyErr {
         Error::Config(m) => PyValueError::new_err(m),
         Error::Io(e) => PyOSError::new_err(e.to_string()),
         Error::Frame(e) => PyConnectionError::new_err(e.to_string()),
+        Error::Cipher(e) => PyConnectionError::new_err(e.to_string()),
         Error::Handshake(e) => PyPermissionError::new_err(format!("authentication failed: {e}")),
         Error::Timeout(what) => PyTimeoutError::new_err(format!("timed out: {what}")),
         Error::Closed => PyRuntimeError::new_err("the orchestrator is closed"),

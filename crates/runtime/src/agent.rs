@@ -17,7 +17,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use distripool_protocol::{FromAgent, ToAgent};
+use distripool_protocol::{FromAgent, SessionKeys, ToAgent};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
@@ -65,19 +65,19 @@ pub async fn run_agent(config: AgentConfig, mut stop: watch::Receiver<bool>) -> 
                 .await
                 .map_err(|_| Error::Timeout("connecting to the orchestrator"))??;
             tune_tcp(&stream)?;
-            let session = client_handshake(&mut stream, &config.key).await?;
-            Ok::<_, Error>((stream, session))
+            let (session, keys) = client_handshake(&mut stream, &config.key).await?;
+            Ok::<_, Error>((stream, session, keys))
         };
         let outcome = tokio::select! {
             r = attempt => r,
             _ = stop.changed() => return Ok(()),
         };
         match outcome {
-            Ok((stream, session)) => {
+            Ok((stream, session, keys)) => {
                 tracing::info!("connected to orchestrator {addr} (session {session})");
                 backoff = BACKOFF_START;
                 let end = tokio::select! {
-                    end = run_session(stream, &config) => end,
+                    end = run_session(stream, &config, Some(keys)) => end,
                     _ = stop.changed() => return Ok(()),
                 };
                 tracing::warn!("session with {addr} ended: {end}; reconnecting");
@@ -139,17 +139,23 @@ struct Session {
     spec: ExecutorSpec,
 }
 
-/// Run one authenticated session to its end; returns why it ended.
-pub async fn run_session<S>(stream: S, config: &AgentConfig) -> String
+/// Run one authenticated session to its end; returns why it ended. With
+/// `keys`, every frame is sealed and opened with them (a network connection);
+/// without, frames travel in the clear (an in-process stream).
+pub async fn run_session<S>(stream: S, config: &AgentConfig, keys: Option<SessionKeys>) -> String
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let max_frame = config.executor.max_frame;
     let (rd, wr) = tokio::io::split(stream);
-    let mut reader = FrameReader::new(rd, max_frame);
+    let (sealer, opener) = match keys {
+        Some(k) => (Some(k.send), Some(k.recv)),
+        None => (None, None),
+    };
+    let mut reader = FrameReader::new(rd, max_frame).with_opener(opener);
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Outgoing<FromAgent>>();
     let writer = AbortOnDrop(tokio::spawn(async move {
-        let mut w = FrameWriter::new(wr, max_frame);
+        let mut w = FrameWriter::new(wr, max_frame).with_sealer(sealer);
         while let Some(first) = out_rx.recv().await {
             let mut next = Some(first);
             while let Some(f) = next {

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use distripool_protocol::{
-    frame, handshake::HandshakeMsg, ClientHandshake, Frame, FrameDecoder, ServerHandshake,
-    HANDSHAKE_MAX_FRAME,
+    frame, handshake::HandshakeMsg, ClientHandshake, Frame, FrameDecoder, Opener, Sealer, ServerHandshake,
+    SessionKeys, HANDSHAKE_MAX_FRAME,
 };
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
@@ -29,11 +29,23 @@ pub struct FrameReader<R> {
     inner: R,
     buf: BytesMut,
     decoder: FrameDecoder,
+    opener: Option<Opener>,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub fn new(inner: R, max_frame: usize) -> Self {
-        Self { inner, buf: BytesMut::with_capacity(64 * 1024), decoder: FrameDecoder::new(max_frame) }
+        Self {
+            inner,
+            buf: BytesMut::with_capacity(64 * 1024),
+            decoder: FrameDecoder::new(max_frame),
+            opener: None,
+        }
+    }
+
+    /// Open (decrypt and verify) every frame read from now on.
+    pub fn with_opener(mut self, opener: Option<Opener>) -> Self {
+        self.opener = opener;
+        self
     }
 
     pub fn set_max_frame(&mut self, max_frame: usize) {
@@ -43,8 +55,13 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// The next frame; `Ok(None)` on a clean end of stream between frames.
     pub async fn read_frame(&mut self) -> Result<Option<Frame>> {
         loop {
-            if let Some(frame) = self.decoder.decode(&mut self.buf)? {
-                return Ok(Some(frame));
+            if let Some(mut body) = self.decoder.decode_raw(&mut self.buf)? {
+                // Nothing inside a sealed frame is looked at before it verifies.
+                if let Some(opener) = &mut self.opener {
+                    let n = opener.open(&mut body)?;
+                    body.truncate(n);
+                }
+                return Ok(Some(frame::parse_body(body.freeze())?));
             }
             // The length prefix has been checked against the cap by now, so
             // reserving what is missing is bounded by that cap.
@@ -70,15 +87,30 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 pub struct FrameWriter<W> {
     inner: BufWriter<W>,
     max_frame: usize,
+    sealer: Option<Sealer>,
 }
 
 impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     pub fn new(inner: W, max_frame: usize) -> Self {
-        Self { inner: BufWriter::with_capacity(64 * 1024, inner), max_frame }
+        Self { inner: BufWriter::with_capacity(64 * 1024, inner), max_frame, sealer: None }
+    }
+
+    /// Seal (encrypt and authenticate) every frame written from now on.
+    pub fn with_sealer(mut self, sealer: Option<Sealer>) -> Self {
+        self.sealer = sealer;
+        self
     }
 
     /// Queue one frame; call [`flush`](Self::flush) when no more are ready.
     pub async fn write<T: Serialize>(&mut self, msg: &T, payload: &[u8]) -> Result<()> {
+        if let Some(sealer) = &mut self.sealer {
+            let mut body = frame::encode_body(msg, payload, self.max_frame)?;
+            let (prefix, tag) = sealer.seal(&mut body)?;
+            self.inner.write_all(&prefix).await?;
+            self.inner.write_all(&body).await?;
+            self.inner.write_all(&tag).await?;
+            return Ok(());
+        }
         let prefix = frame::encode_prefix(msg, payload.len(), self.max_frame)?;
         self.inner.write_all(&prefix).await?;
         self.inner.write_all(payload).await?;
@@ -122,8 +154,12 @@ async fn recv_hs<R: AsyncRead + Unpin>(r: &mut R) -> Result<HandshakeMsg> {
     Ok(frame.message()?)
 }
 
-/// Authenticate to an orchestrator as an agent; returns the session id.
-pub async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, key: &[u8]) -> Result<u64> {
+/// Authenticate to an orchestrator as an agent; returns the session id and
+/// the session's frame keys.
+pub async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    key: &[u8],
+) -> Result<(u64, SessionKeys)> {
     let fut = async {
         let mut hs = ClientHandshake::new(key, random_bytes());
         send_hs(s, &hs.hello()).await?;
@@ -137,19 +173,21 @@ pub async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, key:
                 return Err(e.into());
             }
         }
-        Ok(hs.on_outcome(recv_hs(s).await?)?)
+        let session = hs.on_outcome(recv_hs(s).await?)?;
+        let keys = hs.session_keys().expect("keys exist after a successful handshake");
+        Ok((session, keys))
     };
     tokio::time::timeout(HANDSHAKE_TIMEOUT, fut)
         .await
         .map_err(|_| Error::Timeout("handshake with the orchestrator"))?
 }
 
-/// Authenticate a connecting agent.
+/// Authenticate a connecting agent; returns the session's frame keys.
 pub async fn server_handshake<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
     key: &[u8],
     session: u64,
-) -> Result<()> {
+) -> Result<SessionKeys> {
     let fut = async {
         let mut hs = ServerHandshake::new(key, random_bytes());
         let step = hs.on_hello(recv_hs(s).await?);
@@ -158,7 +196,7 @@ pub async fn server_handshake<S: AsyncRead + AsyncWrite + Unpin>(
         let step = hs.on_proof(recv_hs(s).await?, session);
         let accept = reply_or_fail(s, step).await?;
         send_hs(s, &accept).await?;
-        Ok(())
+        Ok(hs.session_keys().expect("keys exist after a successful handshake"))
     };
     tokio::time::timeout(HANDSHAKE_TIMEOUT, fut).await.map_err(|_| Error::Timeout("agent handshake"))?
 }

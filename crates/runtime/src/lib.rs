@@ -32,6 +32,8 @@ pub enum Error {
     Io(#[from] std::io::Error),
     #[error("{0}")]
     Frame(#[from] FrameError),
+    #[error("{0}")]
+    Cipher(#[from] distripool_protocol::CipherError),
     #[error("authentication failed: {0}")]
     Handshake(#[from] HandshakeError),
     #[error("{0}")]

@@ -18,7 +18,7 @@ use std::sync::{mpsc as std_mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use distripool_protocol::{FromAgent, ToAgent, DEFAULT_MAX_FRAME};
+use distripool_protocol::{FromAgent, SessionKeys, ToAgent, DEFAULT_MAX_FRAME};
 pub use distripool_scheduler::FailureKind;
 use distripool_scheduler::{Command, Config as SchedulerConfig, Scheduler};
 use sha2::{Digest, Sha256};
@@ -39,7 +39,8 @@ const PREFETCH_PER_SLOT: usize = 2;
 const IDLE_FUNCTIONS: usize = 64;
 /// Room kept in a frame for its lengths and header, beside the payload.
 const FRAME_OVERHEAD: usize = 1024;
-/// Cap on connections that have not finished their handshake.
+/// Connections that may be in their handshake at once; beyond it the oldest
+/// is dropped.
 const MAX_PENDING_HANDSHAKES: usize = 256;
 
 #[derive(Debug, Clone)]
@@ -177,6 +178,7 @@ impl Orchestrator {
             bound.push(listener.local_addr()?);
             let intake = Intake {
                 key: config.key.clone().into(),
+                seal: true,
                 max_frame: config.max_frame,
                 events: events.clone(),
                 stats: stats.clone(),
@@ -250,6 +252,7 @@ impl Orchestrator {
         let worker = self.next_id.fetch_add(1, Ordering::Relaxed);
         let intake = Intake {
             key: self.key.clone().into(),
+            seal: false,
             max_frame: self.max_frame,
             events: self.events.clone(),
             stats: self.stats.clone(),
@@ -260,8 +263,9 @@ impl Orchestrator {
             let mut stream = agent_end;
             match client_handshake(&mut stream, &config.key).await {
                 Ok(_) => {
+                    // In-process: nothing travels over a wire, so no sealing.
                     tokio::select! {
-                        reason = run_session(stream, &config) => {
+                        reason = run_session(stream, &config, None) => {
                             tracing::error!("local agent stopped: {reason}");
                         }
                         _ = stop.changed() => {}
@@ -560,8 +564,33 @@ impl Core {
     }
 }
 
+/// Connections still in their handshake, oldest first. When there are too
+/// many, the oldest is dropped to make room: a flood of idle or slow
+/// unauthenticated sockets only ever evicts itself, while a real agent,
+/// which finishes its handshake in milliseconds, gets through.
+#[derive(Default)]
+struct Pending {
+    order: VecDeque<u64>,
+    tasks: HashMap<u64, tokio::task::AbortHandle>,
+}
+
+/// Held by a connection while it is in its handshake; dropping it (handshake
+/// over, or the task gone) takes the connection off the pending list.
+pub(crate) struct PendingGuard {
+    pending: Arc<Mutex<Pending>>,
+    id: u64,
+}
+
+impl Drop for PendingGuard {
+    fn drop(&mut self) {
+        let mut p = self.pending.lock().expect("pending lock");
+        p.tasks.remove(&self.id);
+        // `order` is pruned lazily by the accept loop.
+    }
+}
+
 async fn accept_loop(listener: TcpListener, intake: Intake, next_id: Arc<AtomicU64>) {
-    let pending = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
+    let pending = Arc::new(Mutex::new(Pending::default()));
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(c) => c,
@@ -573,15 +602,28 @@ async fn accept_loop(listener: TcpListener, intake: Intake, next_id: Arc<AtomicU
                 continue;
             }
         };
-        let Ok(permit) = pending.clone().try_acquire_owned() else {
-            // Too many peers are mid-handshake; drop this one at once.
-            continue;
-        };
         if let Err(e) = tune_tcp(&stream) {
             tracing::warn!("cannot set socket options for {peer}: {e}");
         }
         let worker = next_id.fetch_add(1, Ordering::Relaxed);
-        tokio::spawn(intake.clone().serve(stream, peer.to_string(), worker, Some(permit)));
+        let guard = PendingGuard { pending: pending.clone(), id: worker };
+        // Hold the lock across spawn and insert, so that a connection that
+        // finishes its handshake at once cannot leave a stale entry behind.
+        let mut p = pending.lock().expect("pending lock");
+        let task = tokio::spawn(intake.clone().serve(stream, peer.to_string(), worker, Some(guard)));
+        p.tasks.insert(worker, task.abort_handle());
+        p.order.push_back(worker);
+        while p.tasks.len() > MAX_PENDING_HANDSHAKES {
+            let Some(oldest) = p.order.pop_front() else { break };
+            if let Some(handle) = p.tasks.remove(&oldest) {
+                handle.abort();
+                intake.stats.handshake_failures.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        // Forget ids that finished their handshake long ago.
+        while p.order.front().is_some_and(|id| !p.tasks.contains_key(id)) {
+            p.order.pop_front();
+        }
     }
 }
 
@@ -602,27 +644,34 @@ fn note_handshake_failure(stats: &Stats, peer: &str, e: &Error) {
 #[derive(Clone)]
 struct Intake {
     key: Arc<[u8]>,
+    /// Seal every frame: true for network connections.
+    seal: bool,
     max_frame: usize,
     events: mpsc::UnboundedSender<Event>,
     stats: Arc<Stats>,
 }
 
 impl Intake {
-    /// Authenticate the peer, then serve it until it goes away. The permit,
-    /// if any, counts the connection as pending until the handshake is over.
+    /// Authenticate the peer, then serve it until it goes away. The guard,
+    /// if any, keeps the connection on the pending list until the handshake
+    /// is over.
     async fn serve<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
         self,
         mut stream: S,
         peer: String,
         worker: u64,
-        permit: Option<tokio::sync::OwnedSemaphorePermit>,
+        pending: Option<PendingGuard>,
     ) {
-        if let Err(e) = server_handshake(&mut stream, &self.key, worker).await {
-            note_handshake_failure(&self.stats, &peer, &e);
-            return;
-        }
-        drop(permit);
-        serve_session(stream, peer, self.max_frame, worker, self.events).await;
+        let keys = match server_handshake(&mut stream, &self.key, worker).await {
+            Ok(keys) => keys,
+            Err(e) => {
+                note_handshake_failure(&self.stats, &peer, &e);
+                return;
+            }
+        };
+        drop(pending);
+        let keys = self.seal.then_some(keys);
+        serve_session(stream, peer, self.max_frame, worker, self.events, keys).await;
     }
 }
 
@@ -634,9 +683,14 @@ async fn serve_session<S: AsyncRead + AsyncWrite + Send + 'static>(
     max_frame: usize,
     worker: u64,
     events: mpsc::UnboundedSender<Event>,
+    keys: Option<SessionKeys>,
 ) {
     let (rd, wr) = tokio::io::split(stream);
-    let mut reader = FrameReader::new(rd, max_frame);
+    let (sealer, opener) = match keys {
+        Some(k) => (Some(k.send), Some(k.recv)),
+        None => (None, None),
+    };
+    let mut reader = FrameReader::new(rd, max_frame).with_opener(opener);
 
     // The first message must be Ready, and it must come promptly.
     let (slots, name) = match tokio::time::timeout(PEER_TIMEOUT, reader.read_frame()).await {
@@ -656,7 +710,7 @@ async fn serve_session<S: AsyncRead + AsyncWrite + Send + 'static>(
         return;
     }
     let writer = tokio::spawn(async move {
-        let mut w = FrameWriter::new(wr, max_frame);
+        let mut w = FrameWriter::new(wr, max_frame).with_sealer(sealer);
         let mut heartbeat = tokio::time::interval(HEARTBEAT);
         let mut seq = 0u64;
         loop {
