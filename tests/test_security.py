@@ -227,3 +227,170 @@ class Recorder(Proxy):
     def seen(self) -> bytes:
         with self.lock:
             return bytes(self.copy)
+
+
+# -- raw handshakes: the wire format spoken by hand ------------------------------
+
+HELLO, CHALLENGE, REJECT = 0, 1, 4
+
+
+def varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def frame(header: bytes) -> bytes:
+    return struct.pack("<II", 4 + len(header), len(header)) + header
+
+
+def hello(version=1, role=0, magic=b"DSTRPOOL") -> bytes:
+    return frame(bytes([HELLO]) + magic + varint(version) + varint(role) + os.urandom(32))
+
+
+def read_frame_header(sock) -> bytes | None:
+    head = sock.recv(4, socket.MSG_WAITALL)
+    if len(head) < 4:
+        return None
+    body = sock.recv(struct.unpack("<I", head)[0], socket.MSG_WAITALL)
+    hlen = struct.unpack("<I", body[:4])[0]
+    return body[4 : 4 + hlen]
+
+
+@pytest.mark.parametrize(
+    "message, reply",
+    [
+        (hello(version=99), bytes([REJECT, 0]) + varint(1)),  # Reject{Version{supported: 1}}
+        (hello(role=1), bytes([REJECT, 1])),  # Reject{Role}: only agents connect here
+        (hello(magic=b"GET / HT"), bytes([REJECT, 3])),  # Reject{Malformed}
+    ],
+    ids=["wrong-version", "wrong-role", "not-distripool"],
+)
+def test_orchestrator_refuses_wrong_version_role_or_protocol(message, reply):
+    orch = Orchestrator(f"127.0.0.1:{free_port()}", authkey=b"k")
+    host, port = orch.addresses[0].rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=30) as s:
+            s.sendall(message)
+            assert read_frame_header(s) == reply
+            assert s.recv(1) == b"", "the connection is closed after the refusal"
+        wait_until(lambda: orch.stats()["handshake_failures"] >= 1, 30, "the refusal to be counted")
+        assert orch.workers == 0
+    finally:
+        orch.close()
+
+
+class FakeOrchestrator:
+    """Accepts one worker and answers its Hello with ``answer``."""
+
+    def __init__(self, answer: bytes):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.replies: list[bytes] = []
+        self.answer = answer
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        try:
+            conn, _ = self.listener.accept()
+        except OSError:
+            return
+        with conn:
+            if read_frame_header(conn) is None:
+                return
+            conn.sendall(self.answer)
+            conn.settimeout(5)
+            try:
+                header = read_frame_header(conn)
+                if header is not None:
+                    self.replies.append(header)
+            except OSError:
+                pass
+
+    def close(self):
+        self.listener.close()
+
+
+@pytest.mark.parametrize(
+    "answer, logged",
+    [
+        (
+            frame(bytes([CHALLENGE]) + varint(99) + os.urandom(64)),
+            "protocol version mismatch: we speak 1, the peer speaks 99",
+        ),
+        (frame(bytes([REJECT, 0]) + varint(99)), "refused the handshake: Version { supported: 99 }"),
+        (struct.pack("<I", 40) + os.urandom(40), "not available"),
+    ],
+    ids=["wrong-version", "refused", "garbage"],
+)
+def test_worker_refuses_a_wrong_orchestrator_and_keeps_trying(spawn_worker, answer, logged):
+    fake = FakeOrchestrator(answer)
+    try:
+        worker = spawn_worker(fake.address, key=b"k", processes=1)
+        wait_until(lambda: logged in worker.log(), 60, f"the worker to log {logged!r}")
+        # Whatever the worker said back, it was never a Proof (variant 2):
+        # nothing derived from its key reaches an orchestrator that did not prove its own.
+        assert all(h[:1] != bytes([2]) for h in fake.replies), fake.replies
+        wait_until(lambda: worker.log().count(fake.address) >= 2, 60, "the worker to try again")
+        assert worker.proc.poll() is None, "the worker keeps running"
+    finally:
+        fake.close()
+
+
+def test_key_files_readable_by_others_are_refused(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from distripool import make_orchestrator
+
+    key_file = tmp_path / "cluster.key"
+    key_file.write_text("secret\n")
+    key_file.chmod(0o644)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "distripool",
+            "worker",
+            "--connect",
+            "127.0.0.1:1",
+            "--authkey-file",
+            str(key_file),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2
+    assert "accessible by other users" in out.stderr and "chmod 600" in out.stderr
+    monkeypatch.delenv("DISTRIPOOL_AUTHKEY", raising=False)
+    monkeypatch.setenv("DISTRIPOOL_AUTHKEY_FILE", str(key_file))
+    with pytest.raises(PermissionError, match="chmod 600"):
+        make_orchestrator(f"127.0.0.1:{free_port()}")
+    key_file.chmod(0o600)
+    make_orchestrator(f"127.0.0.1:{free_port()}").close()
+
+
+def test_keygen_writes_a_private_random_key(tmp_path):
+    import stat
+    import subprocess
+    import sys
+
+    path = tmp_path / "k"
+    out = subprocess.run(
+        [sys.executable, "-m", "distripool", "keygen", str(path)], capture_output=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    key = path.read_text().strip()
+    assert len(key) == 64 and int(key, 16) >= 0
+    again = subprocess.run(
+        [sys.executable, "-m", "distripool", "keygen", str(path)], capture_output=True, timeout=60
+    )
+    assert again.returncode == 2, "an existing key file is never overwritten"

@@ -63,10 +63,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 }
                 return Ok(Some(frame::parse_body(body.freeze())?));
             }
-            // The length prefix has been checked against the cap by now, so
-            // reserving what is missing is bounded by that cap.
+            // The length prefix is checked against the cap, but not yet
+            // authenticated: grow the buffer with the bytes that actually
+            // arrive (at most 1 MiB ahead), never by the claimed length alone.
             let missing = self.decoder.missing(&self.buf)?;
-            self.buf.reserve(missing.max(8 * 1024));
+            self.buf.reserve(missing.clamp(8 * 1024, 1 << 20));
             if self.inner.read_buf(&mut self.buf).await? == 0 {
                 if self.buf.is_empty() {
                     return Ok(None);
