@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 
-.PHONY: run install build-dev lint test test-rust test-python bench fmt
+.PHONY: run install build-dev lint test test-rust test-python bench fmt fuzz-smoke fuzz
 
 ## run: install the package and run the quick-start example on this machine
 run: install
@@ -40,3 +40,25 @@ test-python:
 ## bench: distripool against multiprocessing.Pool, in one run
 bench: install
 	$(PYTHON) bench/bench.py
+
+## fuzz-smoke: every fuzz target for FUZZ_SECONDS (default 10) each
+# cargo-fuzz wants nightly features; RUSTC_BOOTSTRAP lets the stable toolchain
+# provide them. The tool is installed inside the checkout, in .ci/tools.
+FUZZ_SECONDS ?= 10
+FUZZ_TARGETS = frame_decoder message_decoder handshake sealed_frames
+CARGO_FUZZ = .ci/tools/bin/cargo-fuzz
+
+$(CARGO_FUZZ):
+	cargo install --quiet --locked --root .ci/tools cargo-fuzz
+
+fuzz-smoke: $(CARGO_FUZZ)
+	mkdir -p target
+	cd fuzz && for t in $(FUZZ_TARGETS); do \
+		RUSTC_BOOTSTRAP=1 ../$(CARGO_FUZZ) fuzz run -O $$t -- -max_total_time=$(FUZZ_SECONDS) \
+			> ../target/fuzz-$$t.log 2>&1 || { tail -n 40 ../target/fuzz-$$t.log; exit 1; }; \
+		echo "fuzz $$t: $$(grep -E '^Done' ../target/fuzz-$$t.log)"; \
+	done
+
+## fuzz: the same, for ten minutes each
+fuzz:
+	$(MAKE) fuzz-smoke FUZZ_SECONDS=600
