@@ -42,14 +42,7 @@ impl Frame {
     }
 }
 
-/// Encode the prefix (lengths and header) of a frame. The payload is written
-/// after it by the caller, so that large payloads are never copied into a
-/// second buffer.
-pub fn encode_prefix<T: Serialize>(
-    message: &T,
-    payload_len: usize,
-    max_frame: usize,
-) -> Result<Vec<u8>, FrameError> {
+fn encode_header<T: Serialize>(message: &T) -> Result<Vec<u8>, FrameError> {
     let header = postcard::to_stdvec(message).map_err(|e| FrameError::Malformed(e.to_string()))?;
     if header.len() > MAX_HEADER {
         return Err(FrameError::BadHeaderLength {
@@ -58,10 +51,27 @@ pub fn encode_prefix<T: Serialize>(
             max: MAX_HEADER,
         });
     }
-    let len = 4 + header.len() + payload_len;
+    Ok(header)
+}
+
+/// A frame length that respects the cap and fits the `u32` prefix.
+fn checked_len(len: usize, max_frame: usize) -> Result<usize, FrameError> {
     if len > max_frame || len > u32::MAX as usize {
         return Err(FrameError::TooLarge { len, max: max_frame });
     }
+    Ok(len)
+}
+
+/// Encode the prefix (lengths and header) of a frame. The payload is written
+/// after it by the caller, so that large payloads are never copied into a
+/// second buffer.
+pub fn encode_prefix<T: Serialize>(
+    message: &T,
+    payload_len: usize,
+    max_frame: usize,
+) -> Result<Vec<u8>, FrameError> {
+    let header = encode_header(message)?;
+    let len = checked_len(4 + header.len() + payload_len, max_frame)?;
     let mut out = Vec::with_capacity(8 + header.len());
     out.extend_from_slice(&(len as u32).to_le_bytes());
     out.extend_from_slice(&(header.len() as u32).to_le_bytes());
@@ -160,18 +170,8 @@ pub fn encode_body<T: Serialize>(
     payload: &[u8],
     max_frame: usize,
 ) -> Result<Vec<u8>, FrameError> {
-    let header = postcard::to_stdvec(message).map_err(|e| FrameError::Malformed(e.to_string()))?;
-    if header.len() > MAX_HEADER {
-        return Err(FrameError::BadHeaderLength {
-            hlen: header.len(),
-            len: header.len() + 4,
-            max: MAX_HEADER,
-        });
-    }
-    let len = 4 + header.len() + payload.len() + crate::cipher::TAG_LEN;
-    if len > max_frame || len > u32::MAX as usize {
-        return Err(FrameError::TooLarge { len, max: max_frame });
-    }
+    let header = encode_header(message)?;
+    let len = checked_len(4 + header.len() + payload.len() + crate::cipher::TAG_LEN, max_frame)?;
     let mut out = Vec::with_capacity(len);
     out.extend_from_slice(&(header.len() as u32).to_le_bytes());
     out.extend_from_slice(&header);
