@@ -156,7 +156,9 @@ print(f"ok detected={detected:.1f}s rejoined={rejoined:.1f}s", flush=True)
 @pytest.mark.parametrize("mode", ["link", "firewall"])
 def test_partitioned_worker_mid_map(two_hosts, spawn_worker, mode):
     if mode == "firewall" and shutil.which("iptables") is None:
-        pytest.fail("iptables is not installed (.ci/run installs it)")
+        if os.environ.get("CI"):
+            pytest.fail("iptables is not installed (.ci/run installs it)")
+        pytest.skip("iptables is not installed (.ci/run installs it)")
     (ns_a, addr_a), (ns_b, _) = two_hosts
     dev_b = next(d for d in _links(ns_b) if d.startswith("vb"))
     key = uuid.uuid4().hex
