@@ -83,11 +83,16 @@ def fail_on(x, bad=3, delay=0.0):
     return x
 
 
-def fail_odd(x):
+def fail_odd(x, marker):
+    """Item 1 fails; item 3 fails too, but only after item 1 has failed."""
     if x == 1:
+        open(marker, "w").close()
         raise ValueError("first")
     if x == 3:
-        time.sleep(0.3)
+        deadline = time.monotonic() + 60
+        while not os.path.exists(marker) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)  # let item 1's result travel first
         raise ValueError("second")
     return x
 
@@ -253,10 +258,13 @@ def test_callbacks_run_once_on_a_result_thread(make):
     assert ok == [2]
 
 
-def test_map_async_first_error_wins(make):
+def test_map_async_first_error_wins(make, tmp_path):
     pool = make(2)
     errors = []
-    r = pool.map_async(fail_odd, range(6), chunksize=1, error_callback=errors.append)
+    marker = str(tmp_path / "first-failed")
+    r = pool.starmap_async(
+        fail_odd, [(x, marker) for x in range(6)], chunksize=1, error_callback=errors.append
+    )
     with pytest.raises(ValueError, match="first"):
         r.get(60)
     assert len(errors) == 1 and str(errors[0]) == "first"
@@ -274,9 +282,9 @@ def test_imap_next_timeout_and_end(make):
 
 def test_imap_unordered_yields_results_as_they_finish(make):
     pool = make(2)
-    it = pool.imap_unordered(sleep_and_return, [1.0, 0.0])
+    it = pool.imap_unordered(sleep_and_return, [2.0, 0.0])
     assert it.next(timeout=60) == 0.0
-    assert it.next(timeout=60) == 1.0
+    assert it.next(timeout=60) == 2.0
 
 
 # -- errors --------------------------------------------------------------------
