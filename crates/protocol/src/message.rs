@@ -38,4 +38,7 @@ pub enum FromAgent {
     TimedOut { task: u64, attempt: u32, reason: String },
     /// Answer to [`ToAgent::Ping`].
     Pong { seq: u64 },
+    /// The agent now wants up to `tasks` tasks at once (it holds more per
+    /// executor while its tasks are short).
+    Capacity { tasks: u32 },
 }

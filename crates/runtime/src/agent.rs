@@ -3,6 +3,7 @@
 //!
 //! One *session* is one authenticated connection. Within it the agent keeps a
 //! local queue of tasks; each executor slot holds at most [`DEPTH`] of them
+//! ([`DEEP`] while its tasks are short)
 //! (one running, the rest already written to its socket so it never waits on
 //! a round trip). When an executor dies, the task it was running is reported
 //! as crashed and the ones merely queued behind it go back to the local queue
@@ -30,6 +31,12 @@ use crate::{resolve, Error, Result};
 
 /// Tasks held by one executor at once: one running, the rest prefetched.
 pub const DEPTH: usize = 2;
+/// Tasks held by one executor whose recent tasks took under [`SHORT_TASK`]:
+/// with tasks that short, the executor would otherwise idle on the agent's
+/// wake-up latency. Long tasks keep [`DEPTH`], so that few wait behind one
+/// another while another executor is free.
+pub const DEEP: usize = 8;
+const SHORT_TASK: Duration = Duration::from_millis(2);
 /// Executors of one slot that may die in a row before they are ready, before
 /// the session gives up (a broken Python installation, say).
 const MAX_START_FAILURES: u32 = 5;
@@ -124,6 +131,8 @@ struct Slot {
     ready: bool,
     /// Executors of this slot that died before they were ready, in a row.
     start_failures: u32,
+    /// Running time of this slot's recent tasks (moving average).
+    typical_task: Option<Duration>,
     inflight: VecDeque<(Inflight, Queued)>,
     fns: HashSet<u64>,
 }
@@ -137,6 +146,8 @@ struct Session {
     generations: u64,
     /// How executors are started, with the session's frame limit.
     spec: ExecutorSpec,
+    /// The capacity last announced to the orchestrator.
+    advertised: usize,
 }
 
 /// Run one authenticated session to its end; returns why it ended. With
@@ -180,6 +191,7 @@ where
         events: ev_tx,
         generations: 0,
         spec: config.executor.clone(),
+        advertised: config.processes * DEPTH,
     };
     let _ = s.out.send(Outgoing::new(FromAgent::Ready {
         slots: config.processes as u32,
@@ -207,6 +219,7 @@ where
                 retiring: false,
                 ready: false,
                 start_failures: 0,
+                typical_task: None,
                 inflight: VecDeque::new(),
                 fns: HashSet::new(),
             }),
@@ -246,7 +259,26 @@ fn far_future() -> tokio::time::Instant {
     tokio::time::Instant::now() + Duration::from_secs(86_400)
 }
 
+impl Slot {
+    /// Tasks this slot's executor may hold: more while its tasks are short.
+    fn depth(&self) -> usize {
+        match self.typical_task {
+            Some(t) if t < SHORT_TASK => DEEP,
+            _ => DEPTH,
+        }
+    }
+}
+
 impl Session {
+    /// Tell the orchestrator how many tasks to send, when that changes.
+    fn announce_capacity(&mut self) {
+        let want: usize = self.slots.iter().map(Slot::depth).sum();
+        if want != self.advertised {
+            self.advertised = want;
+            let _ = self.out.send(Outgoing::new(FromAgent::Capacity { tasks: want as u32 }));
+        }
+    }
+
     /// The earliest moment a running task goes past its time limit.
     fn next_deadline(&self) -> Option<tokio::time::Instant> {
         self.slots
@@ -334,10 +366,16 @@ impl Session {
                         payload,
                     ));
                 }
-                // The executor moves on to the next task it holds.
-                if let Some((next, _)) = s.inflight.front_mut() {
-                    next.started = Some(Instant::now());
+                // Learn how long this slot's tasks take, then start the next.
+                let now = Instant::now();
+                if let Some(t0) = done.started {
+                    let took = now.saturating_duration_since(t0);
+                    s.typical_task = Some(s.typical_task.map_or(took, |avg| (avg * 3 + took) / 4));
                 }
+                if let Some((next, _)) = s.inflight.front_mut() {
+                    next.started = Some(now);
+                }
+                self.announce_capacity();
                 Ok(())
             }
             ExecEvent::Ready { slot, generation } => {
@@ -437,14 +475,16 @@ impl Session {
         Ok(())
     }
 
-    /// Give queued tasks to executors: first one each, then up to [`DEPTH`].
+    /// Give queued tasks to executors: first one each, then a second each,
+    /// and so on up to each slot's depth.
     fn feed(&mut self) -> std::result::Result<(), String> {
-        for depth in 1..=DEPTH {
+        for depth in 1..=DEEP {
             for slot in 0..self.slots.len() {
                 if self.queue.is_empty() {
                     return Ok(());
                 }
-                if self.slots[slot].retiring || self.slots[slot].inflight.len() >= depth {
+                let s = &self.slots[slot];
+                if s.retiring || s.inflight.len() >= depth || depth > s.depth() {
                     continue;
                 }
                 let q = self.queue.pop_front().expect("queue is not empty");

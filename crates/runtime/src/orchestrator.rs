@@ -430,6 +430,11 @@ impl Core {
                     let reason = format!("{reason} on worker {name}");
                     self.sched.task_timed_out(worker, task, attempt, &reason);
                 }
+                FromAgent::Capacity { tasks } => {
+                    if self.agents.contains_key(&worker) {
+                        self.sched.worker_joined(worker, (tasks as usize).max(1));
+                    }
+                }
                 FromAgent::Ready { .. } | FromAgent::Pong { .. } => {}
             },
             Event::ClientOpened { client, tx } => {

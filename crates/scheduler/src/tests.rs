@@ -34,6 +34,21 @@ fn tasks_wait_for_a_worker_then_respect_its_capacity() {
 }
 
 #[test]
+fn a_worker_can_ask_for_more_or_fewer_tasks() {
+    let mut s = S::new(Config::default());
+    s.worker_joined(1, 1);
+    for t in 0..4 {
+        s.submit(t, 1, "x");
+    }
+    assert_eq!(dispatched(&drain(&mut s)).len(), 1);
+    s.worker_joined(1, 3); // its tasks turned out short: it takes more
+    assert_eq!(dispatched(&drain(&mut s)), vec![(1, 1, 1), (1, 2, 1)]);
+    s.worker_joined(1, 1); // and fewer again: nothing new until it is below
+    assert!(s.task_finished(1, 0, 1, 0));
+    assert!(dispatched(&drain(&mut s)).is_empty());
+}
+
+#[test]
 fn load_is_spread_over_workers() {
     let mut s = S::new(Config::default());
     s.worker_joined(1, 2);
