@@ -1,7 +1,15 @@
-"""distripool's embedded default against multiprocessing.Pool, in one run.
+"""distripool against the pools a Python user would otherwise pick, in one run.
 
-Each figure is the median of ROUNDS rounds, with the peer measured right
-beside it on the same machine. Usage::
+Peers measured beside each other on the same machine, each figure the median
+of ROUNDS rounds:
+
+- ``multiprocessing``: ``multiprocessing.Pool`` (fork), the reference for ratios;
+- ``ProcessPoolExecutor``: ``concurrent.futures`` (fork);
+- ``distripool``: the embedded default, ``Pool(processes)``;
+- ``distripool remote``: a worker agent in another process, over TCP on
+  loopback, authenticated and encrypted, with the same number of executors.
+
+Usage::
 
     python bench/bench.py [--processes N] [--rounds R] [--quick]
 """
@@ -9,10 +17,14 @@ beside it on the same machine. Usage::
 from __future__ import annotations
 
 import argparse
+import concurrent.futures as cf
 import multiprocessing
 import os
+import socket
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 import distripool
@@ -26,6 +38,74 @@ def identity(x):
     return x
 
 
+class ExecutorAsPool:
+    """The few Pool methods the bench uses, on a ProcessPoolExecutor."""
+
+    def __init__(self, processes):
+        self.ex = cf.ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"))
+        self.processes = processes
+
+    def map(self, fn, data, chunksize=None):
+        if chunksize is None:  # multiprocessing's default rule, for a fair comparison
+            chunksize, extra = divmod(len(data), self.processes * 4)
+            chunksize += bool(extra)
+        return list(self.ex.map(fn, data, chunksize=max(1, chunksize)))
+
+    def apply(self, fn, args):
+        return self.ex.submit(fn, *args).result()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.ex.shutdown(wait=True)
+
+
+class RemoteWorker:
+    """An orchestrator in this process and one worker agent in another."""
+
+    def __init__(self, processes):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        key = os.urandom(16).hex()
+        self.dir = tempfile.TemporaryDirectory()
+        key_file = os.path.join(self.dir.name, "key")
+        with open(os.open(key_file, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
+            f.write(key)
+        self.orch = distripool.Orchestrator(f"127.0.0.1:{port}", authkey=key)
+        here = os.path.dirname(os.path.abspath(__file__))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]))
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "distripool",
+                "worker",
+                "--processes",
+                str(processes),
+                "--connect",
+                self.orch.addresses[0],
+                "--authkey-file",
+                key_file,
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        if not self.orch.wait_for_workers(1, timeout=60):
+            raise RuntimeError("the bench's worker did not connect")
+
+    def pool(self, processes):
+        return distripool.Pool(orchestrator=self.orch)
+
+    def close(self):
+        self.orch.close()
+        self.proc.terminate()
+        self.proc.wait(30)
+        self.dir.cleanup()
+
+
 def startup(make, processes):
     t0 = time.perf_counter()
     with make(processes) as pool:
@@ -34,20 +114,14 @@ def startup(make, processes):
 
 
 def measure(pool, name, n_items, payload_mib):
-    """Return the seconds one round of figure ``name`` takes on ``pool``."""
-    if name == "map_default":
-        data = range(n_items["map_default"])
+    """Seconds one round of figure ``name`` takes on ``pool``."""
+    if name in ("map_default", "map_chunk1"):
+        data = range(n_items[name])
+        chunksize = None if name == "map_default" else 1
         t0 = time.perf_counter()
-        out = pool.map(tiny, data)
+        out = pool.map(tiny, data, chunksize)
         dt = time.perf_counter() - t0
-        assert out[-1] == n_items["map_default"]
-        return dt
-    if name == "map_chunk1":
-        data = range(n_items["map_chunk1"])
-        t0 = time.perf_counter()
-        out = pool.map(tiny, data, chunksize=1)
-        dt = time.perf_counter() - t0
-        assert len(out) == n_items["map_chunk1"]
+        assert len(out) == len(data) and out[-1] == len(data)
         return dt
     if name == "apply_latency":
         n = n_items["apply_latency"]
@@ -79,50 +153,61 @@ def main() -> int:
     }
     payload_mib = 64 // scale
 
+    remote = RemoteWorker(args.processes)
     peers = {
         "multiprocessing": lambda n: multiprocessing.get_context("fork").Pool(n),
+        "ProcessPoolExecutor": ExecutorAsPool,
         "distripool": lambda n: distripool.Pool(n),
+        "distripool remote": remote.pool,
     }
+    figures = ["map_default", "map_chunk1", "apply_latency", "payload"]
     results: dict[str, dict[str, float]] = {p: {} for p in peers}
-    for peer, make in peers.items():
-        results[peer]["startup"] = statistics.median(
-            startup(make, args.processes) for _ in range(args.rounds)
-        )
-    for peer, make in peers.items():
-        with make(args.processes) as pool:
-            pool.map(tiny, range(1000))  # warm up
-            for name in ("map_default", "map_chunk1", "apply_latency", "payload"):
-                results[peer][name] = statistics.median(
-                    measure(pool, name, n_items, payload_mib) for _ in range(args.rounds)
+    try:
+        for peer, make in peers.items():
+            if peer != "distripool remote":  # its start-up is the worker's, measured apart
+                results[peer]["startup"] = statistics.median(
+                    startup(make, args.processes) for _ in range(args.rounds)
                 )
+        for peer, make in peers.items():
+            with make(args.processes) as pool:
+                pool.map(tiny, range(1000))  # warm up
+                for name in figures:
+                    results[peer][name] = statistics.median(
+                        measure(pool, name, n_items, payload_mib) for _ in range(args.rounds)
+                    )
+    finally:
+        remote.close()
 
     rows = [
         ("start-up + first task", "startup", lambda s: f"{s * 1e3:.0f} ms"),
         (
             f"map tiny fn, {n_items['map_default']:,} items",
             "map_default",
-            lambda s: f"{n_items['map_default'] / s / 1e6:.2f} M items/s",
+            lambda s: f"{n_items['map_default'] / s / 1e6:.2f} M/s",
         ),
         (
             f"map chunksize=1, {n_items['map_chunk1']:,} items",
             "map_chunk1",
-            lambda s: f"{n_items['map_chunk1'] / s / 1e3:.1f} k tasks/s",
+            lambda s: f"{n_items['map_chunk1'] / s / 1e3:.1f} k/s",
         ),
         ("sequential apply round trip", "apply_latency", lambda s: f"{s * 1e6:.0f} µs"),
         (f"{payload_mib} MiB argument round trip", "payload", lambda s: f"{payload_mib / s:.0f} MiB/s"),
     ]
     print(
-        f"\ndistripool {distripool.__version__} vs multiprocessing.Pool (fork), "
-        f"{args.processes} processes, median of {args.rounds}, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}\n"
+        f"\ndistripool {distripool.__version__}, {args.processes} processes each, median of {args.rounds}, "
+        f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}\n"
     )
-    print(f"| {'figure':<34} | {'multiprocessing':>18} | {'distripool':>18} | {'ratio':>7} |")
-    print(f"|{'-' * 36}|{'-' * 20}|{'-' * 20}|{'-' * 9}|")
+    names = list(peers)
+    print("| figure | " + " | ".join(names) + " | distripool ÷ mp | remote ÷ mp |")
+    print("|---|" + "---:|" * (len(names) + 2))
     for label, key, fmt in rows:
-        mp, dp = results["multiprocessing"][key], results["distripool"][key]
-        # ratio > 1 means distripool is better
-        ratio = mp / dp
-        print(f"| {label:<34} | {fmt(mp):>18} | {fmt(dp):>18} | {ratio:>6.2f}x |")
-    print("\nratio: how many times better distripool is (above 1) or worse (below 1).")
+        cells = [fmt(results[p][key]) if key in results[p] else "—" for p in names]
+        mp = results["multiprocessing"][key]
+        # ratio > 1: distripool is better (faster or more per second)
+        local = f"{mp / results['distripool'][key]:.2f}×"
+        far = f"{mp / results['distripool remote'][key]:.2f}×" if key in results["distripool remote"] else "—"
+        print(f"| {label} | " + " | ".join(cells) + f" | {local} | {far} |")
+    print("\nratios: how many times better distripool is than multiprocessing (above 1) or worse (below 1).")
     return 0
 
 
