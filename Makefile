@@ -37,9 +37,10 @@ test-rust:
 test-python:
 	$(PYTHON) -m pytest -q
 
-## bench: distripool against multiprocessing.Pool, in one run
+## bench: distripool against its peers in one run, then the cost of sealing frames
 bench: install
 	$(PYTHON) bench/bench.py
+	cargo run --release --quiet -p distripool-runtime --example seal_cost
 
 ## fuzz-smoke: every fuzz target for FUZZ_SECONDS (default 10) each
 # cargo-fuzz wants nightly features; RUSTC_BOOTSTRAP lets the stable toolchain
