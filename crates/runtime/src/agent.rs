@@ -24,7 +24,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 
 use crate::conn::{
-    client_handshake, tune_tcp, AbortOnDrop, FrameReader, FrameWriter, Outgoing, PEER_TIMEOUT,
+    client_handshake, tune_tcp, AbortOnDrop, FrameReader, FrameWriter, Outgoing, HEARTBEAT, PEER_TIMEOUT,
 };
 use crate::executor::{self, ExecEvent, ExecIn, ExecutorHandle, ExecutorSpec};
 use crate::{resolve, Error, Result};
@@ -167,7 +167,14 @@ where
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Outgoing<FromAgent>>();
     let writer = AbortOnDrop(tokio::spawn(async move {
         let mut w = FrameWriter::new(wr, max_frame).with_sealer(sealer);
-        while let Some(first) = out_rx.recv().await {
+        // Our own heartbeat, whatever the orchestrator sends: while it is busy
+        // sending us a large frame, its pings wait behind it.
+        let mut heartbeat = tokio::time::interval(HEARTBEAT);
+        loop {
+            let first = tokio::select! {
+                f = out_rx.recv() => match f { Some(f) => f, None => break },
+                _ = heartbeat.tick() => Outgoing::new(FromAgent::Pong { seq: 0 }),
+            };
             let mut next = Some(first);
             while let Some(f) = next {
                 if let Err(e) = w.write(&f.msg, &f.payload).await {
@@ -230,16 +237,19 @@ where
     let mut writer = writer;
     loop {
         let deadline = s.next_deadline();
+        let silence = reader.silence_deadline();
         let step = tokio::select! {
             ev = ev_rx.recv() => match ev {
                 Some(ev) => s.on_executor_event(ev),
                 None => Err("executor events closed".to_string()),
             },
-            frame = tokio::time::timeout(PEER_TIMEOUT, reader.read_frame()) => match frame {
-                Err(_) => Err(format!("no word from the orchestrator for {PEER_TIMEOUT:?}")),
-                Ok(Err(e)) => Err(format!("connection error: {e}")),
-                Ok(Ok(None)) => Err("the orchestrator closed the connection".to_string()),
-                Ok(Ok(Some(frame))) => match frame.message::<ToAgent>() {
+            _ = tokio::time::sleep_until(silence) => {
+                Err(format!("no word from the orchestrator for {PEER_TIMEOUT:?}"))
+            }
+            frame = reader.read_frame() => match frame {
+                Err(e) => Err(format!("connection error: {e}")),
+                Ok(None) => Err("the orchestrator closed the connection".to_string()),
+                Ok(Some(frame)) => match frame.message::<ToAgent>() {
                     Ok(msg) => s.on_message(msg, frame.payload),
                     Err(e) => Err(format!("bad message from the orchestrator: {e}")),
                 },

@@ -30,6 +30,7 @@ pub struct FrameReader<R> {
     buf: BytesMut,
     decoder: FrameDecoder,
     opener: Option<Opener>,
+    last_data: tokio::time::Instant,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
@@ -39,7 +40,15 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             buf: BytesMut::with_capacity(64 * 1024),
             decoder: FrameDecoder::new(max_frame),
             opener: None,
+            last_data: tokio::time::Instant::now(),
         }
+    }
+
+    /// When the peer goes silent from now on, it is gone at this moment.
+    /// Any byte counts, so a large frame that takes long to arrive keeps the
+    /// peer alive while it streams in.
+    pub fn silence_deadline(&self) -> tokio::time::Instant {
+        self.last_data + PEER_TIMEOUT
     }
 
     /// Open (decrypt and verify) every frame read from now on.
@@ -68,7 +77,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             // arrive (at most 1 MiB ahead), never by the claimed length alone.
             let missing = self.decoder.missing(&self.buf)?;
             self.buf.reserve(missing.clamp(8 * 1024, 1 << 20));
-            if self.inner.read_buf(&mut self.buf).await? == 0 {
+            let n = self.inner.read_buf(&mut self.buf).await?;
+            if n > 0 {
+                self.last_data = tokio::time::Instant::now();
+            }
+            if n == 0 {
                 if self.buf.is_empty() {
                     return Ok(None);
                 }

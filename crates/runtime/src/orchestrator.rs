@@ -737,11 +737,17 @@ async fn serve_session<S: AsyncRead + AsyncWrite + Send + 'static>(
     let writer = AbortOnDrop(writer);
 
     let reason = loop {
-        match tokio::time::timeout(PEER_TIMEOUT, reader.read_frame()).await {
-            Err(_) => break format!("no heartbeat for {PEER_TIMEOUT:?}"),
-            Ok(Err(e)) => break format!("connection error: {e}"),
-            Ok(Ok(None)) => break "connection closed".to_string(),
-            Ok(Ok(Some(frame))) => match frame.message::<FromAgent>() {
+        let silence = reader.silence_deadline();
+        let frame = tokio::select! {
+            // Silence is measured in bytes, not frames: a large frame that
+            // streams in for a long time keeps the agent alive.
+            _ = tokio::time::sleep_until(silence) => break format!("no heartbeat for {PEER_TIMEOUT:?}"),
+            frame = reader.read_frame() => frame,
+        };
+        match frame {
+            Err(e) => break format!("connection error: {e}"),
+            Ok(None) => break "connection closed".to_string(),
+            Ok(Some(frame)) => match frame.message::<FromAgent>() {
                 Ok(FromAgent::Pong { .. }) => {}
                 Ok(msg) => {
                     if events.send(Event::AgentMessage { worker, msg, payload: frame.payload }).is_err() {
