@@ -196,3 +196,68 @@ def test_partitioned_worker_mid_map(two_hosts, spawn_worker, mode):
 def _links(ns: str) -> list[str]:
     out = subprocess.run(["ip", "-n", ns, "-o", "link"], capture_output=True, text=True, check=True).stdout
     return [line.split(": ")[1].split("@")[0] for line in out.splitlines()]
+
+
+SLOW_LINK_DRIVER = r"""
+import sys, time
+from distripool import Orchestrator, Pool
+
+address, key = sys.argv[1:3]
+orch = Orchestrator((address,), authkey=key.encode())
+assert orch.wait_for_workers(1, timeout=60), "the worker did not join"
+size = 24 << 20
+with Pool(orchestrator=orch) as pool:
+    t0 = time.monotonic()
+    assert pool.apply(len, (b"x" * size,)) == size  # a big task over the slow link
+    up = time.monotonic() - t0
+    t0 = time.monotonic()
+    assert len(pool.apply(bytes, (size,))) == size  # a big result back over it
+    down = time.monotonic() - t0
+stats = orch.stats()
+orch.close()
+print(f"ok up={up:.1f}s down={down:.1f}s lost={stats['workers_lost']} crashes={stats['crashes']}", flush=True)
+"""
+
+
+def test_a_large_payload_on_a_slow_link_is_not_a_lost_worker(two_hosts, spawn_worker):
+    """Each 24 MiB transfer takes longer than the 10 s silence timeout at 16 Mbit/s;
+    bytes keep arriving, so neither side may declare the other gone."""
+    (ns_a, addr_a), (ns_b, _) = two_hosts
+    for ns, prefix in ((ns_a, "va"), (ns_b, "vb")):
+        dev = next(d for d in _links(ns) if d.startswith(prefix))
+        sh(
+            "ip",
+            "netns",
+            "exec",
+            ns,
+            "tc",
+            "qdisc",
+            "add",
+            "dev",
+            dev,
+            "root",
+            "tbf",
+            "rate",
+            "16mbit",
+            "burst",
+            "64kbit",
+            "latency",
+            "1s",
+        )
+    key = uuid.uuid4().hex
+    address = f"{addr_a}:1337"
+    far = spawn_worker(address, key=key.encode(), processes=1, netns=ns_b)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run(
+        ["ip", "netns", "exec", ns_a, sys.executable, "-c", SLOW_LINK_DRIVER, address, key],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+    )
+    assert out.returncode == 0, f"driver: {out.stderr}\nworker: {far.log()}"
+    print(out.stdout.strip())
+    fields = dict(item.split("=") for item in out.stdout.split()[1:])
+    assert fields["lost"] == "0" and fields["crashes"] == "0", out.stdout
+    # The scenario only means something if each transfer outlasted the timeout.
+    assert float(fields["up"].rstrip("s")) > 10 and float(fields["down"].rstrip("s")) > 10, out.stdout

@@ -163,7 +163,7 @@ where
         Some(k) => (Some(k.send), Some(k.recv)),
         None => (None, None),
     };
-    let mut reader = FrameReader::new(rd, max_frame).with_opener(opener);
+    let mut reader = FrameReader::new(rd, max_frame).with_opener(opener).with_silence_limit(PEER_TIMEOUT);
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Outgoing<FromAgent>>();
     let writer = AbortOnDrop(tokio::spawn(async move {
         let mut w = FrameWriter::new(wr, max_frame).with_sealer(sealer);
@@ -237,16 +237,13 @@ where
     let mut writer = writer;
     loop {
         let deadline = s.next_deadline();
-        let silence = reader.silence_deadline();
         let step = tokio::select! {
             ev = ev_rx.recv() => match ev {
                 Some(ev) => s.on_executor_event(ev),
                 None => Err("executor events closed".to_string()),
             },
-            _ = tokio::time::sleep_until(silence) => {
-                Err(format!("no word from the orchestrator for {PEER_TIMEOUT:?}"))
-            }
             frame = reader.read_frame() => match frame {
+                Err(Error::Timeout(_)) => Err(format!("no word from the orchestrator for {PEER_TIMEOUT:?}")),
                 Err(e) => Err(format!("connection error: {e}")),
                 Ok(None) => Err("the orchestrator closed the connection".to_string()),
                 Ok(Some(frame)) => match frame.message::<ToAgent>() {

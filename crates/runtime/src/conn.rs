@@ -31,6 +31,7 @@ pub struct FrameReader<R> {
     decoder: FrameDecoder,
     opener: Option<Opener>,
     last_data: tokio::time::Instant,
+    silence_limit: Option<Duration>,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
@@ -41,14 +42,18 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             decoder: FrameDecoder::new(max_frame),
             opener: None,
             last_data: tokio::time::Instant::now(),
+            silence_limit: None,
         }
     }
 
-    /// When the peer goes silent from now on, it is gone at this moment.
-    /// Any byte counts, so a large frame that takes long to arrive keeps the
-    /// peer alive while it streams in.
-    pub fn silence_deadline(&self) -> tokio::time::Instant {
-        self.last_data + PEER_TIMEOUT
+    /// Fail a read with [`Error::Timeout`] once the peer has sent nothing at
+    /// all for `limit`. Any byte counts, so a large frame that takes long to
+    /// arrive keeps its sender alive while it streams in; and since the clock
+    /// runs from the last byte, not from the call, a read that is cancelled
+    /// and started again does not reset it.
+    pub fn with_silence_limit(mut self, limit: Duration) -> Self {
+        self.silence_limit = Some(limit);
+        self
     }
 
     /// Open (decrypt and verify) every frame read from now on.
@@ -77,7 +82,13 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             // arrive (at most 1 MiB ahead), never by the claimed length alone.
             let missing = self.decoder.missing(&self.buf)?;
             self.buf.reserve(missing.clamp(8 * 1024, 1 << 20));
-            let n = self.inner.read_buf(&mut self.buf).await?;
+            let read = self.inner.read_buf(&mut self.buf);
+            let n = match self.silence_limit {
+                None => read.await?,
+                Some(limit) => tokio::time::timeout_at(self.last_data + limit, read)
+                    .await
+                    .map_err(|_| Error::Timeout("the peer has been silent too long"))??,
+            };
             if n > 0 {
                 self.last_data = tokio::time::Instant::now();
             }

@@ -695,7 +695,7 @@ async fn serve_session<S: AsyncRead + AsyncWrite + Send + 'static>(
         Some(k) => (Some(k.send), Some(k.recv)),
         None => (None, None),
     };
-    let mut reader = FrameReader::new(rd, max_frame).with_opener(opener);
+    let mut reader = FrameReader::new(rd, max_frame).with_opener(opener).with_silence_limit(PEER_TIMEOUT);
 
     // The first message must be Ready, and it must come promptly.
     let (slots, name) = match tokio::time::timeout(PEER_TIMEOUT, reader.read_frame()).await {
@@ -737,14 +737,9 @@ async fn serve_session<S: AsyncRead + AsyncWrite + Send + 'static>(
     let writer = AbortOnDrop(writer);
 
     let reason = loop {
-        let silence = reader.silence_deadline();
-        let frame = tokio::select! {
-            // Silence is measured in bytes, not frames: a large frame that
-            // streams in for a long time keeps the agent alive.
-            _ = tokio::time::sleep_until(silence) => break format!("no heartbeat for {PEER_TIMEOUT:?}"),
-            frame = reader.read_frame() => frame,
-        };
-        match frame {
+        // Silence is measured in bytes, not frames (see `with_silence_limit`).
+        match reader.read_frame().await {
+            Err(Error::Timeout(_)) => break format!("no heartbeat for {PEER_TIMEOUT:?}"),
             Err(e) => break format!("connection error: {e}"),
             Ok(None) => break "connection closed".to_string(),
             Ok(Some(frame)) => match frame.message::<FromAgent>() {
