@@ -40,6 +40,18 @@ print("ok", len(out))
 """
 
 
+def run_driver(ns: str, code: str, *args: str, timeout: float) -> subprocess.CompletedProcess:
+    """Run a driver script (``python -c code args``) on the host ``ns``."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run(
+        ["ip", "netns", "exec", ns, sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
 def sh(*args: str) -> None:
     subprocess.run(args, check=True, capture_output=True, timeout=30)
 
@@ -84,14 +96,7 @@ def test_orchestrator_and_worker_on_two_hosts(two_hosts, spawn_worker, tmp_path)
     key = uuid.uuid4().hex
     address = f"{addr_a}:1337"
     worker = spawn_worker(address, key=key.encode(), processes=2, netns=ns_b)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run(
-        ["ip", "netns", "exec", ns_a, sys.executable, "-c", DRIVER, address, key],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-    )
+    out = run_driver(ns_a, DRIVER, address, key, timeout=120)
     assert out.returncode == 0, f"driver: {out.stderr}\nworker: {worker.log()}"
     assert out.stdout.strip() == "ok 100"
     assert "connected to orchestrator" in worker.log()
@@ -165,27 +170,7 @@ def test_partitioned_worker_mid_map(two_hosts, spawn_worker, mode):
     address = f"{addr_a}:1337"
     spawn_worker(address, key=key.encode(), processes=2, netns=ns_a)
     far = spawn_worker(address, key=key.encode(), processes=2, netns=ns_b)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run(
-        [
-            "ip",
-            "netns",
-            "exec",
-            ns_a,
-            sys.executable,
-            "-c",
-            PARTITION_DRIVER,
-            address,
-            key,
-            ns_b,
-            dev_b,
-            mode,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env=env,
-    )
+    out = run_driver(ns_a, PARTITION_DRIVER, address, key, ns_b, dev_b, mode, timeout=240)
     assert out.returncode == 0, f"driver: {out.stderr}\nfar worker: {far.log()}"
     assert out.stdout.startswith("ok"), out.stdout
     print(mode, out.stdout.strip())
@@ -247,14 +232,7 @@ def test_a_large_payload_on_a_slow_link_is_not_a_lost_worker(two_hosts, spawn_wo
     key = uuid.uuid4().hex
     address = f"{addr_a}:1337"
     far = spawn_worker(address, key=key.encode(), processes=1, netns=ns_b)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run(
-        ["ip", "netns", "exec", ns_a, sys.executable, "-c", SLOW_LINK_DRIVER, address, key],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env=env,
-    )
+    out = run_driver(ns_a, SLOW_LINK_DRIVER, address, key, timeout=240)
     assert out.returncode == 0, f"driver: {out.stderr}\nworker: {far.log()}"
     print(out.stdout.strip())
     fields = dict(item.split("=") for item in out.stdout.split()[1:])

@@ -252,19 +252,12 @@ fn enable_logging(filter: &str) {
         .try_init();
 }
 
-/// Content address the core uses for a pickled function.
-#[pyfunction]
-fn function_id(data: &[u8]) -> u64 {
-    distripool_runtime::orchestrator::function_id(data)
-}
-
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Orchestrator>()?;
     m.add_class::<Client>()?;
     m.add_function(wrap_pyfunction!(run_agent, m)?)?;
     m.add_function(wrap_pyfunction!(enable_logging, m)?)?;
-    m.add_function(wrap_pyfunction!(function_id, m)?)?;
     m.add("PROTOCOL_VERSION", 1u32)?;
     Ok(())
 }

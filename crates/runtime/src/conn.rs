@@ -62,10 +62,6 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         self
     }
 
-    pub fn set_max_frame(&mut self, max_frame: usize) {
-        self.decoder = FrameDecoder::new(max_frame);
-    }
-
     /// The next frame; `Ok(None)` on a clean end of stream between frames.
     pub async fn read_frame(&mut self) -> Result<Option<Frame>> {
         loop {
@@ -102,10 +98,6 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 )));
             }
         }
-    }
-
-    pub fn into_inner(self) -> (R, BytesMut) {
-        (self.inner, self.buf)
     }
 }
 
@@ -145,10 +137,6 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     pub async fn flush(&mut self) -> Result<()> {
         self.inner.flush().await?;
         Ok(())
-    }
-
-    pub fn get_mut(&mut self) -> &mut W {
-        self.inner.get_mut()
     }
 }
 

@@ -127,15 +127,6 @@ impl<P: Clone, R> Scheduler<P, R> {
         self.tasks.len()
     }
 
-    pub fn workers(&self) -> usize {
-        self.workers.len()
-    }
-
-    /// Total capacity of all workers.
-    pub fn capacity(&self) -> usize {
-        self.workers.values().map(|w| w.capacity).sum()
-    }
-
     pub fn submit(&mut self, task: TaskId, group: GroupId, payload: P) {
         let previous = self.tasks.insert(
             task,
