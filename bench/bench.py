@@ -7,7 +7,9 @@ of ROUNDS rounds:
 - ``ProcessPoolExecutor``: ``concurrent.futures`` (fork);
 - ``distripool``: the embedded default, ``Pool(processes)``;
 - ``distripool remote``: a worker agent in another process, over TCP on
-  loopback, authenticated and encrypted, with the same number of executors.
+  loopback, authenticated and encrypted, with the same number of executors;
+- ``remote, clear``: the same with encryption turned off on both sides
+  (still authenticated), to show what sealing every byte costs.
 
 Usage::
 
@@ -64,7 +66,7 @@ class ExecutorAsPool:
 class RemoteWorker:
     """An orchestrator in this process and one worker agent in another."""
 
-    def __init__(self, processes):
+    def __init__(self, processes, encrypt=True):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -73,7 +75,7 @@ class RemoteWorker:
         key_file = os.path.join(self.dir.name, "key")
         with open(os.open(key_file, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
             f.write(key)
-        self.orch = distripool.Orchestrator(f"127.0.0.1:{port}", authkey=key)
+        self.orch = distripool.Orchestrator(f"127.0.0.1:{port}", authkey=key, encrypt=encrypt)
         here = os.path.dirname(os.path.abspath(__file__))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]))
         self.proc = subprocess.Popen(
@@ -88,6 +90,7 @@ class RemoteWorker:
                 self.orch.addresses[0],
                 "--authkey-file",
                 key_file,
+                *([] if encrypt else ["--no-encrypt"]),
             ],
             env=env,
             stdout=subprocess.DEVNULL,
@@ -154,17 +157,19 @@ def main() -> int:
     payload_mib = 64 // scale
 
     remote = RemoteWorker(args.processes)
+    clear = RemoteWorker(args.processes, encrypt=False)
     peers = {
         "multiprocessing": lambda n: multiprocessing.get_context("fork").Pool(n),
         "ProcessPoolExecutor": ExecutorAsPool,
         "distripool": lambda n: distripool.Pool(n),
         "distripool remote": remote.pool,
+        "remote, clear": clear.pool,
     }
     figures = ["map_default", "map_chunk1", "apply_latency", "payload"]
     results: dict[str, dict[str, float]] = {p: {} for p in peers}
     try:
         for peer, make in peers.items():
-            if peer != "distripool remote":  # its start-up is the worker's, measured apart
+            if "remote" not in peer:  # its start-up is the worker's, measured apart
                 results[peer]["startup"] = statistics.median(
                     startup(make, args.processes) for _ in range(args.rounds)
                 )
@@ -177,6 +182,7 @@ def main() -> int:
                     )
     finally:
         remote.close()
+        clear.close()
 
     rows = [
         ("start-up + first task", "startup", lambda s: f"{s * 1e3:.0f} ms"),
@@ -198,16 +204,22 @@ def main() -> int:
         f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}\n"
     )
     names = list(peers)
-    print("| figure | " + " | ".join(names) + " | distripool ÷ mp | remote ÷ mp |")
-    print("|---|" + "---:|" * (len(names) + 2))
+    print("| figure | " + " | ".join(names) + " | distripool ÷ mp | remote ÷ mp | sealed ÷ clear |")
+    print("|---|" + "---:|" * (len(names) + 3))
     for label, key, fmt in rows:
         cells = [fmt(results[p][key]) if key in results[p] else "—" for p in names]
         mp = results["multiprocessing"][key]
         # ratio > 1: distripool is better (faster or more per second)
         local = f"{mp / results['distripool'][key]:.2f}×"
         far = f"{mp / results['distripool remote'][key]:.2f}×" if key in results["distripool remote"] else "—"
-        print(f"| {label} | " + " | ".join(cells) + f" | {local} | {far} |")
-    print("\nratios: how many times better distripool is than multiprocessing (above 1) or worse (below 1).")
+        sealing = (
+            f"{results['remote, clear'][key] / results['distripool remote'][key]:.2f}×"
+            if key in results["remote, clear"]
+            else "—"
+        )
+        print(f"| {label} | " + " | ".join(cells) + f" | {local} | {far} | {sealing} |")
+    print("\nratios: how many times better distripool is than multiprocessing (above 1) or worse (below 1);")
+    print("sealed ÷ clear: the remote worker with encryption on, relative to off (1.00× = free).")
     return 0
 
 

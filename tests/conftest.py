@@ -75,12 +75,20 @@ class Worker:
 def spawn_worker(tmp_path):
     """Start worker agents: ``spawn_worker(addresses, key=..., processes=..., via=...)``.
 
-    ``via`` is ``"cli"`` (``python -m distripool worker``) or ``"make_worker"``.
+    ``via`` is ``"cli"`` (``python -m distripool worker``, with ``extra`` arguments) or
+    ``"make_worker"``.
     Every worker started is stopped at the end of the test, by its PID.
     """
     workers: list[Worker] = []
 
-    def spawn(addresses, key: bytes | None = None, processes: int = 2, via: str = "cli", netns=None):
+    def spawn(
+        addresses,
+        key: bytes | None = None,
+        processes: int = 2,
+        via: str = "cli",
+        netns=None,
+        extra: list[str] = (),
+    ):
         if isinstance(addresses, str):
             addresses = [addresses]
         env = dict(os.environ)
@@ -97,6 +105,7 @@ def spawn_worker(tmp_path):
                 key_file.write_bytes(key)
                 key_file.chmod(0o600)
                 argv += ["--authkey-file", str(key_file)]
+            argv += list(extra)
         elif via == "make_worker":
             if key is not None:
                 env["DISTRIPOOL_AUTHKEY"] = key.decode()

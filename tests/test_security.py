@@ -1,8 +1,8 @@
 """Attacks on the wire and at the door.
 
-A man in the middle who flips a bit, replays a frame or injects one makes the
-connection close (every frame after the handshake is sealed), the tasks it
-carried are rescheduled, and the map still completes correctly. A flood of
+A man in the middle who flips a bit, replays a record or injects one makes the
+connection close (every byte after the handshake travels in sealed records),
+the tasks it carried are rescheduled, and the map still completes correctly. A flood of
 idle unauthenticated sockets and a client sending one byte a second do not
 keep a real worker out.
 """
@@ -18,6 +18,7 @@ import pytest
 
 from conftest import free_port, wait_until
 from distripool import Orchestrator, Pool
+from distripool._native import PROTOCOL_VERSION
 
 
 def square(x):
@@ -27,9 +28,9 @@ def square(x):
 class Proxy:
     """A TCP relay that tampers with the first connection it carries.
 
-    Frames are `len: u32 LE` + body in both directions, handshake included.
-    ``attack`` is applied once, to the ``nth`` frame after the handshake in
-    the chosen direction; later connections are relayed untouched.
+    Handshake frames and the sealed records after them are all `len: u32 LE`
+    + body. ``attack`` is applied once, to the ``nth`` record after the
+    handshake in the chosen direction; later connections are relayed untouched.
     """
 
     HANDSHAKE_FRAMES = 2  # per direction: Hello, Proof / Challenge, Accept
@@ -232,6 +233,8 @@ class Recorder(Proxy):
 # -- raw handshakes: the wire format spoken by hand ------------------------------
 
 HELLO, CHALLENGE, REJECT = 0, 1, 4
+# RejectReason variants
+VERSION, ROLE, AUTH, MALFORMED, CLUSTER, SEALING = range(6)
 
 
 def varint(n: int) -> bytes:
@@ -250,8 +253,9 @@ def frame(header: bytes) -> bytes:
     return struct.pack("<II", 4 + len(header), len(header)) + header
 
 
-def hello(version=1, role=0, magic=b"DSTRPOOL") -> bytes:
-    return frame(bytes([HELLO]) + magic + varint(version) + varint(role) + os.urandom(32))
+def hello(version=PROTOCOL_VERSION, role=0, magic=b"DSTRPOOL", cluster=b"default", sealed=True) -> bytes:
+    body = magic + varint(version) + varint(role) + varint(len(cluster)) + cluster + bytes([sealed])
+    return frame(bytes([HELLO]) + body + os.urandom(32))
 
 
 def read_frame_header(sock) -> bytes | None:
@@ -266,11 +270,13 @@ def read_frame_header(sock) -> bytes | None:
 @pytest.mark.parametrize(
     "message, reply",
     [
-        (hello(version=99), bytes([REJECT, 0]) + varint(1)),  # Reject{Version{supported: 1}}
-        (hello(role=1), bytes([REJECT, 1])),  # Reject{Role}: only agents connect here
-        (hello(magic=b"GET / HT"), bytes([REJECT, 3])),  # Reject{Malformed}
+        (hello(version=99), bytes([REJECT, VERSION]) + varint(PROTOCOL_VERSION)),
+        (hello(role=1), bytes([REJECT, ROLE])),  # only agents connect here
+        (hello(magic=b"GET / HT"), bytes([REJECT, MALFORMED])),
+        (hello(cluster=b"another"), bytes([REJECT, CLUSTER])),
+        (hello(sealed=False), bytes([REJECT, SEALING, 1])),  # orchestrator_seals: true
     ],
-    ids=["wrong-version", "wrong-role", "not-distripool"],
+    ids=["wrong-version", "wrong-role", "not-distripool", "wrong-cluster", "sealing-off"],
 )
 def test_orchestrator_refuses_wrong_version_role_or_protocol(message, reply):
     orch = Orchestrator(f"127.0.0.1:{free_port()}", authkey=b"k")
@@ -322,7 +328,7 @@ class FakeOrchestrator:
     [
         (
             frame(bytes([CHALLENGE]) + varint(99) + os.urandom(64)),
-            "protocol version mismatch: we speak 1, the peer speaks 99",
+            f"protocol version mismatch: we speak {PROTOCOL_VERSION}, the peer speaks 99",
         ),
         (frame(bytes([REJECT, 0]) + varint(99)), "refused the handshake: Version { supported: 99 }"),
         (struct.pack("<I", 40) + os.urandom(40), "not available"),
@@ -394,3 +400,37 @@ def test_keygen_writes_a_private_random_key(tmp_path):
         [sys.executable, "-m", "distripool", "keygen", str(path)], capture_output=True, timeout=60
     )
     assert again.returncode == 2, "an existing key file is never overwritten"
+
+
+def test_a_worker_of_another_cluster_is_refused_before_any_key_is_used(spawn_worker):
+    key = os.urandom(16).hex().encode()
+    orch = Orchestrator(f"127.0.0.1:{free_port()}", authkey=key, cluster="blue")
+    try:
+        worker = spawn_worker(orch.addresses[0], key=key, processes=1, extra=["--cluster", "green"])
+        wait_until(lambda: "serves another cluster" in worker.log(), 60, "the worker to log the refusal")
+        assert "green" in worker.log()
+        wait_until(lambda: orch.stats()["handshake_failures"] >= 1, 30, "the refusal to be counted")
+        assert orch.stats()["auth_failures"] == 0 and orch.workers == 0
+        assert worker.proc.poll() is None, "the worker keeps running"
+        spawn_worker(orch.addresses[0], key=key, processes=1, extra=["--cluster", "blue"])
+        assert orch.wait_for_workers(1, timeout=60)
+        with Pool(orchestrator=orch) as pool:
+            assert pool.map(square, range(10)) == [x * x for x in range(10)]
+    finally:
+        orch.close()
+
+
+def test_encryption_off_needs_both_sides_and_then_works(spawn_worker):
+    key = os.urandom(16).hex().encode()
+    orch = Orchestrator(f"127.0.0.1:{free_port()}", authkey=key, encrypt=False)
+    try:
+        sealed = spawn_worker(orch.addresses[0], key=key, processes=1)
+        wait_until(lambda: "encryption settings differ" in sealed.log(), 60, "the worker to log the mismatch")
+        assert orch.workers == 0
+        sealed.stop()
+        spawn_worker(orch.addresses[0], key=key, processes=2, extra=["--no-encrypt"])
+        assert orch.wait_for_workers(1, timeout=60)
+        with Pool(orchestrator=orch) as pool:
+            assert pool.map(square, range(500), chunksize=3) == [x * x for x in range(500)]
+    finally:
+        orch.close()

@@ -4,7 +4,7 @@
 #![no_main]
 
 use distripool_protocol::handshake::HandshakeMsg;
-use distripool_protocol::{ClientHandshake, Frame, ServerHandshake};
+use distripool_protocol::{Binding, ClientHandshake, Frame, ServerHandshake};
 use libfuzzer_sys::fuzz_target;
 
 const KEY: &[u8] = b"the fuzzer does not know this key";
@@ -15,8 +15,8 @@ fn decode(data: &[u8]) -> Option<HandshakeMsg> {
 
 fuzz_target!(|input: (Vec<Vec<u8>>, bool)| {
     let (messages, honest_hello) = input;
-    let mut server = ServerHandshake::new(KEY, [7; 32]);
-    let mut client = ClientHandshake::new(KEY, [9; 32]);
+    let mut server = ServerHandshake::new(KEY, Binding::default(), [7; 32]);
+    let mut client = ClientHandshake::new(KEY, Binding::default(), [9; 32]);
     let mut server_accepted = false;
     let mut client_accepted = false;
     let mut step = 0;

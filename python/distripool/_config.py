@@ -9,6 +9,19 @@ import sys
 DEFAULT_PORTS = (1337, 1338)
 
 
+DEFAULT_CLUSTER = "default"
+MAX_CLUSTER = 64
+
+
+def _check_private(path: str | os.PathLike, what: str) -> None:
+    st = os.stat(path)
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise PermissionError(
+            f"{what} {os.fspath(path)!r} is accessible by other users (mode "
+            f"{stat.S_IMODE(st.st_mode):o}); restrict it with: chmod 600 {os.fspath(path)}"
+        )
+
+
 def read_key_file(path: str | os.PathLike) -> bytes:
     """Read a key file, refusing one that other users can read.
 
@@ -16,12 +29,7 @@ def read_key_file(path: str | os.PathLike) -> bytes:
         PermissionError: the file is readable by group or others.
         ValueError: the file is empty.
     """
-    st = os.stat(path)
-    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise PermissionError(
-            f"key file {os.fspath(path)!r} is accessible by other users (mode "
-            f"{stat.S_IMODE(st.st_mode):o}); restrict it with: chmod 600 {os.fspath(path)}"
-        )
+    _check_private(path, "key file")
     with open(path, "rb") as f:
         key = f.read().strip()
     if not key:
@@ -50,6 +58,45 @@ def resolve_key(authkey: bytes | str | None = None, key_file: str | None = None)
     if path:
         return read_key_file(path)
     return b""
+
+
+def resolve_cluster(cluster: str | None = None) -> str:
+    """The cluster name: the argument, else ``$DISTRIPOOL_CLUSTER``, else ``"default"``."""
+    if cluster is None:
+        cluster = os.environ.get("DISTRIPOOL_CLUSTER") or DEFAULT_CLUSTER
+    if not isinstance(cluster, str):
+        raise TypeError(f"cluster must be a str, not {type(cluster).__name__}")
+    if not cluster or len(cluster.encode()) > MAX_CLUSTER:
+        raise ValueError(f"cluster name must be 1 to {MAX_CLUSTER} bytes of UTF-8, not {cluster!r}")
+    return cluster
+
+
+def resolve_tls(ca=None, cert=None, key=None) -> tuple[str, str, str] | None:
+    """Mutual-TLS files: the arguments, else ``$DISTRIPOOL_TLS_CA``,
+    ``$DISTRIPOOL_TLS_CERT`` and ``$DISTRIPOOL_TLS_KEY``. All three or none.
+
+    Raises:
+        ValueError: only some of the three are given.
+        FileNotFoundError: a file does not exist.
+        PermissionError: the private key file is readable by other users.
+    """
+    given = {"ca": ca, "cert": cert, "key": key}
+    if all(v is None for v in given.values()):
+        given = {n: os.environ.get(f"DISTRIPOOL_TLS_{n.upper()}") or None for n in given}
+    if all(v is None for v in given.values()):
+        return None
+    missing = [n for n, v in given.items() if v is None]
+    if missing:
+        raise ValueError(
+            "mutual TLS needs a CA file, a certificate and a private key; missing: "
+            + ", ".join(f"tls_{n}" for n in missing)
+        )
+    paths = {n: os.fspath(v) for n, v in given.items()}
+    for n, path in paths.items():
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"TLS {n} file {path!r} does not exist")
+    _check_private(paths["key"], "TLS private key file")
+    return paths["ca"], paths["cert"], paths["key"]
 
 
 def normalize_addresses(addresses) -> list[str]:

@@ -4,7 +4,14 @@ PROTOCOL_VERSION: int
 
 class Orchestrator:
     def __init__(
-        self, listen: list[str], key: bytes, max_crashes: int = 3, max_frame: int | None = None
+        self,
+        listen: list[str],
+        key: bytes,
+        max_crashes: int = 3,
+        max_frame: int | None = None,
+        cluster: str | None = None,
+        encrypt: bool = True,
+        tls: tuple[str, str, str] | None = None,
     ) -> None: ...
     @property
     def addresses(self) -> list[str]: ...
@@ -34,5 +41,8 @@ def run_agent(
     module: str,
     env: list[tuple[str, str]],
     max_frame: int | None = None,
+    cluster: str | None = None,
+    encrypt: bool = True,
+    tls: tuple[str, str, str] | None = None,
 ) -> None: ...
 def enable_logging(filter: str) -> None: ...

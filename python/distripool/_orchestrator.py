@@ -9,7 +9,14 @@ import time
 import weakref
 
 from . import _native
-from ._config import DEFAULT_PORTS, executor_env, normalize_addresses, resolve_key
+from ._config import (
+    DEFAULT_PORTS,
+    executor_env,
+    normalize_addresses,
+    resolve_cluster,
+    resolve_key,
+    resolve_tls,
+)
 
 EXECUTOR_MODULE = "distripool._executor"
 
@@ -35,10 +42,19 @@ class Orchestrator:
         *,
         max_crashes: int = 3,
         max_message_size: int | None = None,
+        cluster: str | None = None,
+        encrypt: bool = True,
+        tls: tuple[str, str, str] | None = None,
     ):
         _check_limits(max_crashes, max_message_size)
         self._native = _native.Orchestrator(
-            normalize_addresses(addresses), resolve_key(authkey), max_crashes, max_message_size
+            normalize_addresses(addresses),
+            resolve_key(authkey),
+            max_crashes,
+            max_message_size,
+            resolve_cluster(cluster),
+            bool(encrypt),
+            tls,
         )
         _live.add(self)
 
@@ -121,6 +137,11 @@ def make_orchestrator(
     *,
     max_crashes: int = 3,
     max_message_size: int | None = None,
+    cluster: str | None = None,
+    encrypt: bool = True,
+    tls_ca=None,
+    tls_cert=None,
+    tls_key=None,
 ) -> Orchestrator:
     """Start an orchestrator that worker agents can connect to.
 
@@ -135,21 +156,42 @@ def make_orchestrator(
             :class:`~distripool.WorkerLostError`.
         max_message_size: largest message (a pickled chunk of arguments, a
             function or a result) in bytes; default 1 GiB.
+        cluster: name of this cluster (default ``$DISTRIPOOL_CLUSTER``, else
+            ``"default"``); only workers started with the same name join.
+        encrypt: seal every message after the handshake (default). Turn it
+            off only on a network you trust, and on the workers too
+            (``--no-encrypt``): both sides must agree.
+        tls_ca, tls_cert, tls_key: PEM files for mutual TLS 1.3 instead of
+            distripool's own encryption (default ``$DISTRIPOOL_TLS_CA``,
+            ``$DISTRIPOOL_TLS_CERT``, ``$DISTRIPOOL_TLS_KEY``). Workers must
+            present a certificate signed by the CA. With TLS a key is
+            optional; if set, workers must hold it too.
 
     Returns:
         The :class:`Orchestrator`. The first one made (while open) is also the
         default that ``Pool()`` uses when no ``orchestrator`` is given.
 
     Raises:
-        ValueError: a non-loopback address without a key, or a bad address.
+        ValueError: a non-loopback address without a key or TLS, a bad
+            address, or an incomplete set of TLS files.
+        PermissionError: a key file readable by other users.
         OSError: an address is already in use.
     """
     global _default
     key = resolve_key(authkey)
+    tls = resolve_tls(tls_ca, tls_cert, tls_key)
     if addresses is None:
-        host = "0.0.0.0" if key else "127.0.0.1"
+        host = "0.0.0.0" if key or tls else "127.0.0.1"
         addresses = tuple(f"{host}:{p}" for p in DEFAULT_PORTS)
-    orch = Orchestrator(addresses, key, max_crashes=max_crashes, max_message_size=max_message_size)
+    orch = Orchestrator(
+        addresses,
+        key,
+        max_crashes=max_crashes,
+        max_message_size=max_message_size,
+        cluster=cluster,
+        encrypt=encrypt,
+        tls=tls,
+    )
     with _default_lock:
         if _default is None or _default.closed:
             _default = orch
@@ -178,14 +220,24 @@ def default_orchestrator() -> Orchestrator | None:
 
 
 def make_worker(
-    addresses, processes: int | None = None, authkey: bytes | str | None = None, *, key_file=None
+    addresses,
+    processes: int | None = None,
+    authkey: bytes | str | None = None,
+    *,
+    key_file=None,
+    cluster: str | None = None,
+    encrypt: bool = True,
+    tls_ca=None,
+    tls_cert=None,
+    tls_key=None,
 ) -> None:
     """Run a worker agent in this process; blocks and executes work until interrupted.
 
     The agent dials the orchestrator at ``addresses`` (``"host:port"`` or a
     tuple of them, tried in turn), retrying with backoff until it is up and
     reconnecting whenever it goes away. It runs ``processes`` executors
-    (default: the number of CPUs).
+    (default: the number of CPUs). ``cluster``, ``encrypt`` and the TLS
+    files must match the orchestrator's (see :func:`make_orchestrator`).
 
     Raises:
         KeyboardInterrupt: on Ctrl-C, after stopping the executors.
@@ -197,7 +249,18 @@ def make_worker(
     if processes < 1:
         raise ValueError("Number of processes must be at least 1")
     key = resolve_key(authkey, key_file)
-    _native.run_agent(addrs, key, processes, sys.executable, EXECUTOR_MODULE, executor_env())
+    tls = resolve_tls(tls_ca, tls_cert, tls_key)
+    _native.run_agent(
+        addrs,
+        key,
+        processes,
+        sys.executable,
+        EXECUTOR_MODULE,
+        executor_env(),
+        cluster=resolve_cluster(cluster),
+        encrypt=bool(encrypt),
+        tls=tls,
+    )
 
 
 def _close_all():

@@ -29,7 +29,16 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     addrs = [a for item in args.connect for a in item.split(",") if a]
     normalize_addresses(addrs)
     try:
-        make_worker(addrs, processes=args.processes, key_file=args.authkey_file)
+        make_worker(
+            addrs,
+            processes=args.processes,
+            key_file=args.authkey_file,
+            cluster=args.cluster,
+            encrypt=args.encrypt,
+            tls_ca=args.tls_ca,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+        )
     except KeyboardInterrupt:
         print("distripool worker: interrupted, executors stopped", file=sys.stderr)
         return 130
@@ -83,6 +92,28 @@ def main(argv: list[str] | None = None) -> int:
         help="file holding the shared key (default: $DISTRIPOOL_AUTHKEY, then "
         "$DISTRIPOOL_AUTHKEY_FILE); must not be readable by other users",
     )
+    w.add_argument(
+        "--cluster",
+        metavar="NAME",
+        default=None,
+        help="join only an orchestrator of this cluster (default: $DISTRIPOOL_CLUSTER, else 'default')",
+    )
+    w.add_argument(
+        "--no-encrypt",
+        dest="encrypt",
+        action="store_false",
+        help="do not seal messages after the handshake; the orchestrator must have encrypt=False "
+        "too. Only for networks you trust",
+    )
+    tls = w.add_argument_group(
+        "mutual TLS 1.3 (instead of distripool's own encryption; all three, or set "
+        "$DISTRIPOOL_TLS_CA, $DISTRIPOOL_TLS_CERT, $DISTRIPOOL_TLS_KEY)"
+    )
+    tls.add_argument(
+        "--tls-ca", metavar="FILE", help="PEM file of the CA that signed the orchestrator's certificate"
+    )
+    tls.add_argument("--tls-cert", metavar="FILE", help="PEM file of this worker's certificate (chain)")
+    tls.add_argument("--tls-key", metavar="FILE", help="PEM file of this worker's private key (mode 600)")
     w.set_defaults(func=_cmd_worker)
 
     k = sub.add_parser("keygen", help="write a new random key to PATH (mode 600), or print it")
@@ -94,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--processes must be at least 1")
     try:
         return args.func(args)
-    except (ValueError, PermissionError, FileNotFoundError, FileExistsError) as exc:
+    except (ValueError, TypeError, PermissionError, FileNotFoundError, FileExistsError) as exc:
         print(f"distripool {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -1,32 +1,54 @@
-//! Authenticated encryption of every frame after the handshake.
+//! Authenticated encryption of the byte stream after the handshake.
 //!
-//! Both sides derive two keys from the shared key and the handshake's two
-//! fresh nonces with HKDF-SHA256, one per direction:
+//! Both sides derive two keys from the shared key and the handshake's
+//! transcript (both fresh nonces, the protocol version and the cluster name)
+//! with HKDF-SHA256, one per direction:
 //!
 //! ```text
-//! prk      = HKDF-Extract(salt = "distripool v1 session" ‖ nonce_c ‖ nonce_s, ikm = key)
+//! prk      = HKDF-Extract(salt = "distripool v1 session" ‖ nonce_c ‖ nonce_s ‖ binding, ikm = key)
 //! k_up     = HKDF-Expand(prk, "agent to orchestrator", 32)
 //! k_down   = HKDF-Expand(prk, "orchestrator to agent", 32)
 //! ```
 //!
-//! Each frame is then `len: u32 LE ‖ ChaCha20-Poly1305(body) ‖ tag`, where
-//! `len` counts ciphertext and tag, the nonce is the frame's sequence number
-//! in its direction (starting at 0), and `len` is the associated data. A
-//! flipped bit, a replayed, dropped, reordered or injected frame fails to
-//! open, and the connection is closed: the receiver only ever accepts the
-//! next frame in sequence, exactly as the sender sealed it. Fresh nonces make
-//! every session's keys different, so a frame recorded in one session is
-//! noise in any other.
+//! The plaintext stream of frames is cut into *records* of at most
+//! [`RECORD_MAX`] bytes, each sent as
+//! `len: u32 LE ‖ AES-256-GCM(chunk) ‖ tag`, where `len` counts
+//! ciphertext and tag, the nonce is the record's sequence number in its
+//! direction (starting at 0), and `len` is the associated data. Every
+//! [`REKEY_INTERVAL`] records both sides replace the direction's key with
+//! `HKDF-Expand(key, "distripool rekey")`, which keeps each key far below
+//! the amount of data AES-GCM may safely protect, however long a session lives. A writer puts
+//! every frame queued before a flush into one record (so a burst of small
+//! frames costs one seal), and streams a large frame through records of
+//! `RECORD_MAX` bytes (so memory and the work done before a byte is verified
+//! stay bounded, whatever the frame size).
+//!
+//! A flipped bit, a replayed, dropped, reordered or injected record fails to
+//! open, and the connection is closed: the receiver only ever accepts the next
+//! record in sequence, exactly as the sender sealed it, and looks at no
+//! plaintext before its record verified. A record length over the cap is
+//! refused before anything is buffered for it. Fresh nonces make every
+//! session's keys different, so a record from one session is noise in any other.
 
-use chacha20poly1305::aead::{AeadInPlace, KeyInit};
-use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce, Tag};
+use bytes::{Buf, BytesMut};
 use hkdf::Hkdf;
+use ring::aead::{Aad, LessSafeKey, Nonce, Tag, UnboundKey, AES_256_GCM};
 use sha2::Sha256;
 
 use crate::handshake::Nonce as HsNonce;
 
-/// Bytes the tag adds to every frame.
+/// Bytes the tag adds to every record.
 pub const TAG_LEN: usize = 16;
+
+/// Most plaintext bytes in one record.
+pub const RECORD_MAX: usize = 64 * 1024;
+
+/// Bytes of a record's length prefix.
+pub const RECORD_PREFIX: usize = 4;
+
+/// Records sealed under one key before both sides move to the next
+/// (2^20 records: at most 64 GiB per key).
+pub const REKEY_INTERVAL: u64 = 1 << 20;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CipherError {
@@ -34,8 +56,10 @@ pub enum CipherError {
     Forged,
     #[error("a frame is too short to hold its authentication tag")]
     Truncated,
-    #[error("the session has sent 2^64 frames")]
+    #[error("the session has sent 2^64 records")]
     Exhausted,
+    #[error("a record of {len} bytes exceeds the limit of {max} bytes")]
+    TooLarge { len: usize, max: usize },
 }
 
 /// The two directions' keys of one session, from one side's point of view.
@@ -45,24 +69,27 @@ pub struct SessionKeys {
 }
 
 impl SessionKeys {
-    /// Keys for the agent (client) side.
-    pub fn for_agent(key: &[u8], client: &HsNonce, server: &HsNonce) -> Self {
-        let (up, down) = derive(key, client, server);
+    /// Keys for the agent (client) side. `binding` is the handshake's
+    /// transcript binding (protocol version, cluster); both sides must pass
+    /// the same bytes.
+    pub fn for_agent(key: &[u8], client: &HsNonce, server: &HsNonce, binding: &[u8]) -> Self {
+        let (up, down) = derive(key, client, server, binding);
         Self { send: Sealer::new(&up), recv: Opener::new(&down) }
     }
 
     /// Keys for the orchestrator (server) side.
-    pub fn for_orchestrator(key: &[u8], client: &HsNonce, server: &HsNonce) -> Self {
-        let (up, down) = derive(key, client, server);
+    pub fn for_orchestrator(key: &[u8], client: &HsNonce, server: &HsNonce, binding: &[u8]) -> Self {
+        let (up, down) = derive(key, client, server, binding);
         Self { send: Sealer::new(&down), recv: Opener::new(&up) }
     }
 }
 
-fn derive(key: &[u8], client: &HsNonce, server: &HsNonce) -> ([u8; 32], [u8; 32]) {
-    let mut salt = Vec::with_capacity(21 + 64);
+fn derive(key: &[u8], client: &HsNonce, server: &HsNonce, binding: &[u8]) -> ([u8; 32], [u8; 32]) {
+    let mut salt = Vec::with_capacity(21 + 64 + binding.len());
     salt.extend_from_slice(b"distripool v1 session");
     salt.extend_from_slice(client);
     salt.extend_from_slice(server);
+    salt.extend_from_slice(binding);
     let hk = Hkdf::<Sha256>::new(Some(&salt), key);
     let mut up = [0u8; 32];
     let mut down = [0u8; 32];
@@ -74,59 +101,147 @@ fn derive(key: &[u8], client: &HsNonce, server: &HsNonce) -> ([u8; 32], [u8; 32]
 fn nonce(counter: u64) -> Nonce {
     let mut n = [0u8; 12];
     n[4..].copy_from_slice(&counter.to_le_bytes());
-    Nonce::from(n)
+    Nonce::assume_unique_for_key(n)
 }
 
-/// Seals outgoing frames, in order.
-pub struct Sealer {
-    cipher: ChaCha20Poly1305,
+/// One direction's key and record counter, shared by [`Sealer`] and [`Opener`].
+struct Direction {
+    secret: [u8; 32],
+    key: LessSafeKey,
     counter: u64,
 }
 
-impl Sealer {
-    fn new(key: &[u8; 32]) -> Self {
-        Self { cipher: ChaCha20Poly1305::new(Key::from_slice(key)), counter: 0 }
+impl Direction {
+    fn new(secret: &[u8; 32]) -> Self {
+        Self { secret: *secret, key: aead_key(secret), counter: 0 }
     }
 
-    /// Encrypt `body` in place and return the frame's length prefix and tag:
+    /// The nonce of the next record.
+    fn nonce(&self) -> Nonce {
+        nonce(self.counter)
+    }
+
+    /// Count a record as done; moves to the next key at each interval.
+    fn advance(&mut self) -> Result<(), CipherError> {
+        self.counter = self.counter.checked_add(1).ok_or(CipherError::Exhausted)?;
+        if self.counter % REKEY_INTERVAL == 0 {
+            let hk = Hkdf::<Sha256>::from_prk(&self.secret).expect("32 bytes is a valid PRK");
+            let mut next = [0u8; 32];
+            hk.expand(b"distripool rekey", &mut next).expect("32 bytes is a valid HKDF length");
+            self.secret = next;
+            self.key = aead_key(&next);
+        }
+        Ok(())
+    }
+}
+
+fn aead_key(secret: &[u8; 32]) -> LessSafeKey {
+    LessSafeKey::new(UnboundKey::new(&AES_256_GCM, secret).expect("AES-256 takes a 32-byte key"))
+}
+
+/// Seals outgoing records, in order.
+pub struct Sealer(Direction);
+
+impl Sealer {
+    fn new(key: &[u8; 32]) -> Self {
+        Self(Direction::new(key))
+    }
+
+    /// Encrypt `body` in place and return the record's length prefix and tag:
     /// the wire bytes are `prefix ‖ body ‖ tag`.
     pub fn seal(&mut self, body: &mut [u8]) -> Result<([u8; 4], [u8; TAG_LEN]), CipherError> {
         let len = u32::try_from(body.len() + TAG_LEN).map_err(|_| CipherError::Truncated)?;
         let prefix = len.to_le_bytes();
-        let n = nonce(self.counter);
-        self.counter = self.counter.checked_add(1).ok_or(CipherError::Exhausted)?;
-        let tag =
-            self.cipher.encrypt_in_place_detached(&n, &prefix, body).map_err(|_| CipherError::Truncated)?;
-        Ok((prefix, tag.into()))
+        let tag = self
+            .0
+            .key
+            .seal_in_place_separate_tag(self.0.nonce(), Aad::from(&prefix), body)
+            .map_err(|_| CipherError::Truncated)?;
+        self.0.advance()?;
+        let mut out = [0u8; TAG_LEN];
+        out.copy_from_slice(tag.as_ref());
+        Ok((prefix, out))
+    }
+
+    /// Seal one record in place. `record` holds [`RECORD_PREFIX`] bytes of
+    /// room followed by at most [`RECORD_MAX`] bytes of plaintext; afterwards
+    /// it holds the whole wire record `len ‖ ciphertext ‖ tag`.
+    pub fn seal_record(&mut self, record: &mut Vec<u8>) -> Result<(), CipherError> {
+        let plain = record.len().checked_sub(RECORD_PREFIX).ok_or(CipherError::Truncated)?;
+        if plain > RECORD_MAX {
+            return Err(CipherError::TooLarge { len: plain, max: RECORD_MAX });
+        }
+        let (prefix, tag) = self.seal(&mut record[RECORD_PREFIX..])?;
+        record[..RECORD_PREFIX].copy_from_slice(&prefix);
+        record.extend_from_slice(&tag);
+        Ok(())
     }
 }
 
-/// Opens incoming frames, in order.
-pub struct Opener {
-    cipher: ChaCha20Poly1305,
-    counter: u64,
-}
+/// Opens incoming records, in order.
+pub struct Opener(Direction);
 
 impl Opener {
     fn new(key: &[u8; 32]) -> Self {
-        Self { cipher: ChaCha20Poly1305::new(Key::from_slice(key)), counter: 0 }
+        Self(Direction::new(key))
     }
 
-    /// Decrypt a frame's `ciphertext ‖ tag` in place; on success the first
-    /// `frame.len() - TAG_LEN` bytes hold the plaintext body.
+    /// Decrypt a record's `ciphertext ‖ tag` in place; on success the first
+    /// `frame.len() - TAG_LEN` bytes hold the plaintext.
     pub fn open(&mut self, frame: &mut [u8]) -> Result<usize, CipherError> {
         if frame.len() < TAG_LEN {
             return Err(CipherError::Truncated);
         }
         let prefix = (frame.len() as u32).to_le_bytes();
         let (body, tag) = frame.split_at_mut(frame.len() - TAG_LEN);
-        let tag = Tag::clone_from_slice(tag);
-        self.cipher
-            .decrypt_in_place_detached(&nonce(self.counter), &prefix, body, &tag)
+        let tag: [u8; TAG_LEN] = (*tag).try_into().expect("tag length");
+        // Only a record that verified moves the counter on.
+        self.0
+            .key
+            .open_in_place_separate_tag(self.0.nonce(), Aad::from(&prefix), Tag::from(tag), body, 0..)
             .map_err(|_| CipherError::Forged)?;
-        self.counter = self.counter.checked_add(1).ok_or(CipherError::Exhausted)?;
+        self.0.advance()?;
         Ok(body.len())
     }
+
+    /// How many more bytes `raw` must hold before
+    /// [`open_record`](Self::open_record) can return; checks the length
+    /// prefix against the cap as soon as it is there.
+    pub fn missing(raw: &[u8]) -> Result<usize, CipherError> {
+        if raw.len() < RECORD_PREFIX {
+            return Ok(RECORD_PREFIX - raw.len());
+        }
+        let len = record_len(raw)?;
+        Ok((RECORD_PREFIX + len).saturating_sub(raw.len()))
+    }
+
+    /// Take one sealed record off the front of `raw` and open it: the
+    /// verified plaintext, or `Ok(None)` while the record is incomplete.
+    pub fn open_record(&mut self, raw: &mut BytesMut) -> Result<Option<BytesMut>, CipherError> {
+        if raw.len() < RECORD_PREFIX {
+            return Ok(None);
+        }
+        let len = record_len(raw)?;
+        if raw.len() < RECORD_PREFIX + len {
+            return Ok(None);
+        }
+        raw.advance(RECORD_PREFIX);
+        let mut record = raw.split_to(len);
+        let n = self.open(&mut record)?;
+        record.truncate(n);
+        Ok(Some(record))
+    }
+}
+
+fn record_len(raw: &[u8]) -> Result<usize, CipherError> {
+    let len = u32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]) as usize;
+    if len > RECORD_MAX + TAG_LEN {
+        return Err(CipherError::TooLarge { len, max: RECORD_MAX + TAG_LEN });
+    }
+    if len < TAG_LEN {
+        return Err(CipherError::Truncated);
+    }
+    Ok(len)
 }
 
 #[cfg(test)]
@@ -135,7 +250,7 @@ mod tests {
 
     fn pair() -> (SessionKeys, SessionKeys) {
         let (c, s) = ([1u8; 32], [2u8; 32]);
-        (SessionKeys::for_agent(b"k", &c, &s), SessionKeys::for_orchestrator(b"k", &c, &s))
+        (SessionKeys::for_agent(b"k", &c, &s, b"b"), SessionKeys::for_orchestrator(b"k", &c, &s, b"b"))
     }
 
     fn sealed(sealer: &mut Sealer, msg: &[u8]) -> Vec<u8> {
@@ -192,9 +307,11 @@ mod tests {
     fn a_frame_from_another_session_or_direction_is_noise() {
         let (mut agent, _) = pair();
         let f = sealed(&mut agent.send, b"hello");
-        let mut other = SessionKeys::for_orchestrator(b"k", &[1; 32], &[3; 32]);
+        let mut other = SessionKeys::for_orchestrator(b"k", &[1; 32], &[3; 32], b"b");
         assert_eq!(other.recv.open(&mut f.clone()), Err(CipherError::Forged));
-        let mut wrong_key = SessionKeys::for_orchestrator(b"other", &[1; 32], &[2; 32]);
+        let mut other_binding = SessionKeys::for_orchestrator(b"k", &[1; 32], &[2; 32], b"c");
+        assert_eq!(other_binding.recv.open(&mut f.clone()), Err(CipherError::Forged));
+        let mut wrong_key = SessionKeys::for_orchestrator(b"other", &[1; 32], &[2; 32], b"b");
         assert_eq!(wrong_key.recv.open(&mut f.clone()), Err(CipherError::Forged));
         // The agent's own receive key is for the other direction.
         assert_eq!(agent.recv.open(&mut f.clone()), Err(CipherError::Forged));
@@ -204,5 +321,77 @@ mod tests {
     fn truncated_frames_are_refused() {
         let (_, mut orch) = pair();
         assert_eq!(orch.recv.open(&mut [0u8; 15]), Err(CipherError::Truncated));
+    }
+
+    fn record(sealer: &mut Sealer, plain: &[u8]) -> Vec<u8> {
+        let mut r = vec![0u8; RECORD_PREFIX];
+        r.extend_from_slice(plain);
+        sealer.seal_record(&mut r).unwrap();
+        r
+    }
+
+    #[test]
+    fn records_open_from_a_byte_stream_cut_anywhere() {
+        let (mut agent, mut orch) = pair();
+        let mut wire = record(&mut agent.send, b"first");
+        wire.extend(record(&mut agent.send, &[9u8; RECORD_MAX]));
+        for cut in [0, 1, 3, 4, 10, 30, wire.len() - 1] {
+            let (mut a, mut o) = pair();
+            let mut again = record(&mut a.send, b"first");
+            again.extend(record(&mut a.send, &[9u8; RECORD_MAX]));
+            assert_eq!(again, wire, "sealing is deterministic for the same keys");
+            let mut raw = BytesMut::from(&wire[..cut]);
+            let mut got = Vec::new();
+            while let Some(p) = o.recv.open_record(&mut raw).unwrap() {
+                got.extend_from_slice(&p);
+            }
+            assert!(Opener::missing(&raw).unwrap() > 0);
+            raw.extend_from_slice(&wire[cut..]);
+            while let Some(p) = o.recv.open_record(&mut raw).unwrap() {
+                got.extend_from_slice(&p);
+            }
+            assert_eq!(got.len(), 5 + RECORD_MAX);
+            assert!(raw.is_empty());
+        }
+        let mut raw = BytesMut::from(&wire[..]);
+        assert_eq!(&orch.recv.open_record(&mut raw).unwrap().unwrap()[..], b"first");
+    }
+
+    #[test]
+    fn oversized_and_undersized_records_are_refused_before_buffering() {
+        let (_, mut orch) = pair();
+        let mut raw = BytesMut::from(&((RECORD_MAX + TAG_LEN + 1) as u32).to_le_bytes()[..]);
+        assert!(matches!(orch.recv.open_record(&mut raw), Err(CipherError::TooLarge { .. })));
+        assert!(Opener::missing(&raw).is_err());
+        let mut raw = BytesMut::from(&u32::MAX.to_le_bytes()[..]);
+        assert!(matches!(orch.recv.open_record(&mut raw), Err(CipherError::TooLarge { .. })));
+        let mut raw = BytesMut::from(&[3u8, 0, 0, 0, 1, 2, 3][..]);
+        assert_eq!(orch.recv.open_record(&mut raw), Err(CipherError::Truncated));
+        // A sealer refuses to build a record over the cap.
+        let (mut agent, _) = pair();
+        let mut big = vec![0u8; RECORD_PREFIX + RECORD_MAX + 1];
+        assert!(matches!(agent.send.seal_record(&mut big), Err(CipherError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn keys_move_on_at_each_interval_in_step_on_both_sides() {
+        let (mut agent, mut orch) = pair();
+        // Jump both directions to just before the interval instead of sealing
+        // a million records.
+        agent.send.0.counter = REKEY_INTERVAL - 2;
+        orch.recv.0.counter = REKEY_INTERVAL - 2;
+        let before = agent.send.0.secret;
+        for i in 0..4u8 {
+            let mut f = sealed(&mut agent.send, &[i; 10]);
+            let n = orch.recv.open(&mut f).unwrap();
+            assert_eq!(&f[..n], &[i; 10][..]);
+        }
+        assert_ne!(agent.send.0.secret, before, "the key changed at the interval");
+        assert_eq!(agent.send.0.secret, orch.recv.0.secret);
+        // A receiver that did not move on cannot read the new key's records.
+        let (_, mut stale) = pair();
+        stale.recv.0.counter = REKEY_INTERVAL + 2;
+        let mut f = sealed(&mut agent.send, b"x");
+        assert_eq!(stale.recv.open(&mut f), Err(CipherError::Forged));
     }
 }

@@ -163,24 +163,6 @@ pub fn parse_body(mut body: Bytes) -> Result<Frame, FrameError> {
     Ok(Frame { header, payload: body })
 }
 
-/// Encode a frame's plaintext body (`hlen ‖ header ‖ payload`) into one
-/// buffer, ready to be sealed in place.
-pub fn encode_body<T: Serialize>(
-    message: &T,
-    payload: &[u8],
-    max_frame: usize,
-) -> Result<Vec<u8>, FrameError> {
-    let header = encode_header(message)?;
-    let len = checked_len(4 + header.len() + payload.len() + crate::cipher::TAG_LEN, max_frame)?;
-    let mut out = Vec::with_capacity(len);
-    out.extend_from_slice(&(header.len() as u32).to_le_bytes());
-    out.extend_from_slice(&header);
-    out.extend_from_slice(payload);
-    Ok(out)
-}
-
-impl FrameDecoder {}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,20 +2,25 @@
 //!
 //! ```text
 //!  agent (client)                                   orchestrator (server)
-//!  Hello{magic, version, role, nonce_c}  ───────►   checks magic, version, role
+//!  Hello{magic, version, role, cluster,
+//!        sealed, nonce_c}                ───────►   checks magic, version, role, cluster, sealed
 //!                                        ◄───────   Challenge{nonce_s, proof_s}
-//!  verifies proof_s                                  proof_s = HMAC(key, "orchestrator"‖v‖nonce_c‖nonce_s)
+//!  verifies proof_s                                  proof_s = HMAC(key, "orchestrator"‖B‖nonce_c‖nonce_s)
 //!  Proof{proof_c}                        ───────►   verifies proof_c
-//!  proof_c = HMAC(key, "agent"‖v‖nonce_c‖nonce_s)
+//!  proof_c = HMAC(key, "agent"‖B‖nonce_c‖nonce_s)
 //!                                        ◄───────   Accept{session}
 //! ```
 //!
-//! Versions and roles are compared before any key material is touched, so a
-//! mismatch gives a precise error. Each proof is bound to its role and to both
-//! fresh nonces, so neither a replayed proof nor one side's proof used as the
-//! other's is accepted. Proofs are compared in constant time. The server
-//! proves itself first: an agent never sends anything derived from its key to
-//! an orchestrator that does not hold the same key.
+//! `B`, the *binding*, is the protocol version, the cluster name and whether
+//! frames are sealed, each side computing it from its own settings. Versions,
+//! roles, cluster names and sealing are compared before any key material is
+//! touched, so a mismatch gives a precise error; and because the proofs and
+//! the session keys cover `B`, a peer on the path that rewrites any of them in
+//! the `Hello` only breaks the handshake. Each proof is bound to its role and
+//! to both fresh nonces, so neither a replayed proof nor one side's proof used
+//! as the other's is accepted. Proofs are compared in constant time. The
+//! server proves itself first: an agent never sends anything derived from its
+//! key to an orchestrator that does not hold the same key.
 
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
@@ -29,6 +34,42 @@ pub const MAGIC: [u8; 8] = *b"DSTRPOOL";
 
 pub type Nonce = [u8; 32];
 pub type Tag = [u8; 32];
+
+/// Longest cluster name, in bytes of UTF-8.
+pub const MAX_CLUSTER: usize = 64;
+
+/// What both sides must agree on before they trust each other, besides the key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Binding {
+    /// Name of the cluster; workers of one cluster never join another's
+    /// orchestrator, even when the clusters share a key.
+    pub cluster: String,
+    /// Whether every frame is sealed with the session keys (off only when
+    /// both sides say so, or under TLS, which protects the stream itself).
+    pub sealed: bool,
+}
+
+impl Binding {
+    pub fn new(cluster: impl Into<String>, sealed: bool) -> Self {
+        Self { cluster: cluster.into(), sealed }
+    }
+
+    /// The bytes that proofs and session keys cover.
+    pub fn transcript(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(4 + 1 + self.cluster.len() + 1);
+        out.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+        out.push(self.cluster.len() as u8);
+        out.extend_from_slice(self.cluster.as_bytes());
+        out.push(self.sealed as u8);
+        out
+    }
+}
+
+impl Default for Binding {
+    fn default() -> Self {
+        Self::new("default", true)
+    }
+}
 
 /// Who a peer says it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -45,11 +86,13 @@ pub enum RejectReason {
     Role,
     Auth,
     Malformed,
+    Cluster,
+    Sealing { orchestrator_seals: bool },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum HandshakeMsg {
-    Hello { magic: [u8; 8], version: u32, role: Role, nonce: Nonce },
+    Hello { magic: [u8; 8], version: u32, role: Role, cluster: String, sealed: bool, nonce: Nonce },
     Challenge { version: u32, nonce: Nonce, proof: Tag },
     Proof { proof: Tag },
     Accept { session: u64 },
@@ -64,6 +107,12 @@ pub enum HandshakeError {
     VersionMismatch { ours: u32, theirs: u32 },
     #[error("peer connected as {got:?} but only {expected:?} may connect here")]
     WrongRole { expected: Role, got: Role },
+    #[error("the worker belongs to cluster {theirs:?}, this orchestrator serves cluster {ours:?}")]
+    WrongCluster { ours: String, theirs: String },
+    #[error("the orchestrator serves another cluster than ours ({ours:?}); start the worker with the orchestrator's --cluster")]
+    RejectedCluster { ours: String },
+    #[error("encryption settings differ: the worker {}, the orchestrator {}; both sides must agree", seals(*agent), seals(*orchestrator))]
+    SealingMismatch { agent: bool, orchestrator: bool },
     #[error("the peer could not prove it holds our authentication key (the keys differ)")]
     PeerFailedAuth,
     #[error("the peer refused our authentication key (the keys differ)")]
@@ -74,15 +123,29 @@ pub enum HandshakeError {
     Unexpected,
 }
 
+fn seals(on: bool) -> &'static str {
+    if on {
+        "seals every frame"
+    } else {
+        "has encryption turned off"
+    }
+}
+
 impl HandshakeError {
     /// The message to send the peer before closing, if any.
     pub fn reply(&self) -> Option<HandshakeMsg> {
         let reason = match self {
             HandshakeError::VersionMismatch { .. } => RejectReason::Version { supported: PROTOCOL_VERSION },
             HandshakeError::WrongRole { .. } => RejectReason::Role,
+            HandshakeError::WrongCluster { .. } => RejectReason::Cluster,
+            HandshakeError::SealingMismatch { orchestrator, .. } => {
+                RejectReason::Sealing { orchestrator_seals: *orchestrator }
+            }
             HandshakeError::PeerFailedAuth => RejectReason::Auth,
             HandshakeError::BadMagic | HandshakeError::Unexpected => RejectReason::Malformed,
-            HandshakeError::RejectedAuth | HandshakeError::Rejected(_) => return None,
+            HandshakeError::RejectedAuth
+            | HandshakeError::Rejected(_)
+            | HandshakeError::RejectedCluster { .. } => return None,
         };
         Some(HandshakeMsg::Reject { reason })
     }
@@ -93,20 +156,24 @@ impl HandshakeError {
     }
 }
 
-fn rejected(reason: RejectReason) -> HandshakeError {
+fn rejected(reason: RejectReason, ours: &Binding) -> HandshakeError {
     match reason {
         RejectReason::Auth => HandshakeError::RejectedAuth,
+        RejectReason::Cluster => HandshakeError::RejectedCluster { ours: ours.cluster.clone() },
+        RejectReason::Sealing { orchestrator_seals } => {
+            HandshakeError::SealingMismatch { agent: ours.sealed, orchestrator: orchestrator_seals }
+        }
         other => HandshakeError::Rejected(other),
     }
 }
 
-fn proof(key: &[u8], role: Role, client: &Nonce, server: &Nonce) -> Tag {
+fn proof(key: &[u8], role: Role, binding: &[u8], client: &Nonce, server: &Nonce) -> Tag {
     let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC accepts any key length");
     mac.update(match role {
         Role::Agent => b"distripool agent proof\0",
         Role::Orchestrator => b"distripool orchestrator proof\0",
     });
-    mac.update(&PROTOCOL_VERSION.to_le_bytes());
+    mac.update(binding);
     mac.update(client);
     mac.update(server);
     mac.finalize().into_bytes().into()
@@ -119,18 +186,28 @@ fn verify(expected: &Tag, got: &Tag) -> bool {
 /// The connecting side (an agent).
 pub struct ClientHandshake {
     key: Vec<u8>,
+    binding: Binding,
+    transcript: Vec<u8>,
     nonce: Nonce,
     server_nonce: Option<Nonce>,
 }
 
 impl ClientHandshake {
-    pub fn new(key: &[u8], nonce: Nonce) -> Self {
-        Self { key: key.to_vec(), nonce, server_nonce: None }
+    pub fn new(key: &[u8], binding: Binding, nonce: Nonce) -> Self {
+        let transcript = binding.transcript();
+        Self { key: key.to_vec(), binding, transcript, nonce, server_nonce: None }
     }
 
     /// First message to send.
     pub fn hello(&self) -> HandshakeMsg {
-        HandshakeMsg::Hello { magic: MAGIC, version: PROTOCOL_VERSION, role: Role::Agent, nonce: self.nonce }
+        HandshakeMsg::Hello {
+            magic: MAGIC,
+            version: PROTOCOL_VERSION,
+            role: Role::Agent,
+            cluster: self.binding.cluster.clone(),
+            sealed: self.binding.sealed,
+            nonce: self.nonce,
+        }
     }
 
     /// Check the server's proof and answer with ours.
@@ -140,14 +217,16 @@ impl ClientHandshake {
                 if version != PROTOCOL_VERSION {
                     return Err(HandshakeError::VersionMismatch { ours: PROTOCOL_VERSION, theirs: version });
                 }
-                let expected = proof(&self.key, Role::Orchestrator, &self.nonce, &nonce);
+                let expected = proof(&self.key, Role::Orchestrator, &self.transcript, &self.nonce, &nonce);
                 if !verify(&expected, &theirs) {
                     return Err(HandshakeError::PeerFailedAuth);
                 }
                 self.server_nonce = Some(nonce);
-                Ok(HandshakeMsg::Proof { proof: proof(&self.key, Role::Agent, &self.nonce, &nonce) })
+                Ok(HandshakeMsg::Proof {
+                    proof: proof(&self.key, Role::Agent, &self.transcript, &self.nonce, &nonce),
+                })
             }
-            HandshakeMsg::Reject { reason } => Err(rejected(reason)),
+            HandshakeMsg::Reject { reason } => Err(rejected(reason, &self.binding)),
             _ => Err(HandshakeError::Unexpected),
         }
     }
@@ -155,14 +234,14 @@ impl ClientHandshake {
     /// This session's frame keys; only meaningful once the handshake succeeded.
     pub fn session_keys(&self) -> Option<crate::SessionKeys> {
         let server = self.server_nonce?;
-        Some(crate::SessionKeys::for_agent(&self.key, &self.nonce, &server))
+        Some(crate::SessionKeys::for_agent(&self.key, &self.nonce, &server, &self.transcript))
     }
 
     /// The server's verdict on our proof; the session id on success.
     pub fn on_outcome(&mut self, msg: HandshakeMsg) -> Result<u64, HandshakeError> {
         match (msg, self.server_nonce) {
             (HandshakeMsg::Accept { session }, Some(_)) => Ok(session),
-            (HandshakeMsg::Reject { reason }, _) => Err(rejected(reason)),
+            (HandshakeMsg::Reject { reason }, _) => Err(rejected(reason, &self.binding)),
             _ => Err(HandshakeError::Unexpected),
         }
     }
@@ -171,18 +250,21 @@ impl ClientHandshake {
 /// The accepting side (an orchestrator).
 pub struct ServerHandshake {
     key: Vec<u8>,
+    binding: Binding,
+    transcript: Vec<u8>,
     nonce: Nonce,
     client_nonce: Option<Nonce>,
 }
 
 impl ServerHandshake {
-    pub fn new(key: &[u8], nonce: Nonce) -> Self {
-        Self { key: key.to_vec(), nonce, client_nonce: None }
+    pub fn new(key: &[u8], binding: Binding, nonce: Nonce) -> Self {
+        let transcript = binding.transcript();
+        Self { key: key.to_vec(), binding, transcript, nonce, client_nonce: None }
     }
 
     /// Check the client's hello and answer with our challenge and proof.
     pub fn on_hello(&mut self, msg: HandshakeMsg) -> Result<HandshakeMsg, HandshakeError> {
-        let HandshakeMsg::Hello { magic, version, role, nonce } = msg else {
+        let HandshakeMsg::Hello { magic, version, role, cluster, sealed, nonce } = msg else {
             return Err(HandshakeError::Unexpected);
         };
         if magic != MAGIC {
@@ -194,18 +276,24 @@ impl ServerHandshake {
         if role != Role::Agent {
             return Err(HandshakeError::WrongRole { expected: Role::Agent, got: role });
         }
+        if cluster != self.binding.cluster {
+            return Err(HandshakeError::WrongCluster { ours: self.binding.cluster.clone(), theirs: cluster });
+        }
+        if sealed != self.binding.sealed {
+            return Err(HandshakeError::SealingMismatch { agent: sealed, orchestrator: self.binding.sealed });
+        }
         self.client_nonce = Some(nonce);
         Ok(HandshakeMsg::Challenge {
             version: PROTOCOL_VERSION,
             nonce: self.nonce,
-            proof: proof(&self.key, Role::Orchestrator, &nonce, &self.nonce),
+            proof: proof(&self.key, Role::Orchestrator, &self.transcript, &nonce, &self.nonce),
         })
     }
 
     /// This session's frame keys; only meaningful once the handshake succeeded.
     pub fn session_keys(&self) -> Option<crate::SessionKeys> {
         let client = self.client_nonce?;
-        Some(crate::SessionKeys::for_orchestrator(&self.key, &client, &self.nonce))
+        Some(crate::SessionKeys::for_orchestrator(&self.key, &client, &self.nonce, &self.transcript))
     }
 
     /// Check the client's proof; on success answer `Accept{session}`.
@@ -215,14 +303,14 @@ impl ServerHandshake {
         };
         match msg {
             HandshakeMsg::Proof { proof: theirs } => {
-                let expected = proof(&self.key, Role::Agent, &client_nonce, &self.nonce);
+                let expected = proof(&self.key, Role::Agent, &self.transcript, &client_nonce, &self.nonce);
                 if verify(&expected, &theirs) {
                     Ok(HandshakeMsg::Accept { session })
                 } else {
                     Err(HandshakeError::PeerFailedAuth)
                 }
             }
-            HandshakeMsg::Reject { reason } => Err(rejected(reason)),
+            HandshakeMsg::Reject { reason } => Err(rejected(reason, &self.binding)),
             _ => Err(HandshakeError::Unexpected),
         }
     }
@@ -236,8 +324,8 @@ mod tests {
         client_key: &[u8],
         server_key: &[u8],
     ) -> (Result<u64, HandshakeError>, Result<HandshakeMsg, HandshakeError>) {
-        let mut c = ClientHandshake::new(client_key, [1; 32]);
-        let mut s = ServerHandshake::new(server_key, [2; 32]);
+        let mut c = ClientHandshake::new(client_key, Binding::default(), [1; 32]);
+        let mut s = ServerHandshake::new(server_key, Binding::default(), [2; 32]);
         let challenge = s.on_hello(c.hello()).unwrap();
         match c.on_challenge(challenge) {
             Ok(p) => {
@@ -274,8 +362,8 @@ mod tests {
 
     #[test]
     fn forged_client_proof_is_refused() {
-        let c = ClientHandshake::new(b"k", [1; 32]);
-        let mut s = ServerHandshake::new(b"k", [2; 32]);
+        let c = ClientHandshake::new(b"k", Binding::default(), [1; 32]);
+        let mut s = ServerHandshake::new(b"k", Binding::default(), [2; 32]);
         let HandshakeMsg::Challenge { proof, .. } = s.on_hello(c.hello()).unwrap() else { panic!() };
         // Reflecting the server's own proof back must not work: proofs are role-bound.
         assert_eq!(s.on_proof(HandshakeMsg::Proof { proof }, 1), Err(HandshakeError::PeerFailedAuth));
@@ -283,18 +371,25 @@ mod tests {
 
     #[test]
     fn replayed_proof_from_an_earlier_session_is_refused() {
-        let mut c = ClientHandshake::new(b"k", [1; 32]);
-        let mut s1 = ServerHandshake::new(b"k", [2; 32]);
+        let mut c = ClientHandshake::new(b"k", Binding::default(), [1; 32]);
+        let mut s1 = ServerHandshake::new(b"k", Binding::default(), [2; 32]);
         let proof = c.on_challenge(s1.on_hello(c.hello()).unwrap()).unwrap();
-        let mut s2 = ServerHandshake::new(b"k", [3; 32]);
+        let mut s2 = ServerHandshake::new(b"k", Binding::default(), [3; 32]);
         s2.on_hello(c.hello()).unwrap();
         assert_eq!(s2.on_proof(proof, 1), Err(HandshakeError::PeerFailedAuth));
     }
 
     #[test]
     fn version_magic_and_role_are_checked_first() {
-        let mut s = ServerHandshake::new(b"k", [2; 32]);
-        let hello = |magic, version, role| HandshakeMsg::Hello { magic, version, role, nonce: [0; 32] };
+        let mut s = ServerHandshake::new(b"k", Binding::default(), [2; 32]);
+        let hello = |magic, version, role| HandshakeMsg::Hello {
+            magic,
+            version,
+            role,
+            cluster: "default".into(),
+            sealed: true,
+            nonce: [0; 32],
+        };
         assert_eq!(
             s.on_hello(hello(*b"HTTP/1.1", PROTOCOL_VERSION, Role::Agent)),
             Err(HandshakeError::BadMagic)
@@ -313,7 +408,7 @@ mod tests {
 
     #[test]
     fn client_reports_a_version_mismatch_from_the_server() {
-        let mut c = ClientHandshake::new(b"k", [1; 32]);
+        let mut c = ClientHandshake::new(b"k", Binding::default(), [1; 32]);
         let err = c
             .on_challenge(HandshakeMsg::Reject { reason: RejectReason::Version { supported: 9 } })
             .unwrap_err();
@@ -324,13 +419,13 @@ mod tests {
 
     #[test]
     fn accept_without_a_verified_challenge_is_unexpected() {
-        let mut c = ClientHandshake::new(b"k", [1; 32]);
+        let mut c = ClientHandshake::new(b"k", Binding::default(), [1; 32]);
         assert_eq!(c.on_outcome(HandshakeMsg::Accept { session: 1 }), Err(HandshakeError::Unexpected));
     }
 
     #[test]
     fn handshake_messages_fit_the_pre_auth_frame_cap() {
-        let c = ClientHandshake::new(b"k", [0xff; 32]);
+        let c = ClientHandshake::new(b"k", Binding::new("x".repeat(MAX_CLUSTER), true), [0xff; 32]);
         let msgs = [
             c.hello(),
             HandshakeMsg::Challenge { version: u32::MAX, nonce: [0xff; 32], proof: [0xff; 32] },
@@ -341,5 +436,52 @@ mod tests {
             let bytes = crate::frame::encode(&m, b"", crate::HANDSHAKE_MAX_FRAME).unwrap();
             assert!(bytes.len() <= crate::HANDSHAKE_MAX_FRAME);
         }
+    }
+
+    #[test]
+    fn cluster_and_sealing_must_match_and_are_bound_into_the_proofs() {
+        // Another cluster is refused before any key material is used, with a
+        // precise error on both sides.
+        let c = ClientHandshake::new(b"k", Binding::new("blue", true), [1; 32]);
+        let mut s = ServerHandshake::new(b"k", Binding::new("green", true), [2; 32]);
+        let err = s.on_hello(c.hello()).unwrap_err();
+        assert!(matches!(err, HandshakeError::WrongCluster { .. }));
+        let mut c = c;
+        let got = c.on_challenge(err.reply().unwrap()).unwrap_err();
+        assert_eq!(got, HandshakeError::RejectedCluster { ours: "blue".into() });
+        assert!(got.to_string().contains("blue"));
+
+        // Sealing off on one side only.
+        let mut c = ClientHandshake::new(b"k", Binding::new("default", false), [1; 32]);
+        let mut s = ServerHandshake::new(b"k", Binding::default(), [2; 32]);
+        let err = s.on_hello(c.hello()).unwrap_err();
+        assert_eq!(err, HandshakeError::SealingMismatch { agent: false, orchestrator: true });
+        assert_eq!(
+            c.on_challenge(err.reply().unwrap()).unwrap_err(),
+            HandshakeError::SealingMismatch { agent: false, orchestrator: true }
+        );
+
+        // A peer on the path that rewrites the Hello to match the server only
+        // breaks the proofs: each side proves over its own settings.
+        let mut c = ClientHandshake::new(b"k", Binding::new("blue", true), [1; 32]);
+        let mut s = ServerHandshake::new(b"k", Binding::new("green", true), [2; 32]);
+        let HandshakeMsg::Hello { magic, version, role, sealed, nonce, .. } = c.hello() else { panic!() };
+        let forged = HandshakeMsg::Hello { magic, version, role, cluster: "green".into(), sealed, nonce };
+        let challenge = s.on_hello(forged).unwrap();
+        assert_eq!(c.on_challenge(challenge), Err(HandshakeError::PeerFailedAuth));
+    }
+
+    #[test]
+    fn session_keys_agree_only_for_the_same_binding() {
+        let mut c = ClientHandshake::new(b"k", Binding::default(), [1; 32]);
+        let mut s = ServerHandshake::new(b"k", Binding::default(), [2; 32]);
+        let proof = c.on_challenge(s.on_hello(c.hello()).unwrap()).unwrap();
+        c.on_outcome(s.on_proof(proof, 7).unwrap()).unwrap();
+        let (mut ck, mut sk) = (c.session_keys().unwrap(), s.session_keys().unwrap());
+        let mut record = vec![0u8; crate::cipher::RECORD_PREFIX];
+        record.extend_from_slice(b"hello");
+        ck.send.seal_record(&mut record).unwrap();
+        let mut raw = bytes::BytesMut::from(&record[..]);
+        assert_eq!(&sk.recv.open_record(&mut raw).unwrap().unwrap()[..], b"hello");
     }
 }

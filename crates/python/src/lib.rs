@@ -3,13 +3,14 @@
 //! Python objects never cross into Rust threads: bytes are copied in and out
 //! at this boundary, and every blocking wait releases the GIL.
 
+use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use bytes::Bytes;
 use distripool_runtime::executor::ExecutorSpec;
 use distripool_runtime::orchestrator::FailureKind;
-use distripool_runtime::{AgentConfig, Error, OrchestratorConfig, Outcome};
+use distripool_runtime::{AgentConfig, Error, OrchestratorConfig, Outcome, Security, TlsFiles};
 use pyo3::exceptions::{
     PyConnectionError, PyOSError, PyPermissionError, PyRuntimeError, PyTimeoutError, PyValueError,
 };
@@ -21,6 +22,7 @@ use std::sync::atomic::Ordering;
 fn to_py(e: Error) -> PyErr {
     match e {
         Error::Config(m) => PyValueError::new_err(m),
+        Error::Tls(m) => PyConnectionError::new_err(m),
         Error::Io(e) => PyOSError::new_err(e.to_string()),
         Error::Frame(e) => PyConnectionError::new_err(e.to_string()),
         Error::Cipher(e) => PyConnectionError::new_err(e.to_string()),
@@ -28,6 +30,21 @@ fn to_py(e: Error) -> PyErr {
         Error::Timeout(what) => PyTimeoutError::new_err(format!("timed out: {what}")),
         Error::Closed => PyRuntimeError::new_err("the orchestrator is closed"),
         Error::TooLarge(m) => PyValueError::new_err(m),
+    }
+}
+
+fn security(
+    key: Vec<u8>,
+    cluster: Option<String>,
+    encrypt: bool,
+    tls: Option<(PathBuf, PathBuf, PathBuf)>,
+) -> Security {
+    let default = Security::default();
+    Security {
+        key,
+        cluster: cluster.unwrap_or(default.cluster),
+        encrypt,
+        tls: tls.map(|(ca, cert, key)| TlsFiles { ca, cert, key }),
     }
 }
 
@@ -40,15 +57,20 @@ struct Orchestrator {
 #[pymethods]
 impl Orchestrator {
     #[new]
-    #[pyo3(signature = (listen, key, max_crashes = 3, max_frame = None))]
+    #[pyo3(signature = (listen, key, max_crashes = 3, max_frame = None, cluster = None, encrypt = true, tls = None))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         listen: Vec<String>,
         key: Vec<u8>,
         max_crashes: u32,
         max_frame: Option<usize>,
+        cluster: Option<String>,
+        encrypt: bool,
+        tls: Option<(PathBuf, PathBuf, PathBuf)>,
     ) -> PyResult<Self> {
-        let mut config = OrchestratorConfig { listen, key, max_crashes, ..Default::default() };
+        let security = security(key, cluster, encrypt, tls);
+        let mut config = OrchestratorConfig { listen, security, max_crashes, ..Default::default() };
         if let Some(m) = max_frame {
             config.max_frame = m;
         }
@@ -81,7 +103,7 @@ impl Orchestrator {
         let orch = guard.as_ref().ok_or_else(|| to_py(Error::Closed))?;
         let config = AgentConfig {
             connect: Vec::new(),
-            key: Vec::new(),
+            security: Security::default(),
             processes,
             executor: ExecutorSpec { python, module, env, max_frame: 0 },
         };
@@ -193,7 +215,9 @@ impl Client {
 
 /// Serve orchestrators as a worker agent until interrupted (Ctrl-C).
 #[pyfunction]
-#[pyo3(signature = (connect, key, processes, python, module, env, max_frame = None))]
+#[pyo3(signature = (
+    connect, key, processes, python, module, env, max_frame = None, cluster = None, encrypt = true, tls = None
+))]
 #[allow(clippy::too_many_arguments)]
 fn run_agent(
     py: Python<'_>,
@@ -204,10 +228,17 @@ fn run_agent(
     module: String,
     env: Vec<(String, String)>,
     max_frame: Option<usize>,
+    cluster: Option<String>,
+    encrypt: bool,
+    tls: Option<(PathBuf, PathBuf, PathBuf)>,
 ) -> PyResult<()> {
     let max_frame = max_frame.unwrap_or(distripool_runtime::DEFAULT_MAX_FRAME);
-    let config =
-        AgentConfig { connect, key, processes, executor: ExecutorSpec { python, module, env, max_frame } };
+    let config = AgentConfig {
+        connect,
+        security: security(key, cluster, encrypt, tls),
+        processes,
+        executor: ExecutorSpec { python, module, env, max_frame },
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("distripool-agent")
@@ -258,6 +289,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Client>()?;
     m.add_function(wrap_pyfunction!(run_agent, m)?)?;
     m.add_function(wrap_pyfunction!(enable_logging, m)?)?;
-    m.add("PROTOCOL_VERSION", 1u32)?;
+    m.add("PROTOCOL_VERSION", distripool_runtime::PROTOCOL_VERSION)?;
     Ok(())
 }

@@ -24,9 +24,11 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 
 use crate::conn::{
-    client_handshake, tune_tcp, AbortOnDrop, FrameReader, FrameWriter, Outgoing, HEARTBEAT, PEER_TIMEOUT,
+    client_handshake, tune_tcp, AbortOnDrop, FrameReader, FrameWriter, Outgoing, HANDSHAKE_TIMEOUT,
+    HEARTBEAT, PEER_TIMEOUT,
 };
 use crate::executor::{self, ExecEvent, ExecIn, ExecutorHandle, ExecutorSpec};
+use crate::security::{explain_tls, Dialer, Security};
 use crate::{resolve, Error, Result};
 
 /// Tasks held by one executor at once: one running, the rest prefetched.
@@ -48,7 +50,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 pub struct AgentConfig {
     /// Orchestrator addresses, tried in turn.
     pub connect: Vec<String>,
-    pub key: Vec<u8>,
+    pub security: Security,
     pub processes: usize,
     pub executor: ExecutorSpec,
 }
@@ -59,6 +61,8 @@ pub async fn run_agent(config: AgentConfig, mut stop: watch::Receiver<bool>) -> 
     if config.connect.is_empty() {
         return Err(Error::Config("no orchestrator address to connect to".into()));
     }
+    let dialer = Dialer::new(&config.security)?;
+    let binding = config.security.binding();
     let mut backoff = BACKOFF_START;
     let mut target = 0usize;
     loop {
@@ -68,12 +72,19 @@ pub async fn run_agent(config: AgentConfig, mut stop: watch::Receiver<bool>) -> 
             let sockaddr = resolve(addr)?;
             // A SYN into a partition is retried by the kernel for minutes;
             // give up sooner and try again on the backoff schedule.
-            let mut stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(sockaddr))
+            let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(sockaddr))
                 .await
                 .map_err(|_| Error::Timeout("connecting to the orchestrator"))??;
-            tune_tcp(&stream)?;
-            let (session, keys) = client_handshake(&mut stream, &config.key).await?;
-            Ok::<_, Error>((stream, session, keys))
+            tune_tcp(&tcp)?;
+            let authenticate = async {
+                let mut stream = dialer.wrap(tcp, addr).await?;
+                let (session, keys) = client_handshake(&mut stream, &config.security.key, &binding).await?;
+                Ok::<_, Error>((stream, session, keys))
+            };
+            tokio::time::timeout(HANDSHAKE_TIMEOUT, authenticate)
+                .await
+                .map_err(|_| Error::Timeout("handshake with the orchestrator"))?
+                .map_err(|e| explain_tls(e, addr))
         };
         let outcome = tokio::select! {
             r = attempt => r,
@@ -84,7 +95,7 @@ pub async fn run_agent(config: AgentConfig, mut stop: watch::Receiver<bool>) -> 
                 tracing::info!("connected to orchestrator {addr} (session {session})");
                 backoff = BACKOFF_START;
                 let end = tokio::select! {
-                    end = run_session(stream, &config, Some(keys)) => end,
+                    end = run_session(stream, &config, binding.sealed.then_some(keys)) => end,
                     _ = stop.changed() => return Ok(()),
                 };
                 tracing::warn!("session with {addr} ended: {end}; reconnecting");
@@ -95,6 +106,13 @@ pub async fn run_agent(config: AgentConfig, mut stop: watch::Receiver<bool>) -> 
                      (--authkey-file, DISTRIPOOL_AUTHKEY or DISTRIPOOL_AUTHKEY_FILE); retrying"
                 );
             }
+            Err(e @ (Error::Handshake(_) | Error::Tls(_))) => {
+                tracing::error!("cannot join orchestrator {addr}: {e}; retrying");
+            }
+            Err(Error::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => tracing::error!(
+                "orchestrator {addr} closed the connection during the handshake (is one side set up for TLS \
+                 and the other not?); retrying"
+            ),
             Err(e) => tracing::info!("orchestrator {addr} not available ({e}); retrying"),
         }
         let jitter = Duration::from_millis(u64::from(crate::random_bytes::<1>()[0]) % 100);

@@ -2,16 +2,21 @@
 //!
 //! [`FrameReader`] turns a byte stream into [`Frame`]s, never buffering more
 //! than one frame's verified length. [`FrameWriter`] writes a header and its
-//! payload without first copying them into one buffer. The two handshake
-//! functions drive the sans-I/O state machines of `distripool_protocol` under
-//! a deadline.
+//! payload without first copying them into one buffer. On a sealed
+//! connection both work through the record layer of
+//! [`distripool_protocol::cipher`]: the writer packs everything queued before
+//! a flush into records of at most 64 KiB and seals each once; the reader
+//! opens each record before it looks at a byte of its plaintext. The two
+//! handshake functions drive the sans-I/O state machines of
+//! `distripool_protocol` under a deadline.
 
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use distripool_protocol::cipher::{RECORD_MAX, RECORD_PREFIX, TAG_LEN};
 use distripool_protocol::{
-    frame, handshake::HandshakeMsg, ClientHandshake, Frame, FrameDecoder, Opener, Sealer, ServerHandshake,
-    SessionKeys, HANDSHAKE_MAX_FRAME,
+    frame, handshake::HandshakeMsg, Binding, ClientHandshake, Frame, FrameDecoder, Opener, Sealer,
+    ServerHandshake, SessionKeys, HANDSHAKE_MAX_FRAME,
 };
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
@@ -27,7 +32,10 @@ pub const PEER_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct FrameReader<R> {
     inner: R,
+    /// Plaintext frames (opened records, on a sealed connection).
     buf: BytesMut,
+    /// Sealed records as they arrive, before they are opened.
+    raw: BytesMut,
     decoder: FrameDecoder,
     opener: Option<Opener>,
     last_data: tokio::time::Instant,
@@ -39,6 +47,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         Self {
             inner,
             buf: BytesMut::with_capacity(64 * 1024),
+            raw: BytesMut::new(),
             decoder: FrameDecoder::new(max_frame),
             opener: None,
             last_data: tokio::time::Instant::now(),
@@ -56,8 +65,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         self
     }
 
-    /// Open (decrypt and verify) every frame read from now on.
+    /// Open (decrypt and verify) every record read from now on.
     pub fn with_opener(mut self, opener: Option<Opener>) -> Self {
+        if opener.is_some() {
+            self.raw = BytesMut::with_capacity(2 * (RECORD_PREFIX + RECORD_MAX + TAG_LEN));
+        }
         self.opener = opener;
         self
     }
@@ -65,20 +77,35 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// The next frame; `Ok(None)` on a clean end of stream between frames.
     pub async fn read_frame(&mut self) -> Result<Option<Frame>> {
         loop {
-            if let Some(mut body) = self.decoder.decode_raw(&mut self.buf)? {
-                // Nothing inside a sealed frame is looked at before it verifies.
-                if let Some(opener) = &mut self.opener {
-                    let n = opener.open(&mut body)?;
-                    body.truncate(n);
-                }
+            if let Some(body) = self.decoder.decode_raw(&mut self.buf)? {
                 return Ok(Some(frame::parse_body(body.freeze())?));
             }
-            // The length prefix is checked against the cap, but not yet
-            // authenticated: grow the buffer with the bytes that actually
-            // arrive (at most 1 MiB ahead), never by the claimed length alone.
-            let missing = self.decoder.missing(&self.buf)?;
-            self.buf.reserve(missing.clamp(8 * 1024, 1 << 20));
-            let read = self.inner.read_buf(&mut self.buf);
+            if let Some(opener) = &mut self.opener {
+                // Only opened records reach `buf`, so the frame length there
+                // is authenticated: room for the whole frame may be made at
+                // once. Record lengths are checked against their own small cap
+                // before anything is buffered for them.
+                let mut opened = false;
+                while let Some(plain) = opener.open_record(&mut self.raw)? {
+                    let missing = self.decoder.missing(&self.buf)?;
+                    self.buf.reserve(missing.max(plain.len()));
+                    self.buf.extend_from_slice(&plain);
+                    opened = true;
+                }
+                if opened {
+                    continue;
+                }
+                let want = Opener::missing(&self.raw)?;
+                self.raw.reserve(want.max(RECORD_PREFIX + RECORD_MAX + TAG_LEN));
+            } else {
+                // The length prefix is checked against the cap, but not
+                // authenticated: grow the buffer with the bytes that actually
+                // arrive (at most 1 MiB ahead), never by the claimed length alone.
+                let missing = self.decoder.missing(&self.buf)?;
+                self.buf.reserve(missing.clamp(8 * 1024, 1 << 20));
+            }
+            let target = if self.opener.is_some() { &mut self.raw } else { &mut self.buf };
+            let read = self.inner.read_buf(target);
             let n = match self.silence_limit {
                 None => read.await?,
                 Some(limit) => tokio::time::timeout_at(self.last_data + limit, read)
@@ -89,7 +116,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 self.last_data = tokio::time::Instant::now();
             }
             if n == 0 {
-                if self.buf.is_empty() {
+                if self.buf.is_empty() && self.raw.is_empty() {
                     return Ok(None);
                 }
                 return Err(Error::Io(std::io::Error::new(
@@ -105,36 +132,71 @@ pub struct FrameWriter<W> {
     inner: BufWriter<W>,
     max_frame: usize,
     sealer: Option<Sealer>,
+    /// The record being filled: room for its prefix, then plaintext.
+    record: Vec<u8>,
 }
 
 impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     pub fn new(inner: W, max_frame: usize) -> Self {
-        Self { inner: BufWriter::with_capacity(64 * 1024, inner), max_frame, sealer: None }
+        Self {
+            inner: BufWriter::with_capacity(64 * 1024, inner),
+            max_frame,
+            sealer: None,
+            record: Vec::new(),
+        }
     }
 
-    /// Seal (encrypt and authenticate) every frame written from now on.
+    /// Seal (encrypt and authenticate) everything written from now on.
     pub fn with_sealer(mut self, sealer: Option<Sealer>) -> Self {
+        if sealer.is_some() {
+            self.record = Vec::with_capacity(RECORD_PREFIX + RECORD_MAX + TAG_LEN);
+            self.record.resize(RECORD_PREFIX, 0);
+        }
         self.sealer = sealer;
         self
     }
 
     /// Queue one frame; call [`flush`](Self::flush) when no more are ready.
     pub async fn write<T: Serialize>(&mut self, msg: &T, payload: &[u8]) -> Result<()> {
-        if let Some(sealer) = &mut self.sealer {
-            let mut body = frame::encode_body(msg, payload, self.max_frame)?;
-            let (prefix, tag) = sealer.seal(&mut body)?;
-            self.inner.write_all(&prefix).await?;
-            self.inner.write_all(&body).await?;
-            self.inner.write_all(&tag).await?;
+        let prefix = frame::encode_prefix(msg, payload.len(), self.max_frame)?;
+        if self.sealer.is_some() {
+            self.push_sealed(&prefix).await?;
+            self.push_sealed(payload).await?;
             return Ok(());
         }
-        let prefix = frame::encode_prefix(msg, payload.len(), self.max_frame)?;
         self.inner.write_all(&prefix).await?;
         self.inner.write_all(payload).await?;
         Ok(())
     }
 
+    /// Append plaintext to the open record, sealing and sending each record
+    /// as it fills: a large payload streams through one 64 KiB buffer.
+    async fn push_sealed(&mut self, mut data: &[u8]) -> Result<()> {
+        while !data.is_empty() {
+            let room = RECORD_PREFIX + RECORD_MAX - self.record.len();
+            let (now, rest) = data.split_at(room.min(data.len()));
+            self.record.extend_from_slice(now);
+            data = rest;
+            if self.record.len() == RECORD_PREFIX + RECORD_MAX {
+                self.seal_record().await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn seal_record(&mut self) -> Result<()> {
+        let Some(sealer) = &mut self.sealer else { return Ok(()) };
+        if self.record.len() == RECORD_PREFIX {
+            return Ok(());
+        }
+        sealer.seal_record(&mut self.record)?;
+        self.inner.write_all(&self.record).await?;
+        self.record.truncate(RECORD_PREFIX);
+        Ok(())
+    }
+
     pub async fn flush(&mut self) -> Result<()> {
+        self.seal_record().await?;
         self.inner.flush().await?;
         Ok(())
     }
@@ -152,6 +214,11 @@ async fn recv_hs<R: AsyncRead + Unpin>(r: &mut R) -> Result<HandshakeMsg> {
     // stream can be handed on untouched afterwards.
     let mut len = [0u8; 4];
     r.read_exact(&mut len).await?;
+    if matches!(len[0], 0x15 | 0x16) && len[1] == 0x03 {
+        // A TLS record header (an alert or a handshake, version 3.x) where a
+        // distripool handshake frame belongs.
+        return Err(Error::Tls("the peer speaks TLS, but this side is not set up for TLS".into()));
+    }
     let n = u32::from_le_bytes(len) as usize;
     if n > HANDSHAKE_MAX_FRAME {
         return Err(distripool_protocol::FrameError::TooLarge { len: n, max: HANDSHAKE_MAX_FRAME }.into());
@@ -172,9 +239,10 @@ async fn recv_hs<R: AsyncRead + Unpin>(r: &mut R) -> Result<HandshakeMsg> {
 pub async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
     key: &[u8],
+    binding: &Binding,
 ) -> Result<(u64, SessionKeys)> {
     let fut = async {
-        let mut hs = ClientHandshake::new(key, random_bytes());
+        let mut hs = ClientHandshake::new(key, binding.clone(), random_bytes());
         send_hs(s, &hs.hello()).await?;
         let challenge = recv_hs(s).await?;
         match hs.on_challenge(challenge) {
@@ -199,10 +267,11 @@ pub async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(
 pub async fn server_handshake<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
     key: &[u8],
+    binding: &Binding,
     session: u64,
 ) -> Result<SessionKeys> {
     let fut = async {
-        let mut hs = ServerHandshake::new(key, random_bytes());
+        let mut hs = ServerHandshake::new(key, binding.clone(), random_bytes());
         let step = hs.on_hello(recv_hs(s).await?);
         let challenge = reply_or_fail(s, step).await?;
         send_hs(s, &challenge).await?;

@@ -18,10 +18,12 @@ pub mod agent;
 pub mod conn;
 pub mod executor;
 pub mod orchestrator;
+pub mod security;
 
 pub use agent::{run_agent, AgentConfig};
-pub use distripool_protocol::DEFAULT_MAX_FRAME;
+pub use distripool_protocol::{DEFAULT_MAX_FRAME, PROTOCOL_VERSION};
 pub use orchestrator::{Client, Completion, Orchestrator, OrchestratorConfig, Outcome, Stats};
+pub use security::{Security, TlsFiles};
 
 use distripool_protocol::{FrameError, HandshakeError};
 
@@ -38,6 +40,8 @@ pub enum Error {
     Handshake(#[from] HandshakeError),
     #[error("{0}")]
     Config(String),
+    #[error("{0}")]
+    Tls(String),
     #[error("timed out: {0}")]
     Timeout(&'static str),
     #[error("the orchestrator is closed")]

@@ -18,19 +18,20 @@ use std::sync::{mpsc as std_mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use distripool_protocol::{FromAgent, SessionKeys, ToAgent, DEFAULT_MAX_FRAME};
+use distripool_protocol::{Binding, FromAgent, SessionKeys, ToAgent, DEFAULT_MAX_FRAME};
 pub use distripool_scheduler::FailureKind;
 use distripool_scheduler::{Command, Config as SchedulerConfig, Scheduler};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, TcpSocket};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{mpsc, watch};
 
 use crate::agent::{run_session, AgentConfig};
 use crate::conn::{
-    client_handshake, server_handshake, tune_tcp, AbortOnDrop, FrameReader, FrameWriter, Outgoing, HEARTBEAT,
-    PEER_TIMEOUT,
+    client_handshake, server_handshake, tune_tcp, AbortOnDrop, FrameReader, FrameWriter, Outgoing,
+    HANDSHAKE_TIMEOUT, HEARTBEAT, PEER_TIMEOUT,
 };
+use crate::security::{Acceptor, Security};
 use crate::{resolve, Error, Result};
 
 /// Tasks an agent may hold per executor slot (running plus prefetched).
@@ -47,14 +48,19 @@ const MAX_PENDING_HANDSHAKES: usize = 256;
 pub struct OrchestratorConfig {
     /// `host:port` addresses to listen on; may be empty (embedded pools).
     pub listen: Vec<String>,
-    pub key: Vec<u8>,
+    pub security: Security,
     pub max_frame: usize,
     pub max_crashes: u32,
 }
 
 impl Default for OrchestratorConfig {
     fn default() -> Self {
-        Self { listen: Vec::new(), key: Vec::new(), max_frame: DEFAULT_MAX_FRAME, max_crashes: 3 }
+        Self {
+            listen: Vec::new(),
+            security: Security::default(),
+            max_frame: DEFAULT_MAX_FRAME,
+            max_crashes: 3,
+        }
     }
 }
 
@@ -135,7 +141,7 @@ pub struct Orchestrator {
     runtime: Option<tokio::runtime::Runtime>,
     events: mpsc::UnboundedSender<Event>,
     addrs: Vec<SocketAddr>,
-    key: Vec<u8>,
+    security: Security,
     max_frame: usize,
     stats: Arc<Stats>,
     next_id: Arc<AtomicU64>,
@@ -147,7 +153,7 @@ impl Orchestrator {
         let mut addrs = Vec::new();
         for a in &config.listen {
             let addr = resolve(a)?;
-            if !addr.ip().is_loopback() && config.key.is_empty() {
+            if !addr.ip().is_loopback() && config.security.key.is_empty() && config.security.tls.is_none() {
                 return Err(Error::Config(format!(
                     "refusing to listen on {addr} without an authentication key: anyone who can reach it \
                      could run code on your workers. Pass authkey=..., or set DISTRIPOOL_AUTHKEY or \
@@ -156,6 +162,7 @@ impl Orchestrator {
             }
             addrs.push(addr);
         }
+        let acceptor = Acceptor::new(&config.security)?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("distripool-orchestrator")
@@ -177,8 +184,9 @@ impl Orchestrator {
             let listener = listener.map_err(|e| Error::Config(format!("cannot listen on {addr}: {e}")))?;
             bound.push(listener.local_addr()?);
             let intake = Intake {
-                key: config.key.clone().into(),
-                seal: true,
+                key: config.security.key.clone().into(),
+                binding: config.security.binding(),
+                acceptor: acceptor.clone(),
                 max_frame: config.max_frame,
                 events: events.clone(),
                 stats: stats.clone(),
@@ -201,7 +209,7 @@ impl Orchestrator {
             runtime: Some(runtime),
             events,
             addrs: bound,
-            key: config.key,
+            security: config.security,
             max_frame: config.max_frame,
             stats,
             next_id,
@@ -246,22 +254,24 @@ impl Orchestrator {
         let Some(rt) = &self.runtime else {
             return Err(Error::Closed);
         };
-        config.key = self.key.clone();
+        config.security = Security { tls: None, ..self.security.clone() };
         config.executor.max_frame = self.max_frame;
         let (agent_end, orch_end) = tokio::io::duplex(1 << 20);
         let worker = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let binding = config.security.binding();
         let intake = Intake {
-            key: self.key.clone().into(),
-            seal: false,
+            key: config.security.key.clone().into(),
+            binding: binding.clone(),
+            acceptor: Acceptor::Plain,
             max_frame: self.max_frame,
             events: self.events.clone(),
             stats: self.stats.clone(),
         };
-        rt.spawn(intake.serve(orch_end, "local".into(), worker, None));
+        rt.spawn(intake.serve_local(orch_end, worker));
         let mut stop = self.stop.subscribe();
         rt.spawn(async move {
             let mut stream = agent_end;
-            match client_handshake(&mut stream, &config.key).await {
+            match client_handshake(&mut stream, &config.security.key, &binding).await {
                 Ok(_) => {
                     // In-process: nothing travels over a wire, so no sealing.
                     tokio::select! {
@@ -615,7 +625,7 @@ async fn accept_loop(listener: TcpListener, intake: Intake, next_id: Arc<AtomicU
         // Hold the lock across spawn and insert, so that a connection that
         // finishes its handshake at once cannot leave a stale entry behind.
         let mut p = pending.lock().expect("pending lock");
-        let task = tokio::spawn(intake.clone().serve(stream, peer.to_string(), worker, Some(guard)));
+        let task = tokio::spawn(intake.clone().serve_tcp(stream, peer.to_string(), worker, guard));
         p.tasks.insert(worker, task.abort_handle());
         p.order.push_back(worker);
         while p.tasks.len() > MAX_PENDING_HANDSHAKES {
@@ -649,34 +659,53 @@ fn note_handshake_failure(stats: &Stats, peer: &str, e: &Error) {
 #[derive(Clone)]
 struct Intake {
     key: Arc<[u8]>,
-    /// Seal every frame: true for network connections.
-    seal: bool,
+    /// What the handshake binds, including whether network sessions are sealed.
+    binding: Binding,
+    /// Plain TCP or mutual TLS.
+    acceptor: Acceptor,
     max_frame: usize,
     events: mpsc::UnboundedSender<Event>,
     stats: Arc<Stats>,
 }
 
 impl Intake {
-    /// Authenticate the peer, then serve it until it goes away. The guard,
-    /// if any, keeps the connection on the pending list until the handshake
-    /// is over.
-    async fn serve<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
-        self,
-        mut stream: S,
-        peer: String,
-        worker: u64,
-        pending: Option<PendingGuard>,
-    ) {
-        let keys = match server_handshake(&mut stream, &self.key, worker).await {
-            Ok(keys) => keys,
+    /// Authenticate a network peer (TLS first, if configured, then the
+    /// distripool handshake, all within [`HANDSHAKE_TIMEOUT`]), then serve it
+    /// until it goes away. The guard keeps the connection on the pending list
+    /// until it is authenticated.
+    async fn serve_tcp(self, tcp: TcpStream, peer: String, worker: u64, pending: PendingGuard) {
+        let authenticate = async {
+            let mut stream = self.acceptor.wrap(tcp).await?;
+            let keys = server_handshake(&mut stream, &self.key, &self.binding, worker).await?;
+            Ok::<_, Error>((stream, keys))
+        };
+        let outcome = tokio::time::timeout(HANDSHAKE_TIMEOUT, authenticate)
+            .await
+            .unwrap_or(Err(Error::Timeout("agent handshake")));
+        let (stream, keys) = match outcome {
+            Ok(ok) => ok,
             Err(e) => {
                 note_handshake_failure(&self.stats, &peer, &e);
                 return;
             }
         };
         drop(pending);
-        let keys = self.seal.then_some(keys);
+        let keys = self.binding.sealed.then_some(keys);
         serve_session(stream, peer, self.max_frame, worker, self.events, keys).await;
+    }
+
+    /// Serve the in-process agent: authenticated like any other, never sealed
+    /// (nothing travels over a wire).
+    async fn serve_local<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
+        self,
+        mut stream: S,
+        worker: u64,
+    ) {
+        if let Err(e) = server_handshake(&mut stream, &self.key, &self.binding, worker).await {
+            note_handshake_failure(&self.stats, "local", &e);
+            return;
+        }
+        serve_session(stream, "local".into(), self.max_frame, worker, self.events, None).await;
     }
 }
 

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use distripool_runtime::executor::ExecutorSpec;
-use distripool_runtime::{run_agent, AgentConfig, Orchestrator, OrchestratorConfig, Outcome};
+use distripool_runtime::{run_agent, AgentConfig, Orchestrator, OrchestratorConfig, Outcome, Security};
 
 const ECHO_EXECUTOR: &str = r#"
 import os, socket, struct
@@ -50,9 +50,9 @@ struct AgentThread {
 }
 
 impl AgentThread {
-    fn start(addr: String, key: &[u8], processes: usize, spec: ExecutorSpec) -> Self {
+    fn start(addr: String, security: Security, processes: usize, spec: ExecutorSpec) -> Self {
         let (stop, rx) = tokio::sync::watch::channel(false);
-        let config = AgentConfig { connect: vec![addr], key: key.to_vec(), processes, executor: spec };
+        let config = AgentConfig { connect: vec![addr], security, processes, executor: spec };
         let thread = std::thread::spawn(move || {
             let rt =
                 tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
@@ -87,12 +87,12 @@ fn tasks_round_trip_through_an_agent_exactly_once() {
     let key = b"loopback key".to_vec();
     let orch = Orchestrator::start(OrchestratorConfig {
         listen: vec!["127.0.0.1:0".into()],
-        key: key.clone(),
+        security: Security { key: key.clone(), ..Default::default() },
         ..Default::default()
     })
     .unwrap();
     let addr = orch.local_addrs()[0].to_string();
-    let _agent = AgentThread::start(addr, &key, 2, echo_spec(&dir));
+    let _agent = AgentThread::start(addr, keyed(&key), 2, echo_spec(&dir));
     wait_for("the agent", || orch.stats().workers.load(Ordering::Relaxed) == 1);
 
     let client = orch.open_client().unwrap();
@@ -119,7 +119,7 @@ fn a_task_that_kills_its_executor_fails_after_the_crash_limit() {
         ..Default::default()
     })
     .unwrap();
-    let _agent = AgentThread::start(orch.local_addrs()[0].to_string(), b"", 1, echo_spec(&dir));
+    let _agent = AgentThread::start(orch.local_addrs()[0].to_string(), keyed(b""), 1, echo_spec(&dir));
     wait_for("the agent", || orch.stats().workers.load(Ordering::Relaxed) == 1);
     let client = orch.open_client().unwrap();
     let job = client.new_job();
@@ -149,11 +149,11 @@ fn an_agent_with_the_wrong_key_is_refused() {
     let dir = tempdir();
     let orch = Orchestrator::start(OrchestratorConfig {
         listen: vec!["127.0.0.1:0".into()],
-        key: b"right".to_vec(),
+        security: Security { key: b"right".to_vec(), ..Default::default() },
         ..Default::default()
     })
     .unwrap();
-    let _agent = AgentThread::start(orch.local_addrs()[0].to_string(), b"wrong", 1, echo_spec(&dir));
+    let _agent = AgentThread::start(orch.local_addrs()[0].to_string(), keyed(b"wrong"), 1, echo_spec(&dir));
     wait_for("the refusal", || orch.stats().auth_failures.load(Ordering::Relaxed) >= 1);
     assert_eq!(orch.stats().workers.load(Ordering::Relaxed), 0);
 }
@@ -165,6 +165,72 @@ fn listening_beyond_loopback_needs_a_key() {
             .err()
             .expect("must be refused");
     assert!(err.to_string().contains("DISTRIPOOL_AUTHKEY"), "{err}");
+}
+
+fn keyed(key: &[u8]) -> Security {
+    Security { key: key.to_vec(), ..Default::default() }
+}
+
+fn orchestrator(security: Security) -> Orchestrator {
+    Orchestrator::start(OrchestratorConfig {
+        listen: vec!["127.0.0.1:0".into()],
+        security,
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+/// Run `n` echo tasks of `size` bytes each and check every result.
+fn echo_round_trip(orch: &Orchestrator, n: u32, size: usize) {
+    let client = orch.open_client().unwrap();
+    let job = client.new_job();
+    let payload = |i: u32| -> Vec<u8> {
+        (0..size).map(|j| (j as u32).wrapping_mul(31).wrapping_add(i) as u8).collect()
+    };
+    let tasks = (0..n).map(|i| (i, payload(i).into())).collect();
+    client.submit(job, b"f".to_vec().into(), tasks, None).unwrap();
+    for c in collect(&client, n as usize) {
+        let Outcome::Done(bytes) = c.outcome else { panic!("task {} failed", c.index) };
+        assert!(bytes[..] == payload(c.index)[..], "task {} came back altered", c.index);
+    }
+}
+
+#[test]
+fn large_payloads_stream_through_sealed_records_intact() {
+    // Payloads of 1 MiB + 7 cross many 64 KiB records and end mid-record.
+    let dir = tempdir();
+    let orch = orchestrator(keyed(b"k"));
+    let _agent = AgentThread::start(orch.local_addrs()[0].to_string(), keyed(b"k"), 2, echo_spec(&dir));
+    wait_for("the agent", || orch.stats().workers.load(Ordering::Relaxed) == 1);
+    echo_round_trip(&orch, 24, (1 << 20) + 7);
+    echo_round_trip(&orch, 500, 3);
+}
+
+#[test]
+fn encryption_off_works_only_when_both_sides_say_so() {
+    let dir = tempdir();
+    let clear = Security { key: b"k".to_vec(), encrypt: false, ..Default::default() };
+    let orch = orchestrator(clear.clone());
+    let addr = orch.local_addrs()[0].to_string();
+    {
+        let _sealed_agent = AgentThread::start(addr.clone(), keyed(b"k"), 1, echo_spec(&dir));
+        wait_for("the refusal", || orch.stats().handshake_failures.load(Ordering::Relaxed) >= 1);
+        assert_eq!(orch.stats().workers.load(Ordering::Relaxed), 0);
+    }
+    let _agent = AgentThread::start(addr, clear, 1, echo_spec(&dir));
+    wait_for("the agent", || orch.stats().workers.load(Ordering::Relaxed) == 1);
+    echo_round_trip(&orch, 50, 100_000);
+}
+
+#[test]
+fn an_agent_of_another_cluster_is_refused() {
+    let dir = tempdir();
+    let orch = orchestrator(Security { key: b"k".to_vec(), cluster: "blue".into(), ..Default::default() });
+    let green = Security { key: b"k".to_vec(), cluster: "green".into(), ..Default::default() };
+    let _agent = AgentThread::start(orch.local_addrs()[0].to_string(), green, 1, echo_spec(&dir));
+    wait_for("the refusal", || orch.stats().handshake_failures.load(Ordering::Relaxed) >= 1);
+    assert_eq!(orch.stats().workers.load(Ordering::Relaxed), 0);
+    assert_eq!(orch.stats().auth_failures.load(Ordering::Relaxed), 0, "refused before any key was used");
 }
 
 fn tempdir() -> std::path::PathBuf {
