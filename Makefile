@@ -37,10 +37,21 @@ test-rust:
 test-python:
 	$(PYTHON) -m pytest -q
 
-## bench: distripool against its peers in one run, then the cost of sealing frames
-bench: install
-	$(PYTHON) bench/bench.py
+## bench: distripool against its peers in one run (loky, Ray and Dask are
+## installed into target/bench-venv), then the Rust-only benchmarks
+BENCH_VENV = target/bench-venv
+BENCH_PY = $(BENCH_VENV)/bin/python
+
+$(BENCH_VENV)/.installed: bench/requirements.txt
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_PY) -m pip install --quiet -r bench/requirements.txt
+	touch $@
+
+bench: $(BENCH_VENV)/.installed
+	$(BENCH_PY) -m pip install --quiet .
+	$(BENCH_PY) bench/bench.py
 	cargo run --release --quiet -p distripool-runtime --example seal_cost
+	cargo run --release --quiet -p distripool-runtime --example orchestrator_bench
 
 ## fuzz-smoke: every fuzz target for FUZZ_SECONDS (default 10) each
 # cargo-fuzz wants nightly features; RUSTC_BOOTSTRAP lets the stable toolchain

@@ -5,11 +5,19 @@ of ROUNDS rounds:
 
 - ``multiprocessing``: ``multiprocessing.Pool`` (fork), the reference for ratios;
 - ``ProcessPoolExecutor``: ``concurrent.futures`` (fork);
+- ``loky``: ``loky.ProcessPoolExecutor``;
+- ``Ray Pool``: ``ray.util.multiprocessing.Pool`` on a local Ray instance;
+- ``Dask``: a ``distributed`` ``LocalCluster`` of worker processes, one thread each;
 - ``distripool``: the embedded default, ``Pool(processes)``;
 - ``distripool remote``: a worker agent in another process, over TCP on
   loopback, authenticated and encrypted, with the same number of executors;
 - ``remote, clear``: the same with encryption turned off on both sides
   (still authenticated), to show what sealing every byte costs.
+
+loky, Ray and Dask are not distripool's dependencies: ``make bench`` installs
+them into the bench's own environment (``target/bench-venv``, from
+``bench/requirements.txt``). Run elsewhere, peers that are not installed are
+left out of the table.
 
 Usage::
 
@@ -20,6 +28,8 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import functools
+import logging
 import multiprocessing
 import os
 import socket
@@ -28,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 
 import distripool
 
@@ -40,18 +51,43 @@ def identity(x):
     return x
 
 
-class ExecutorAsPool:
-    """The few Pool methods the bench uses, on a ProcessPoolExecutor."""
+def burn(x, seconds=0.02):
+    """CPU-bound work: spin for ``seconds`` of this process's CPU time."""
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass
+    return x
 
-    def __init__(self, processes):
-        self.ex = cf.ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"))
+
+def nap(x, seconds=0.01):
+    time.sleep(seconds)
+    return x
+
+
+def first_byte(blob, i):
+    return blob[i % len(blob)]
+
+
+def _run_chunk(fn, chunk):
+    return [fn(x) for x in chunk]
+
+
+def default_chunksize(n_items, processes):
+    """multiprocessing's rule, so that every peer cuts the same chunks."""
+    chunksize, extra = divmod(n_items, processes * 4)
+    return max(1, chunksize + bool(extra))
+
+
+class ExecutorAsPool:
+    """The few Pool methods the bench uses, on a ``concurrent.futures`` executor."""
+
+    def __init__(self, executor, processes):
+        self.ex = executor
         self.processes = processes
 
     def map(self, fn, data, chunksize=None):
-        if chunksize is None:  # multiprocessing's default rule, for a fair comparison
-            chunksize, extra = divmod(len(data), self.processes * 4)
-            chunksize += bool(extra)
-        return list(self.ex.map(fn, data, chunksize=max(1, chunksize)))
+        chunksize = chunksize or default_chunksize(len(data), self.processes)
+        return list(self.ex.map(fn, data, chunksize=chunksize))
 
     def apply(self, fn, args):
         return self.ex.submit(fn, *args).result()
@@ -63,10 +99,81 @@ class ExecutorAsPool:
         self.ex.shutdown(wait=True)
 
 
-class RemoteWorker:
-    """An orchestrator in this process and one worker agent in another."""
+def process_pool_executor(n):
+    return ExecutorAsPool(cf.ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("fork")), n)
 
-    def __init__(self, processes, encrypt=True):
+
+def loky_pool(n):
+    import loky
+
+    return ExecutorAsPool(loky.ProcessPoolExecutor(n), n)
+
+
+class RayPool:
+    """``ray.util.multiprocessing.Pool`` with its own local Ray instance."""
+
+    def __init__(self, n):
+        import ray
+        from ray.util.multiprocessing import Pool
+
+        self.ray = ray
+        ray.init(num_cpus=n, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+        self.pool = Pool(n)
+
+    def map(self, fn, data, chunksize=None):
+        return self.pool.map(fn, data, chunksize)
+
+    def apply(self, fn, args):
+        return self.pool.apply(fn, args)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.pool.terminate()
+        self.ray.shutdown()
+
+
+class DaskPool:
+    """A ``distributed`` client on a local cluster of worker processes."""
+
+    def __init__(self, n):
+        from distributed import Client, LocalCluster
+
+        self.n = n
+        self.cluster = LocalCluster(
+            n_workers=n,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            silence_logs=logging.ERROR,
+        )
+        self.client = Client(self.cluster)
+
+    def map(self, fn, data, chunksize=None):
+        chunksize = chunksize or default_chunksize(len(data), self.n)
+        if chunksize == 1:
+            return self.client.gather(self.client.map(fn, list(data), pure=False))
+        chunks = [data[i : i + chunksize] for i in range(0, len(data), chunksize)]
+        parts = self.client.gather(self.client.map(functools.partial(_run_chunk, fn), chunks, pure=False))
+        return [y for part in parts for y in part]
+
+    def apply(self, fn, args):
+        return self.client.submit(fn, *args, pure=False).result()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.client.close()
+        self.cluster.close()
+
+
+class RemoteWorker:
+    """An orchestrator in this process and ``agents`` worker agents, each in
+    a process of its own with ``processes`` executors."""
+
+    def __init__(self, processes, encrypt=True, agents=1):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -78,34 +185,25 @@ class RemoteWorker:
         self.orch = distripool.Orchestrator(f"127.0.0.1:{port}", authkey=key, encrypt=encrypt)
         here = os.path.dirname(os.path.abspath(__file__))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]))
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "distripool",
-                "worker",
-                "--processes",
-                str(processes),
-                "--connect",
-                self.orch.addresses[0],
-                "--authkey-file",
-                key_file,
-                *([] if encrypt else ["--no-encrypt"]),
-            ],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        if not self.orch.wait_for_workers(1, timeout=60):
-            raise RuntimeError("the bench's worker did not connect")
+        argv = [sys.executable, "-m", "distripool", "worker", "--processes", str(processes)]
+        argv += ["--connect", self.orch.addresses[0], "--authkey-file", key_file]
+        argv += [] if encrypt else ["--no-encrypt"]
+        self.procs = [
+            subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for _ in range(agents)
+        ]
+        if not self.orch.wait_for_workers(agents, timeout=120):
+            raise RuntimeError("the bench's workers did not connect")
 
     def pool(self, processes):
         return distripool.Pool(orchestrator=self.orch)
 
     def close(self):
         self.orch.close()
-        self.proc.terminate()
-        self.proc.wait(30)
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            p.wait(30)
         self.dir.cleanup()
 
 
@@ -116,18 +214,36 @@ def startup(make, processes):
     return time.perf_counter() - t0
 
 
-def measure(pool, name, n_items, payload_mib):
-    """Seconds one round of figure ``name`` takes on ``pool``."""
+# Items per figure; peers that take milliseconds per task get fewer, since
+# every figure is a rate.
+SIZES = {
+    "map_default": 200_000,
+    "map_chunk1": 20_000,
+    "apply_latency": 2_000,
+    "cpu_bound": 40,
+}
+SLOW = {"map_chunk1": 2_000, "apply_latency": 200}
+SLOW_PEERS = ("ProcessPoolExecutor", "loky", "Ray Pool", "Dask")
+
+
+def items(peer, name, scale):
+    n = SIZES.get(name, 1)
+    if peer in SLOW_PEERS:
+        n = SLOW.get(name, n)
+    return max(4, n // scale)
+
+
+def measure(pool, name, n, payload_mib, processes):
+    """One round of figure ``name`` on ``pool``: seconds per item (payload:
+    seconds for the round trip; cpu_bound: parallel efficiency)."""
     if name in ("map_default", "map_chunk1"):
-        data = range(n_items[name])
-        chunksize = None if name == "map_default" else 1
+        data = range(n)
         t0 = time.perf_counter()
-        out = pool.map(tiny, data, chunksize)
+        out = pool.map(tiny, data, None if name == "map_default" else 1)
         dt = time.perf_counter() - t0
-        assert len(out) == len(data) and out[-1] == len(data)
-        return dt
+        assert len(out) == n and out[-1] == n
+        return dt / n
     if name == "apply_latency":
-        n = n_items["apply_latency"]
         t0 = time.perf_counter()
         for i in range(n):
             pool.apply(tiny, (i,))
@@ -139,7 +255,51 @@ def measure(pool, name, n_items, payload_mib):
         dt = time.perf_counter() - t0
         assert len(out) == len(blob)
         return dt
+    if name == "cpu_bound":
+        t0 = time.perf_counter()
+        out = pool.map(burn, range(n), 1)
+        dt = time.perf_counter() - t0
+        assert out == list(range(n))
+        return (n * 0.02 / processes) / dt
     raise ValueError(name)
+
+
+def shared_input(remote: RemoteWorker, mib: int) -> tuple[float, float]:
+    """Bytes sent to the remote worker for ``map(partial(f, big), range(64))``,
+    as a multiple of ``big``'s size; and the seconds it took."""
+    big = os.urandom(mib << 20)
+    before = remote.orch.stats()["bytes_sent"]
+    t0 = time.perf_counter()
+    with distripool.Pool(orchestrator=remote.orch) as pool:
+        out = pool.map(functools.partial(first_byte, big), range(64), chunksize=1)
+    dt = time.perf_counter() - t0
+    assert out == [big[i] for i in range(64)]
+    return (remote.orch.stats()["bytes_sent"] - before) / len(big), dt
+
+
+def scale_out(agents: int, per_agent: int) -> float:
+    """Parallel efficiency of ``agents`` agents with one executor each,
+    running tasks that sleep 10 ms, ``per_agent`` tasks per agent."""
+    cluster = RemoteWorker(1, agents=agents)
+    try:
+        with distripool.Pool(orchestrator=cluster.orch) as pool:
+            pool.map(nap, range(agents * 2), chunksize=1)  # every executor warm
+            n = agents * per_agent
+            t0 = time.perf_counter()
+            out = pool.map(nap, range(n), chunksize=1)
+            dt = time.perf_counter() - t0
+        assert out == list(range(n))
+        return (per_agent * 0.01) / dt
+    finally:
+        cluster.close()
+
+
+def available(module):
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
 
 
 def main() -> int:
@@ -148,24 +308,27 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="smaller inputs, for a smoke run")
     args = ap.parse_args()
+    warnings.simplefilter("ignore")
+    logging.basicConfig(level=logging.ERROR)
     scale = 10 if args.quick else 1
-    n_items = {
-        "map_default": 200_000 // scale,
-        "map_chunk1": 20_000 // scale,
-        "apply_latency": 2_000 // scale,
-    }
     payload_mib = 64 // scale
+    shared_mib = 256 // scale
 
     remote = RemoteWorker(args.processes)
     clear = RemoteWorker(args.processes, encrypt=False)
     peers = {
         "multiprocessing": lambda n: multiprocessing.get_context("fork").Pool(n),
-        "ProcessPoolExecutor": ExecutorAsPool,
+        "ProcessPoolExecutor": process_pool_executor,
+        "loky": loky_pool if available("loky") else None,
+        "Ray Pool": RayPool if available("ray") else None,
+        "Dask": DaskPool if available("distributed") else None,
         "distripool": lambda n: distripool.Pool(n),
         "distripool remote": remote.pool,
         "remote, clear": clear.pool,
     }
-    figures = ["map_default", "map_chunk1", "apply_latency", "payload"]
+    missing = [p for p, make in peers.items() if make is None]
+    peers = {p: make for p, make in peers.items() if make is not None}
+    figures = ["map_default", "map_chunk1", "apply_latency", "payload", "cpu_bound"]
     results: dict[str, dict[str, float]] = {p: {} for p in peers}
     try:
         for peer, make in peers.items():
@@ -173,53 +336,110 @@ def main() -> int:
                 results[peer]["startup"] = statistics.median(
                     startup(make, args.processes) for _ in range(args.rounds)
                 )
-        for peer, make in peers.items():
             with make(args.processes) as pool:
                 pool.map(tiny, range(1000))  # warm up
                 for name in figures:
+                    n = items(peer, name, scale)
                     results[peer][name] = statistics.median(
-                        measure(pool, name, n_items, payload_mib) for _ in range(args.rounds)
+                        measure(pool, name, n, payload_mib, args.processes) for _ in range(args.rounds)
                     )
+            print(f"measured {peer}", file=sys.stderr, flush=True)
+        shared_ratio, shared_seconds = shared_input(remote, shared_mib)
+        scale_agents = 64 // scale
+        scale_eff = scale_out(scale_agents, 50)
     finally:
         remote.close()
         clear.close()
 
+    def rate(per_item, unit, per_unit):
+        r = 1 / per_item / per_unit
+        return f"{r:.2f} {unit}" if r < 100 else f"{r:.0f} {unit}"
+
     rows = [
         ("start-up + first task", "startup", lambda s: f"{s * 1e3:.0f} ms"),
-        (
-            f"map tiny fn, {n_items['map_default']:,} items",
-            "map_default",
-            lambda s: f"{n_items['map_default'] / s / 1e6:.2f} M/s",
-        ),
-        (
-            f"map chunksize=1, {n_items['map_chunk1']:,} items",
-            "map_chunk1",
-            lambda s: f"{n_items['map_chunk1'] / s / 1e3:.1f} k/s",
-        ),
+        ("map tiny fn, default chunks", "map_default", lambda s: rate(s, "M/s", 1e6)),
+        ("map chunksize=1", "map_chunk1", lambda s: rate(s, "k/s", 1e3)),
         ("sequential apply round trip", "apply_latency", lambda s: f"{s * 1e6:.0f} µs"),
         (f"{payload_mib} MiB argument round trip", "payload", lambda s: f"{payload_mib / s:.0f} MiB/s"),
+        ("CPU-bound 20 ms tasks, efficiency", "cpu_bound", lambda e: f"{e:.2f}"),
     ]
     print(
         f"\ndistripool {distripool.__version__}, {args.processes} processes each, median of {args.rounds}, "
         f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}\n"
     )
     names = list(peers)
-    print("| figure | " + " | ".join(names) + " | distripool ÷ mp | remote ÷ mp | sealed ÷ clear |")
-    print("|---|" + "---:|" * (len(names) + 3))
+    print("| figure | " + " | ".join(names) + " |")
+    print("|---|" + "---:|" * len(names))
     for label, key, fmt in rows:
         cells = [fmt(results[p][key]) if key in results[p] else "—" for p in names]
-        mp = results["multiprocessing"][key]
-        # ratio > 1: distripool is better (faster or more per second)
-        local = f"{mp / results['distripool'][key]:.2f}×"
-        far = f"{mp / results['distripool remote'][key]:.2f}×" if key in results["distripool remote"] else "—"
-        sealing = (
-            f"{results['remote, clear'][key] / results['distripool remote'][key]:.2f}×"
-            if key in results["remote, clear"]
-            else "—"
-        )
-        print(f"| {label} | " + " | ".join(cells) + f" | {local} | {far} | {sealing} |")
-    print("\nratios: how many times better distripool is than multiprocessing (above 1) or worse (below 1);")
-    print("sealed ÷ clear: the remote worker with encryption on, relative to off (1.00× = free).")
+        print(f"| {label} | " + " | ".join(cells) + " |")
+    if missing:
+        print(f"\nnot installed here, left out: {', '.join(missing)} (make bench installs them)")
+
+    def ratio(a, b, key, higher_is_better):
+        """How many times better peer ``a`` is than ``b`` on ``key``."""
+        if key not in results.get(a, {}) or key not in results.get(b, {}):
+            return None
+        x, y = results[a][key], results[b][key]
+        return x / y if higher_is_better else y / x
+
+    # Each target: (what, peer, reference, figure, higher is better, goal as "≥ g" times better)
+    targets = [
+        ("map chunksize=1 vs multiprocessing", "distripool", "multiprocessing", "map_chunk1", False, 2.0),
+        (
+            "apply latency vs multiprocessing (× faster)",
+            "distripool",
+            "multiprocessing",
+            "apply_latency",
+            False,
+            2.0,
+        ),
+        ("map default chunks vs multiprocessing", "distripool", "multiprocessing", "map_default", False, 1.0),
+        ("64 MiB round trip vs multiprocessing", "distripool", "multiprocessing", "payload", False, 8.0),
+        ("64 MiB round trip vs Ray", "distripool", "Ray Pool", "payload", False, 1.0),
+        ("remote chunksize=1 vs Ray", "distripool remote", "Ray Pool", "map_chunk1", False, 20.0),
+        ("remote chunksize=1 vs Dask", "distripool remote", "Dask", "map_chunk1", False, 20.0),
+        (
+            "remote apply latency vs Ray (× faster)",
+            "distripool remote",
+            "Ray Pool",
+            "apply_latency",
+            False,
+            10.0,
+        ),
+        ("remote tiny map, sealed vs clear", "distripool remote", "remote, clear", "map_default", False, 0.9),
+        (
+            "remote chunksize=1, sealed vs clear",
+            "distripool remote",
+            "remote, clear",
+            "map_chunk1",
+            False,
+            0.9,
+        ),
+    ]
+    print("\n| target | measured | goal | met |")
+    print("|---|---:|---:|:---:|")
+    for what, a, b, key, higher, goal in targets:
+        r = ratio(a, b, key, higher)
+        if r is None:
+            print(f"| {what} | — | ≥ {goal:g}× | — |")
+        else:
+            print(f"| {what} | {r:.2f}× | ≥ {goal:g}× | {'yes' if r >= goal else 'no'} |")
+    start = results["distripool"]["startup"]
+    print(
+        f"| start-up + first result, 2 executors | {start * 1e3:.0f} ms | < 150 ms | {'yes' if start < 0.15 else 'no'} |"
+    )
+    eff = results["distripool"]["cpu_bound"]
+    print(f"| CPU-bound 20 ms tasks, efficiency | {eff:.2f} | ≥ 0.95 | {'yes' if eff >= 0.95 else 'no'} |")
+    print(
+        f"| {scale_agents} agents × 1 executor, 10 ms tasks, efficiency | {scale_eff:.2f} | ≥ 0.9 | "
+        f"{'yes' if scale_eff >= 0.9 else 'no'} |"
+    )
+    print(
+        f"| map(partial(f, {shared_mib} MiB), range(64)) on a remote worker, bytes sent | "
+        f"{shared_ratio:.2f}× the object ({shared_seconds:.2f} s) | ≤ 2× | {'yes' if shared_ratio <= 2.05 else 'no'} |"
+    )
+    print("\nratios: how many times better the first is than the second (above 1) or worse (below 1).")
     return 0
 
 

@@ -91,7 +91,9 @@ class Orchestrator:
 
     def stats(self) -> dict:
         """Counters: ``workers``, ``slots``, ``auth_failures``,
-        ``handshake_failures``, ``tasks_done``, ``crashes``, ``workers_lost``."""
+        ``handshake_failures``, ``tasks_done``, ``crashes``, ``workers_lost``,
+        ``bytes_sent`` and ``bytes_received`` (message bytes to and from workers,
+        before encryption)."""
         return dict(self._native.stats())
 
     def wait_for_workers(self, n: int = 1, timeout: float | None = None) -> bool:

@@ -129,6 +129,8 @@ impl Orchestrator {
             d.set_item("tasks_done", s.tasks_done.load(Ordering::Relaxed))?;
             d.set_item("crashes", s.crashes.load(Ordering::Relaxed))?;
             d.set_item("workers_lost", s.workers_lost.load(Ordering::Relaxed))?;
+            d.set_item("bytes_sent", s.bytes_sent.load(Ordering::Relaxed))?;
+            d.set_item("bytes_received", s.bytes_received.load(Ordering::Relaxed))?;
         }
         Ok(d)
     }

@@ -74,6 +74,14 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         self
     }
 
+    /// True when the next [`read_frame`](Self::read_frame) returns without
+    /// waiting for the socket (a whole frame or record is already buffered).
+    pub fn has_buffered_frame(&self) -> bool {
+        let frame_ready = !matches!(self.decoder.missing(&self.buf), Ok(n) if n > 0);
+        let record_ready = self.opener.is_some() && !matches!(Opener::missing(&self.raw), Ok(n) if n > 0);
+        frame_ready || record_ready
+    }
+
     /// The next frame; `Ok(None)` on a clean end of stream between frames.
     pub async fn read_frame(&mut self) -> Result<Option<Frame>> {
         loop {
@@ -134,6 +142,8 @@ pub struct FrameWriter<W> {
     sealer: Option<Sealer>,
     /// The record being filled: room for its prefix, then plaintext.
     record: Vec<u8>,
+    /// Frame bytes queued since [`take_written`](Self::take_written).
+    written: u64,
 }
 
 impl<W: AsyncWrite + Unpin> FrameWriter<W> {
@@ -143,6 +153,7 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
             max_frame,
             sealer: None,
             record: Vec::new(),
+            written: 0,
         }
     }
 
@@ -159,6 +170,7 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     /// Queue one frame; call [`flush`](Self::flush) when no more are ready.
     pub async fn write<T: Serialize>(&mut self, msg: &T, payload: &[u8]) -> Result<()> {
         let prefix = frame::encode_prefix(msg, payload.len(), self.max_frame)?;
+        self.written += (prefix.len() + payload.len()) as u64;
         if self.sealer.is_some() {
             self.push_sealed(&prefix).await?;
             self.push_sealed(payload).await?;
@@ -193,6 +205,12 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         self.inner.write_all(&self.record).await?;
         self.record.truncate(RECORD_PREFIX);
         Ok(())
+    }
+
+    /// Frame bytes (lengths, headers, payloads; not the sealing overhead)
+    /// queued since the last call.
+    pub fn take_written(&mut self) -> u64 {
+        std::mem::take(&mut self.written)
     }
 
     pub async fn flush(&mut self) -> Result<()> {

@@ -11,7 +11,7 @@
 //!  listeners ──────┘            (Scheduler)  └─► Client completions (std mpsc)
 //! ```
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc, Mutex};
@@ -20,7 +20,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use distripool_protocol::{Binding, FromAgent, SessionKeys, ToAgent, DEFAULT_MAX_FRAME};
 pub use distripool_scheduler::FailureKind;
-use distripool_scheduler::{Command, Config as SchedulerConfig, Scheduler};
+use distripool_scheduler::{Command, Config as SchedulerConfig, IdMap, IdSet, Scheduler};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -75,6 +75,10 @@ pub struct Stats {
     pub crashes: AtomicU64,
     /// Workers that left or were declared lost.
     pub workers_lost: AtomicU64,
+    /// Frame bytes (headers and payloads, before sealing) sent to and
+    /// received from network agents.
+    pub bytes_sent: AtomicU64,
+    pub bytes_received: AtomicU64,
 }
 
 /// How a task ended, as seen by its client.
@@ -94,13 +98,41 @@ pub struct Completion {
 }
 
 enum Event {
-    AgentJoined { worker: u64, name: String, slots: usize, tx: mpsc::UnboundedSender<Outgoing<ToAgent>> },
-    AgentMessage { worker: u64, msg: FromAgent, payload: Bytes },
-    AgentLeft { worker: u64, reason: String },
-    ClientOpened { client: u64, tx: std_mpsc::Sender<Completion> },
-    Submit { client: u64, job: u64, fn_id: u64, function: Bytes, tasks: Vec<(u32, Bytes)>, timeout_ms: u64 },
-    ClientClosed { client: u64 },
-    Withdraw { client: u64, job: u64, reply: tokio::sync::oneshot::Sender<bool> },
+    AgentJoined {
+        worker: u64,
+        name: String,
+        slots: usize,
+        tx: mpsc::UnboundedSender<Vec<Outgoing<ToAgent>>>,
+    },
+    /// Every message an agent's reader had at hand, in order.
+    AgentMessages {
+        worker: u64,
+        msgs: Vec<(FromAgent, Bytes)>,
+    },
+    AgentLeft {
+        worker: u64,
+        reason: String,
+    },
+    ClientOpened {
+        client: u64,
+        tx: std_mpsc::Sender<Vec<Completion>>,
+    },
+    Submit {
+        client: u64,
+        job: u64,
+        fn_id: u64,
+        function: Bytes,
+        tasks: Vec<(u32, Bytes)>,
+        timeout_ms: u64,
+    },
+    ClientClosed {
+        client: u64,
+    },
+    Withdraw {
+        client: u64,
+        job: u64,
+        reply: tokio::sync::oneshot::Sender<bool>,
+    },
 }
 
 struct TaskMeta {
@@ -112,11 +144,19 @@ struct TaskMeta {
 }
 
 struct AgentLink {
-    tx: mpsc::UnboundedSender<Outgoing<ToAgent>>,
-    fns: HashSet<u64>,
+    tx: mpsc::UnboundedSender<Vec<Outgoing<ToAgent>>>,
+    /// Frames for this agent produced while handling the current burst of
+    /// events; sent to its writer as one batch when the burst is over.
+    outbox: Vec<Outgoing<ToAgent>>,
+    fns: IdSet<u64>,
     slots: usize,
     /// `host (address, agent pid N)`, for error messages.
     name: String,
+}
+
+struct ClientLink {
+    tx: std_mpsc::Sender<Vec<Completion>>,
+    outbox: Vec<Completion>,
 }
 
 struct FnEntry {
@@ -126,10 +166,13 @@ struct FnEntry {
 
 struct Core {
     sched: Scheduler<Bytes, Bytes>,
-    agents: HashMap<u64, AgentLink>,
-    clients: HashMap<u64, std_mpsc::Sender<Completion>>,
-    meta: HashMap<u64, TaskMeta>,
-    fns: HashMap<u64, FnEntry>,
+    agents: IdMap<u64, AgentLink>,
+    clients: IdMap<u64, ClientLink>,
+    /// Agents and clients with something in their outbox.
+    dirty_agents: Vec<u64>,
+    dirty_clients: Vec<u64>,
+    meta: IdMap<u64, TaskMeta>,
+    fns: IdMap<u64, FnEntry>,
     idle_fns: VecDeque<u64>,
     next_task: u64,
     stats: Arc<Stats>,
@@ -196,10 +239,12 @@ impl Orchestrator {
 
         let core = Core {
             sched: Scheduler::new(SchedulerConfig { max_crashes: config.max_crashes, max_losses: 10 }),
-            agents: HashMap::new(),
-            clients: HashMap::new(),
-            meta: HashMap::new(),
-            fns: HashMap::new(),
+            agents: IdMap::default(),
+            clients: IdMap::default(),
+            dirty_agents: Vec::new(),
+            dirty_clients: Vec::new(),
+            meta: IdMap::default(),
+            fns: IdMap::default(),
             idle_fns: VecDeque::new(),
             next_task: 1,
             stats: stats.clone(),
@@ -309,7 +354,7 @@ pub struct Client {
     id: u64,
     max_frame: usize,
     events: mpsc::UnboundedSender<Event>,
-    completions: Mutex<std_mpsc::Receiver<Completion>>,
+    completions: Mutex<std_mpsc::Receiver<Vec<Completion>>>,
     next_job: AtomicU64,
 }
 
@@ -358,13 +403,17 @@ impl Client {
     /// (possibly none). `Err(Closed)` once the orchestrator is gone.
     pub fn recv(&self, timeout: Duration) -> Result<Vec<Completion>> {
         let rx = self.completions.lock().expect("completion lock");
-        let first = match rx.recv_timeout(timeout) {
-            Ok(c) => c,
+        let mut out = match rx.recv_timeout(timeout) {
+            Ok(batch) => batch,
             Err(std_mpsc::RecvTimeoutError::Timeout) => return Ok(Vec::new()),
             Err(std_mpsc::RecvTimeoutError::Disconnected) => return Err(Error::Closed),
         };
-        let mut out = vec![first];
-        out.extend(rx.try_iter().take(4096));
+        while out.len() < 4096 {
+            match rx.try_recv() {
+                Ok(more) => out.extend(more),
+                Err(_) => break,
+            }
+        }
         Ok(out)
     }
 
@@ -399,10 +448,37 @@ impl Core {
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Event>) {
         while let Some(ev) = rx.recv().await {
             self.handle(ev);
-            // Drain what else is ready before touching the scheduler's output,
-            // so bursts are handled together.
+            // Drain what else is ready, so that a burst of events leaves as
+            // one batch per agent and per client.
             while let Ok(ev) = rx.try_recv() {
                 self.handle(ev);
+            }
+            self.send_outboxes();
+        }
+    }
+
+    /// Put `out` in `link`'s outbox; [`send_outboxes`](Self::send_outboxes)
+    /// sends it at the end of the burst.
+    fn queue(dirty: &mut Vec<u64>, worker: u64, link: &mut AgentLink, out: Outgoing<ToAgent>) {
+        if link.outbox.is_empty() {
+            dirty.push(worker);
+        }
+        link.outbox.push(out);
+    }
+
+    fn send_outboxes(&mut self) {
+        for worker in self.dirty_agents.drain(..) {
+            if let Some(link) = self.agents.get_mut(&worker) {
+                if !link.outbox.is_empty() {
+                    let _ = link.tx.send(std::mem::take(&mut link.outbox));
+                }
+            }
+        }
+        for client in self.dirty_clients.drain(..) {
+            if let Some(link) = self.clients.get_mut(&client) {
+                if !link.outbox.is_empty() {
+                    let _ = link.tx.send(std::mem::take(&mut link.outbox));
+                }
             }
         }
     }
@@ -410,7 +486,8 @@ impl Core {
     fn handle(&mut self, ev: Event) {
         match ev {
             Event::AgentJoined { worker, name, slots, tx } => {
-                self.agents.insert(worker, AgentLink { tx, fns: HashSet::new(), slots, name });
+                self.agents
+                    .insert(worker, AgentLink { tx, outbox: Vec::new(), fns: IdSet::default(), slots, name });
                 self.stats.workers.fetch_add(1, Ordering::Relaxed);
                 self.stats.slots.fetch_add(slots, Ordering::Relaxed);
                 self.sched.worker_joined(worker, slots * PREFETCH_PER_SLOT);
@@ -423,32 +500,13 @@ impl Core {
                     self.sched.worker_lost(worker, &format!("worker {} lost: {reason}", link.name));
                 }
             }
-            Event::AgentMessage { worker, msg, payload } => match msg {
-                FromAgent::Result { task, attempt } => {
-                    if self.sched.task_finished(worker, task, attempt, payload) {
-                        self.stats.tasks_done.fetch_add(1, Ordering::Relaxed);
-                    }
+            Event::AgentMessages { worker, msgs } => {
+                for (msg, payload) in msgs {
+                    self.agent_message(worker, msg, payload);
                 }
-                FromAgent::Crashed { task, attempt, reason } => {
-                    self.stats.crashes.fetch_add(1, Ordering::Relaxed);
-                    let name = self.agents.get(&worker).map_or("?", |l| l.name.as_str());
-                    let reason = format!("{reason} on worker {name}");
-                    self.sched.task_crashed(worker, task, attempt, &reason);
-                }
-                FromAgent::TimedOut { task, attempt, reason } => {
-                    let name = self.agents.get(&worker).map_or("?", |l| l.name.as_str());
-                    let reason = format!("{reason} on worker {name}");
-                    self.sched.task_timed_out(worker, task, attempt, &reason);
-                }
-                FromAgent::Capacity { tasks } => {
-                    if self.agents.contains_key(&worker) {
-                        self.sched.worker_joined(worker, (tasks as usize).max(1));
-                    }
-                }
-                FromAgent::Ready { .. } | FromAgent::Pong { .. } => {}
-            },
+            }
             Event::ClientOpened { client, tx } => {
-                self.clients.insert(client, tx);
+                self.clients.insert(client, ClientLink { tx, outbox: Vec::new() });
             }
             Event::Submit { client, job, fn_id, function, tasks, timeout_ms } => {
                 if !self.clients.contains_key(&client) {
@@ -499,6 +557,33 @@ impl Core {
         self.apply_commands();
     }
 
+    fn agent_message(&mut self, worker: u64, msg: FromAgent, payload: Bytes) {
+        match msg {
+            FromAgent::Result { task, attempt } => {
+                if self.sched.task_finished(worker, task, attempt, payload) {
+                    self.stats.tasks_done.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            FromAgent::Crashed { task, attempt, reason } => {
+                self.stats.crashes.fetch_add(1, Ordering::Relaxed);
+                let name = self.agents.get(&worker).map_or("?", |l| l.name.as_str());
+                let reason = format!("{reason} on worker {name}");
+                self.sched.task_crashed(worker, task, attempt, &reason);
+            }
+            FromAgent::TimedOut { task, attempt, reason } => {
+                let name = self.agents.get(&worker).map_or("?", |l| l.name.as_str());
+                let reason = format!("{reason} on worker {name}");
+                self.sched.task_timed_out(worker, task, attempt, &reason);
+            }
+            FromAgent::Capacity { tasks } => {
+                if self.agents.contains_key(&worker) {
+                    self.sched.worker_joined(worker, (tasks as usize).max(1));
+                }
+            }
+            FromAgent::Ready { .. } | FromAgent::Pong { .. } => {}
+        }
+    }
+
     fn apply_commands(&mut self) {
         while let Some(cmd) = self.sched.poll_command() {
             match cmd {
@@ -509,12 +594,11 @@ impl Core {
                     };
                     if link.fns.insert(meta.fn_id) {
                         let bytes = self.fns[&meta.fn_id].bytes.clone();
-                        let _ = link
-                            .tx
-                            .send(Outgoing::with_payload(ToAgent::Function { fn_id: meta.fn_id }, bytes));
+                        let function = Outgoing::with_payload(ToAgent::Function { fn_id: meta.fn_id }, bytes);
+                        Self::queue(&mut self.dirty_agents, worker, link, function);
                     }
                     let msg = ToAgent::Task { task, attempt, fn_id: meta.fn_id, timeout_ms: meta.timeout_ms };
-                    let _ = link.tx.send(Outgoing::with_payload(msg, payload));
+                    Self::queue(&mut self.dirty_agents, worker, link, Outgoing::with_payload(msg, payload));
                 }
                 Command::Deliver { task, result, .. } => self.complete(task, Outcome::Done(result)),
                 Command::Fail { task, failure, .. } => {
@@ -538,8 +622,13 @@ impl Core {
                             self.release_function(meta.fn_id);
                         }
                     }
-                    if let Some(link) = self.agents.get(&worker) {
-                        let _ = link.tx.send(Outgoing::new(ToAgent::Cancel { tasks }));
+                    if let Some(link) = self.agents.get_mut(&worker) {
+                        Self::queue(
+                            &mut self.dirty_agents,
+                            worker,
+                            link,
+                            Outgoing::new(ToAgent::Cancel { tasks }),
+                        );
                     }
                 }
             }
@@ -551,8 +640,11 @@ impl Core {
             return;
         };
         self.release_function(meta.fn_id);
-        if let Some(tx) = self.clients.get(&meta.client) {
-            let _ = tx.send(Completion { job: meta.job, index: meta.index, outcome });
+        if let Some(link) = self.clients.get_mut(&meta.client) {
+            if link.outbox.is_empty() {
+                self.dirty_clients.push(meta.client);
+            }
+            link.outbox.push(Completion { job: meta.job, index: meta.index, outcome });
         }
     }
 
@@ -569,9 +661,10 @@ impl Core {
             let old = self.idle_fns.pop_front().expect("not empty");
             if self.fns.get(&old).is_some_and(|e| e.refs == 0) && !self.idle_fns.contains(&old) {
                 self.fns.remove(&old);
-                for link in self.agents.values_mut() {
+                for (&worker, link) in self.agents.iter_mut() {
                     if link.fns.remove(&old) {
-                        let _ = link.tx.send(Outgoing::new(ToAgent::Forget { fn_id: old }));
+                        let forget = Outgoing::new(ToAgent::Forget { fn_id: old });
+                        Self::queue(&mut self.dirty_agents, worker, link, forget);
                     }
                 }
             }
@@ -691,7 +784,7 @@ impl Intake {
         };
         drop(pending);
         let keys = self.binding.sealed.then_some(keys);
-        serve_session(stream, peer, self.max_frame, worker, self.events, keys).await;
+        serve_session(stream, peer, worker, keys, self).await;
     }
 
     /// Serve the in-process agent: authenticated like any other, never sealed
@@ -705,7 +798,7 @@ impl Intake {
             note_handshake_failure(&self.stats, "local", &e);
             return;
         }
-        serve_session(stream, "local".into(), self.max_frame, worker, self.events, None).await;
+        serve_session(stream, "local".into(), worker, None, self).await;
     }
 }
 
@@ -714,11 +807,11 @@ impl Intake {
 async fn serve_session<S: AsyncRead + AsyncWrite + Send + 'static>(
     stream: S,
     peer: String,
-    max_frame: usize,
     worker: u64,
-    events: mpsc::UnboundedSender<Event>,
     keys: Option<SessionKeys>,
+    intake: Intake,
 ) {
+    let Intake { max_frame, events, stats, .. } = intake;
     let (rd, wr) = tokio::io::split(stream);
     let (sealer, opener) = match keys {
         Some(k) => (Some(k.send), Some(k.recv)),
@@ -738,11 +831,12 @@ async fn serve_session<S: AsyncRead + AsyncWrite + Send + 'static>(
         _ => return,
     };
 
-    let (tx, mut rx) = mpsc::unbounded_channel::<Outgoing<ToAgent>>();
-    let _ = tx.send(Outgoing::new(ToAgent::Limits { max_frame: max_frame as u64 }));
+    let (tx, mut rx) = mpsc::unbounded_channel::<Vec<Outgoing<ToAgent>>>();
+    let _ = tx.send(vec![Outgoing::new(ToAgent::Limits { max_frame: max_frame as u64 })]);
     if events.send(Event::AgentJoined { worker, name, slots, tx }).is_err() {
         return;
     }
+    let sent = stats.clone();
     let writer = tokio::spawn(async move {
         let mut w = FrameWriter::new(wr, max_frame).with_sealer(sealer);
         let mut heartbeat = tokio::time::interval(HEARTBEAT);
@@ -752,34 +846,50 @@ async fn serve_session<S: AsyncRead + AsyncWrite + Send + 'static>(
                 f = rx.recv() => match f { Some(f) => f, None => return Ok::<(), Error>(()) },
                 _ = heartbeat.tick() => {
                     seq += 1;
-                    Outgoing::new(ToAgent::Ping { seq })
+                    vec![Outgoing::new(ToAgent::Ping { seq })]
                 }
             };
             let mut next = Some(first);
-            while let Some(f) = next {
-                w.write(&f.msg, &f.payload).await?;
+            while let Some(batch) = next {
+                for f in batch {
+                    w.write(&f.msg, &f.payload).await?;
+                }
                 next = rx.try_recv().ok();
             }
             w.flush().await?;
+            sent.bytes_sent.fetch_add(w.take_written(), Ordering::Relaxed);
         }
     });
     let writer = AbortOnDrop(writer);
 
     let reason = loop {
         // Silence is measured in bytes, not frames (see `with_silence_limit`).
-        match reader.read_frame().await {
-            Err(Error::Timeout(_)) => break format!("no heartbeat for {PEER_TIMEOUT:?}"),
-            Err(e) => break format!("connection error: {e}"),
-            Ok(None) => break "connection closed".to_string(),
-            Ok(Some(frame)) => match frame.message::<FromAgent>() {
-                Ok(FromAgent::Pong { .. }) => {}
-                Ok(msg) => {
-                    if events.send(Event::AgentMessage { worker, msg, payload: frame.payload }).is_err() {
-                        break "orchestrator stopped".to_string();
+        // Everything already buffered goes to the core as one event.
+        let mut msgs = Vec::new();
+        let end = loop {
+            match reader.read_frame().await {
+                Err(Error::Timeout(_)) => break Some(format!("no heartbeat for {PEER_TIMEOUT:?}")),
+                Err(e) => break Some(format!("connection error: {e}")),
+                Ok(None) => break Some("connection closed".to_string()),
+                Ok(Some(frame)) => {
+                    let n = 8 + frame.header.len() + frame.payload.len();
+                    stats.bytes_received.fetch_add(n as u64, Ordering::Relaxed);
+                    match frame.message::<FromAgent>() {
+                        Ok(FromAgent::Pong { .. }) => {}
+                        Ok(msg) => msgs.push((msg, frame.payload)),
+                        Err(e) => break Some(format!("bad message: {e}")),
                     }
                 }
-                Err(e) => break format!("bad message: {e}"),
-            },
+            }
+            if !reader.has_buffered_frame() || msgs.len() >= 1024 {
+                break None;
+            }
+        };
+        if !msgs.is_empty() && events.send(Event::AgentMessages { worker, msgs }).is_err() {
+            break "orchestrator stopped".to_string();
+        }
+        if let Some(reason) = end {
+            break reason;
         }
         if writer.0.is_finished() {
             break "connection closed while sending".to_string();

@@ -17,12 +17,41 @@
 //! - nothing is dispatched to a worker after it is lost, and no worker holds
 //!   more tasks than its capacity.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 
 pub type TaskId = u64;
 pub type WorkerId = u64;
 /// Tasks are grouped by the client (pool) that submitted them.
 pub type GroupId = u64;
+
+/// Hashes the integer ids the runtime hands out itself (tasks, workers,
+/// functions; never a key chosen by a peer) with one multiplication instead
+/// of SipHash. Distinct ids stay distinct in the low bits that pick a bucket.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(26) ^ n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+/// A map keyed by our own integer ids.
+pub type IdMap<K, V> = HashMap<K, V, BuildHasherDefault<IdHasher>>;
+/// A set of our own integer ids.
+pub type IdSet<K> = HashSet<K, BuildHasherDefault<IdHasher>>;
 
 /// Retry limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,15 +118,25 @@ struct Task<P> {
 #[derive(Debug)]
 struct Worker {
     capacity: usize,
-    tasks: BTreeSet<TaskId>,
+    tasks: IdSet<TaskId>,
+}
+
+impl Worker {
+    fn free(&self) -> usize {
+        self.capacity.saturating_sub(self.tasks.len())
+    }
 }
 
 #[derive(Debug)]
 pub struct Scheduler<P, R> {
     config: Config,
-    tasks: HashMap<TaskId, Task<P>>,
+    tasks: IdMap<TaskId, Task<P>>,
     queue: VecDeque<TaskId>,
-    workers: BTreeMap<WorkerId, Worker>,
+    workers: IdMap<WorkerId, Worker>,
+    /// Workers with free slots as `(free, Reverse(id))`: the last entry is
+    /// the one to fill next (most free slots, then the lowest id). Kept in
+    /// step with `workers`, so choosing a worker costs O(log workers).
+    room: BTreeSet<(usize, Reverse<WorkerId>)>,
     out: VecDeque<Command<P, R>>,
 }
 
@@ -105,9 +144,10 @@ impl<P: Clone, R> Scheduler<P, R> {
     pub fn new(config: Config) -> Self {
         Self {
             config,
-            tasks: HashMap::new(),
+            tasks: IdMap::default(),
             queue: VecDeque::new(),
-            workers: BTreeMap::new(),
+            workers: IdMap::default(),
+            room: BTreeSet::new(),
             out: VecDeque::new(),
         }
     }
@@ -143,15 +183,15 @@ impl<P: Clone, R> Scheduler<P, R> {
         );
         assert!(previous.is_none(), "task id {task} submitted twice");
         self.queue.push_back(task);
-        self.schedule();
+        if !self.room.is_empty() {
+            self.schedule();
+        }
     }
 
     /// A worker joined, or changed how many tasks it takes at once.
     pub fn worker_joined(&mut self, worker: WorkerId, capacity: usize) {
-        self.workers
-            .entry(worker)
-            .and_modify(|w| w.capacity = capacity)
-            .or_insert(Worker { capacity, tasks: BTreeSet::new() });
+        self.workers.entry(worker).or_insert(Worker { capacity: 0, tasks: IdSet::default() });
+        self.update_worker(worker, |w| w.capacity = capacity);
         self.schedule();
     }
 
@@ -160,8 +200,11 @@ impl<P: Clone, R> Scheduler<P, R> {
         let Some(w) = self.workers.remove(&worker) else {
             return;
         };
+        self.room.remove(&(w.free(), Reverse(worker)));
         // Requeue in reverse so that the oldest task ends up first in line.
-        for task in w.tasks.into_iter().rev() {
+        let mut held: Vec<TaskId> = w.tasks.into_iter().collect();
+        held.sort_unstable();
+        for task in held.into_iter().rev() {
             let Some(t) = self.tasks.get_mut(&task) else {
                 continue;
             };
@@ -240,11 +283,11 @@ impl<P: Clone, R> Scheduler<P, R> {
         });
         for (worker, mut tasks) in per_worker {
             tasks.sort_unstable();
-            if let Some(w) = self.workers.get_mut(&worker) {
+            self.update_worker(worker, |w| {
                 for t in &tasks {
                     w.tasks.remove(t);
                 }
-            }
+            });
             self.out.push_back(Command::Cancel { worker, tasks });
         }
         self.schedule();
@@ -266,8 +309,26 @@ impl<P: Clone, R> Scheduler<P, R> {
     }
 
     fn release(&mut self, worker: WorkerId, task: TaskId) {
-        if let Some(w) = self.workers.get_mut(&worker) {
+        self.update_worker(worker, |w| {
             w.tasks.remove(&task);
+        });
+    }
+
+    /// Change a worker with `f`, keeping the room index in step.
+    fn update_worker(&mut self, worker: WorkerId, f: impl FnOnce(&mut Worker)) {
+        let Some(w) = self.workers.get_mut(&worker) else {
+            return;
+        };
+        let before = w.free();
+        f(w);
+        let after = w.free();
+        if before != after {
+            if before > 0 {
+                self.room.remove(&(before, Reverse(worker)));
+            }
+            if after > 0 {
+                self.room.insert((after, Reverse(worker)));
+            }
         }
     }
 
@@ -285,20 +346,19 @@ impl<P: Clone, R> Scheduler<P, R> {
     fn schedule(&mut self) {
         while let Some(&task) = self.queue.front() {
             let avoid = self.tasks[&task].crashed_on;
-            let free = |w: &Worker| w.capacity.saturating_sub(w.tasks.len());
-            let Some((&worker, w)) = self
-                .workers
-                .iter_mut()
-                .filter(|(_, w)| free(w) > 0)
-                .max_by_key(|(id, w)| (Some(**id) != avoid, free(w), std::cmp::Reverse(**id)))
-            else {
-                return;
+            let mut best = self.room.iter().rev().map(|&(_, Reverse(id))| id);
+            let worker = match best.next() {
+                None => return,
+                Some(first) if Some(first) == avoid => best.next().unwrap_or(first),
+                Some(first) => first,
             };
             self.queue.pop_front();
+            self.update_worker(worker, |w| {
+                w.tasks.insert(task);
+            });
             let t = self.tasks.get_mut(&task).expect("queued task exists");
             t.attempt += 1;
             t.worker = Some(worker);
-            w.tasks.insert(task);
             self.out.push_back(Command::Dispatch {
                 worker,
                 task,
@@ -306,6 +366,19 @@ impl<P: Clone, R> Scheduler<P, R> {
                 payload: t.payload.clone(),
             });
         }
+    }
+
+    /// The room index matches the workers (for tests).
+    #[cfg(test)]
+    fn check_room(&self) {
+        let expected: BTreeSet<_> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| w.free() > 0)
+            .map(|(&id, w)| (w.free(), Reverse(id)))
+            .collect();
+        assert_eq!(self.room, expected, "room index out of step");
+        assert!(self.queue.is_empty() || self.room.is_empty(), "tasks wait while a worker has room");
     }
 }
 

@@ -220,6 +220,7 @@ struct Model {
 
 impl Model {
     fn absorb(&mut self, s: &mut Scheduler<u64, u64>) {
+        s.check_room();
         while let Some(c) = s.poll_command() {
             match c {
                 Command::Dispatch { worker, task, attempt, payload } => {
