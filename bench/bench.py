@@ -310,6 +310,8 @@ def main() -> int:
     args = ap.parse_args()
     warnings.simplefilter("ignore")
     logging.basicConfig(level=logging.ERROR)
+    for noisy in ("distributed", "ray", "tornado", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     scale = 10 if args.quick else 1
     payload_mib = 64 // scale
     shared_mib = 256 // scale

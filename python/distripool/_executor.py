@@ -12,6 +12,7 @@ import pickle
 import socket
 import struct
 import sys
+import time
 
 HEADER = struct.Struct("<IBQQ")
 BODY_HEADER = 17
@@ -131,20 +132,104 @@ def _run(entry, payload, initialized):
         return _failure(exc)
 
 
+# Results of short tasks are held back while more tasks are already here, and
+# sent together before the executor would wait: one send for a burst of tiny
+# tasks. A task that ran longer than this, or a result this large, is sent at once.
+HOLD_SECONDS = 0.0005
+HOLD_BYTES = 1 << 16
+# A frame body at least this large is read straight into its own buffer.
+DIRECT_READ = 1 << 20
+
+
+class _Link:
+    """The socket to the agent: frames in from a buffer, results out in batches."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.buf = bytearray()
+        self.pos = 0
+        self.out = []
+        self.out_bytes = 0
+
+    def frame(self):
+        """The next ``(kind, a, b, payload)``, or None when the agent is gone.
+        Held results are sent before waiting for the socket."""
+        while True:
+            avail = len(self.buf) - self.pos
+            if avail >= HEADER.size:
+                length, kind, a, b = HEADER.unpack_from(self.buf, self.pos)
+                end = self.pos + 4 + length
+                if end <= len(self.buf):
+                    with memoryview(self.buf) as view:
+                        payload = bytes(view[self.pos + HEADER.size : end])
+                    self.pos = end
+                    return kind, a, b, payload
+                if length - BODY_HEADER >= DIRECT_READ:
+                    return kind, a, b, self._read_large(length - BODY_HEADER)
+            self.flush()
+            del self.buf[: self.pos]
+            self.pos = 0
+            chunk = self.sock.recv(1 << 16)
+            if not chunk:
+                return None
+            self.buf += chunk
+
+    def _read_large(self, size):
+        """The payload of the frame whose header is at ``pos``, read into a
+        buffer of its own (no second copy of a large argument)."""
+        payload = bytearray(size)
+        have = len(self.buf) - self.pos - HEADER.size
+        payload[:have] = self.buf[self.pos + HEADER.size :]
+        del self.buf[:]
+        self.pos = 0
+        view = memoryview(payload)
+        while have < size:
+            n = self.sock.recv_into(view[have:])
+            if n == 0:
+                raise ConnectionError("the agent closed the connection mid-frame")
+            have += n
+        return payload
+
+    def ready(self):
+        """True when a whole frame is already buffered."""
+        avail = len(self.buf) - self.pos
+        return avail >= HEADER.size and self.pos + 4 + HEADER.unpack_from(self.buf, self.pos)[0] <= len(
+            self.buf
+        )
+
+    def send(self, kind, a, data=b"", hold=False):
+        header = HEADER.pack(BODY_HEADER + len(data), kind, a, 0)
+        if len(data) >= HOLD_BYTES:
+            self.flush()
+            self.sock.sendall(header)
+            self.sock.sendall(data)
+            return
+        self.out.append(header + data)
+        self.out_bytes += len(header) + len(data)
+        if not hold or self.out_bytes >= HOLD_BYTES:
+            self.flush()
+
+    def flush(self):
+        if self.out:
+            self.sock.sendall(b"".join(self.out))
+            self.out.clear()
+            self.out_bytes = 0
+
+
 def serve(sock, max_frame):
-    sock.sendall(HEADER.pack(BODY_HEADER, READY, os.getpid(), 0))
-    rfile = sock.makefile("rb", buffering=1 << 16)
+    link = _Link(sock)
+    link.send(READY, os.getpid())
     blobs = {}
     loaded = {}
     initialized = set()
     tasks_run = {}  # pool key -> tasks this executor ran for that pool
     while True:
-        head = rfile.read(HEADER.size)
-        if len(head) < HEADER.size:
+        frame = link.frame()
+        if frame is None:
             return  # the agent is gone
-        length, kind, a, b = HEADER.unpack(head)
-        payload = rfile.read(length - BODY_HEADER) if length > BODY_HEADER else b""
+        kind, a, b, payload = frame
         if kind == TASK:
+            started = time.perf_counter()
             entry = loaded.get(b)
             if entry is None:
                 try:
@@ -154,17 +239,13 @@ def serve(sock, max_frame):
                     entry = None
             if entry is not None:
                 data = _encode(_run(entry, payload, initialized), max_frame)
-            header = HEADER.pack(BODY_HEADER + len(data), RESULT, a, 0)
-            if len(data) < 65536:
-                sock.sendall(header + data)
-            else:
-                sock.sendall(header)
-                sock.sendall(data)
+            quick = time.perf_counter() - started < HOLD_SECONDS
+            link.send(RESULT, a, data, hold=quick and link.ready())
             if entry is not None and entry.maxtasks is not None:
                 done = tasks_run[entry.pool_key] = tasks_run.get(entry.pool_key, 0) + 1
                 if done >= entry.maxtasks:
                     # Tell the agent this is a recycle, not a crash, and leave.
-                    sock.sendall(HEADER.pack(BODY_HEADER, RETIRE, 0, 0))
+                    link.send(RETIRE, 0)
                     return
         elif kind == FUNCTION:
             blobs[a] = payload
