@@ -333,11 +333,13 @@ def main() -> int:
     figures = ["map_default", "map_chunk1", "apply_latency", "payload", "cpu_bound"]
     results: dict[str, dict[str, float]] = {p: {} for p in peers}
     try:
+        paired = ("distripool remote", "remote, clear")
         for peer, make in peers.items():
-            if "remote" not in peer:  # its start-up is the worker's, measured apart
-                results[peer]["startup"] = statistics.median(
-                    startup(make, args.processes) for _ in range(args.rounds)
-                )
+            if peer in paired:
+                continue
+            results[peer]["startup"] = statistics.median(
+                startup(make, args.processes) for _ in range(args.rounds)
+            )
             with make(args.processes) as pool:
                 pool.map(tiny, range(1000))  # warm up
                 for name in figures:
@@ -346,6 +348,21 @@ def main() -> int:
                         measure(pool, name, n, payload_mib, args.processes) for _ in range(args.rounds)
                     )
             print(f"measured {peer}", file=sys.stderr, flush=True)
+        # Sealed and clear remote workers take turns, round by round, so that
+        # the machine's drift falls on both alike; more rounds, since the
+        # difference sought is small.
+        with remote.pool(args.processes) as sealed_pool, clear.pool(args.processes) as clear_pool:
+            for pool in (sealed_pool, clear_pool):
+                pool.map(tiny, range(1000))
+            for name in figures:
+                n = items("distripool remote", name, scale)
+                runs = {peer: [] for peer in paired}
+                for _ in range(max(args.rounds, 7)):
+                    for peer, pool in zip(paired, (sealed_pool, clear_pool)):
+                        runs[peer].append(measure(pool, name, n, payload_mib, args.processes))
+                for peer in paired:
+                    results[peer][name] = statistics.median(runs[peer])
+        print("measured the remote workers", file=sys.stderr, flush=True)
         shared_ratio, shared_seconds = shared_input(remote, shared_mib)
         scale_agents = 64 // scale
         scale_eff = scale_out(scale_agents, 50)
@@ -397,8 +414,15 @@ def main() -> int:
             2.0,
         ),
         ("map default chunks vs multiprocessing", "distripool", "multiprocessing", "map_default", False, 1.0),
-        ("64 MiB round trip vs multiprocessing", "distripool", "multiprocessing", "payload", False, 8.0),
-        ("64 MiB round trip vs Ray", "distripool", "Ray Pool", "payload", False, 1.0),
+        (
+            f"{payload_mib} MiB round trip vs multiprocessing",
+            "distripool",
+            "multiprocessing",
+            "payload",
+            False,
+            8.0,
+        ),
+        (f"{payload_mib} MiB round trip vs Ray", "distripool", "Ray Pool", "payload", False, 1.0),
         ("remote chunksize=1 vs Ray", "distripool remote", "Ray Pool", "map_chunk1", False, 20.0),
         ("remote chunksize=1 vs Dask", "distripool remote", "Dask", "map_chunk1", False, 20.0),
         (
