@@ -332,8 +332,9 @@ class FakeOrchestrator:
         ),
         (frame(bytes([REJECT, 0]) + varint(99)), "refused the handshake: Version { supported: 99 }"),
         (struct.pack("<I", 40) + os.urandom(40), "not available"),
+        (hello(), "the peer speaks as Agent, but only an Orchestrator is accepted here"),
     ],
-    ids=["wrong-version", "refused", "garbage"],
+    ids=["wrong-version", "refused", "garbage", "wrong-role"],
 )
 def test_worker_refuses_a_wrong_orchestrator_and_keeps_trying(spawn_worker, answer, logged):
     fake = FakeOrchestrator(answer)

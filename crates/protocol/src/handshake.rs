@@ -105,7 +105,7 @@ pub enum HandshakeError {
     BadMagic,
     #[error("protocol version mismatch: we speak {ours}, the peer speaks {theirs}; install the same distripool version on both sides")]
     VersionMismatch { ours: u32, theirs: u32 },
-    #[error("peer connected as {got:?} but only {expected:?} may connect here")]
+    #[error("the peer speaks as {got:?}, but only an {expected:?} is accepted here")]
     WrongRole { expected: Role, got: Role },
     #[error("the worker belongs to cluster {theirs:?}, this orchestrator serves cluster {ours:?}")]
     WrongCluster { ours: String, theirs: String },
@@ -227,6 +227,11 @@ impl ClientHandshake {
                 })
             }
             HandshakeMsg::Reject { reason } => Err(rejected(reason, &self.binding)),
+            // Another agent (or something posing as one) where an
+            // orchestrator should answer.
+            HandshakeMsg::Hello { role, .. } => {
+                Err(HandshakeError::WrongRole { expected: Role::Orchestrator, got: role })
+            }
             _ => Err(HandshakeError::Unexpected),
         }
     }
@@ -415,6 +420,15 @@ mod tests {
         assert_eq!(err, HandshakeError::Rejected(RejectReason::Version { supported: 9 }));
         let err = c.on_challenge(HandshakeMsg::Challenge { version: 9, nonce: [0; 32], proof: [0; 32] });
         assert!(matches!(err, Err(HandshakeError::VersionMismatch { theirs: 9, .. })));
+    }
+
+    #[test]
+    fn client_refuses_a_peer_that_answers_as_an_agent() {
+        let mut c = ClientHandshake::new(b"k", Binding::default(), [1; 32]);
+        let other = ClientHandshake::new(b"k", Binding::default(), [2; 32]);
+        let err = c.on_challenge(other.hello()).unwrap_err();
+        assert_eq!(err, HandshakeError::WrongRole { expected: Role::Orchestrator, got: Role::Agent });
+        assert_eq!(err.reply(), Some(HandshakeMsg::Reject { reason: RejectReason::Role }));
     }
 
     #[test]
