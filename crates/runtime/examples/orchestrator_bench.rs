@@ -9,12 +9,15 @@
 //! framing, sealing, the sockets — and none of Python's.
 //!
 //! ```text
-//! cargo run --release -p distripool-runtime --example orchestrator_bench
+//! cargo run --release -p distripool-runtime --example orchestrator_bench [AGENTS ...]
 //! ```
+//!
+//! With agent counts given, only those throughput runs are made.
 //!
 //! 1. Throughput: one million tasks, with 1 to 256 connected agents sharing
 //!    256 slots (so the work in flight stays the same), in tasks/s and
-//!    µs per task.
+//!    µs per task. Each agent asks for the queue depth a real agent asks for
+//!    when its tasks are short.
 //! 2. Idle agents: the orchestrator's resident memory before and after 1 000
 //!    agents connect and sit idle (heartbeats only).
 
@@ -60,6 +63,9 @@ async fn fake_agent(addr: String, slots: u32) {
     let mut writer = FrameWriter::new(wr, DEFAULT_MAX_FRAME).with_sealer(Some(keys.send));
     let ready = FromAgent::Ready { slots, host: "bench".into(), pid: std::process::id() };
     writer.write(&ready, b"").await.expect("ready");
+    // As a real agent does once it sees its tasks are short: hold DEEP per slot.
+    let capacity = FromAgent::Capacity { tasks: slots * distripool_runtime::agent::DEEP as u32 };
+    writer.write(&capacity, b"").await.expect("capacity");
     writer.flush().await.expect("flush");
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
     loop {
@@ -188,10 +194,12 @@ fn main() {
         return;
     }
     raise_fd_limit();
+    let chosen: Vec<usize> = args[1..].iter().filter_map(|a| a.parse().ok()).collect();
+    let counts = if chosen.is_empty() { vec![1, 4, 16, 64, 256] } else { chosen.clone() };
     println!("\norchestrator alone: {TASKS} tasks answered at once by stand-in agents (other process, sealed TCP)\n");
     println!("| agents | slots each | tasks/s | wall µs per task | orchestrator CPU µs per task |");
     println!("|---:|---:|---:|---:|---:|");
-    for workers in [1usize, 4, 16, 64, 256] {
+    for workers in counts {
         let (t, cpu) = throughput(workers);
         println!(
             "| {workers} | {} | {:.0} | {:.2} | {:.2} |",
@@ -202,6 +210,9 @@ fn main() {
         );
     }
     println!("\n(the stand-in agents share this machine's cores; the last column is this process alone)");
+    if !chosen.is_empty() {
+        return;
+    }
 
     let orch = start_orchestrator();
     let addr = orch.local_addrs()[0].to_string();

@@ -514,6 +514,8 @@ impl Core {
                 }
                 let entry = self.fns.entry(fn_id).or_insert(FnEntry { bytes: function, refs: 0 });
                 entry.refs += tasks.len();
+                self.meta.reserve(tasks.len());
+                self.sched.reserve(tasks.len());
                 for (index, payload) in tasks {
                     let task = self.next_task;
                     self.next_task += 1;

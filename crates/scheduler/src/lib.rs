@@ -27,8 +27,10 @@ pub type WorkerId = u64;
 pub type GroupId = u64;
 
 /// Hashes the integer ids the runtime hands out itself (tasks, workers,
-/// functions; never a key chosen by a peer) with one multiplication instead
-/// of SipHash. Distinct ids stay distinct in the low bits that pick a bucket.
+/// functions; never a key chosen by a peer) instead of SipHash. The low bits,
+/// which pick the bucket, are the id itself, so ids handed out in sequence sit
+/// side by side in the table (and in the cache); the top bits, which the table
+/// compares as a tag, are mixed by one multiplication.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct IdHasher(u64);
 
@@ -44,7 +46,8 @@ impl Hasher for IdHasher {
     }
 
     fn write_u64(&mut self, n: u64) {
-        self.0 = (self.0.rotate_left(26) ^ n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let n = self.0.rotate_left(26) ^ n;
+        self.0 = n ^ (n.wrapping_mul(0x9E37_79B9_7F4A_7C15) & (0x7F << 57));
     }
 }
 
@@ -165,6 +168,12 @@ impl<P: Clone, R> Scheduler<P, R> {
     /// Tasks submitted and not yet delivered, failed or cancelled.
     pub fn pending(&self) -> usize {
         self.tasks.len()
+    }
+
+    /// Make room for `additional` more tasks at once (a large submission).
+    pub fn reserve(&mut self, additional: usize) {
+        self.tasks.reserve(additional);
+        self.queue.reserve(additional);
     }
 
     pub fn submit(&mut self, task: TaskId, group: GroupId, payload: P) {
