@@ -38,6 +38,8 @@ pub struct FrameReader<R> {
     raw: BytesMut,
     decoder: FrameDecoder,
     opener: Option<Opener>,
+    /// An error met while looking ahead, returned by the next read.
+    failed: Option<Error>,
     last_data: tokio::time::Instant,
     silence_limit: Option<Duration>,
 }
@@ -50,6 +52,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             raw: BytesMut::new(),
             decoder: FrameDecoder::new(max_frame),
             opener: None,
+            failed: None,
             last_data: tokio::time::Instant::now(),
             silence_limit: None,
         }
@@ -75,11 +78,43 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     }
 
     /// True when the next [`read_frame`](Self::read_frame) returns without
-    /// waiting for the socket (a whole frame or record is already buffered).
-    pub fn has_buffered_frame(&self) -> bool {
-        let frame_ready = !matches!(self.decoder.missing(&self.buf), Ok(n) if n > 0);
-        let record_ready = self.opener.is_some() && !matches!(Opener::missing(&self.raw), Ok(n) if n > 0);
-        frame_ready || record_ready
+    /// waiting for the socket: a whole frame (or an error) is at hand. Opens
+    /// the records already received to find out.
+    pub fn has_buffered_frame(&mut self) -> bool {
+        if self.failed.is_none() {
+            if let Err(e) = self.open_received() {
+                self.failed = Some(e);
+            }
+        }
+        self.failed.is_some() || !matches!(self.decoder.missing(&self.buf), Ok(n) if n > 0)
+    }
+
+    /// Open every complete record already received into `buf`; true if any
+    /// was. Only opened records reach `buf`, so the frame length there is
+    /// authenticated: room for the whole frame may be made at once. Record
+    /// lengths are checked against their own small cap before anything is
+    /// buffered for them.
+    /// A record that fails after others opened is reported by the read
+    /// after the frames those others completed.
+    fn open_received(&mut self) -> Result<bool> {
+        let Some(opener) = &mut self.opener else { return Ok(false) };
+        let mut opened = false;
+        loop {
+            match opener.open_record(&mut self.raw) {
+                Ok(Some(plain)) => {
+                    let missing = self.decoder.missing(&self.buf)?;
+                    self.buf.reserve(missing.max(plain.len()));
+                    self.buf.extend_from_slice(&plain);
+                    opened = true;
+                }
+                Ok(None) => return Ok(opened),
+                Err(e) if opened => {
+                    self.failed = Some(e.into());
+                    return Ok(true);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     /// The next frame; `Ok(None)` on a clean end of stream between frames.
@@ -88,21 +123,13 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             if let Some(body) = self.decoder.decode_raw(&mut self.buf)? {
                 return Ok(Some(frame::parse_body(body.freeze())?));
             }
-            if let Some(opener) = &mut self.opener {
-                // Only opened records reach `buf`, so the frame length there
-                // is authenticated: room for the whole frame may be made at
-                // once. Record lengths are checked against their own small cap
-                // before anything is buffered for them.
-                let mut opened = false;
-                while let Some(plain) = opener.open_record(&mut self.raw)? {
-                    let missing = self.decoder.missing(&self.buf)?;
-                    self.buf.reserve(missing.max(plain.len()));
-                    self.buf.extend_from_slice(&plain);
-                    opened = true;
-                }
-                if opened {
-                    continue;
-                }
+            if let Some(e) = self.failed.take() {
+                return Err(e);
+            }
+            if self.open_received()? {
+                continue;
+            }
+            if self.opener.is_some() {
                 let want = Opener::missing(&self.raw)?;
                 self.raw.reserve(want.max(RECORD_PREFIX + RECORD_MAX + TAG_LEN));
             } else {
@@ -355,5 +382,66 @@ pub struct AbortOnDrop<T>(pub tokio::task::JoinHandle<T>);
 impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use distripool_protocol::FromAgent;
+
+    fn keys() -> (Sealer, Opener) {
+        let (c, s) = ([1u8; 32], [2u8; 32]);
+        (
+            SessionKeys::for_agent(b"k", &c, &s, b"").send,
+            SessionKeys::for_orchestrator(b"k", &c, &s, b"").recv,
+        )
+    }
+
+    #[tokio::test]
+    async fn look_ahead_sees_whole_frames_only() {
+        let (sealer, opener) = keys();
+        let (a, b) = tokio::io::duplex(1 << 22);
+        let mut w = FrameWriter::new(a, 1 << 24).with_sealer(Some(sealer));
+        let mut r = FrameReader::new(b, 1 << 24).with_opener(Some(opener));
+        // A small frame, then the first records of a large one, all flushed:
+        // after the small frame, nothing whole is at hand.
+        w.write(&FromAgent::Pong { seq: 1 }, b"").await.unwrap();
+        w.flush().await.unwrap();
+        let big = vec![5u8; 3 * RECORD_MAX];
+        w.push_sealed(
+            &frame::encode_prefix(&FromAgent::Result { task: 1, attempt: 1 }, big.len(), 1 << 24).unwrap(),
+        )
+        .await
+        .unwrap();
+        w.push_sealed(&big[..2 * RECORD_MAX]).await.unwrap();
+        w.flush().await.unwrap();
+        let first = r.read_frame().await.unwrap().unwrap();
+        assert_eq!(first.message::<FromAgent>().unwrap(), FromAgent::Pong { seq: 1 });
+        assert!(!r.has_buffered_frame(), "half a frame is not a frame");
+        w.push_sealed(&big[2 * RECORD_MAX..]).await.unwrap();
+        w.flush().await.unwrap();
+        let second = r.read_frame().await.unwrap().unwrap();
+        assert_eq!(second.payload.len(), big.len());
+    }
+
+    #[tokio::test]
+    async fn a_forged_record_seen_while_looking_ahead_fails_the_next_read() {
+        let (mut sealer, opener) = keys();
+        let (mut a, b) = tokio::io::duplex(1 << 20);
+        let mut r = FrameReader::new(b, 1 << 20).with_opener(Some(opener));
+        let mut record = vec![0u8; RECORD_PREFIX];
+        record.extend_from_slice(&frame::encode(&FromAgent::Pong { seq: 1 }, b"", 1 << 20).unwrap());
+        sealer.seal_record(&mut record).unwrap();
+        let mut forged = record.clone();
+        let last = forged.len() - 1;
+        forged[last] ^= 1;
+        a.write_all(&record).await.unwrap();
+        a.write_all(&forged).await.unwrap();
+        r.read_frame().await.unwrap().unwrap();
+        // The second record fails to open; look-ahead must report it, not hide it.
+        tokio::task::yield_now().await;
+        assert!(r.has_buffered_frame());
+        assert!(matches!(r.read_frame().await, Err(Error::Cipher(_))));
     }
 }
