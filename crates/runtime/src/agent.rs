@@ -109,9 +109,9 @@ pub async fn run_agent(config: AgentConfig, mut stop: watch::Receiver<bool>) -> 
             Err(e @ (Error::Handshake(_) | Error::Tls(_))) => {
                 tracing::error!("cannot join orchestrator {addr}: {e}; retrying");
             }
-            Err(Error::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => tracing::error!(
-                "orchestrator {addr} closed the connection during the handshake (is one side set up for TLS \
-                 and the other not?); retrying"
+            Err(Error::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => tracing::warn!(
+                "orchestrator {addr} closed the connection during the handshake (it may be busy with many \
+                 joining workers, or set up for TLS while this worker is not); retrying"
             ),
             Err(e) => tracing::info!("orchestrator {addr} not available ({e}); retrying"),
         }

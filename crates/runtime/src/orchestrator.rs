@@ -36,6 +36,8 @@ use crate::{resolve, Error, Result};
 
 /// Tasks an agent may hold per executor slot (running plus prefetched).
 const PREFETCH_PER_SLOT: usize = 2;
+/// Events the core handles before it sends what they produced.
+const MAX_BURST: usize = 1024;
 /// Functions kept after their last task, in case they are used again.
 const IDLE_FUNCTIONS: usize = 64;
 /// Room kept in a frame for its lengths and header, beside the payload.
@@ -448,10 +450,14 @@ impl Core {
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Event>) {
         while let Some(ev) = rx.recv().await {
             self.handle(ev);
-            // Drain what else is ready, so that a burst of events leaves as
-            // one batch per agent and per client.
-            while let Ok(ev) = rx.try_recv() {
-                self.handle(ev);
+            // Drain what else is ready (up to a bound, so that a steady
+            // stream of events cannot hold the outboxes back), so that a
+            // burst of events leaves as one batch per agent and per client.
+            for _ in 0..MAX_BURST {
+                match rx.try_recv() {
+                    Ok(ev) => self.handle(ev),
+                    Err(_) => break,
+                }
             }
             self.send_outboxes();
         }
