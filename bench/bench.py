@@ -78,8 +78,19 @@ def default_chunksize(n_items, processes):
     return max(1, chunksize + bool(extra))
 
 
-class ExecutorAsPool:
-    """The few Pool methods the bench uses, on a ``concurrent.futures`` executor."""
+class PeerPool:
+    """A peer behind the few Pool methods the bench uses (``map``, ``apply``),
+    as a context manager that calls ``close``."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class ExecutorAsPool(PeerPool):
+    """A ``concurrent.futures`` executor."""
 
     def __init__(self, executor, processes):
         self.ex = executor
@@ -92,10 +103,7 @@ class ExecutorAsPool:
     def apply(self, fn, args):
         return self.ex.submit(fn, *args).result()
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
+    def close(self):
         self.ex.shutdown(wait=True)
 
 
@@ -109,7 +117,7 @@ def loky_pool(n):
     return ExecutorAsPool(loky.ProcessPoolExecutor(n), n)
 
 
-class RayPool:
+class RayPool(PeerPool):
     """``ray.util.multiprocessing.Pool`` with its own local Ray instance."""
 
     def __init__(self, n):
@@ -126,15 +134,12 @@ class RayPool:
     def apply(self, fn, args):
         return self.pool.apply(fn, args)
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
+    def close(self):
         self.pool.terminate()
         self.ray.shutdown()
 
 
-class DaskPool:
+class DaskPool(PeerPool):
     """A ``distributed`` client on a local cluster of worker processes."""
 
     def __init__(self, n):
@@ -161,10 +166,7 @@ class DaskPool:
     def apply(self, fn, args):
         return self.client.submit(fn, *args, pure=False).result()
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
+    def close(self):
         self.client.close()
         self.cluster.close()
 

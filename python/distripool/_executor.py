@@ -155,8 +155,7 @@ class _Link:
         """The next ``(kind, a, b, payload)``, or None when the agent is gone.
         Held results are sent before waiting for the socket."""
         while True:
-            avail = len(self.buf) - self.pos
-            if avail >= HEADER.size:
+            if len(self.buf) - self.pos >= HEADER.size:
                 length, kind, a, b = HEADER.unpack_from(self.buf, self.pos)
                 end = self.pos + 4 + length
                 if end <= len(self.buf):
@@ -173,6 +172,13 @@ class _Link:
             if not chunk:
                 return None
             self.buf += chunk
+
+    def _frame_end(self):
+        """Where the frame at ``pos`` ends, if all of it is buffered."""
+        if len(self.buf) - self.pos < HEADER.size:
+            return None
+        end = self.pos + 4 + HEADER.unpack_from(self.buf, self.pos)[0]
+        return end if end <= len(self.buf) else None
 
     def _read_large(self, size):
         """The payload of the frame whose header is at ``pos``, read into a
@@ -192,10 +198,7 @@ class _Link:
 
     def ready(self):
         """True when a whole frame is already buffered."""
-        avail = len(self.buf) - self.pos
-        return avail >= HEADER.size and self.pos + 4 + HEADER.unpack_from(self.buf, self.pos)[0] <= len(
-            self.buf
-        )
+        return self._frame_end() is not None
 
     def send(self, kind, a, data=b"", hold=False):
         header = HEADER.pack(BODY_HEADER + len(data), kind, a, 0)
