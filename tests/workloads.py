@@ -13,3 +13,60 @@ def spin_then_scale(x):
     while time.perf_counter() < t:
         pass
     return x * 3 + 1
+
+
+class Blob:
+    """Bytes that pickle out of band, as NumPy arrays do (protocol 5
+    ``PickleBuffer``): writable unless made from read-only memory."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def __reduce_ex__(self, protocol):
+        import pickle
+
+        if protocol >= 5:
+            return (_blob_from_buffer, (pickle.PickleBuffer(self.data),))
+        return (Blob, (bytes(self.data),))
+
+    def writable(self) -> bool:
+        return not memoryview(self.data).readonly
+
+
+def _blob_from_buffer(buffer):
+    return Blob(memoryview(buffer))
+
+
+_kept = []
+
+
+def keep(blob):
+    """Keep the argument (a view of shared memory, for a ``Blob``) past the task."""
+    _kept.append(blob)
+    return len(_kept)
+
+
+def kept(i):
+    """A copy of what ``keep`` kept as its ``i``-th argument."""
+    return bytes(memoryview(_kept[i].data))
+
+
+def identity(x):
+    return x
+
+
+def poke(blob, at):
+    """Flip one byte of a ``Blob`` argument in place; return it."""
+    view = memoryview(blob.data)
+    view[at] ^= 0xFF
+    return blob
+
+
+def crash_first_time(marker, data):
+    """Kill the executor on the first attempt; later attempts return ``len(data)``."""
+    import os
+
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        os._exit(3)
+    return len(data)

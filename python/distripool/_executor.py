@@ -14,6 +14,8 @@ import struct
 import sys
 import time
 
+from distripool import _buffers
+
 HEADER = struct.Struct("<IBQQ")
 BODY_HEADER = 17
 FUNCTION, TASK, FORGET, RESULT, RETIRE, READY = 1, 2, 3, 4, 5, 6
@@ -21,27 +23,46 @@ MAP, STARMAP, APPLY = 0, 1, 2
 
 
 def _encode(outcome, max_frame):
-    """Pickle an outcome tuple, falling back to cloudpickle, then to an error."""
+    """Pickle an outcome tuple, falling back to cloudpickle, then to an error.
+    Returns ``(pickle, out-of-band buffers)``."""
     try:
-        data = pickle.dumps(outcome, protocol=5)
+        main, bufs = _buffers.dumps(outcome)
     except BaseException:  # noqa: BLE001 - even SystemExit raised by a __reduce__
         try:
             import cloudpickle
 
-            data = cloudpickle.dumps(outcome, protocol=5)
+            main, bufs = _buffers.dumps(outcome, cloudpickle)
         except BaseException as exc:  # noqa: BLE001
             from multiprocessing.pool import MaybeEncodingError
 
             err = MaybeEncodingError(exc, outcome[1])
-            data = pickle.dumps((False, err, None), protocol=5)
-    if len(data) + BODY_HEADER > max_frame:
+            main, bufs = pickle.dumps((False, err, None), protocol=5), []
+    size = _buffers.size(main, bufs)
+    if size + BODY_HEADER > max_frame:
         from distripool.exceptions import ResultTooLargeError
 
         err = ResultTooLargeError(
-            f"the task's result pickles to {len(data)} bytes, more than the frame limit of {max_frame} bytes"
+            f"the task's result pickles to {size} bytes, more than the frame limit of {max_frame} bytes"
         )
-        data = pickle.dumps((False, err, None), protocol=5)
-    return data
+        main, bufs = pickle.dumps((False, err, None), protocol=5), []
+    return main, bufs
+
+
+def _payload(main, bufs, task):
+    """The RESULT payload: the pickle alone, or an envelope whose buffers are
+    in the driver's reply memfd (or inline), saying whether the task kept its
+    shared arguments (then the driver must not reuse their memfd)."""
+    descs = None
+    if bufs and task.reply is not None:
+        descs = _buffers.write_reply(task.reply, bufs)
+        if descs is not None:
+            bufs.clear()
+    # Whatever the task left referring to its shared arguments keeps them.
+    kept = task.release()
+    extra = {"kept": True} if kept else None
+    if descs is not None:
+        return _buffers.envelope(main, descs, extra)
+    return _buffers.inline(main, bufs, extra)
 
 
 class ExceptionParts:
@@ -112,24 +133,39 @@ class _Function:
         self.fn, self.pool_key, self.init, self.maxtasks = pickle.loads(blob)
 
 
-def _run(entry, payload, initialized):
+def _run(entry, payload, initialized, task):
+    """Run one task; returns its outcome. ``task`` collects the shared
+    mappings of its arguments and where its reply goes."""
     try:
         if entry.init is not None and entry.pool_key not in initialized:
             initializer, initargs = entry.init
             initialized.add(entry.pool_key)
             initializer(*initargs)
-        mode, items = pickle.loads(payload)
+        (mode, items), task.mapped, extra = _buffers.load(payload, _buffers.open_foreign)
+        if extra:
+            task.reply = extra.get("reply")
         fn = entry.fn
         if mode == MAP:
-            value = [fn(x) for x in items]
+            value = _buffers.wrap_value([fn(x) for x in items], True)
         elif mode == STARMAP:
-            value = [fn(*x) for x in items]
+            value = _buffers.wrap_value([fn(*x) for x in items], True)
         else:
             args, kwargs = items
-            value = fn(*args, **kwargs)
+            value = _buffers.wrap_value(fn(*args, **kwargs), False)
         return (True, value)
     except BaseException as exc:  # noqa: BLE001 - every failure belongs to the task
         return _failure(exc)
+
+
+class _Task:
+    __slots__ = ("mapped", "reply")
+
+    def __init__(self):
+        self.mapped = None
+        self.reply = None
+
+    def release(self) -> bool:
+        return self.mapped.release() if self.mapped is not None else False
 
 
 # Results of short tasks are held back while more tasks are already here, and
@@ -201,6 +237,16 @@ class _Link:
         return self._frame_end() is not None
 
     def send(self, kind, a, data=b"", hold=False):
+        """Send one frame; ``data`` is bytes or a list of parts."""
+        if type(data) is list:
+            if len(data) > 1:
+                length = sum(memoryview(p).nbytes for p in data)
+                self.flush()
+                self.sock.sendall(HEADER.pack(BODY_HEADER + length, kind, a, 0))
+                for part in data:
+                    self.sock.sendall(part)
+                return
+            data = data[0]
         header = HEADER.pack(BODY_HEADER + len(data), kind, a, 0)
         if len(data) >= HOLD_BYTES:
             self.flush()
@@ -234,14 +280,20 @@ def serve(sock, max_frame):
         if kind == TASK:
             started = time.perf_counter()
             entry = loaded.get(b)
+            task = _Task()
             if entry is None:
                 try:
                     entry = loaded[b] = _Function(blobs[b])
                 except BaseException as exc:  # noqa: BLE001
-                    data = _encode(_failure(exc), max_frame)
+                    outcome = _failure(exc)
                     entry = None
             if entry is not None:
-                data = _encode(_run(entry, payload, initialized), max_frame)
+                outcome = _run(entry, payload, initialized, task)
+            del payload
+            main, bufs = _encode(outcome, max_frame)
+            del outcome
+            data = _payload(main, bufs, task)
+            del bufs
             quick = time.perf_counter() - started < HOLD_SECONDS
             link.send(RESULT, a, data, hold=quick and link.ready())
             if entry is not None and entry.maxtasks is not None:

@@ -17,7 +17,7 @@ import time
 import weakref
 
 from ._orchestrator import Orchestrator
-from .pool import APPLY, STARMAP, ApplyResult, IMapIterator, Pool, _decode, _dumps
+from .pool import APPLY, STARMAP, ApplyResult, IMapIterator, Pool, _task
 
 __all__ = ["ProcessPoolExecutor", "Executor"]
 
@@ -40,6 +40,7 @@ class _Future(cf.Future):
         else:
             withdrawn = self._client.withdraw(self._job)
         if withdrawn:
+            self._shared.forget(self._job)
             self._shared.job_done(self._job)
             return super().cancel()
         with self._condition:
@@ -57,8 +58,8 @@ class _FutureResult(ApplyResult):
         self._future = future
         future._job = self._job
 
-    def _set(self, index, status, data):
-        success, value = _decode(status, data)
+    def _set(self, index, item):
+        success, value = item
         if not self._future.cancelled():
             try:
                 if success:
@@ -139,9 +140,13 @@ class ProcessPoolExecutor(cf.Executor):
                 raise RuntimeError("cannot schedule new futures after shutdown")
             pool = self._pool
             blob = pool._function_blob(fn)
-            payload = _dumps((APPLY, (args, kwargs)))
             future = _Future(self)
             result = _FutureResult(pool._shared, future)
+            try:
+                payload = pool._shared.dumps(_task(APPLY, (args, kwargs)), result._job, 0)
+            except BaseException:
+                pool._shared.job_done(result._job)
+                raise
             pool._shared.submit(result._job, blob, [(0, payload)])
             self._futures.add(future)
             return future
@@ -166,7 +171,10 @@ class ProcessPoolExecutor(cf.Executor):
             it = IMapIterator(pool._shared, max_in_flight=len(items) + 1)
             chunks = [items[i : i + chunksize] for i in range(0, len(items), chunksize)]
             if chunks:
-                pool._shared.submit(it._job, blob, [(i, _dumps((STARMAP, c))) for i, c in enumerate(chunks)])
+                dumps = pool._shared.dumps
+                pool._shared.submit(
+                    it._job, blob, [(i, dumps(_task(STARMAP, c), it._job, i)) for i, c in enumerate(chunks)]
+                )
             it._set_length(len(chunks))
         return _results(it, len(items), end_time, pool._shared)
 

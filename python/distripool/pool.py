@@ -19,7 +19,6 @@ from __future__ import annotations
 import collections
 import itertools
 import os
-import pickle
 import sys
 import threading
 import traceback
@@ -31,6 +30,7 @@ from multiprocessing.pool import RemoteTraceback, ThreadPool
 
 import cloudpickle
 
+from . import _buffers
 from ._executor import ExceptionParts
 from ._orchestrator import Orchestrator, default_orchestrator
 from .exceptions import DistripoolError, PoolTerminatedError, TaskTimeoutError, WorkerLostError
@@ -49,32 +49,46 @@ RUN, CLOSE, TERMINATE = "RUN", "CLOSE", "TERMINATE"
 MAP, STARMAP, APPLY = 0, 1, 2
 # How long the result thread waits for completions before checking for shutdown.
 _POLL = 0.05
+# The orchestrator's frame limit when the pool does not set one.
+DEFAULT_MAX_MESSAGE = 1 << 30
 
 _live_pools: weakref.WeakSet = weakref.WeakSet()
 
 
 def _dumps(obj) -> bytes:
-    try:
-        return pickle.dumps(obj, protocol=5)
-    except Exception:
-        return cloudpickle.dumps(obj, protocol=5)
+    """A task's payload for any orchestrator: large buffers inline, beside the pickle."""
+    main, bufs = _buffers.dumps(obj, cloudpickle)
+    return main if not bufs else b"".join(_buffers.inline(main, bufs))
 
 
-def _decode(status: int, data) -> tuple[bool, object]:
+def _task(mode, items):
+    return _buffers.wrap_task(mode, items, APPLY, STARMAP)
+
+
+def _decode(status: int, data, buffers=None, ticket=None) -> tuple[bool, object]:
     """Turn one completion into ``(success, value_or_exception)``.
 
     ``status`` 0 carries the task's pickled outcome; the others say why the
-    task could not be completed (see ``_native.Client.recv``)."""
+    task could not be completed (see ``_native.Client.recv``). ``ticket`` is
+    the task's shared memory, if it had any (``buffers`` is its owner)."""
     if status == 3:
         return False, TaskTimeoutError(data)
     if status != 0:
         return False, WorkerLostError(data)
     try:
-        outcome = pickle.loads(data)
+        opener = buffers.opener(ticket) if buffers is not None else _no_shared_memory
+        outcome, mapped, extra = _buffers.load(data, opener)
     except BaseException as exc:  # noqa: BLE001 - any unpickling failure is the task's
+        if ticket is not None:
+            buffers.done(ticket, True, True)
         err = DistripoolError(f"the task's outcome could not be unpickled in the driver: {exc!r}")
         err.__cause__ = exc
         return False, err
+    if ticket is not None:
+        # Each memfd is reused unless something still maps it: the argument,
+        # if the task kept it; the reply, if the result lives in it.
+        reply_kept = mapped.release() if mapped is not None else False
+        buffers.done(ticket, bool(extra and extra.get("kept")), reply_kept)
     if outcome[0]:
         return True, outcome[1]
     exc, tb = outcome[1], outcome[2]
@@ -83,6 +97,10 @@ def _decode(status: int, data) -> tuple[bool, object]:
     if tb is not None:
         exc.__cause__ = RemoteTraceback(f'\n"""\n{tb}"""')
     return False, exc
+
+
+def _no_shared_memory(pid, fd, inode):
+    raise DistripoolError("the task's result points at shared memory, which this pool does not use")
 
 
 def _report_callback_error(kind: str) -> None:
@@ -94,8 +112,19 @@ class _Shared:
     """What the result thread and the result objects need, without the pool
     itself, so that an abandoned pool can be garbage-collected."""
 
-    def __init__(self, client, orchestrator: Orchestrator, owns_orchestrator: bool, task_timeout=None):
+    def __init__(
+        self,
+        client,
+        orchestrator: Orchestrator,
+        owns_orchestrator: bool,
+        task_timeout=None,
+        max_message_size=None,
+    ):
         self.client = client
+        # Executors of an embedded pool share this machine: large arguments
+        # and their results travel in shared memory.
+        self.buffers = _buffers.SharedBuffers() if owns_orchestrator and _buffers.available() else None
+        self.max_message_size = max_message_size or DEFAULT_MAX_MESSAGE
         self.task_timeout = task_timeout
         self.orchestrator = orchestrator
         self.owns_orchestrator = owns_orchestrator
@@ -106,6 +135,26 @@ class _Shared:
 
     def submit(self, job: int, blob: bytes, tasks) -> None:
         self.client.submit(job, blob, tasks, self.task_timeout)
+
+    def dumps(self, task, job: int, index: int) -> bytes:
+        """The payload of task ``(job, index)``: large buffers out of band, in
+        shared memory when the executors are local, else inline."""
+        main, bufs = _buffers.dumps(task, cloudpickle)
+        if not bufs:
+            return main
+        size = _buffers.size(main, bufs)
+        if size > self.max_message_size:
+            raise ValueError(
+                f"a task of {size} bytes exceeds the frame limit of {self.max_message_size} bytes"
+            )
+        if self.buffers is not None:
+            return self.buffers.put(main, bufs, (job, index))
+        return b"".join(_buffers.inline(main, bufs))
+
+    def forget(self, job: int) -> None:
+        """Free the shared memory of a job that will get no more results."""
+        if self.buffers is not None:
+            self.buffers.forget_job(job)
 
     def job_done(self, job: int) -> None:
         with self.idle:
@@ -134,10 +183,13 @@ class _Shared:
                 if self.stopping:
                     return
                 continue
+            buffers = self.buffers
             for job, index, status, data in batch:
+                ticket = buffers.take((job, index)) if buffers is not None else None
+                item = _decode(status, data, buffers, ticket)
                 r = cache.get(job)
                 if r is not None:
-                    r._set(index, status, data)
+                    r._set(index, item)
 
     def shutdown(self) -> None:
         """Cancel remote work, stop the result thread's source, free executors."""
@@ -148,6 +200,8 @@ class _Shared:
         self.client.close()
         if self.owns_orchestrator:
             self.orchestrator.close()
+        if self.buffers is not None:
+            self.buffers.close()
 
 
 class ApplyResult:
@@ -186,8 +240,8 @@ class ApplyResult:
         self._event.set()
         self._shared.job_done(self._job)
 
-    def _set(self, index: int, status: int, data) -> None:
-        self._success, self._value = _decode(status, data)
+    def _set(self, index: int, item) -> None:
+        self._success, self._value = item
         self._run_callback()
         self._finish()
 
@@ -228,9 +282,9 @@ class MapResult(ApplyResult):
         else:
             self._number_left = length // chunksize + bool(length % chunksize)
 
-    def _set(self, index: int, status: int, data) -> None:
+    def _set(self, index: int, item) -> None:
         self._number_left -= 1
-        success, result = _decode(status, data)
+        success, result = item
         if success and self._success:
             self._value[index * self._chunksize : (index + 1) * self._chunksize] = result
         elif not success and self._success:
@@ -295,8 +349,7 @@ class IMapIterator:
         self._items.append(item)
         self._cond.notify()
 
-    def _set(self, index: int, status: int, data) -> None:
-        item = _decode(status, data)
+    def _set(self, index: int, item) -> None:
         with self._cond:
             self._accept(index, item)
             self._received += 1
@@ -412,7 +465,9 @@ class Pool:
         else:
             self._processes = None
         self._orchestrator = orchestrator
-        self._shared = _Shared(orchestrator._open_client(), orchestrator, owns, task_timeout)
+        self._shared = _Shared(
+            orchestrator._open_client(), orchestrator, owns, task_timeout, max_message_size if owns else None
+        )
         # Travels with every function: which pool, its initializer, its task limit.
         init = (initializer, tuple(initargs)) if initializer is not None else None
         self._settings = (os.urandom(8).hex(), init, maxtasksperchild)
@@ -454,8 +509,12 @@ class Pool:
         """Like :meth:`apply`, but return an :class:`AsyncResult` at once."""
         self._check_running()
         blob = self._function_blob(func)
-        payload = _dumps((APPLY, (tuple(args), dict(kwds))))
         result = ApplyResult(self._shared, callback, error_callback)
+        try:
+            payload = self._shared.dumps(_task(APPLY, (tuple(args), dict(kwds))), result._job, 0)
+        except BaseException:
+            self._shared.job_done(result._job)
+            raise
         self._shared.submit(result._job, blob, [(0, payload)])
         return result
 
@@ -491,11 +550,17 @@ class Pool:
         result = MapResult(self._shared, chunksize, n, callback, error_callback)
         if n:
             items = list(iterable) if not isinstance(iterable, list) else iterable
-            tasks = [
-                (i, _dumps((mode, items[start : start + chunksize])))
-                for i, start in enumerate(range(0, n, chunksize))
-            ]
-            self._shared.submit(result._job, blob, tasks)
+            job, dumps = result._job, self._shared.dumps
+            try:
+                tasks = [
+                    (i, dumps(_task(mode, items[start : start + chunksize]), job, i))
+                    for i, start in enumerate(range(0, n, chunksize))
+                ]
+            except BaseException:
+                self._shared.forget(job)
+                self._shared.job_done(job)
+                raise
+            self._shared.submit(job, blob, tasks)
         return result
 
     # -- imap --------------------------------------------------------------
@@ -587,7 +652,7 @@ def _feed(shared: _Shared, it: IMapIterator, blob: bytes, source, chunksize: int
                     return
             if shared.stopping:
                 return
-            shared.submit(it._job, blob, [(index, _dumps((MAP, chunk)))])
+            shared.submit(it._job, blob, [(index, shared.dumps(_task(MAP, chunk), it._job, index))])
             index += 1
     except BaseException as exc:  # noqa: BLE001 - the input's error belongs to the caller
         it._set_input_error(index, exc)

@@ -1,0 +1,393 @@
+"""Large buffers beside the pickle, not inside it (pickle protocol 5).
+
+A task's arguments and its outcome travel as a *payload*: either a plain
+pickle, or an envelope whose bulk is kept out of band::
+
+    0x01 ‖ meta length: u32 LE ‖ meta ‖ inline buffers, back to back
+
+``meta`` is the pickle of ``(pickle, descriptors, extra)``. Each descriptor is
+``(readonly, length, where)``: ``where`` is None for the next inline buffer, or
+``(pid, fd, inode, offset)`` for a buffer in a memfd that process ``pid`` holds
+open as ``fd`` (offsets are page aligned; the inode tells a reused descriptor
+number from the memfd meant). Buffers of at least ``THRESHOLD`` bytes go
+out of band: whatever pickles through ``PickleBuffer`` (NumPy arrays and the
+like), and ``bytes``/``bytearray`` objects passed at the top level (an argument,
+a return value, an item of a short chunk).
+
+Inline buffers spare the copies that pickling them in band would cost. In an
+embedded pool the executors run on the driver's machine, so the driver puts
+large arguments in memfds of its own, which the executors map straight from
+``/proc/<driver>/fd``, and gives each such task an empty memfd for its reply.
+The driver owns both, so a result survives its executor's death; it reuses
+them once the task is over (unless something still uses the mapping: an
+argument the task kept, a result the caller holds) and keeps at most
+``RETAIN`` bytes of them idle.
+
+This module is imported by executors: standard library only.
+"""
+
+import mmap
+import os
+import pickle
+import struct
+import threading
+
+THRESHOLD = 1 << 20
+ENVELOPE = 1
+SMALL_ITEMS = 16
+RETAIN = 256 << 20
+_META = struct.Struct("<I")
+_PAGE = mmap.ALLOCATIONGRANULARITY
+_MEMFD_NAME = "distripool"
+
+
+class _Big:
+    """A top-level ``bytes``/``bytearray`` pickled out of band."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __reduce_ex__(self, protocol):
+        return (type(self.obj), (pickle.PickleBuffer(self.obj),))
+
+
+def _wrap(x):
+    t = type(x)
+    if (t is bytes or t is bytearray) and len(x) >= THRESHOLD:
+        return _Big(x)
+    return x
+
+
+def _wrap_all(items):
+    """``items`` (a list or tuple) with its large bytes wrapped, or itself."""
+    if len(items) > SMALL_ITEMS:
+        return items
+    wrapped = [_wrap(x) for x in items]
+    if all(a is b for a, b in zip(wrapped, items)):
+        return items
+    return type(items)(wrapped) if type(items) in (list, tuple) else wrapped
+
+
+def wrap_task(mode, items, apply_mode, starmap_mode):
+    """The task ``(mode, items)`` ready to pickle with its large top-level bytes
+    out of band."""
+    if mode == apply_mode:
+        args, kwargs = items
+        args = _wrap_all(args)
+        if kwargs and len(kwargs) <= SMALL_ITEMS:
+            kwargs = {k: _wrap(v) for k, v in kwargs.items()}
+        return (mode, (args, kwargs))
+    if len(items) > SMALL_ITEMS:
+        return (mode, items)
+    if mode == starmap_mode:
+        return (mode, [_wrap_all(t) if type(t) is tuple else t for t in items])
+    return (mode, _wrap_all(items))
+
+
+def wrap_value(value, many: bool):
+    """A task's return value (a chunk's list of values if ``many``), ready to
+    pickle with large top-level bytes out of band."""
+    if many:
+        return _wrap_all(value) if type(value) is list else value
+    return _wrap(value)
+
+
+def dumps(obj, fallback=None):
+    """``(pickle, buffers)``: ``obj`` pickled with protocol 5, its large
+    contiguous buffers left out as ``memoryview`` objects. ``fallback`` (a
+    module with ``dumps``, e.g. cloudpickle) is tried when pickle refuses."""
+    bufs = []
+
+    def keep_out(pb):
+        try:
+            raw = pb.raw()
+        except BufferError:  # not contiguous: in band
+            return True
+        if raw.nbytes < THRESHOLD:
+            return True
+        bufs.append(raw)
+        return False
+
+    try:
+        return pickle.dumps(obj, protocol=5, buffer_callback=keep_out), bufs
+    except Exception:
+        if fallback is None:
+            raise
+        bufs.clear()
+        return fallback.dumps(obj, protocol=5, buffer_callback=keep_out), bufs
+
+
+def size(main, bufs) -> int:
+    return len(main) + sum(b.nbytes for b in bufs)
+
+
+def envelope(main, descs, extra, inline=()) -> list:
+    """The payload as a list of parts to send (or join) in order."""
+    meta = pickle.dumps((main, descs, extra), protocol=5)
+    return [bytes((ENVELOPE,)) + _META.pack(len(meta)) + meta, *inline]
+
+
+def inline(main, bufs, extra=None) -> list:
+    """A payload that carries its buffers after the pickle."""
+    if not bufs and not extra:
+        return [main]
+    descs = [(b.readonly, b.nbytes, None) for b in bufs]
+    return envelope(main, descs, extra or {}, bufs)
+
+
+def is_envelope(payload) -> bool:
+    return len(payload) > 0 and payload[0] == ENVELOPE
+
+
+def parse(payload):
+    """``(pickle, descriptors, extra, offset of the first inline buffer)``."""
+    (n,) = _META.unpack_from(payload, 1)
+    with memoryview(payload) as view:
+        main, descs, extra = pickle.loads(view[5 : 5 + n])
+    return main, descs, extra, 5 + n
+
+
+def _aligned(n: int) -> int:
+    return (n + _PAGE - 1) // _PAGE * _PAGE
+
+
+def _layout(bufs):
+    """Page-aligned offsets for ``bufs`` in one memfd, and the size it needs."""
+    offsets, end = [], 0
+    for b in bufs:
+        offsets.append(end)
+        end = _aligned(end + b.nbytes)
+    return offsets, end
+
+
+def _write_all(fd: int, buf, offset: int) -> None:
+    with memoryview(buf).cast("B") as view:
+        done = 0
+        while done < len(view):
+            done += os.pwrite(fd, view[done:], offset + done)
+
+
+class Mapped:
+    """The shared-memory mappings behind one payload's buffers."""
+
+    __slots__ = ("maps",)
+
+    def __init__(self):
+        self.maps = []
+
+    def map(self, fd: int, length: int):
+        """A copy-on-write view of the first ``length`` bytes of ``fd``."""
+        mm = mmap.mmap(fd, length, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        view = memoryview(mm)
+        self.maps.append((mm, view))
+        return view
+
+    def release(self) -> bool:
+        """Unmap what nothing uses any more; True if something still uses a
+        mapping (the caller must then never rewrite that memfd)."""
+        kept = False
+        for mm, view in self.maps:
+            try:
+                view.release()
+                mm.close()
+            except BufferError:
+                kept = True
+        self.maps.clear()
+        return kept
+
+
+def load(payload, opener=None):
+    """Unpickle a payload. Returns ``(obj, mapped, extra)``; ``mapped`` holds
+    the mappings of shared buffers (release it when done with ``obj``).
+    ``opener(pid, fd, inode)`` returns ``(file descriptor, owned)`` to map
+    (an owned descriptor is closed after mapping), or raises."""
+    if not is_envelope(payload):
+        return pickle.loads(payload), None, None
+    main, descs, extra, pos = parse(payload)
+    mapped = Mapped()
+    try:
+        ends = {}
+        for _, n, where in descs:
+            if where is not None:
+                key = where[:3]
+                ends[key] = max(ends.get(key, 0), where[3] + n)
+        roots = {}
+        for key, end in ends.items():
+            fd, owned = opener(*key)
+            try:
+                roots[key] = mapped.map(fd, end)
+            finally:
+                if owned:
+                    os.close(fd)
+        buffers = []
+        whole = memoryview(payload) if pos < len(payload) else None
+        for readonly, n, where in descs:
+            if where is None:
+                view = whole[pos : pos + n]
+                pos += n
+                if not readonly and view.readonly:
+                    view = bytearray(view)
+            else:
+                view = roots[where[:3]][where[3] : where[3] + n]
+            buffers.append(view)
+        obj = pickle.loads(main, buffers=buffers)
+        del buffers, roots, whole
+        return obj, mapped, extra
+    except BaseException:
+        mapped.release()
+        raise
+
+
+def open_foreign(pid: int, fd: int, inode: int):
+    """Open another process's memfd through ``/proc``."""
+    path = f"/proc/{int(pid)}/fd/{int(fd)}"
+    try:
+        if not os.readlink(path).startswith(f"/memfd:{_MEMFD_NAME}"):
+            raise OSError(f"{path} is not a distripool buffer")
+        opened = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        if os.fstat(opened).st_ino != inode:
+            os.close(opened)
+            raise OSError(f"{path} is no longer the memfd meant")
+        return opened, True
+    except OSError as exc:
+        from distripool.exceptions import DistripoolError
+
+        raise DistripoolError(f"the task's shared buffers could not be opened ({path}): {exc}") from None
+
+
+def write_reply(reply, bufs):
+    """Put ``bufs`` in the reply memfd ``(pid, fd)``; their descriptors, or
+    None if the memfd cannot be opened (the buffers then go inline)."""
+    try:
+        fd, _ = open_foreign(*reply)
+    except Exception:
+        return None
+    try:
+        offsets, end = _layout(bufs)
+        if os.fstat(fd).st_size < end:
+            os.ftruncate(fd, end)
+        for b, off in zip(bufs, offsets):
+            _write_all(fd, b, off)
+    finally:
+        os.close(fd)
+    return [(b.readonly, b.nbytes, (*reply, off)) for b, off in zip(bufs, offsets)]
+
+
+def available() -> bool:
+    return hasattr(os, "memfd_create") and os.path.isdir(f"/proc/{os.getpid()}/fd")
+
+
+class SharedBuffers:
+    """The driver's memfds for large arguments and their replies, one set per
+    task in flight, reused once the task is over."""
+
+    def __init__(self):
+        self.pid = os.getpid()
+        self.lock = threading.Lock()
+        self.free = []  # (fd, size) of idle memfds
+        self.inodes = {}  # fd -> inode, for every memfd held
+        self.free_bytes = 0
+        self.pending = {}  # (job, index) -> (argument memfd, reply memfd)
+        self.closed = False
+
+    def _acquire(self, need: int) -> int:
+        with self.lock:
+            if self.closed:
+                raise ValueError("Pool not running")
+            best = None
+            for i, (_fd, sz) in enumerate(self.free):
+                if sz >= need and (best is None or sz < self.free[best][1]):
+                    best = i
+            if best is None and need and self.free:
+                best = max(range(len(self.free)), key=lambda i: self.free[i][1])
+            if best is not None:
+                fd, sz = self.free.pop(best)
+                self.free_bytes -= sz
+            else:
+                fd, sz = os.memfd_create(_MEMFD_NAME, os.MFD_CLOEXEC), 0
+                self.inodes[fd] = os.fstat(fd).st_ino
+        if sz < need:
+            os.ftruncate(fd, need)
+        return fd
+
+    def _release(self, fd: int, reusable: bool) -> None:
+        if reusable:
+            try:
+                sz = os.fstat(fd).st_size
+            except OSError:
+                return
+            with self.lock:
+                if not self.closed and self.free_bytes + sz <= RETAIN:
+                    self.free.append((fd, sz))
+                    self.free_bytes += sz
+                    return
+        self._close(fd)
+
+    def _close(self, fd: int) -> None:
+        with self.lock:
+            self.inodes.pop(fd, None)
+        os.close(fd)
+
+    def put(self, main, bufs, key) -> bytes:
+        """The payload of task ``key`` with ``bufs`` in a memfd, and a memfd
+        for its reply."""
+        offsets, end = _layout(bufs)
+        fd = self._acquire(end)
+        try:
+            for b, off in zip(bufs, offsets):
+                _write_all(fd, b, off)
+            reply = self._acquire(0)
+        except BaseException:
+            self._close(fd)
+            raise
+        with self.lock:
+            self.pending[key] = (fd, reply)
+        ino = self.inodes[fd]
+        descs = [(b.readonly, b.nbytes, (self.pid, fd, ino, off)) for b, off in zip(bufs, offsets)]
+        return b"".join(envelope(main, descs, {"reply": (self.pid, reply, self.inodes[reply])}))
+
+    def take(self, key):
+        """The memfds of task ``key``, now over (None if it had none)."""
+        with self.lock:
+            return self.pending.pop(key, None)
+
+    def opener(self, ticket):
+        """An opener for ``load`` that maps only this task's reply memfd."""
+
+        def open_reply(pid, fd, inode):
+            if ticket is None or pid != self.pid or fd != ticket[1] or inode != self.inodes.get(fd):
+                from distripool.exceptions import DistripoolError
+
+                raise DistripoolError("the task's result points at shared memory it was not given")
+            return fd, False
+
+        return open_reply
+
+    def done(self, ticket, args_kept: bool, reply_kept: bool) -> None:
+        self._release(ticket[0], not args_kept)
+        self._release(ticket[1], not reply_kept)
+
+    def forget_job(self, job: int) -> None:
+        with self.lock:
+            keys = [k for k in self.pending if k[0] == job]
+            tickets = [self.pending.pop(k) for k in keys]
+        for ticket in tickets:
+            self.done(ticket, True, True)
+
+    def close(self) -> None:
+        with self.lock:
+            self.closed = True
+            fds = [fd for fd, _ in self.free]
+            for a, r in self.pending.values():
+                fds += [a, r]
+            self.free.clear()
+            self.pending.clear()
+            self.inodes.clear()
+            self.free_bytes = 0
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass

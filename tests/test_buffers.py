@@ -1,0 +1,139 @@
+"""Large buffers out of band: through shared memory in an embedded pool,
+inline beside the pickle on a remote worker. Exact data, the types the caller
+passed, memory reused only when nothing maps it, nothing left open."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import pytest
+
+import distripool
+from distripool import Pool, _buffers
+from workloads import Blob, crash_first_time, identity, keep, kept, poke
+
+MIB = 1 << 20
+
+
+def _memfds() -> int:
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:distripool"):
+                n += 1
+        except OSError:
+            pass
+    return n
+
+
+def _big(n: int, seed: int) -> bytes:
+    return bytes((seed + i * 7) % 251 for i in range(256)) * (n // 256)
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with Pool(2) as p:
+        yield p
+
+
+def test_large_bytes_keep_their_type_and_content(pool):
+    data = _big(3 * MIB, 1)
+    out = pool.apply(identity, (data,))
+    assert type(out) is bytes and out == data
+    out = pool.apply(identity, (bytearray(data),))
+    assert type(out) is bytearray and out == data
+    assert pool.apply(dict, (), {"x": data}) == {"x": data}
+    assert pool.map(len, [data, data[:-1], b"small"], chunksize=1) == [len(data), len(data) - 1, 5]
+    assert pool.starmap(max, [(data, data[:-1])]) == [data]
+    assert list(pool.imap(identity, [data], chunksize=1)) == [data]
+
+
+def test_out_of_band_objects_round_trip_writable_or_read_only_as_sent(pool):
+    data = _big(2 * MIB, 2)
+    out = pool.apply(identity, (Blob(bytearray(data)),))
+    assert bytes(out.data) == data and out.writable()
+    out = pool.apply(identity, (Blob(data),))
+    assert bytes(out.data) == data and not out.writable()
+    # The executor's copy is its own: changing it there changes nothing here.
+    original = bytearray(data)
+    out = pool.apply(poke, (Blob(original), 5))
+    assert out.data[5] == data[5] ^ 0xFF and original == data
+
+
+def test_a_result_the_caller_holds_is_never_overwritten(pool):
+    held = [pool.apply(identity, (Blob(bytearray(_big(2 * MIB, s))),)) for s in range(4)]
+    for s, out in enumerate(held):
+        assert bytes(out.data) == _big(2 * MIB, s)
+
+
+def test_an_argument_a_task_keeps_is_never_overwritten():
+    with Pool(1) as p:
+        first = _big(2 * MIB, 3)
+        assert p.apply(keep, (Blob(bytearray(first)),)) == 1
+        for s in range(4, 8):  # same size: the memfds would be reused if free
+            assert bytes(p.apply(identity, (Blob(bytearray(_big(2 * MIB, s))),)).data) == _big(2 * MIB, s)
+        assert p.apply(kept, (0,)) == first
+
+
+def test_memory_is_reused_and_released_with_the_pool():
+    before = _memfds()
+    with Pool(1) as p:
+        data = _big(2 * MIB, 4)
+        for _ in range(20):
+            assert p.apply(identity, (data,)) == data
+        # One memfd for the argument, one for the reply, reused task after task.
+        assert _memfds() - before == 2
+        assert p.map(identity, [data] * 6, chunksize=1) == [data] * 6
+        assert _memfds() - before <= 12
+    assert _memfds() == before
+
+
+def test_a_crashed_attempt_is_retried_with_the_same_argument(tmp_path):
+    data = _big(2 * MIB, 5)
+    with Pool(1) as p:
+        assert p.apply(crash_first_time, (str(tmp_path / "marker"), data)) == len(data)
+
+
+def test_the_frame_limit_counts_out_of_band_bytes():
+    with Pool(1, max_message_size=MIB) as p:
+        with pytest.raises(ValueError, match="exceeds the frame limit"):
+            p.apply(len, (Blob(bytearray(2 * MIB)),))
+        with pytest.raises(ValueError, match="exceeds the frame limit"):
+            p.map(len, [b"x", bytes(2 * MIB)], chunksize=1)
+        with pytest.raises(distripool.ResultTooLargeError):
+            p.apply(bytearray, (2 * MIB,))
+        assert p.map(len, [b"x"] * 3) == [1, 1, 1]
+
+
+def test_a_result_pointing_at_memory_it_was_not_given_is_refused(pool):
+    main, bufs = _buffers.dumps((True, Blob(bytearray(2 * MIB))))
+    forged = b"".join(_buffers.envelope(main, [(False, 2 * MIB, (os.getpid(), 0, 1, 0))], {}))
+    shared = pool._shared
+    ok, err = distripool.pool._decode(0, forged, shared.buffers, None)
+    assert not ok and "shared memory it was not given" in str(err.__cause__)
+    ok, err = distripool.pool._decode(0, forged)
+    assert not ok and "does not use" in str(err.__cause__)
+
+
+def test_payload_envelopes_parse_back():
+    data = _big(2 * MIB, 6)
+    main, bufs = _buffers.dumps(_buffers.wrap_value([data, Blob(bytearray(data)), 1], True))
+    assert len(bufs) == 2 and len(main) < 4096
+    payload = b"".join(_buffers.inline(main, bufs, {"kept": True}))
+    obj, mapped, extra = _buffers.load(payload)
+    assert obj[0] == data and bytes(obj[1].data) == data and obj[1].writable() and obj[2] == 1
+    assert extra == {"kept": True} and not mapped.release()
+    # Small buffers stay in band: a plain pickle.
+    main, bufs = _buffers.dumps(_buffers.wrap_value(b"x" * 100, False))
+    assert not bufs and pickle.loads(main) == b"x" * 100
+
+
+def test_remote_workers_get_large_buffers_inline(remote_orchestrator):
+    data = _big(3 * MIB, 7)
+    with Pool(orchestrator=remote_orchestrator) as p:
+        assert p._shared.buffers is None
+        assert p.apply(identity, (data,)) == data
+        out = p.apply(identity, (Blob(bytearray(data)),))
+        assert bytes(out.data) == data and out.writable()
+        assert p.map(len, [data] * 3, chunksize=1) == [len(data)] * 3
