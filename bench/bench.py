@@ -257,6 +257,15 @@ def measure(pool, name, n, payload_mib, processes):
         dt = time.perf_counter() - t0
         assert len(out) == len(blob)
         return dt
+    if name == "payload_np":
+        import numpy
+
+        array = numpy.frombuffer(os.urandom(payload_mib << 20), dtype=numpy.uint8).copy()
+        t0 = time.perf_counter()
+        out = pool.apply(identity, (array,))
+        dt = time.perf_counter() - t0
+        assert out.nbytes == array.nbytes and out[-1] == array[-1]
+        return dt
     if name == "cpu_bound":
         t0 = time.perf_counter()
         out = pool.map(burn, range(n), 1)
@@ -332,7 +341,10 @@ def main() -> int:
     }
     missing = [p for p, make in peers.items() if make is None]
     peers = {p: make for p, make in peers.items() if make is not None}
-    figures = ["map_default", "map_chunk1", "apply_latency", "payload", "cpu_bound"]
+    figures = ["map_default", "map_chunk1", "apply_latency", "payload", "payload_np", "cpu_bound"]
+    if not available("numpy"):
+        figures.remove("payload_np")
+        missing.append("numpy (the NumPy array figure)")
     results: dict[str, dict[str, float]] = {p: {} for p in peers}
     try:
         paired = ("distripool remote", "remote, clear")
@@ -381,7 +393,8 @@ def main() -> int:
         ("map tiny fn, default chunks", "map_default", lambda s: rate(s, "M/s", 1e6)),
         ("map chunksize=1", "map_chunk1", lambda s: rate(s, "k/s", 1e3)),
         ("sequential apply round trip", "apply_latency", lambda s: f"{s * 1e6:.0f} µs"),
-        (f"{payload_mib} MiB argument round trip", "payload", lambda s: f"{payload_mib / s:.0f} MiB/s"),
+        (f"{payload_mib} MiB bytes argument round trip", "payload", lambda s: f"{payload_mib / s:.0f} MiB/s"),
+        (f"{payload_mib} MiB NumPy array round trip", "payload_np", lambda s: f"{payload_mib / s:.0f} MiB/s"),
         ("CPU-bound 20 ms tasks, efficiency", "cpu_bound", lambda e: f"{e:.2f}"),
     ]
     print(
@@ -417,14 +430,30 @@ def main() -> int:
         ),
         ("map default chunks vs multiprocessing", "distripool", "multiprocessing", "map_default", False, 1.0),
         (
-            f"{payload_mib} MiB round trip vs multiprocessing",
+            f"{payload_mib} MiB NumPy array round trip vs multiprocessing",
+            "distripool",
+            "multiprocessing",
+            "payload_np",
+            False,
+            8.0,
+        ),
+        (
+            f"{payload_mib} MiB NumPy array round trip vs Ray",
+            "distripool",
+            "Ray Pool",
+            "payload_np",
+            False,
+            1.0,
+        ),
+        (
+            f"{payload_mib} MiB bytes round trip vs multiprocessing",
             "distripool",
             "multiprocessing",
             "payload",
             False,
             8.0,
         ),
-        (f"{payload_mib} MiB round trip vs Ray", "distripool", "Ray Pool", "payload", False, 1.0),
+        (f"{payload_mib} MiB bytes round trip vs Ray", "distripool", "Ray Pool", "payload", False, 1.0),
         ("remote chunksize=1 vs Ray", "distripool remote", "Ray Pool", "map_chunk1", False, 20.0),
         ("remote chunksize=1 vs Dask", "distripool remote", "Dask", "map_chunk1", False, 20.0),
         (

@@ -22,6 +22,11 @@ def add(x, y):
     return x + y
 
 
+def sleep_and_square(seconds, x):
+    time.sleep(seconds)
+    return x * x
+
+
 def fail_on(x, bad=3):
     if x == bad:
         raise KeyError(f"bad item {x}")
@@ -221,6 +226,52 @@ def test_terminate_fails_pending_results():
     p.join()
     with pytest.raises(distripool.PoolTerminatedError):
         r.get(timeout=10)
+
+
+def test_apply_from_many_threads_at_once_gets_each_caller_its_own_result():
+    with Pool(2) as p:
+        results = {}
+
+        def caller(t):
+            results[t] = [p.apply(add, (i, t * 1000)) for i in range(200)]
+
+        threads = [threading.Thread(target=caller, args=(t,)) for t in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert results == {t: [i + t * 1000 for i in range(200)] for t in range(8)}
+
+
+def test_terminate_wakes_a_caller_blocked_in_apply():
+    p = Pool(1)
+    errors = []
+
+    def blocked():
+        try:
+            p.apply(time.sleep, (60,))
+        except BaseException as exc:  # noqa: BLE001 - recorded for the assertion
+            errors.append(exc)
+
+    t = threading.Thread(target=blocked)
+    t.start()
+    wait_until(lambda: p._shared.cache, 30, "apply to be submitted")
+    p.terminate()
+    t.join(30)
+    assert not t.is_alive()
+    assert len(errors) == 1 and isinstance(errors[0], distripool.PoolTerminatedError)
+
+
+def test_close_then_join_waits_for_a_caller_blocked_in_apply():
+    p = Pool(1)
+    out = []
+    t = threading.Thread(target=lambda: out.append(p.apply(sleep_and_square, (0.3, 7))))
+    t.start()
+    wait_until(lambda: p._shared.cache, 30, "apply to be submitted")
+    p.close()
+    p.join()
+    t.join(30)
+    assert out == [49]
 
 
 def test_bad_arguments_are_rejected():

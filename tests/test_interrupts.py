@@ -11,7 +11,8 @@ import pytest
 
 from conftest import TESTS, alive, free_port, wait_until
 
-# Prints the executors' pids, then blocks in map() on tasks that never end.
+# Prints the executors' pids, then blocks in map() (or apply(), if
+# $BLOCKING_CALL says so) on tasks that never end.
 BLOCKED_DRIVER = r"""
 import os, sys, time
 from distripool import Pool
@@ -31,7 +32,10 @@ pids = sorted(set(pool.map(lambda _: os.getpid(), range(40), chunksize=1)))
 print(" ".join(map(str, pids)), flush=True)
 try:
     with pool:
-        pool.map(forever, range(4))
+        if os.environ.get("BLOCKING_CALL") == "apply":
+            pool.apply(forever, (0,))
+        else:
+            pool.map(forever, range(4))
 except KeyboardInterrupt:
     print("interrupted", flush=True)
     sys.exit(0)
@@ -47,8 +51,9 @@ pool.apply_async(__import__("time").sleep, (3600,))
 """
 
 
-def _start(code: str, *args: str) -> subprocess.Popen:
+def _start(code: str, *args: str, **extra_env: str) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
+    env.update(extra_env)
     return subprocess.Popen(
         [sys.executable, "-c", code, *args],
         stdout=subprocess.PIPE,
@@ -58,20 +63,22 @@ def _start(code: str, *args: str) -> subprocess.Popen:
     )
 
 
+@pytest.mark.parametrize("call", ["map", "apply"])
 @pytest.mark.parametrize("where", ["embedded", "remote"])
-def test_ctrl_c_interrupts_a_blocking_map_and_stops_the_executors(tmp_path, where, spawn_worker):
+def test_ctrl_c_interrupts_a_blocking_call_and_stops_the_executors(tmp_path, where, call, spawn_worker):
     args = [str(tmp_path)]
     if where == "remote":
         address = f"127.0.0.1:{free_port()}"
         spawn_worker(address, processes=2)  # retries until the driver's orchestrator is up
         args.append(address)
-    proc = _start(BLOCKED_DRIVER, *args)
+    proc = _start(BLOCKED_DRIVER, *args, BLOCKING_CALL=call)
     try:
         pids = [int(p) for p in proc.stdout.readline().split()]
         assert pids, proc.stderr.read()
-        # Tasks only start after map() submitted them, so once both executors
-        # are running one, the caller is blocked inside map().
-        wait_until(lambda: len(os.listdir(tmp_path)) >= 2, 30, "tasks to start")
+        # Tasks only start after the call submitted them, so once they are
+        # running, the caller is blocked inside the call.
+        started = 1 if call == "apply" else 2
+        wait_until(lambda: len(os.listdir(tmp_path)) >= started, 30, "tasks to start")
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=30)
         assert proc.returncode == 0, err

@@ -103,6 +103,14 @@ def _no_shared_memory(pid, fd, inode):
     raise DistripoolError("the task's result points at shared memory, which this pool does not use")
 
 
+class _Waiting:
+    """Stands in the result cache for a job its caller waits for itself."""
+
+    @staticmethod
+    def _abort(exc) -> None:
+        pass
+
+
 def _report_callback_error(kind: str) -> None:
     print(f"distripool: exception in {kind} (ignored):", file=sys.stderr)
     traceback.print_exc()
@@ -503,7 +511,31 @@ class Pool:
 
     def apply(self, func, args=(), kwds={}):
         """Call ``func(*args, **kwds)`` in an executor and return its result."""
-        return self.apply_async(func, args, kwds).get()
+        self._check_running()
+        blob = self._function_blob(func)
+        shared = self._shared
+        client = shared.client
+        job = client.new_job()
+        payload = shared.dumps(_task(APPLY, (tuple(args), dict(kwds))), job, 0)
+        # The caller waits for this job itself, woken straight from the
+        # orchestrator rather than through the result thread.
+        shared.cache[job] = _Waiting
+        try:
+            client.expect(job)
+            shared.submit(job, blob, [(0, payload)])
+            try:
+                _, index, status, data = client.wait(job)
+            except RuntimeError:
+                raise PoolTerminatedError("the pool was terminated") from None
+        finally:
+            shared.job_done(job)
+        buffers = shared.buffers
+        success, value = _decode(
+            status, data, buffers, buffers.take((job, 0)) if buffers is not None else None
+        )
+        if success:
+            return value
+        raise value
 
     def apply_async(self, func, args=(), kwds={}, callback=None, error_callback=None) -> ApplyResult:
         """Like :meth:`apply`, but return an :class:`AsyncResult` at once."""

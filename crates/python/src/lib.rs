@@ -7,6 +7,9 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Duration;
 
+/// How often a caller blocked in `Client.wait` checks for signals (Ctrl-C).
+const SIGNAL_CHECK: Duration = Duration::from_millis(20);
+
 use bytes::Bytes;
 use distripool_runtime::executor::ExecutorSpec;
 use distripool_runtime::orchestrator::FailureKind;
@@ -16,8 +19,25 @@ use pyo3::exceptions::{
 };
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
-use pyo3::types::{PyBytes, PyDict, PyList};
+use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
 use std::sync::atomic::Ordering;
+
+/// One completion as the `(job, index, status, data)` tuple `Client.recv`
+/// and `Client.wait` return.
+fn completion(py: Python<'_>, c: distripool_runtime::Completion) -> PyResult<Bound<'_, PyTuple>> {
+    let (status, data) = match c.outcome {
+        Outcome::Done(bytes) => (0u8, PyBytes::new(py, &bytes).into_any()),
+        Outcome::Failed { kind, reason } => {
+            let status = match kind {
+                FailureKind::Crashes => 1u8,
+                FailureKind::Losses => 2,
+                FailureKind::Timeout => 3,
+            };
+            (status, reason.into_pyobject(py)?.into_any())
+        }
+    };
+    (c.job, c.index, status, data).into_pyobject(py)
+}
 
 fn to_py(e: Error) -> PyErr {
     match e {
@@ -187,20 +207,33 @@ impl Client {
         let batch = py.detach(|| self.inner.recv(wait)).map_err(to_py)?;
         let out = PyList::empty(py);
         for c in batch {
-            let (status, data) = match c.outcome {
-                Outcome::Done(bytes) => (0u8, PyBytes::new(py, &bytes).into_any()),
-                Outcome::Failed { kind, reason } => {
-                    let status = match kind {
-                        FailureKind::Crashes => 1u8,
-                        FailureKind::Losses => 2,
-                        FailureKind::Timeout => 3,
-                    };
-                    (status, reason.into_pyobject(py)?.into_any())
-                }
-            };
-            out.append((c.job, c.index, status, data))?;
+            out.append(completion(py, c)?)?;
         }
         Ok(out)
+    }
+
+    /// Say that the caller will wait for `job` itself (`wait`): its
+    /// completion will not be returned by `recv`. Call before `submit`.
+    fn expect(&self, job: u64) {
+        self.inner.expect(job);
+    }
+
+    /// Wait for an expected job's completion, as a `(job, index, status,
+    /// data)` tuple, with the GIL released. Signals are checked every few
+    /// milliseconds; if a handler raises, the job is no longer expected (its
+    /// completion goes to `recv` after all) and the exception propagates.
+    fn wait<'py>(&self, py: Python<'py>, job: u64) -> PyResult<Bound<'py, PyTuple>> {
+        loop {
+            match py.detach(|| self.inner.wait(job, SIGNAL_CHECK)) {
+                Ok(Some(c)) => return completion(py, c),
+                Ok(None) => {}
+                Err(e) => return Err(to_py(e)),
+            }
+            if let Err(e) = py.check_signals() {
+                self.inner.forget(job);
+                return Err(e);
+            }
+        }
     }
 
     /// Withdraw the job's tasks that no worker has started; True when none of
@@ -242,7 +275,7 @@ fn run_agent(
         executor: ExecutorSpec { python, module, env, max_frame },
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(1)
         .thread_name("distripool-agent")
         .enable_all()
         .build()

@@ -17,6 +17,7 @@
 pub mod agent;
 pub mod conn;
 pub mod executor;
+pub mod mailbox;
 pub mod orchestrator;
 pub mod security;
 

@@ -8,13 +8,13 @@
 //! ```text
 //!  Client::submit ─┐                         ┌─► agent writer ─► socket
 //!  agent reader ───┼─► events ─► core task ──┤
-//!  listeners ──────┘            (Scheduler)  └─► Client completions (std mpsc)
+//!  listeners ──────┘            (Scheduler)  └─► Client mailbox (completions)
 //! ```
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{mpsc as std_mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -31,6 +31,7 @@ use crate::conn::{
     client_handshake, server_handshake, tune_tcp, AbortOnDrop, FrameReader, FrameWriter, Outgoing,
     HANDSHAKE_TIMEOUT, HEARTBEAT, PEER_TIMEOUT,
 };
+use crate::mailbox::{Mailbox, MailboxTx};
 use crate::security::{Acceptor, Security};
 use crate::{resolve, Error, Result};
 
@@ -117,7 +118,7 @@ enum Event {
     },
     ClientOpened {
         client: u64,
-        tx: std_mpsc::Sender<Vec<Completion>>,
+        tx: MailboxTx,
     },
     Submit {
         client: u64,
@@ -157,7 +158,7 @@ struct AgentLink {
 }
 
 struct ClientLink {
-    tx: std_mpsc::Sender<Vec<Completion>>,
+    tx: MailboxTx,
     outbox: Vec<Completion>,
 }
 
@@ -209,7 +210,7 @@ impl Orchestrator {
         }
         let acceptor = Acceptor::new(&config.security)?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
+            .worker_threads(1)
             .thread_name("distripool-orchestrator")
             .enable_all()
             .build()?;
@@ -283,13 +284,15 @@ impl Orchestrator {
             return Err(Error::Closed);
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = std_mpsc::channel();
-        self.events.send(Event::ClientOpened { client: id, tx }).map_err(|_| Error::Closed)?;
+        let mailbox = Arc::new(Mailbox::default());
+        self.events
+            .send(Event::ClientOpened { client: id, tx: MailboxTx(mailbox.clone()) })
+            .map_err(|_| Error::Closed)?;
         Ok(Client {
             id,
             max_frame: self.max_frame,
             events: self.events.clone(),
-            completions: Mutex::new(rx),
+            mailbox,
             next_job: AtomicU64::new(1),
         })
     }
@@ -356,7 +359,7 @@ pub struct Client {
     id: u64,
     max_frame: usize,
     events: mpsc::UnboundedSender<Event>,
-    completions: Mutex<std_mpsc::Receiver<Vec<Completion>>>,
+    mailbox: Arc<Mailbox>,
     next_job: AtomicU64,
 }
 
@@ -404,19 +407,23 @@ impl Client {
     /// Wait up to `timeout` for completions; returns all that are ready
     /// (possibly none). `Err(Closed)` once the orchestrator is gone.
     pub fn recv(&self, timeout: Duration) -> Result<Vec<Completion>> {
-        let rx = self.completions.lock().expect("completion lock");
-        let mut out = match rx.recv_timeout(timeout) {
-            Ok(batch) => batch,
-            Err(std_mpsc::RecvTimeoutError::Timeout) => return Ok(Vec::new()),
-            Err(std_mpsc::RecvTimeoutError::Disconnected) => return Err(Error::Closed),
-        };
-        while out.len() < 4096 {
-            match rx.try_recv() {
-                Ok(more) => out.extend(more),
-                Err(_) => break,
-            }
-        }
-        Ok(out)
+        self.mailbox.recv(timeout)
+    }
+
+    /// The caller will wait for `job` itself (`wait`), so its completion
+    /// skips `recv`. Call before submitting the job.
+    pub fn expect(&self, job: u64) {
+        self.mailbox.expect(job);
+    }
+
+    /// Wait up to `timeout` for an expected job: `Ok(None)` if not done yet.
+    pub fn wait(&self, job: u64, timeout: Duration) -> Result<Option<Completion>> {
+        self.mailbox.wait(job, timeout)
+    }
+
+    /// Stop expecting `job`: its completion goes to `recv` after all.
+    pub fn forget(&self, job: u64) {
+        self.mailbox.forget(job);
     }
 
     /// Take back the tasks of `job` that no worker has been given yet.
@@ -483,7 +490,7 @@ impl Core {
         for client in self.dirty_clients.drain(..) {
             if let Some(link) = self.clients.get_mut(&client) {
                 if !link.outbox.is_empty() {
-                    let _ = link.tx.send(std::mem::take(&mut link.outbox));
+                    link.tx.0.deliver(std::mem::take(&mut link.outbox));
                 }
             }
         }
