@@ -60,14 +60,19 @@ def _wrap(x):
     return x
 
 
+def _has_big(items) -> bool:
+    for x in items:
+        t = type(x)
+        if (t is bytes or t is bytearray) and len(x) >= THRESHOLD:
+            return True
+    return False
+
+
 def _wrap_all(items):
     """``items`` (a list or tuple) with its large bytes wrapped, or itself."""
-    if len(items) > SMALL_ITEMS:
+    if len(items) > SMALL_ITEMS or not _has_big(items):
         return items
-    wrapped = [_wrap(x) for x in items]
-    if all(a is b for a, b in zip(wrapped, items)):
-        return items
-    return type(items)(wrapped) if type(items) in (list, tuple) else wrapped
+    return type(items)(_wrap(x) for x in items)
 
 
 def wrap_task(mode, items, apply_mode, starmap_mode):
@@ -75,10 +80,9 @@ def wrap_task(mode, items, apply_mode, starmap_mode):
     out of band."""
     if mode == apply_mode:
         args, kwargs = items
-        args = _wrap_all(args)
-        if kwargs and len(kwargs) <= SMALL_ITEMS:
+        if kwargs and len(kwargs) <= SMALL_ITEMS and _has_big(kwargs.values()):
             kwargs = {k: _wrap(v) for k, v in kwargs.items()}
-        return (mode, (args, kwargs))
+        return (mode, (_wrap_all(args), kwargs))
     if len(items) > SMALL_ITEMS:
         return (mode, items)
     if mode == starmap_mode:
@@ -98,25 +102,33 @@ def dumps(obj, fallback=None):
     """``(pickle, buffers)``: ``obj`` pickled with protocol 5, its large
     contiguous buffers left out as ``memoryview`` objects. ``fallback`` (a
     module with ``dumps``, e.g. cloudpickle) is tried when pickle refuses."""
-    bufs = []
+    keep_out = _KeepOut()
+    try:
+        return pickle.dumps(obj, protocol=5, buffer_callback=keep_out), keep_out.bufs
+    except Exception:
+        if fallback is None:
+            raise
+        keep_out.bufs.clear()
+        return fallback.dumps(obj, protocol=5, buffer_callback=keep_out), keep_out.bufs
 
-    def keep_out(pb):
+
+class _KeepOut:
+    """The pickler's buffer callback: large contiguous buffers out of band."""
+
+    __slots__ = ("bufs",)
+
+    def __init__(self):
+        self.bufs = []
+
+    def __call__(self, pb):
         try:
             raw = pb.raw()
         except BufferError:  # not contiguous: in band
             return True
         if raw.nbytes < THRESHOLD:
             return True
-        bufs.append(raw)
+        self.bufs.append(raw)
         return False
-
-    try:
-        return pickle.dumps(obj, protocol=5, buffer_callback=keep_out), bufs
-    except Exception:
-        if fallback is None:
-            raise
-        bufs.clear()
-        return fallback.dumps(obj, protocol=5, buffer_callback=keep_out), bufs
 
 
 def size(main, bufs) -> int:
@@ -350,6 +362,8 @@ class SharedBuffers:
 
     def take(self, key):
         """The memfds of task ``key``, now over (None if it had none)."""
+        if not self.pending:  # the common case, without the lock
+            return None
         with self.lock:
             return self.pending.pop(key, None)
 

@@ -37,7 +37,7 @@ def _encode(outcome, max_frame):
 
             err = MaybeEncodingError(exc, outcome[1])
             main, bufs = pickle.dumps((False, err, None), protocol=5), []
-    size = _buffers.size(main, bufs)
+    size = _buffers.size(main, bufs) if bufs else len(main)
     if size + BODY_HEADER > max_frame:
         from distripool.exceptions import ResultTooLargeError
 
@@ -52,6 +52,8 @@ def _payload(main, bufs, task):
     """The RESULT payload: the pickle alone, or an envelope whose buffers are
     in the driver's reply memfd (or inline), saying whether the task kept its
     shared arguments (then the driver must not reuse their memfd)."""
+    if not bufs and task.mapped is None:
+        return main
     descs = None
     if bufs and task.reply is not None:
         descs = _buffers.write_reply(task.reply, bufs)
@@ -141,9 +143,11 @@ def _run(entry, payload, initialized, task):
             initializer, initargs = entry.init
             initialized.add(entry.pool_key)
             initializer(*initargs)
-        (mode, items), task.mapped, extra = _buffers.load(payload, _buffers.open_foreign)
-        if extra:
-            task.reply = extra.get("reply")
+        if payload[0] == _buffers.ENVELOPE:
+            (mode, items), task.mapped, extra = _buffers.load(payload, _buffers.open_foreign)
+            task.reply = extra.get("reply") if extra else None
+        else:
+            mode, items = pickle.loads(payload)
         fn = entry.fn
         if mode == MAP:
             value = _buffers.wrap_value([fn(x) for x in items], True)
@@ -158,6 +162,9 @@ def _run(entry, payload, initialized, task):
 
 
 class _Task:
+    """The shared memory of the task at hand: mappings of its arguments, and
+    where its reply goes. One per executor, reset for every task."""
+
     __slots__ = ("mapped", "reply")
 
     def __init__(self):
@@ -272,6 +279,7 @@ def serve(sock, max_frame):
     loaded = {}
     initialized = set()
     tasks_run = {}  # pool key -> tasks this executor ran for that pool
+    task = _Task()
     while True:
         frame = link.frame()
         if frame is None:
@@ -280,7 +288,7 @@ def serve(sock, max_frame):
         if kind == TASK:
             started = time.perf_counter()
             entry = loaded.get(b)
-            task = _Task()
+            task.mapped = task.reply = None
             if entry is None:
                 try:
                     entry = loaded[b] = _Function(blobs[b])

@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import itertools
 import os
+import pickle
 import sys
 import threading
 import traceback
@@ -76,8 +77,11 @@ def _decode(status: int, data, buffers=None, ticket=None) -> tuple[bool, object]
     if status != 0:
         return False, WorkerLostError(data)
     try:
-        opener = buffers.opener(ticket) if buffers is not None else _no_shared_memory
-        outcome, mapped, extra = _buffers.load(data, opener)
+        if _buffers.is_envelope(data):
+            opener = buffers.opener(ticket) if buffers is not None else _no_shared_memory
+            outcome, mapped, extra = _buffers.load(data, opener)
+        else:
+            outcome, mapped, extra = pickle.loads(data), None, None
     except BaseException as exc:  # noqa: BLE001 - any unpickling failure is the task's
         if ticket is not None:
             buffers.done(ticket, True, True)

@@ -10,6 +10,7 @@
 //! handshake functions drive the sans-I/O state machines of
 //! `distripool_protocol` under a deadline.
 
+use std::pin::Pin;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -42,6 +43,10 @@ pub struct FrameReader<R> {
     failed: Option<Error>,
     last_data: tokio::time::Instant,
     silence_limit: Option<Duration>,
+    /// Fires at the earliest moment the silence limit could be reached; moved
+    /// on when it fires too early, not at every read (a timer per read costs
+    /// more than the read).
+    silence: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
@@ -55,6 +60,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             failed: None,
             last_data: tokio::time::Instant::now(),
             silence_limit: None,
+            silence: None,
         }
     }
 
@@ -140,12 +146,28 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 self.buf.reserve(missing.clamp(8 * 1024, 1 << 20));
             }
             let target = if self.opener.is_some() { &mut self.raw } else { &mut self.buf };
-            let read = self.inner.read_buf(target);
+            let mut read = std::pin::pin!(self.inner.read_buf(target));
             let n = match self.silence_limit {
                 None => read.await?,
-                Some(limit) => tokio::time::timeout_at(self.last_data + limit, read)
-                    .await
-                    .map_err(|_| Error::Timeout("the peer has been silent too long"))??,
+                Some(limit) => {
+                    let last_data = self.last_data;
+                    let silence = self
+                        .silence
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(last_data + limit)));
+                    loop {
+                        tokio::select! {
+                            biased;
+                            n = &mut read => break n?,
+                            () = silence.as_mut() => {
+                                let deadline = last_data + limit;
+                                if deadline <= tokio::time::Instant::now() {
+                                    return Err(Error::Timeout("the peer has been silent too long"));
+                                }
+                                silence.as_mut().reset(deadline);
+                            }
+                        }
+                    }
+                }
             };
             if n > 0 {
                 self.last_data = tokio::time::Instant::now();
