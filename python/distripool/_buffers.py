@@ -75,6 +75,11 @@ def _wrap_all(items):
     return type(items)(_wrap(x) for x in items)
 
 
+def any_big(items) -> bool:
+    """True if some item of ``items`` is large ``bytes``/``bytearray``."""
+    return _has_big(items)
+
+
 def wrap_task(mode, items, apply_mode, starmap_mode):
     """The task ``(mode, items)`` ready to pickle with its large top-level bytes
     out of band."""
@@ -102,13 +107,19 @@ def dumps(obj, fallback=None):
     """``(pickle, buffers)``: ``obj`` pickled with protocol 5, its large
     contiguous buffers left out as ``memoryview`` objects. ``fallback`` (a
     module with ``dumps``, e.g. cloudpickle) is tried when pickle refuses."""
-    keep_out = _KeepOut()
     try:
+        # First with every PickleBuffer out of band, which costs next to
+        # nothing; most objects have none, and that is the answer.
+        found = []
+        main = pickle.dumps(obj, protocol=5, buffer_callback=found.append)
+        if not found:
+            return main, found
+        keep_out = _KeepOut()
         return pickle.dumps(obj, protocol=5, buffer_callback=keep_out), keep_out.bufs
     except Exception:
         if fallback is None:
             raise
-        keep_out.bufs.clear()
+        keep_out = _KeepOut()
         return fallback.dumps(obj, protocol=5, buffer_callback=keep_out), keep_out.bufs
 
 

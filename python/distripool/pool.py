@@ -66,6 +66,10 @@ def _task(mode, items):
     return _buffers.wrap_task(mode, items, APPLY, STARMAP)
 
 
+def _plain_task(mode, items):
+    return (mode, items)
+
+
 def _decode(status: int, data, buffers=None, ticket=None) -> tuple[bool, object]:
     """Turn one completion into ``(success, value_or_exception)``.
 
@@ -151,6 +155,13 @@ class _Shared:
     def dumps(self, task, job: int, index: int) -> bytes:
         """The payload of task ``(job, index)``: large buffers out of band, in
         shared memory when the executors are local, else inline."""
+        found = []
+        try:
+            main = pickle.dumps(task, protocol=5, buffer_callback=found.append)
+            if not found:
+                return main  # the common case, in short
+        except Exception:
+            pass
         main, bufs = _buffers.dumps(task, cloudpickle)
         if not bufs:
             return main
@@ -587,9 +598,11 @@ class Pool:
         if n:
             items = list(iterable) if not isinstance(iterable, list) else iterable
             job, dumps = result._job, self._shared.dumps
+            # Chunks are wrapped for large top-level bytes only if there are any.
+            wrap = _task if mode == STARMAP or _buffers.any_big(items) else _plain_task
             try:
                 tasks = [
-                    (i, dumps(_task(mode, items[start : start + chunksize]), job, i))
+                    (i, dumps(wrap(mode, items[start : start + chunksize]), job, i))
                     for i, start in enumerate(range(0, n, chunksize))
                 ]
             except BaseException:

@@ -17,7 +17,9 @@
 //! 1. Throughput: one million tasks, with 1 to 256 connected agents sharing
 //!    256 slots (so the work in flight stays the same), in tasks/s and
 //!    µs per task. Each agent asks for the queue depth a real agent asks for
-//!    when its tasks are short.
+//!    when its tasks are short. Then the same with every agent the same
+//!    size (8 slots each, a typical worker machine), so that the work in
+//!    flight grows with the agents.
 //! 2. Idle agents: the orchestrator's resident memory before and after 1 000
 //!    agents connect and sit idle (heartbeats only).
 
@@ -34,6 +36,8 @@ use tokio::net::TcpStream;
 const KEY: &[u8] = b"orchestrator bench key";
 const TASKS: u32 = 1_000_000;
 const TOTAL_SLOTS: usize = 256;
+/// Slots of every agent in the runs where all agents are the same size.
+const SLOTS_EACH: usize = 8;
 
 /// One stand-in agent: answer every task at once, heartbeat while idle.
 async fn fake_agent(addr: String, slots: u32) {
@@ -140,11 +144,10 @@ fn cpu_time() -> Duration {
 }
 
 /// Wall time and this process's CPU time to push `TASKS` tasks through
-/// `workers` stand-in agents.
-fn throughput(workers: usize) -> (Duration, Duration) {
+/// `workers` stand-in agents of `slots` slots each.
+fn throughput(workers: usize, slots: usize) -> (Duration, Duration) {
     let orch = start_orchestrator();
     let addr = orch.local_addrs()[0].to_string();
-    let slots = (TOTAL_SLOTS / workers).max(1);
     let mut child = spawn_agents(&addr, workers, slots);
     wait_for_workers(&orch, workers);
     let client = orch.open_client().unwrap();
@@ -199,11 +202,14 @@ fn main() {
     println!("\norchestrator alone: {TASKS} tasks answered at once by stand-in agents (other process, sealed TCP)\n");
     println!("| agents | slots each | tasks/s | wall µs per task | orchestrator CPU µs per task |");
     println!("|---:|---:|---:|---:|---:|");
-    for workers in counts {
-        let (t, cpu) = throughput(workers);
+    let sizes = counts.iter().map(|&n| (n, (TOTAL_SLOTS / n).max(1)));
+    let same_size = counts.iter().map(|&n| (n, SLOTS_EACH));
+    for (workers, slots) in
+        sizes.chain(if chosen.is_empty() { Some(same_size) } else { None }.into_iter().flatten())
+    {
+        let (t, cpu) = throughput(workers, slots);
         println!(
-            "| {workers} | {} | {:.0} | {:.2} | {:.2} |",
-            (TOTAL_SLOTS / workers).max(1),
+            "| {workers} | {slots} | {:.0} | {:.2} | {:.2} |",
             f64::from(TASKS) / t.as_secs_f64(),
             t.as_secs_f64() * 1e6 / f64::from(TASKS),
             cpu.as_secs_f64() * 1e6 / f64::from(TASKS)

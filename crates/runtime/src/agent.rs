@@ -2,8 +2,8 @@
 //! it is given on a fixed number of executor processes.
 //!
 //! One *session* is one authenticated connection. Within it the agent keeps a
-//! local queue of tasks; each executor slot holds at most [`DEPTH`] of them
-//! ([`DEEP`] while its tasks are short)
+//! local queue of tasks; each executor slot holds [`DEPTH`] of them, or, while
+//! its tasks are short, about [`QUEUE_BUDGET`] of work, up to [`DEEP`]
 //! (one running, the rest already written to its socket so it never waits on
 //! a round trip). When an executor dies, the task it was running is reported
 //! as crashed and the ones merely queued behind it go back to the local queue
@@ -33,12 +33,15 @@ use crate::{resolve, Error, Result};
 
 /// Tasks held by one executor at once: one running, the rest prefetched.
 pub const DEPTH: usize = 2;
-/// Tasks held by one executor whose recent tasks took under [`SHORT_TASK`]:
-/// with tasks that short, the executor would otherwise idle on the agent's
-/// wake-up latency. Long tasks keep [`DEPTH`], so that few wait behind one
-/// another while another executor is free.
-pub const DEEP: usize = 8;
-const SHORT_TASK: Duration = Duration::from_millis(2);
+/// Most tasks held by one executor. With tasks of a few microseconds it would
+/// otherwise idle on the round trip through the agent and the orchestrator.
+pub const DEEP: usize = 32;
+/// Work an executor holds, in its recent tasks' time: the depth is the
+/// power of two nearest below `QUEUE_BUDGET / typical task`, from [`DEPTH`]
+/// to [`DEEP`]. Long tasks keep [`DEPTH`], so that few wait behind one
+/// another while another executor is free, and the work left queued at the
+/// end of a map stays under about this long per executor.
+const QUEUE_BUDGET: Duration = Duration::from_millis(2);
 /// Executors of one slot that may die in a row before they are ready, before
 /// the session gives up (a broken Python installation, say).
 const MAX_START_FAILURES: u32 = 5;
@@ -288,8 +291,17 @@ impl Slot {
     /// Tasks this slot's executor may hold: more while its tasks are short.
     fn depth(&self) -> usize {
         match self.typical_task {
-            Some(t) if t < SHORT_TASK => DEEP,
-            _ => DEPTH,
+            Some(t) => {
+                let fits = (QUEUE_BUDGET.as_nanos() / t.as_nanos().max(1)).min(DEEP as u128) as usize;
+                // Whole powers of two, so that small changes in task time do
+                // not change the capacity announced.
+                if fits <= DEPTH {
+                    DEPTH
+                } else {
+                    1 << fits.ilog2()
+                }
+            }
+            None => DEPTH,
         }
     }
 }
