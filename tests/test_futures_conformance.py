@@ -53,13 +53,16 @@ def sleep_and_return(t):
     return t
 
 
-def wait_for_file(path, started=None):
-    """Create ``started`` (if given), then block until ``path`` exists (bounded)."""
+def wait_for_file(path, started=None, late=None):
+    """Create ``started`` (if given), then block until ``path`` exists
+    (bounded); create ``late`` (if given) once it has run 0.2 s."""
     if started:
         open(started, "w").close()
-    deadline = time.monotonic() + 60
+    t0 = time.monotonic()
     while not os.path.exists(path):
-        if time.monotonic() > deadline:
+        if late and time.monotonic() > t0 + 0.2 and not os.path.exists(late):
+            open(late, "w").close()
+        if time.monotonic() > t0 + 60:
             raise TimeoutError(path)
         time.sleep(0.01)
     return "released"
@@ -166,6 +169,23 @@ def test_cancel_a_queued_future(make, tmp_path):
         f.result(60)
     assert not os.path.exists(str(tmp_path / "ran9")), "a cancelled task ran"
     assert not blockers[0].cancel(), "a finished future cannot be cancelled"
+
+
+def test_tasks_queued_behind_a_long_one_stay_cancellable_after_short_ones(tmp_path):
+    # Thousands of tiny tasks first: the executor then holds many at once.
+    # Once a long task shows itself, the queue behind it shrinks back, so the
+    # tasks submitted after it stay with the orchestrator and can be cancelled.
+    with distripool.ProcessPoolExecutor(1) as ex:
+        assert list(ex.map(abs, range(-3000, 0))) == list(range(3000, 0, -1))
+        gate, late = str(tmp_path / "gate"), str(tmp_path / "late")
+        blocker = ex.submit(wait_for_file, gate, None, late)
+        wait_until(lambda: os.path.exists(late), 60, "the long task to have run 0.2 s")
+        others = [ex.submit(touch, str(tmp_path / f"ran{i}")) for i in range(10)]
+        assert others[-1].cancel()
+        touch(gate)
+        assert blocker.result(60) == "released"
+        assert [f.result(60) for f in others[:-1]] == [str(tmp_path / f"ran{i}") for i in range(9)]
+        assert not os.path.exists(str(tmp_path / "ran9"))
 
 
 def test_shutdown_cancel_futures_and_submit_after_shutdown(make, tmp_path):

@@ -66,7 +66,9 @@ def _start(code: str, *args: str, **extra_env: str) -> subprocess.Popen:
 @pytest.mark.parametrize("call", ["map", "apply"])
 @pytest.mark.parametrize("where", ["embedded", "remote"])
 def test_ctrl_c_interrupts_a_blocking_call_and_stops_the_executors(tmp_path, where, call, spawn_worker):
-    args = [str(tmp_path)]
+    marks = tmp_path / "marks"  # apart from the worker's log file
+    marks.mkdir()
+    args = [str(marks)]
     if where == "remote":
         address = f"127.0.0.1:{free_port()}"
         spawn_worker(address, processes=2)  # retries until the driver's orchestrator is up
@@ -78,7 +80,7 @@ def test_ctrl_c_interrupts_a_blocking_call_and_stops_the_executors(tmp_path, whe
         # Tasks only start after the call submitted them, so once they are
         # running, the caller is blocked inside the call.
         started = 1 if call == "apply" else 2
-        wait_until(lambda: len(os.listdir(tmp_path)) >= started, 30, "tasks to start")
+        wait_until(lambda: len(os.listdir(marks)) >= started, 30, "tasks to start")
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=30)
         assert proc.returncode == 0, err

@@ -274,6 +274,7 @@ where
             },
             end = &mut writer.0 => Err(end.unwrap_or_else(|e| e.to_string())),
             _ = tokio::time::sleep_until(deadline.unwrap_or_else(far_future)), if deadline.is_some() => {
+                s.review_depths();
                 s.expire_timeouts()
             }
         };
@@ -316,15 +317,40 @@ impl Session {
         }
     }
 
-    /// The earliest moment a running task goes past its time limit.
+    /// The earliest moment a running task goes past its time limit, or runs
+    /// long enough to show that its slot holds too many tasks.
     fn next_deadline(&self) -> Option<tokio::time::Instant> {
         self.slots
             .iter()
             .filter_map(|s| {
                 let (i, q) = s.inflight.front()?;
-                Some((i.started? + q.timeout?).into())
+                let started = i.started?;
+                let review = (s.depth() > DEPTH).then(|| started + QUEUE_BUDGET);
+                let limit = q.timeout.map(|t| started + t);
+                [review, limit].into_iter().flatten().min()
             })
             .min()
+            .map(Into::into)
+    }
+
+    /// A slot deep enough for short tasks whose running task has taken longer
+    /// than the whole budget goes back to [`DEPTH`] now, not when that task
+    /// ends, so that the orchestrator keeps the tasks behind it (they can go
+    /// to another executor, or be withdrawn).
+    fn review_depths(&mut self) {
+        let now = Instant::now();
+        for s in &mut self.slots {
+            if s.depth() <= DEPTH {
+                continue;
+            }
+            if let Some(started) = s.inflight.front().and_then(|(i, _)| i.started) {
+                let running = now.saturating_duration_since(started);
+                if running >= QUEUE_BUDGET {
+                    s.typical_task = Some(running);
+                }
+            }
+        }
+        self.announce_capacity();
     }
 
     /// Kill the executors whose running task is past its time limit.
