@@ -598,8 +598,10 @@ class Pool:
         if n:
             items = list(iterable) if not isinstance(iterable, list) else iterable
             job, dumps = result._job, self._shared.dumps
-            # Chunks are wrapped for large top-level bytes only if there are any.
-            wrap = _task if mode == STARMAP or _buffers.any_big(items) else _plain_task
+            # Only short chunks have their large top-level bytes wrapped, and
+            # only if the input has any: no scan of a long input.
+            short = chunksize <= _buffers.SMALL_ITEMS
+            wrap = _task if short and (mode == STARMAP or _buffers.any_big(items)) else _plain_task
             try:
                 tasks = [
                     (i, dumps(wrap(mode, items[start : start + chunksize]), job, i))
