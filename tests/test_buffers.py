@@ -116,6 +116,19 @@ def test_a_result_pointing_at_memory_it_was_not_given_is_refused(pool):
     assert not ok and "does not use" in str(err.__cause__)
 
 
+def test_a_buffer_said_to_run_past_its_memfd_is_refused():
+    fd = os.memfd_create("distripool")
+    try:
+        os.ftruncate(fd, MIB)
+        main, _ = _buffers.dumps((True, Blob(bytearray(2 * MIB))))
+        ino = os.fstat(fd).st_ino
+        payload = b"".join(_buffers.envelope(main, [(False, 2 * MIB, (os.getpid(), fd, ino, 0))], {}))
+        with pytest.raises(ValueError, match="past the end of its memfd"):
+            _buffers.load(payload, lambda pid, f, inode: (f, False))
+    finally:
+        os.close(fd)
+
+
 def test_payload_envelopes_parse_back():
     data = _big(2 * MIB, 6)
     main, bufs = _buffers.dumps(_buffers.wrap_value([data, Blob(bytearray(data)), 1], True))

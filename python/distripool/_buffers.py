@@ -202,6 +202,13 @@ class Mapped:
 
     def map(self, fd: int, length: int):
         """A copy-on-write view of the first ``length`` bytes of ``fd``."""
+        size = os.fstat(fd).st_size
+        if size < length:
+            # Reading a mapping past the end of its file would kill the
+            # process (SIGBUS): refuse here instead.
+            raise ValueError(
+                f"a shared buffer ends at byte {length}, past the end of its memfd ({size} bytes)"
+            )
         mm = mmap.mmap(fd, length, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         view = memoryview(mm)
         self.maps.append((mm, view))
