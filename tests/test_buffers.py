@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import os
 import pickle
+import subprocess
+import sys
 
 import pytest
 
 import distripool
+from conftest import TESTS
 from distripool import Pool, _buffers
 from workloads import Blob, crash_first_time, identity, keep, kept, poke
 
@@ -150,3 +153,25 @@ def test_remote_workers_get_large_buffers_inline(remote_orchestrator):
         out = p.apply(identity, (Blob(bytearray(data)),))
         assert bytes(out.data) == data and out.writable()
         assert p.map(len, [data] * 3, chunksize=1) == [len(data)] * 3
+
+
+# Many large tasks in flight with few descriptors to spare: past a bound, the
+# buffers travel inline instead of in memfds, and nothing fails.
+FEW_DESCRIPTORS = r"""
+import resource
+resource.setrlimit(resource.RLIMIT_NOFILE, (200, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+from distripool import Pool
+data = bytes(range(256)) * (4096 * 2)  # 2 MiB
+with Pool(1) as p:
+    assert p.map(len, [data] * 300, chunksize=1) == [len(data)] * 300
+    assert p.apply(len, (data,)) == len(data)
+print("ok")
+"""
+
+
+def test_many_large_tasks_in_flight_do_not_run_out_of_descriptors():
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(
+        [sys.executable, "-c", FEW_DESCRIPTORS], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr

@@ -36,6 +36,8 @@ THRESHOLD = 1 << 20
 ENVELOPE = 1
 SMALL_ITEMS = 16
 RETAIN = 256 << 20
+# Tasks in flight that may hold memfds at once (two descriptors each).
+MAX_PENDING = 128
 _META = struct.Struct("<I")
 _PAGE = mmap.ALLOCATIONGRANULARITY
 _MEMFD_NAME = "distripool"
@@ -339,7 +341,11 @@ class SharedBuffers:
                 fd, sz = os.memfd_create(_MEMFD_NAME, os.MFD_CLOEXEC), 0
                 self.inodes[fd] = os.fstat(fd).st_ino
         if sz < need:
-            os.ftruncate(fd, need)
+            try:
+                os.ftruncate(fd, need)
+            except OSError:
+                self._close(fd)
+                raise
         return fd
 
     def _release(self, fd: int, reusable: bool) -> None:
@@ -359,6 +365,11 @@ class SharedBuffers:
         with self.lock:
             self.inodes.pop(fd, None)
         os.close(fd)
+
+    def has_room(self) -> bool:
+        """Whether another task may take memfds (each task in flight holds
+        two descriptors; past ``MAX_PENDING`` tasks, buffers go inline)."""
+        return len(self.pending) < MAX_PENDING
 
     def put(self, main, bufs, key) -> bytes:
         """The payload of task ``key`` with ``bufs`` in a memfd, and a memfd

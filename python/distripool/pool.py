@@ -170,8 +170,11 @@ class _Shared:
             raise ValueError(
                 f"a task of {size} bytes exceeds the frame limit of {self.max_message_size} bytes"
             )
-        if self.buffers is not None:
-            return self.buffers.put(main, bufs, (job, index))
+        if self.buffers is not None and self.buffers.has_room():
+            try:
+                return self.buffers.put(main, bufs, (job, index))
+            except OSError:
+                pass  # out of descriptors or memory for memfds: inline instead
         return b"".join(_buffers.inline(main, bufs))
 
     def forget(self, job: int) -> None:
