@@ -112,10 +112,16 @@ def _no_shared_memory(pid, fd, inode):
 
 
 class _Waiting:
-    """Stands in the result cache for a job its caller waits for itself."""
+    """Stands in the result cache for a job its caller waits for itself (so
+    that ``join`` waits for it too). A completion that reaches the result
+    thread anyway (its caller was interrupted) is dropped."""
 
     @staticmethod
     def _abort(exc) -> None:
+        pass
+
+    @staticmethod
+    def _set(index, item) -> None:
         pass
 
 
