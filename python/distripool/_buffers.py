@@ -52,7 +52,26 @@ class _Big:
         self.obj = obj
 
     def __reduce_ex__(self, protocol):
-        return (type(self.obj), (pickle.PickleBuffer(self.obj),))
+        rebuild = _bytes_from if type(self.obj) is bytes else bytearray
+        return (rebuild, (pickle.PickleBuffer(self.obj),))
+
+
+# The shared-memory buffers of the payload this thread is unpickling: id of
+# the buffer object -> (object, fd, offset, length).
+_loading = threading.local()
+
+
+def _bytes_from(buf):
+    """Rebuild a large ``bytes``: straight from its memfd into the new object
+    when it is in shared memory (one copy, by the kernel), else a copy."""
+    where = getattr(_loading, "where", None)
+    if where:
+        loc = where.get(id(buf))
+        if loc is not None and loc[0] is buf:
+            from distripool import _native
+
+            return _native.read_bytes(*loc[1:])
+    return bytes(buf)
 
 
 def _wrap(x):
@@ -239,21 +258,22 @@ def load(payload, opener=None):
         return pickle.loads(payload), None, None
     main, descs, extra, pos = parse(payload)
     mapped = Mapped()
+    owned = []
     try:
         ends = {}
         for _, n, where in descs:
             if where is not None:
                 key = where[:3]
                 ends[key] = max(ends.get(key, 0), where[3] + n)
-        roots = {}
+        roots, fds = {}, {}
         for key, end in ends.items():
-            fd, owned = opener(*key)
-            try:
-                roots[key] = mapped.map(fd, end)
-            finally:
-                if owned:
-                    os.close(fd)
+            fd, own = opener(*key)
+            if own:
+                owned.append(fd)
+            fds[key] = fd
+            roots[key] = mapped.map(fd, end)
         buffers = []
+        where_is = {}
         whole = memoryview(payload) if pos < len(payload) else None
         for readonly, n, where in descs:
             if where is None:
@@ -263,13 +283,23 @@ def load(payload, opener=None):
                     view = bytearray(view)
             else:
                 view = roots[where[:3]][where[3] : where[3] + n]
+                if readonly:
+                    view = view.toreadonly()  # as pickle would make it, keeping it the same object
+                where_is[id(view)] = (view, fds[where[:3]], where[3], n)
             buffers.append(view)
-        obj = pickle.loads(main, buffers=buffers)
-        del buffers, roots, whole
+        _loading.where = where_is
+        try:
+            obj = pickle.loads(main, buffers=buffers)
+        finally:
+            _loading.where = None
+        del buffers, roots, whole, where_is
         return obj, mapped, extra
     except BaseException:
         mapped.release()
         raise
+    finally:
+        for fd in owned:
+            os.close(fd)
 
 
 def open_foreign(pid: int, fd: int, inode: int):
