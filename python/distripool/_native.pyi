@@ -1,6 +1,7 @@
 """Type stubs of the Rust extension module ``distripool._native``."""
 
 PROTOCOL_VERSION: int
+DEFAULT_MAX_FRAME: int
 
 class Orchestrator:
     def __init__(

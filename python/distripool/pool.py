@@ -31,7 +31,7 @@ from multiprocessing.pool import RemoteTraceback, ThreadPool
 
 import cloudpickle
 
-from . import _buffers
+from . import _buffers, _native
 from ._executor import ExceptionParts
 from ._orchestrator import Orchestrator, default_orchestrator
 from .exceptions import DistripoolError, PoolTerminatedError, TaskTimeoutError, WorkerLostError
@@ -50,16 +50,8 @@ RUN, CLOSE, TERMINATE = "RUN", "CLOSE", "TERMINATE"
 MAP, STARMAP, APPLY = 0, 1, 2
 # How long the result thread waits for completions before checking for shutdown.
 _POLL = 0.05
-# The orchestrator's frame limit when the pool does not set one.
-DEFAULT_MAX_MESSAGE = 1 << 30
 
 _live_pools: weakref.WeakSet = weakref.WeakSet()
-
-
-def _dumps(obj) -> bytes:
-    """A task's payload for any orchestrator: large buffers inline, beside the pickle."""
-    main, bufs = _buffers.dumps(obj, cloudpickle)
-    return main if not bufs else b"".join(_buffers.inline(main, bufs))
 
 
 def _task(mode, items):
@@ -146,7 +138,7 @@ class _Shared:
         # Executors of an embedded pool share this machine: large arguments
         # and their results travel in shared memory.
         self.buffers = _buffers.SharedBuffers() if owns_orchestrator and _buffers.available() else None
-        self.max_message_size = max_message_size or DEFAULT_MAX_MESSAGE
+        self.max_message_size = max_message_size or _native.DEFAULT_MAX_FRAME
         self.task_timeout = task_timeout
         self.orchestrator = orchestrator
         self.owns_orchestrator = owns_orchestrator
@@ -171,12 +163,14 @@ class _Shared:
         main, bufs = _buffers.dumps(task, cloudpickle)
         if not bufs:
             return main
-        size = _buffers.size(main, bufs)
-        if size > self.max_message_size:
-            raise ValueError(
-                f"a task of {size} bytes exceeds the frame limit of {self.max_message_size} bytes"
-            )
         if self.buffers is not None and self.buffers.has_room():
+            # The orchestrator checks the frames it carries; bytes in shared
+            # memory count against the same limit here.
+            size = _buffers.size(main, bufs)
+            if size > self.max_message_size:
+                raise ValueError(
+                    f"a task of {size} bytes exceeds the frame limit of {self.max_message_size} bytes"
+                )
             try:
                 return self.buffers.put(main, bufs, (job, index))
             except OSError:

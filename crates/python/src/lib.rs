@@ -389,5 +389,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(enable_logging, m)?)?;
     m.add_function(wrap_pyfunction!(read_bytes, m)?)?;
     m.add("PROTOCOL_VERSION", distripool_runtime::PROTOCOL_VERSION)?;
+    m.add("DEFAULT_MAX_FRAME", distripool_runtime::DEFAULT_MAX_FRAME)?;
     Ok(())
 }
