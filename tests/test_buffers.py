@@ -12,9 +12,9 @@ import sys
 import pytest
 
 import distripool
-from conftest import TESTS
+from conftest import TESTS, wait_until
 from distripool import Pool, _buffers
-from workloads import Blob, crash_first_time, identity, keep, kept, poke
+from workloads import Blob, crash_first_time, identity, keep, kept, poke, refuse_memfds
 
 MIB = 1 << 20
 
@@ -175,3 +175,27 @@ def test_many_large_tasks_in_flight_do_not_run_out_of_descriptors():
         [sys.executable, "-c", FEW_DESCRIPTORS], capture_output=True, text=True, timeout=120, env=env
     )
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+def test_executors_are_asked_once_whether_they_can_open_the_memfds():
+    data = _big(2 * MIB, 8)
+    with Pool(1) as p:
+        assert p._shared.buffers.usable is None
+        assert p.apply(identity, (data,)) == data  # inline, while the probe runs
+        wait_until(lambda: p._shared.buffers.usable is True, 30, "the probe's answer")
+        assert p.apply(identity, (data,)) == data
+        assert p._shared.buffers.pending == {} and p._shared.buffers.free
+
+
+def test_executors_that_cannot_open_the_memfds_get_buffers_inline():
+    before = _memfds()
+    data = _big(2 * MIB, 9)
+    with Pool(1, maxtasksperchild=2) as p:
+        p._shared.probe_function = refuse_memfds
+        assert p.apply(identity, (data,)) == data
+        wait_until(lambda: p._shared.buffers.usable is False, 30, "the probe's answer")
+        for _ in range(3):
+            out = p.apply(identity, (Blob(bytearray(data)),))
+            assert bytes(out.data) == data and out.writable()
+        assert p.map(len, [data] * 4, chunksize=1) == [len(data)] * 4
+        assert _memfds() == before

@@ -70,3 +70,8 @@ def crash_first_time(marker, data):
         open(marker, "w").close()
         os._exit(3)
     return len(data)
+
+
+def refuse_memfds(pid, fd, inode):
+    """Stands in for the executor's memfd probe where /proc is closed to it."""
+    return False

@@ -38,6 +38,7 @@ SMALL_ITEMS = 16
 RETAIN = 256 << 20
 # Tasks in flight that may hold memfds at once (two descriptors each).
 MAX_PENDING = 128
+PROBING = "probing"
 _META = struct.Struct("<I")
 _PAGE = mmap.ALLOCATIONGRANULARITY
 _MEMFD_NAME = "distripool"
@@ -337,6 +338,16 @@ def write_reply(reply, bufs):
     return [(b.readonly, b.nbytes, (*reply, off)) for b, off in zip(bufs, offsets)]
 
 
+def can_open(pid: int, fd: int, inode: int) -> bool:
+    """Run in an executor once per pool: can it open the driver's memfds?"""
+    try:
+        opened, _ = open_foreign(pid, fd, inode)
+    except Exception:
+        return False
+    os.close(opened)
+    return True
+
+
 def available() -> bool:
     return hasattr(os, "memfd_create") and os.path.isdir(f"/proc/{os.getpid()}/fd")
 
@@ -353,6 +364,9 @@ class SharedBuffers:
         self.free_bytes = 0
         self.pending = {}  # (job, index) -> (argument memfd, reply memfd)
         self.closed = False
+        # Whether executors can open our memfds: None until asked, PROBING
+        # while an executor is being asked, then True or False.
+        self.usable = None
 
     def _acquire(self, need: int) -> int:
         with self.lock:
@@ -395,6 +409,12 @@ class SharedBuffers:
         with self.lock:
             self.inodes.pop(fd, None)
         os.close(fd)
+
+    def probe_memfd(self):
+        """A small memfd for asking an executor whether it can open ours:
+        ``(fd, (pid, fd, inode))``."""
+        fd = os.memfd_create(_MEMFD_NAME, os.MFD_CLOEXEC)
+        return fd, (self.pid, fd, os.fstat(fd).st_ino)
 
     def has_room(self) -> bool:
         """Whether another task may take memfds (each task in flight holds

@@ -117,6 +117,41 @@ class _Waiting:
         pass
 
 
+class _Probe:
+    """Asks an executor whether it can open the driver's memfds: one task,
+    run under a pool key of its own (no initializer, not counted towards
+    ``maxtasksperchild``). Its answer sets ``buffers.usable``."""
+
+    def __init__(self, shared: _Shared):
+        self.shared = shared
+        self.fd, where = shared.buffers.probe_memfd()
+        try:
+            self.job = shared.client.new_job()
+            blob = cloudpickle.dumps((shared.probe_function, "distripool-probe", None, None), protocol=5)
+            payload = pickle.dumps((APPLY, (where, {})), protocol=5)
+            shared.cache[self.job] = self
+            shared.submit(self.job, blob, [(0, payload)])
+        except BaseException:
+            shared.cache.pop(getattr(self, "job", None), None)
+            os.close(self.fd)
+            raise
+
+    def _set(self, index, item) -> None:
+        ok, value = item
+        self.shared.buffers.usable = bool(ok and value is True)
+        self._done()
+
+    def _abort(self, exc) -> None:
+        self.shared.buffers.usable = None  # ask again, if the pool goes on
+        self._done()
+
+    def _done(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        self.shared.job_done(self.job)
+
+
 def _report_callback_error(kind: str) -> None:
     print(f"distripool: exception in {kind} (ignored):", file=sys.stderr)
     traceback.print_exc()
@@ -139,6 +174,9 @@ class _Shared:
         # and their results travel in shared memory.
         self.buffers = _buffers.SharedBuffers() if owns_orchestrator and _buffers.available() else None
         self.max_message_size = max_message_size or _native.DEFAULT_MAX_FRAME
+        self.probe_lock = threading.Lock()
+        # What the probe runs in an executor (tests put a refusal here).
+        self.probe_function = _buffers.can_open
         self.task_timeout = task_timeout
         self.orchestrator = orchestrator
         self.owns_orchestrator = owns_orchestrator
@@ -163,7 +201,7 @@ class _Shared:
         main, bufs = _buffers.dumps(task, cloudpickle)
         if not bufs:
             return main
-        if self.buffers is not None and self.buffers.has_room():
+        if self.buffers is not None and self.buffers.has_room() and self._shared_memory_works():
             # The orchestrator checks the frames it carries; bytes in shared
             # memory count against the same limit here.
             size = _buffers.size(main, bufs)
@@ -176,6 +214,23 @@ class _Shared:
             except OSError:
                 pass  # out of descriptors or memory for memfds: inline instead
         return b"".join(_buffers.inline(main, bufs))
+
+    def _shared_memory_works(self) -> bool:
+        """Whether the executors can open the driver's memfds. The first
+        large task asks one (a tiny task of its own, once per pool) and goes
+        inline meanwhile; if the answer is no, buffers always go inline."""
+        usable = self.buffers.usable
+        if usable is None:
+            with self.probe_lock:
+                if self.buffers.usable is None:
+                    self.buffers.usable = _buffers.PROBING
+                    try:
+                        _Probe(self)
+                    except BaseException:
+                        self.buffers.usable = None
+                        raise
+            return False
+        return usable is True
 
     def forget(self, job: int) -> None:
         """Free the shared memory of a job that will get no more results."""
