@@ -180,8 +180,6 @@ def test_many_large_tasks_in_flight_do_not_run_out_of_descriptors():
 def test_executors_are_asked_once_whether_they_can_open_the_memfds():
     data = _big(2 * MIB, 8)
     with Pool(1) as p:
-        assert p._shared.buffers.usable is None
-        assert p.apply(identity, (data,)) == data  # inline, while the probe runs
         wait_until(lambda: p._shared.buffers.usable is True, 30, "the probe's answer")
         assert p.apply(identity, (data,)) == data
         assert p._shared.buffers.pending == {} and p._shared.buffers.free
@@ -191,8 +189,11 @@ def test_executors_that_cannot_open_the_memfds_get_buffers_inline():
     before = _memfds()
     data = _big(2 * MIB, 9)
     with Pool(1, maxtasksperchild=2) as p:
+        # Ask again, as a pool whose executors cannot open the memfds would.
+        wait_until(lambda: p._shared.buffers.usable is True, 30, "the first probe's answer")
         p._shared.probe_function = refuse_memfds
-        assert p.apply(identity, (data,)) == data
+        p._shared.buffers.usable = None
+        assert p.apply(identity, (data,)) == data  # inline while the probe runs
         wait_until(lambda: p._shared.buffers.usable is False, 30, "the probe's answer")
         for _ in range(3):
             out = p.apply(identity, (Blob(bytearray(data)),))

@@ -216,9 +216,9 @@ class _Shared:
         return b"".join(_buffers.inline(main, bufs))
 
     def _shared_memory_works(self) -> bool:
-        """Whether the executors can open the driver's memfds. The first
-        large task asks one (a tiny task of its own, once per pool) and goes
-        inline meanwhile; if the answer is no, buffers always go inline."""
+        """Whether the executors can open the driver's memfds. A new pool
+        asks one (a tiny task of its own); large tasks go inline until the
+        answer is in, and for good if it is no."""
         usable = self.buffers.usable
         if usable is None:
             with self.probe_lock:
@@ -557,6 +557,10 @@ class Pool:
             target=self._shared.handle_results, name="distripool-results", daemon=True
         )
         self._result_thread.start()
+        if self._shared.buffers is not None:
+            # Ask now whether executors can open our memfds, so that the
+            # first large task need not go inline while the probe runs.
+            self._shared._shared_memory_works()
         _live_pools.add(self)
 
     # -- helpers -----------------------------------------------------------
