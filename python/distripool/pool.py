@@ -124,6 +124,7 @@ class _Probe:
 
     def __init__(self, shared: _Shared):
         self.shared = shared
+        self.lock = threading.Lock()
         self.fd, where = shared.buffers.probe_memfd()
         try:
             self.job = shared.client.new_job()
@@ -146,9 +147,12 @@ class _Probe:
         self._done()
 
     def _done(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+        # The answer (result thread) and a terminate (caller) may both get
+        # here: the descriptor is closed once, never a reused number.
+        with self.lock:
+            fd, self.fd = self.fd, None
+        if fd is not None:
+            os.close(fd)
         self.shared.job_done(self.job)
 
 
@@ -191,13 +195,6 @@ class _Shared:
     def dumps(self, task, job: int, index: int) -> bytes:
         """The payload of task ``(job, index)``: large buffers out of band, in
         shared memory when the executors are local, else inline."""
-        found = []
-        try:
-            main = pickle.dumps(task, protocol=5, buffer_callback=found.append)
-            if not found:
-                return main  # the common case, in short
-        except Exception:
-            pass
         main, bufs = _buffers.dumps(task, cloudpickle)
         if not bufs:
             return main
