@@ -82,7 +82,8 @@ def _wrap(x):
     return x
 
 
-def _has_big(items) -> bool:
+def any_big(items) -> bool:
+    """True if some item of ``items`` is a large ``bytes``/``bytearray``."""
     for x in items:
         t = type(x)
         if (t is bytes or t is bytearray) and len(x) >= THRESHOLD:
@@ -92,14 +93,9 @@ def _has_big(items) -> bool:
 
 def _wrap_all(items):
     """``items`` (a list or tuple) with its large bytes wrapped, or itself."""
-    if len(items) > SMALL_ITEMS or not _has_big(items):
+    if len(items) > SMALL_ITEMS or not any_big(items):
         return items
     return type(items)(_wrap(x) for x in items)
-
-
-def any_big(items) -> bool:
-    """True if some item of ``items`` is large ``bytes``/``bytearray``."""
-    return _has_big(items)
 
 
 def wrap_task(mode, items, apply_mode, starmap_mode):
@@ -107,7 +103,7 @@ def wrap_task(mode, items, apply_mode, starmap_mode):
     out of band."""
     if mode == apply_mode:
         args, kwargs = items
-        if kwargs and len(kwargs) <= SMALL_ITEMS and _has_big(kwargs.values()):
+        if kwargs and len(kwargs) <= SMALL_ITEMS and any_big(kwargs.values()):
             kwargs = {k: _wrap(v) for k, v in kwargs.items()}
         return (mode, (_wrap_all(args), kwargs))
     if len(items) > SMALL_ITEMS:
@@ -205,6 +201,17 @@ def _layout(bufs):
         offsets.append(end)
         end = _aligned(end + b.nbytes)
     return offsets, end
+
+
+def _write_buffers(fd: int, bufs, where):
+    """Write ``bufs`` into memfd ``fd`` at page-aligned offsets, growing it if
+    needed; their descriptors, ``where`` + offset naming the memfd."""
+    offsets, end = _layout(bufs)
+    if os.fstat(fd).st_size < end:
+        os.ftruncate(fd, end)
+    for b, off in zip(bufs, offsets):
+        _write_all(fd, b, off)
+    return [(b.readonly, b.nbytes, (*where, off)) for b, off in zip(bufs, offsets)]
 
 
 def _write_all(fd: int, buf, offset: int) -> None:
@@ -328,14 +335,9 @@ def write_reply(reply, bufs):
     except Exception:
         return None
     try:
-        offsets, end = _layout(bufs)
-        if os.fstat(fd).st_size < end:
-            os.ftruncate(fd, end)
-        for b, off in zip(bufs, offsets):
-            _write_all(fd, b, off)
+        return _write_buffers(fd, bufs, reply)
     finally:
         os.close(fd)
-    return [(b.readonly, b.nbytes, (*reply, off)) for b, off in zip(bufs, offsets)]
 
 
 def can_open(pid: int, fd: int, inode: int) -> bool:
@@ -424,19 +426,15 @@ class SharedBuffers:
     def put(self, main, bufs, key) -> bytes:
         """The payload of task ``key`` with ``bufs`` in a memfd, and a memfd
         for its reply."""
-        offsets, end = _layout(bufs)
-        fd = self._acquire(end)
+        fd = self._acquire(_layout(bufs)[1])
         try:
-            for b, off in zip(bufs, offsets):
-                _write_all(fd, b, off)
+            descs = _write_buffers(fd, bufs, (self.pid, fd, self.inodes[fd]))
             reply = self._acquire(0)
         except BaseException:
             self._close(fd)
             raise
         with self.lock:
             self.pending[key] = (fd, reply)
-        ino = self.inodes[fd]
-        descs = [(b.readonly, b.nbytes, (self.pid, fd, ino, off)) for b, off in zip(bufs, offsets)]
         return b"".join(envelope(main, descs, {"reply": (self.pid, reply, self.inodes[reply])}))
 
     def take(self, key):

@@ -256,8 +256,19 @@ where
     }
 
     let mut writer = writer;
+    // One timer for the session, moved only when a deadline earlier than the
+    // one it is set for appears; when it fires early (the task it was set for
+    // is done), it is set again. Not a timer per pass of the loop.
+    let timer = tokio::time::sleep_until(far_future());
+    tokio::pin!(timer);
+    let mut armed: Option<tokio::time::Instant> = None;
     loop {
-        let deadline = s.next_deadline();
+        if let Some(deadline) = s.next_deadline() {
+            if armed.is_none_or(|at| deadline < at) {
+                timer.as_mut().reset(deadline);
+                armed = Some(deadline);
+            }
+        }
         let step = tokio::select! {
             ev = ev_rx.recv() => match ev {
                 Some(ev) => s.on_executor_event(ev),
@@ -273,7 +284,8 @@ where
                 },
             },
             end = &mut writer.0 => Err(end.unwrap_or_else(|e| e.to_string())),
-            _ = tokio::time::sleep_until(deadline.unwrap_or_else(far_future)), if deadline.is_some() => {
+            () = timer.as_mut(), if armed.is_some() => {
+                armed = None;
                 s.review_depths();
                 s.expire_timeouts()
             }
