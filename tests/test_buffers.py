@@ -200,3 +200,65 @@ def test_executors_that_cannot_open_the_memfds_get_buffers_inline():
             assert bytes(out.data) == data and out.writable()
         assert p.map(len, [data] * 4, chunksize=1) == [len(data)] * 4
         assert _memfds() == before
+
+
+# The native copies between buffers and memfds. 24 MiB is past the size at
+# which several threads share a copy, so both paths are covered.
+
+
+@pytest.mark.parametrize("size", [3 * MIB + 5, 24 * MIB + 4097])
+def test_native_copies_are_exact_into_new_and_existing_pages(size):
+    from distripool import _native
+
+    data = os.urandom(size)
+    fd = os.memfd_create("distripool-test")
+    try:
+        os.ftruncate(fd, 4096 + size)
+        _native.write_buffer(fd, 4096, data)  # pages the file does not have yet
+        assert os.pread(fd, size, 4096) == data
+        again = bytes(reversed(data))
+        _native.write_buffer(fd, 4096, memoryview(again))  # pages it has
+        out = _native.read_bytes(fd, 4096, size)
+        assert type(out) is bytes and out == again
+        with pytest.raises(OSError):
+            _native.read_bytes(fd, 4096, size + 8192)  # past the end of the file
+        with pytest.raises(ValueError):
+            _native.write_buffer(fd, 100, data)  # not at a page boundary
+        with pytest.raises((BufferError, TypeError)):
+            _native.write_buffer(fd, 0, memoryview(data)[::2])  # not contiguous
+    finally:
+        os.close(fd)
+
+
+def test_shared_mapping_writes_in_bounds_and_only_while_open():
+    from distripool import _native
+
+    fd = os.memfd_create("distripool-test")
+    try:
+        os.ftruncate(fd, 16 * MIB)
+        assert _native.SharedMapping.of_resident(fd) is None  # no pages yet
+        _native.write_buffer(fd, 0, bytes(16 * MIB))
+        mapping = _native.SharedMapping.of_resident(fd)
+        assert mapping is not None and mapping.length == 16 * MIB
+        data = os.urandom(12 * MIB)
+        mapping.write(MIB, data)
+        assert os.pread(fd, len(data), MIB) == data
+        with pytest.raises(ValueError):
+            mapping.write(8 * MIB, data)  # would reach past its end
+        mapping.close()
+        mapping.close()
+        assert mapping.length == 0
+        with pytest.raises(ValueError):
+            mapping.write(0, b"x")
+    finally:
+        os.close(fd)
+
+
+def test_reused_memfds_are_written_through_a_kept_mapping_with_exact_results(pool):
+    wait_until(lambda: pool._shared.buffers.usable is True, 30, "the probe's answer")
+    blobs = [os.urandom(9 * MIB) for _ in range(3)]
+    for blob in blobs * 2:
+        assert pool.apply(identity, (blob,)) == blob
+    shared = pool._shared.buffers
+    assert shared.mappings, "no memfd was written through a kept mapping"
+    assert set(shared.mappings) <= set(shared.inodes)

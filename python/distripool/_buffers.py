@@ -38,6 +38,8 @@ SMALL_ITEMS = 16
 RETAIN = 256 << 20
 # Tasks in flight that may hold memfds at once (two descriptors each).
 MAX_PENDING = 128
+# Memfds this large are written through a mapping the driver keeps.
+MAP_AT_LEAST = 8 << 20
 PROBING = "probing"
 _META = struct.Struct("<I")
 _PAGE = mmap.ALLOCATIONGRANULARITY
@@ -203,22 +205,21 @@ def _layout(bufs):
     return offsets, end
 
 
-def _write_buffers(fd: int, bufs, where):
+def _write_buffers(fd: int, bufs, where, mapping=None):
     """Write ``bufs`` into memfd ``fd`` at page-aligned offsets, growing it if
-    needed; their descriptors, ``where`` + offset naming the memfd."""
+    needed (through ``mapping``, a ``SharedMapping`` of all of ``fd``, when
+    given); their descriptors, ``where`` + offset naming the memfd."""
     offsets, end = _layout(bufs)
-    if os.fstat(fd).st_size < end:
+    if mapping is None and os.fstat(fd).st_size < end:
         os.ftruncate(fd, end)
+    from distripool import _native
+
     for b, off in zip(bufs, offsets):
-        _write_all(fd, b, off)
+        if mapping is not None:
+            mapping.write(off, b)
+        else:
+            _native.write_buffer(fd, off, b)
     return [(b.readonly, b.nbytes, (*where, off)) for b, off in zip(bufs, offsets)]
-
-
-def _write_all(fd: int, buf, offset: int) -> None:
-    with memoryview(buf).cast("B") as view:
-        done = 0
-        while done < len(view):
-            done += os.pwrite(fd, view[done:], offset + done)
 
 
 class Mapped:
@@ -363,6 +364,9 @@ class SharedBuffers:
         self.lock = threading.Lock()
         self.free = []  # (fd, size) of idle memfds
         self.inodes = {}  # fd -> inode, for every memfd held
+        # fd -> SharedMapping of the whole memfd, for the large idle ones
+        # whose pages all exist: writing through it is the fastest way in.
+        self.mappings = {}
         self.free_bytes = 0
         self.pending = {}  # (job, index) -> (argument memfd, reply memfd)
         self.closed = False
@@ -387,12 +391,30 @@ class SharedBuffers:
                 fd, sz = os.memfd_create(_MEMFD_NAME, os.MFD_CLOEXEC), 0
                 self.inodes[fd] = os.fstat(fd).st_ino
         if sz < need:
+            self._unmap(fd)
             try:
                 os.ftruncate(fd, need)
             except OSError:
                 self._close(fd)
                 raise
         return fd
+
+    def _mapping(self, fd: int):
+        """The memfd's ``SharedMapping``, made now if it is large and all its
+        pages exist; else None."""
+        mapping = self.mappings.get(fd)
+        if mapping is None and os.fstat(fd).st_size >= MAP_AT_LEAST:
+            from distripool import _native
+
+            mapping = _native.SharedMapping.of_resident(fd)
+            if mapping is not None:
+                self.mappings[fd] = mapping
+        return mapping
+
+    def _unmap(self, fd: int) -> None:
+        mapping = self.mappings.pop(fd, None)
+        if mapping is not None:
+            mapping.close()
 
     def _release(self, fd: int, reusable: bool) -> None:
         if reusable:
@@ -410,6 +432,7 @@ class SharedBuffers:
     def _close(self, fd: int) -> None:
         with self.lock:
             self.inodes.pop(fd, None)
+            self._unmap(fd)
         os.close(fd)
 
     def probe_memfd(self):
@@ -428,7 +451,7 @@ class SharedBuffers:
         for its reply."""
         fd = self._acquire(_layout(bufs)[1])
         try:
-            descs = _write_buffers(fd, bufs, (self.pid, fd, self.inodes[fd]))
+            descs = _write_buffers(fd, bufs, (self.pid, fd, self.inodes[fd]), self._mapping(fd))
             reply = self._acquire(0)
         except BaseException:
             self._close(fd)
@@ -477,6 +500,10 @@ class SharedBuffers:
             self.pending.clear()
             self.inodes.clear()
             self.free_bytes = 0
+            mappings = list(self.mappings.values())
+            self.mappings.clear()
+        for mapping in mappings:
+            mapping.close()
         for fd in fds:
             try:
                 os.close(fd)

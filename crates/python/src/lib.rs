@@ -3,6 +3,8 @@
 //! Python objects never cross into Rust threads: bytes are copied in and out
 //! at this boundary, and every blocking wait releases the GIL.
 
+mod memfd;
+
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -308,69 +310,6 @@ fn run_agent(
 
 /// Send the core's log records to stderr, filtered like `RUST_LOG`
 /// (for example `info` or `distripool_runtime=debug`).
-/// A new `bytes` of `length` bytes read from `fd` at `offset`: one copy, by
-/// the kernel, with the GIL released. The object's memory is fresh (a large
-/// one is a new mapping): it is asked for huge pages before it is first
-/// touched, which on some machines halves what its page faults cost.
-#[pyfunction]
-fn read_bytes(py: Python<'_>, fd: i32, offset: u64, length: usize) -> PyResult<Bound<'_, PyBytes>> {
-    const HUGE_PAGE: usize = 2 << 20;
-    let size = isize::try_from(length).map_err(|_| PyValueError::new_err("length too large"))?;
-    // SAFETY: a NULL source asks CPython for an uninitialised bytes object of
-    // `size` bytes, which nothing else can see until this function returns it.
-    let obj = unsafe { pyo3::ffi::PyBytes_FromStringAndSize(std::ptr::null(), size) };
-    if obj.is_null() {
-        return Err(PyErr::fetch(py));
-    }
-    // SAFETY: `obj` is a new, owned reference.
-    let bytes = unsafe { Bound::from_owned_ptr(py, obj) }.cast_into::<PyBytes>()?;
-    // SAFETY: the object owns `length` writable bytes at this address, and
-    // stays alive (we hold it) while they are written.
-    let data = unsafe { pyo3::ffi::PyBytes_AsString(obj) }.cast::<u8>();
-    let (start, end) =
-        ((data as usize).next_multiple_of(HUGE_PAGE), (data as usize + length) / HUGE_PAGE * HUGE_PAGE);
-    if end > start {
-        // SAFETY: advice only, on whole pages inside the object's memory.
-        unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
-    }
-    let buf = SendPtr(data);
-    py.detach(move || {
-        let buf = buf;
-        let mut done = 0usize;
-        while done < length {
-            // SAFETY: writes stay within the object's `length` bytes.
-            let n = unsafe {
-                libc::pread(fd, buf.0.add(done).cast(), length - done, (offset + done as u64) as libc::off_t)
-            };
-            match n {
-                n if n > 0 => done += n as usize,
-                0 => {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::UnexpectedEof,
-                        "the buffer ends early",
-                    ))
-                }
-                _ => {
-                    let e = std::io::Error::last_os_error();
-                    if e.kind() != std::io::ErrorKind::Interrupted {
-                        return Err(e);
-                    }
-                }
-            }
-        }
-        Ok(())
-    })
-    .map_err(|e| PyOSError::new_err(e.to_string()))?;
-    Ok(bytes)
-}
-
-/// A pointer moved to the thread that writes through it while the GIL is
-/// released.
-struct SendPtr(*mut u8);
-// SAFETY: the memory it points to is owned by an object no other thread can
-// reach until the write is done.
-unsafe impl Send for SendPtr {}
-
 #[pyfunction]
 fn enable_logging(filter: &str) {
     let _ = tracing_subscriber::fmt()
@@ -387,7 +326,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Client>()?;
     m.add_function(wrap_pyfunction!(run_agent, m)?)?;
     m.add_function(wrap_pyfunction!(enable_logging, m)?)?;
-    m.add_function(wrap_pyfunction!(read_bytes, m)?)?;
+    m.add_function(wrap_pyfunction!(memfd::read_bytes, m)?)?;
+    m.add_function(wrap_pyfunction!(memfd::write_buffer, m)?)?;
+    m.add_class::<memfd::SharedMapping>()?;
     m.add("PROTOCOL_VERSION", distripool_runtime::PROTOCOL_VERSION)?;
     m.add("DEFAULT_MAX_FRAME", distripool_runtime::DEFAULT_MAX_FRAME)?;
     Ok(())
