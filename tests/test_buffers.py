@@ -262,3 +262,60 @@ def test_reused_memfds_are_written_through_a_kept_mapping_with_exact_results(poo
     shared = pool._shared.buffers
     assert shared.mappings, "no memfd was written through a kept mapping"
     assert set(shared.mappings) <= set(shared.inodes)
+
+
+def test_replies_are_written_through_kept_mappings_checked_against_the_driver():
+    pid = os.getpid()
+    fd = os.memfd_create(_buffers._MEMFD_NAME)
+    other = None
+    try:
+        key = (pid, fd, os.fstat(fd).st_ino)
+        first, second = os.urandom(9 * MIB), os.urandom(9 * MIB)
+        # A new memfd has no pages yet: written by pwrite, and not kept.
+        descs = _buffers.write_reply(key, [memoryview(first)])
+        assert descs[0][1] == len(first) and key not in _buffers._reply_maps
+        assert os.pread(fd, len(first), descs[0][2][3]) == first
+        # Its pages exist now: mapped, kept, and used for the next reply.
+        _buffers.write_reply(key, [memoryview(second)])
+        kept = _buffers._reply_maps[key]
+        _buffers.write_reply(key, [memoryview(first)])
+        assert _buffers._reply_maps[key] is kept
+        assert os.pread(fd, len(first), 0) == first
+        # A larger reply than the mapping covers: the memfd grows, mapped anew later.
+        bigger = os.urandom(12 * MIB)
+        descs = _buffers.write_reply(key, [memoryview(bigger)])
+        assert os.pread(fd, len(bigger), descs[0][2][3]) == bigger
+        assert key not in _buffers._reply_maps
+        _buffers.write_reply(key, [memoryview(bigger)])
+        assert _buffers._reply_maps[key].length >= len(bigger)
+        # The driver let the memfd go: its mapping goes at the next reply.
+        os.close(fd)
+        other = os.memfd_create(_buffers._MEMFD_NAME)
+        fd = None
+        _buffers.write_reply((pid, other, os.fstat(other).st_ino), [memoryview(first)])
+        assert key not in _buffers._reply_maps
+        _buffers.write_reply((pid, other, os.fstat(other).st_ino), [memoryview(first)])
+        assert _buffers.holds_reply_maps()
+        _buffers.release_idle()
+        assert not _buffers.holds_reply_maps()
+    finally:
+        _buffers.release_idle()
+        for f in (fd, other):
+            if f is not None:
+                os.close(f)
+
+
+def _memfd_mappings(pid: int) -> int:
+    with open(f"/proc/{pid}/maps") as f:
+        return sum("/memfd:distripool" in line for line in f)
+
+
+def test_an_idle_executor_lets_its_reply_mappings_go():
+    with Pool(1) as p:
+        wait_until(lambda: p._shared.buffers.usable is True, 30, "the probe's answer")
+        pid = p.apply(os.getpid)
+        blob = os.urandom(9 * MIB)
+        for _ in range(3):
+            assert p.apply(identity, (blob,)) == blob
+        wait_until(lambda: _memfd_mappings(pid) == 0, 30, "the idle executor to unmap the reply memfds")
+        assert p.apply(identity, (blob,)) == blob

@@ -205,10 +205,11 @@ def _layout(bufs):
     return offsets, end
 
 
-def _write_buffers(fd: int, bufs, where, mapping=None):
+def _write_buffers(fd, bufs, where, mapping=None):
     """Write ``bufs`` into memfd ``fd`` at page-aligned offsets, growing it if
-    needed (through ``mapping``, a ``SharedMapping`` of all of ``fd``, when
-    given); their descriptors, ``where`` + offset naming the memfd."""
+    needed, or through ``mapping``, a ``SharedMapping`` of all of it, when
+    given (``fd`` may then be None); their descriptors, ``where`` + offset
+    naming the memfd."""
     offsets, end = _layout(bufs)
     if mapping is None and os.fstat(fd).st_size < end:
         os.ftruncate(fd, end)
@@ -328,17 +329,70 @@ def open_foreign(pid: int, fd: int, inode: int):
         raise DistripoolError(f"the task's shared buffers could not be opened ({path}): {exc}") from None
 
 
+# The executor's mappings of the reply memfds it wrote last, most recent
+# last: the driver reuses its memfds, and writing through a mapping kept from
+# one reply to the next saves opening, mapping and populating it each time.
+# At most REPLY_MAPS are kept, each checked still to be the driver's before
+# another is made, and all dropped once the executor idles (``release_idle``):
+# a kept mapping keeps its memfd's memory alive after the driver lets it go.
+_reply_maps = {}
+REPLY_MAPS = 2
+
+
 def write_reply(reply, bufs):
-    """Put ``bufs`` in the reply memfd ``(pid, fd)``; their descriptors, or
-    None if the memfd cannot be opened (the buffers then go inline)."""
+    """Put ``bufs`` in the reply memfd ``(pid, fd, inode)``; their
+    descriptors, or None if the memfd cannot be opened (the buffers then go
+    inline)."""
+    key = tuple(reply)
+    need = _layout(bufs)[1]
+    mapping = _reply_maps.pop(key, None)
+    if mapping is not None:
+        if mapping.length >= need:
+            # The same inode, which our mapping keeps alive: the same memfd.
+            _reply_maps[key] = mapping
+            return _write_buffers(None, bufs, reply, mapping)
+        mapping.close()  # the driver grew it: map it again
+    _drop_stale_reply_maps()
     try:
         fd, _ = open_foreign(*reply)
     except Exception:
         return None
     try:
-        return _write_buffers(fd, bufs, reply)
+        mapping = None
+        if need >= MAP_AT_LEAST and os.fstat(fd).st_size >= need:
+            from distripool import _native
+
+            mapping = _native.SharedMapping.of_resident(fd)
+        descs = _write_buffers(fd, bufs, reply, mapping)
     finally:
         os.close(fd)
+    if mapping is not None:
+        _reply_maps[key] = mapping
+        while len(_reply_maps) > REPLY_MAPS:
+            _reply_maps.pop(next(iter(_reply_maps))).close()
+    return descs
+
+
+def _drop_stale_reply_maps() -> None:
+    """Drop the kept mappings of memfds the driver no longer has."""
+    for key in list(_reply_maps):
+        pid, fd, inode = key
+        try:
+            current = os.stat(f"/proc/{int(pid)}/fd/{int(fd)}").st_ino == inode
+        except OSError:
+            current = False
+        if not current:
+            _reply_maps.pop(key).close()
+
+
+def holds_reply_maps() -> bool:
+    return bool(_reply_maps)
+
+
+def release_idle() -> None:
+    """The executor has nothing to do: let every kept mapping go."""
+    while _reply_maps:
+        _reply_maps.popitem()[1].close()
 
 
 def can_open(pid: int, fd: int, inode: int) -> bool:

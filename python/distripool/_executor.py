@@ -9,6 +9,7 @@ that a new executor is ready quickly.
 
 import os
 import pickle
+import select
 import socket
 import struct
 import sys
@@ -182,6 +183,8 @@ HOLD_SECONDS = 0.0005
 HOLD_BYTES = 1 << 16
 # A frame body at least this large is read straight into its own buffer.
 DIRECT_READ = 1 << 20
+# After this many seconds without a task, kept mappings of reply memfds go.
+IDLE_RELEASE = 1.0
 
 
 class _Link:
@@ -211,6 +214,8 @@ class _Link:
             self.flush()
             del self.buf[: self.pos]
             self.pos = 0
+            if _buffers.holds_reply_maps() and not select.select([self.sock], [], [], IDLE_RELEASE)[0]:
+                _buffers.release_idle()
             chunk = self.sock.recv(1 << 16)
             if not chunk:
                 return None
