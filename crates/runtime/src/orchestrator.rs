@@ -457,6 +457,13 @@ impl Core {
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Event>) {
         while let Some(ev) = rx.recv().await {
             self.handle(ev);
+            // Let the other ready tasks (agent readers with results) queue
+            // their events before this burst is drained. The runtime runs a
+            // task woken by a message right after its sender, so without
+            // this the core would take one agent's batch at a time, and
+            // wake the client and refill the agents once per batch: with 256
+            // agents on one slot each, 60% more CPU per task.
+            tokio::task::yield_now().await;
             // Drain what else is ready (up to a bound, so that a steady
             // stream of events cannot hold the outboxes back), so that a
             // burst of events leaves as one batch per agent and per client.
