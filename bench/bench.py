@@ -17,7 +17,9 @@ of ROUNDS rounds:
 loky, Ray and Dask are not distripool's dependencies: ``make bench`` installs
 them into the bench's own environment (``target/bench-venv``, from
 ``bench/requirements.txt``). Run elsewhere, peers that are not installed are
-left out of the table.
+left out of the table. Each of the peers on this machine is measured in a
+process of its own (this script again, with ``--peer``), so that none runs in
+a process another one has left its threads, memory and imports in.
 
 Usage::
 
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import functools
+import json
 import logging
 import multiprocessing
 import os
@@ -228,6 +231,12 @@ SLOW = {"map_chunk1": 2_000, "apply_latency": 200}
 SLOW_PEERS = ("ProcessPoolExecutor", "loky", "Ray Pool", "Dask")
 
 
+# Figures whose first rounds find caches cold on every peer (buffers to
+# allocate, memory to fault in): each gets one round, unmeasured, first, and
+# at least 5 measured rounds (the next one may still be warming up).
+WARM_UP = ("payload", "payload_np")
+
+
 def items(peer, name, scale):
     n = SIZES.get(name, 1)
     if peer in SLOW_PEERS:
@@ -313,11 +322,62 @@ def available(module):
     return True
 
 
+def local_peers():
+    """The peers measured on this machine: name -> factory (None when the
+    peer is not installed)."""
+    return {
+        "multiprocessing": lambda n: multiprocessing.get_context("fork").Pool(n),
+        "ProcessPoolExecutor": process_pool_executor,
+        "loky": loky_pool if available("loky") else None,
+        "Ray Pool": RayPool if available("ray") else None,
+        "Dask": DaskPool if available("distributed") else None,
+        "distripool": lambda n: distripool.Pool(n),
+    }
+
+
+def figures_measured():
+    figures = ["map_default", "map_chunk1", "apply_latency", "payload", "payload_np", "cpu_bound"]
+    if not available("numpy"):
+        figures.remove("payload_np")
+    return figures
+
+
+def measure_here(peer, args) -> dict[str, float]:
+    """Every figure of one local peer, in this process."""
+    make = local_peers()[peer]
+    scale = 10 if args.quick else 1
+    payload_mib = 64 // scale
+    result = {"startup": statistics.median(startup(make, args.processes) for _ in range(args.rounds))}
+    with make(args.processes) as pool:
+        pool.map(tiny, range(1000))  # warm up
+        for name in figures_measured():
+            n = items(peer, name, scale)
+            rounds = args.rounds
+            if name in WARM_UP:
+                measure(pool, name, n, payload_mib, args.processes)
+                rounds = max(rounds, 5)
+            result[name] = statistics.median(
+                measure(pool, name, n, payload_mib, args.processes) for _ in range(rounds)
+            )
+    return result
+
+
+def measure_elsewhere(peer, args) -> dict[str, float]:
+    """Every figure of one local peer, measured in a new process."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--peer", peer]
+    cmd += ["--processes", str(args.processes), "--rounds", str(args.rounds)]
+    if args.quick:
+        cmd.append("--quick")
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True, timeout=1800).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--processes", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="smaller inputs, for a smoke run")
+    ap.add_argument("--peer", help=argparse.SUPPRESS)  # measure this one peer, print JSON
     args = ap.parse_args()
     warnings.simplefilter("ignore")
     logging.basicConfig(level=logging.ERROR)
@@ -327,41 +387,26 @@ def main() -> int:
     payload_mib = 64 // scale
     shared_mib = 256 // scale
 
+    if args.peer:
+        print(json.dumps(measure_here(args.peer, args)))
+        return 0
+    figures = figures_measured()
     remote = RemoteWorker(args.processes)
     clear = RemoteWorker(args.processes, encrypt=False)
-    peers = {
-        "multiprocessing": lambda n: multiprocessing.get_context("fork").Pool(n),
-        "ProcessPoolExecutor": process_pool_executor,
-        "loky": loky_pool if available("loky") else None,
-        "Ray Pool": RayPool if available("ray") else None,
-        "Dask": DaskPool if available("distributed") else None,
-        "distripool": lambda n: distripool.Pool(n),
-        "distripool remote": remote.pool,
-        "remote, clear": clear.pool,
-    }
+    peers = dict(local_peers())
+    peers["distripool remote"] = remote.pool
+    peers["remote, clear"] = clear.pool
     missing = [p for p, make in peers.items() if make is None]
     peers = {p: make for p, make in peers.items() if make is not None}
-    figures = ["map_default", "map_chunk1", "apply_latency", "payload", "payload_np", "cpu_bound"]
-    if not available("numpy"):
-        figures.remove("payload_np")
+    if "payload_np" not in figures:
         missing.append("numpy (the NumPy array figure)")
     results: dict[str, dict[str, float]] = {p: {} for p in peers}
     try:
         paired = ("distripool remote", "remote, clear")
-        for peer, make in peers.items():
-            if peer in paired:
-                continue
-            results[peer]["startup"] = statistics.median(
-                startup(make, args.processes) for _ in range(args.rounds)
-            )
-            with make(args.processes) as pool:
-                pool.map(tiny, range(1000))  # warm up
-                for name in figures:
-                    n = items(peer, name, scale)
-                    results[peer][name] = statistics.median(
-                        measure(pool, name, n, payload_mib, args.processes) for _ in range(args.rounds)
-                    )
-            print(f"measured {peer}", file=sys.stderr, flush=True)
+        for peer in peers:
+            if peer not in paired:
+                results[peer] = measure_elsewhere(peer, args)
+                print(f"measured {peer}", file=sys.stderr, flush=True)
         # Sealed and clear remote workers take turns, round by round, so that
         # the machine's drift falls on both alike; more rounds, since the
         # difference sought is small.
@@ -370,6 +415,9 @@ def main() -> int:
                 pool.map(tiny, range(1000))
             for name in figures:
                 n = items("distripool remote", name, scale)
+                if name in WARM_UP:
+                    for pool in (sealed_pool, clear_pool):
+                        measure(pool, name, n, payload_mib, args.processes)
                 runs = {peer: [] for peer in paired}
                 for _ in range(max(args.rounds, 7)):
                     for peer, pool in zip(paired, (sealed_pool, clear_pool)):
@@ -398,7 +446,8 @@ def main() -> int:
         ("CPU-bound 20 ms tasks, efficiency", "cpu_bound", lambda e: f"{e:.2f}"),
     ]
     print(
-        f"\ndistripool {distripool.__version__}, {args.processes} processes each, median of {args.rounds}, "
+        f"\ndistripool {distripool.__version__}, {args.processes} processes each, median of {args.rounds} "
+        f"({payload_mib} MiB figures: of {max(args.rounds, 5)}, after one round unmeasured), "
         f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}\n"
     )
     names = list(peers)
