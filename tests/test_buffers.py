@@ -70,6 +70,36 @@ def test_a_result_the_caller_holds_is_never_overwritten(pool):
         assert bytes(out.data) == _big(2 * MIB, s)
 
 
+def test_a_reply_memfd_is_reused_once_the_results_mapping_it_are_gone(monkeypatch):
+    made = []
+    memfd_create = os.memfd_create
+
+    def counted(*args):
+        made.append(args)
+        return memfd_create(*args)
+
+    monkeypatch.setattr(os, "memfd_create", counted)
+    with Pool(1) as p:
+        wait_until(lambda: p._shared.buffers.usable is True, 30, "the probe's answer")
+        held = p.apply(identity, (Blob(bytearray(_big(2 * MIB, 1))),))
+        for s in range(2, 22):
+            out = p.apply(identity, (Blob(bytearray(_big(2 * MIB, s))),))
+            assert bytes(out.data) == _big(2 * MIB, s)
+            del out
+        assert bytes(held.data) == _big(2 * MIB, 1)  # never overwritten while held
+    assert len(made) <= 6, f"{len(made)} memfds made for 21 results: dropped results' memfds not reused"
+
+
+def test_past_a_bound_reply_memfds_results_hold_are_closed_not_kept(monkeypatch):
+    monkeypatch.setattr(_buffers, "MAX_LENT", 1)
+    with Pool(1) as p:
+        wait_until(lambda: p._shared.buffers.usable is True, 30, "the probe's answer")
+        held = [p.apply(identity, (Blob(bytearray(_big(2 * MIB, s))),)) for s in range(3)]
+        assert len(p._shared.buffers.lent) == 1
+        for s, out in enumerate(held):
+            assert bytes(out.data) == _big(2 * MIB, s)
+
+
 def test_an_argument_a_task_keeps_is_never_overwritten():
     with Pool(1) as p:
         first = _big(2 * MIB, 3)

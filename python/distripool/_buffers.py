@@ -26,11 +26,13 @@ argument the task kept, a result the caller holds) and keeps at most
 This module is imported by executors: standard library only.
 """
 
+import collections
 import mmap
 import os
 import pickle
 import struct
 import threading
+import weakref
 
 THRESHOLD = 1 << 20
 ENVELOPE = 1
@@ -38,6 +40,9 @@ SMALL_ITEMS = 16
 RETAIN = 256 << 20
 # Tasks in flight that may hold memfds at once (two descriptors each).
 MAX_PENDING = 128
+# Reply memfds kept open while the caller's results map them, to be reused
+# after (past this many, they are closed instead).
+MAX_LENT = 64
 # Memfds this large are written through a mapping the driver keeps.
 MAP_AT_LEAST = 8 << 20
 PROBING = "probing"
@@ -245,16 +250,17 @@ class Mapped:
         self.maps.append((mm, view))
         return view
 
-    def release(self) -> bool:
-        """Unmap what nothing uses any more; True if something still uses a
-        mapping (the caller must then never rewrite that memfd)."""
-        kept = False
+    def release(self) -> list:
+        """Unmap what nothing uses any more; the mappings something still
+        uses (empty if none; if any, the caller must not rewrite their memfd
+        while they live)."""
+        kept = []
         for mm, view in self.maps:
             try:
                 view.release()
                 mm.close()
             except BufferError:
-                kept = True
+                kept.append(mm)
         self.maps.clear()
         return kept
 
@@ -423,6 +429,13 @@ class SharedBuffers:
         self.mappings = {}
         self.free_bytes = 0
         self.pending = {}  # (job, index) -> (argument memfd, reply memfd)
+        # Reply memfds the caller's results still map (a NumPy array handed
+        # out zero-copy): fd -> ids of the mappings alive. When the last one
+        # is gone, a weakref callback puts the fd on `returned` (the callback
+        # may run in any thread, even during garbage collection inside one of
+        # our locks: it only appends), and the next _acquire takes it back.
+        self.lent = {}
+        self.returned = collections.deque()
         self.closed = False
         # Whether executors can open our memfds: None until asked, PROBING
         # while an executor is being asked, then True or False.
@@ -432,6 +445,8 @@ class SharedBuffers:
         with self.lock:
             if self.closed:
                 raise ValueError("Pool not running")
+            while self.returned:
+                self._take_back(self.returned.popleft())
             best = None
             for i, (_fd, sz) in enumerate(self.free):
                 if sz >= need and (best is None or sz < self.free[best][1]):
@@ -483,6 +498,41 @@ class SharedBuffers:
                     return
         self._close(fd)
 
+    def _lend(self, fd: int, holders) -> bool:
+        """Keep reply memfd ``fd`` open while ``holders`` (mappings of it the
+        caller's result uses) live, to reuse it after; False when too many
+        are lent already (it is closed instead)."""
+        with self.lock:
+            if self.closed or len(self.lent) >= MAX_LENT:
+                return False
+            alive = self.lent[fd] = {id(mm) for mm in holders}
+        returned = self.returned
+
+        def gone(key):
+            alive.discard(key)
+            if not alive:
+                returned.append(fd)
+
+        for mm in holders:
+            weakref.finalize(mm, gone, id(mm)).atexit = False
+        return True
+
+    def _take_back(self, fd: int) -> None:
+        """A lent memfd nothing maps any more: idle again (lock held)."""
+        if self.lent.pop(fd, None) is None:
+            return  # already taken back, or the pool closed
+        try:
+            sz = os.fstat(fd).st_size
+        except OSError:
+            sz = RETAIN + 1
+        if self.free_bytes + sz <= RETAIN:
+            self.free.append((fd, sz))
+            self.free_bytes += sz
+        else:
+            self.inodes.pop(fd, None)
+            self._unmap(fd)
+            os.close(fd)
+
     def _close(self, fd: int) -> None:
         with self.lock:
             self.inodes.pop(fd, None)
@@ -533,9 +583,15 @@ class SharedBuffers:
 
         return open_reply
 
-    def done(self, ticket, args_kept: bool, reply_kept: bool) -> None:
+    def done(self, ticket, args_kept: bool, reply_kept) -> None:
+        """Task ``ticket`` is over. ``reply_kept`` is True (the reply memfd
+        must never be reused), or the list of its mappings the caller's
+        result still uses (empty: none)."""
         self._release(ticket[0], not args_kept)
-        self._release(ticket[1], not reply_kept)
+        if reply_kept is True or not reply_kept:
+            self._release(ticket[1], not reply_kept)
+        elif not self._lend(ticket[1], reply_kept):
+            self._close(ticket[1])
 
     def forget_job(self, job: int) -> None:
         with self.lock:
@@ -550,6 +606,8 @@ class SharedBuffers:
             fds = [fd for fd, _ in self.free]
             for a, r in self.pending.values():
                 fds += [a, r]
+            fds += list(self.lent)
+            self.lent.clear()
             self.free.clear()
             self.pending.clear()
             self.inodes.clear()

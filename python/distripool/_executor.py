@@ -173,7 +173,8 @@ class _Task:
         self.reply = None
 
     def release(self) -> bool:
-        return self.mapped.release() if self.mapped is not None else False
+        """Unmap the task's arguments; True if it kept a view of them."""
+        return bool(self.mapped.release()) if self.mapped is not None else False
 
 
 # Results of short tasks are held back while more tasks are already here, and
