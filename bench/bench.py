@@ -225,7 +225,7 @@ SIZES = {
     "map_default": 200_000,
     "map_chunk1": 20_000,
     "apply_latency": 2_000,
-    "cpu_bound": 40,
+    "cpu_bound": 100,
 }
 SLOW = {"map_chunk1": 2_000, "apply_latency": 200}
 SLOW_PEERS = ("ProcessPoolExecutor", "loky", "Ray Pool", "Dask")
