@@ -442,11 +442,10 @@ class SharedBuffers:
         self.usable = None
 
     def _acquire(self, need: int) -> int:
+        self._take_back()
         with self.lock:
             if self.closed:
                 raise ValueError("Pool not running")
-            while self.returned:
-                self._take_back(self.returned.popleft())
             best = None
             for i, (_fd, sz) in enumerate(self.free):
                 if sz >= need and (best is None or sz < self.free[best][1]):
@@ -517,21 +516,14 @@ class SharedBuffers:
             weakref.finalize(mm, gone, id(mm)).atexit = False
         return True
 
-    def _take_back(self, fd: int) -> None:
-        """A lent memfd nothing maps any more: idle again (lock held)."""
-        if self.lent.pop(fd, None) is None:
-            return  # already taken back, or the pool closed
-        try:
-            sz = os.fstat(fd).st_size
-        except OSError:
-            sz = RETAIN + 1
-        if self.free_bytes + sz <= RETAIN:
-            self.free.append((fd, sz))
-            self.free_bytes += sz
-        else:
-            self.inodes.pop(fd, None)
-            self._unmap(fd)
-            os.close(fd)
+    def _take_back(self) -> None:
+        """Lent memfds nothing maps any more are idle again."""
+        while self.returned:
+            fd = self.returned.popleft()
+            with self.lock:
+                if self.lent.pop(fd, None) is None:
+                    continue  # taken back already, or the pool closed
+            self._release(fd, True)
 
     def _close(self, fd: int) -> None:
         with self.lock:

@@ -111,8 +111,8 @@ fn pwrite_all(fd: c_int, buf: Ptr, offset: u64, start: usize, end: usize) -> io:
 /// A new `bytes` of `length` bytes read from `fd` at `offset`, with the GIL
 /// released. A large object's memory is a fresh mapping, so most of a read's
 /// cost is page faults; several threads share them. (Asking for huge pages
-/// measured faster on average but stalled some reads by 100 ms or more while
-/// the kernel compacted memory.)
+/// measured faster at the median, but on this virtual machine about one read
+/// in ten then stalled for ~90 ms.)
 #[pyfunction]
 pub fn read_bytes(py: Python<'_>, fd: i32, offset: u64, length: usize) -> PyResult<Bound<'_, PyBytes>> {
     let size = isize::try_from(length).map_err(|_| PyValueError::new_err("length too large"))?;
