@@ -349,3 +349,19 @@ def test_an_idle_executor_lets_its_reply_mappings_go():
             assert p.apply(identity, (blob,)) == blob
         wait_until(lambda: _memfd_mappings(pid) == 0, 30, "the idle executor to unmap the reply memfds")
         assert p.apply(identity, (blob,)) == blob
+
+
+def test_a_memfd_that_shrank_is_not_written_through_its_old_mapping():
+    shared = _buffers.SharedBuffers()
+    try:
+        fd = shared._acquire(16 * MIB)
+        _buffers._write_buffers(fd, [memoryview(bytes(16 * MIB))], (os.getpid(), fd, 0))
+        assert shared._mapping(fd).length == 16 * MIB
+        os.ftruncate(fd, 8 * MIB)  # what distripool never does
+        mapping = shared._mapping(fd)
+        assert mapping is None or mapping.length <= 8 * MIB
+        data = os.urandom(8 * MIB)
+        _buffers._write_buffers(fd, [memoryview(data)], (os.getpid(), fd, 0), mapping)
+        assert os.pread(fd, len(data), 0) == data
+    finally:
+        shared.close()

@@ -471,7 +471,14 @@ class SharedBuffers:
         """The memfd's ``SharedMapping``, made now if it is large and all its
         pages exist; else None."""
         mapping = self.mappings.get(fd)
-        if mapping is None and os.fstat(fd).st_size >= MAP_AT_LEAST:
+        size = os.fstat(fd).st_size
+        if mapping is not None and mapping.length > size:
+            # Only we grow our memfds and nothing shrinks them; but writing
+            # through a mapping past the end of its file would kill the
+            # process (SIGBUS), so one that did shrink is not written through.
+            self._unmap(fd)
+            mapping = None
+        if mapping is None and size >= MAP_AT_LEAST:
             from distripool import _native
 
             mapping = _native.SharedMapping.of_resident(fd)
