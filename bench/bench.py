@@ -342,11 +342,9 @@ def figures_measured():
     return figures
 
 
-def measure_here(peer, args) -> dict[str, float]:
+def measure_here(peer, args, scale, payload_mib) -> dict[str, float]:
     """Every figure of one local peer, in this process."""
     make = local_peers()[peer]
-    scale = 10 if args.quick else 1
-    payload_mib = 64 // scale
     result = {"startup": statistics.median(startup(make, args.processes) for _ in range(args.rounds))}
     with make(args.processes) as pool:
         pool.map(tiny, range(1000))  # warm up
@@ -388,7 +386,7 @@ def main() -> int:
     shared_mib = 256 // scale
 
     if args.peer:
-        print(json.dumps(measure_here(args.peer, args)))
+        print(json.dumps(measure_here(args.peer, args, scale, payload_mib)))
         return 0
     figures = figures_measured()
     remote = RemoteWorker(args.processes)
