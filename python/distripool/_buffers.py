@@ -599,6 +599,12 @@ class SharedBuffers:
         for ticket in tickets:
             self.done(ticket, True, True)
 
+    def forget_tasks(self, job: int, indexes) -> None:
+        with self.lock:
+            tickets = [t for t in (self.pending.pop((job, i), None) for i in indexes) if t is not None]
+        for ticket in tickets:
+            self.done(ticket, True, True)
+
     def close(self) -> None:
         with self.lock:
             self.closed = True

@@ -17,7 +17,7 @@ import time
 import weakref
 
 from ._orchestrator import Orchestrator
-from .pool import APPLY, STARMAP, ApplyResult, IMapIterator, Pool, _task
+from .pool import APPLY, STARMAP, ApplyResult, Pool, _IMapJob, _task
 
 __all__ = ["ProcessPoolExecutor", "Executor"]
 
@@ -38,7 +38,7 @@ class _Future(cf.Future):
         if self._shared.stopping:
             withdrawn = False
         else:
-            withdrawn = self._client.withdraw(self._job)
+            withdrawn = bool(self._client.withdraw(self._job))
         if withdrawn:
             self._shared.forget(self._job)
             self._shared.job_done(self._job)
@@ -132,6 +132,7 @@ class ProcessPoolExecutor(cf.Executor):
         self._shutdown_lock = threading.Lock()
         self._shutdown = False
         self._futures: weakref.WeakSet[_Future] = weakref.WeakSet()
+        self._maps: weakref.WeakSet[_IMapJob] = weakref.WeakSet()
 
     def submit(self, fn, /, *args, **kwargs) -> cf.Future:
         """Schedule ``fn(*args, **kwargs)``; return its future."""
@@ -168,15 +169,21 @@ class ProcessPoolExecutor(cf.Executor):
             items = list(zip(*iterables))
             pool = self._pool
             blob = pool._function_blob(fn)
-            it = IMapIterator(pool._shared, max_in_flight=len(items) + 1)
+            shared = pool._shared
+            it = _IMapJob(shared, len(items) + 1, ordered=True)
             chunks = [items[i : i + chunksize] for i in range(0, len(items), chunksize)]
-            if chunks:
-                dumps = pool._shared.dumps
-                pool._shared.submit(
-                    it._job, blob, [(i, dumps(_task(STARMAP, c), it._job, i)) for i, c in enumerate(chunks)]
-                )
+            try:
+                tasks = [(i, shared.dumps(_task(STARMAP, c), it._job, i)) for i, c in enumerate(chunks)]
+            except BaseException:
+                # Nothing was submitted: the job must not keep shutdown waiting.
+                shared.forget(it._job)
+                shared.job_done(it._job)
+                raise
+            if tasks:
+                shared.submit(it._job, blob, tasks)
             it._set_length(len(chunks))
-        return _results(it, len(items), end_time, pool._shared)
+            self._maps.add(it)
+        return _results(it, len(items), end_time, shared)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Accept no more work; optionally cancel what has not started; wait."""
@@ -185,6 +192,10 @@ class ProcessPoolExecutor(cf.Executor):
         if cancel_futures:
             for f in list(self._futures):
                 f.cancel()
+            # The items of a map that no worker has started are cancelled
+            # too: reading them raises CancelledError, as for their futures.
+            for job in list(self._maps):
+                job._withdraw(cancelled=True)
         self._pool.close()
         if wait:
             self._pool.join()
@@ -195,7 +206,7 @@ class ProcessPoolExecutor(cf.Executor):
 Executor = ProcessPoolExecutor
 
 
-def _results(it: IMapIterator, n: int, end_time: float | None, shared):
+def _results(it: _IMapJob, n: int, end_time: float | None, shared):
     """The generator behind ``map``: results in order, with a deadline."""
     try:
         for _ in range(n):
@@ -207,6 +218,7 @@ def _results(it: IMapIterator, n: int, end_time: float | None, shared):
                 except multiprocessing.TimeoutError:
                     raise cf.TimeoutError from None
     finally:
-        if not it._exhausted() and not shared.stopping:
-            # Abandoned early: what has not started will not run.
-            shared.client.withdraw(it._job)
+        if not it._exhausted():
+            # Abandoned early (a task raised, a timeout, or the caller
+            # stopped): what has not started will not run.
+            it._abandon()

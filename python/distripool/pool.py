@@ -234,6 +234,11 @@ class _Shared:
         if self.buffers is not None:
             self.buffers.forget_job(job)
 
+    def forget_tasks(self, job: int, indexes) -> None:
+        """Free the shared memory of tasks that were withdrawn."""
+        if self.buffers is not None:
+            self.buffers.forget_tasks(job, indexes)
+
     def job_done(self, job: int) -> None:
         with self.idle:
             self.cache.pop(job, None)
@@ -374,17 +379,19 @@ class MapResult(ApplyResult):
             self._finish()
 
 
-class IMapIterator:
-    """Results of ``imap``, in input order, as they become available.
+class _IMapJob:
+    """The results of one ``imap`` job, as they arrive: what the result
+    thread, the feeder and the iterator the caller holds share.
 
-    The input is consumed lazily by a feeder thread that keeps a bounded
-    number of chunks in flight, so an endless generator is fine.
+    The feeder keeps at most ``max_in_flight`` chunks submitted and not yet
+    handed out. Every submitted chunk is accounted for once: it completes
+    (``_received``) or is withdrawn before any worker got it
+    (``_withdrawn``); the job is done when the two cover its length.
     """
 
-    _ordered = True
-
-    def __init__(self, shared: _Shared, max_in_flight: int):
+    def __init__(self, shared: _Shared, max_in_flight: int, ordered: bool):
         self._shared = shared
+        self._ordered = ordered
         self._cond = threading.Condition(threading.Lock())
         self._job = shared.client.new_job()
         self._items: collections.deque = collections.deque()  # decoded chunks ready to hand out
@@ -392,14 +399,17 @@ class IMapIterator:
         self._unsorted: dict[int, tuple] = {}
         self._next_chunk = 0  # ordered: index of the next chunk to hand out
         self._received = 0
+        self._withdrawn = 0
         self._taken = 0  # chunks handed to the consumer
         self._length: int | None = None  # number of chunks, once the input is exhausted
         self._permits = threading.Semaphore(max_in_flight)
-        self._feed_error: tuple[int, BaseException] | None = None
+        # Set when nobody will read the results: the feeder stops reading
+        # the input, and what no worker has started is withdrawn.
+        self._abandoned = False
+        # Set by Pool.join: the feeder no longer waits for the caller.
+        self._unbounded = False
+        self._finished = False
         shared.cache[self._job] = self
-
-    def __iter__(self):
-        return self
 
     def next(self, timeout: float | None = None):
         while True:
@@ -417,8 +427,6 @@ class IMapIterator:
                 raise value
             self._current = iter(value)
 
-    __next__ = next
-
     def _exhausted(self) -> bool:
         return self._length is not None and self._taken >= self._length
 
@@ -429,7 +437,8 @@ class IMapIterator:
 
     def _set(self, index: int, item) -> None:
         with self._cond:
-            self._accept(index, item)
+            if not self._abandoned:
+                self._accept(index, item)
             self._received += 1
             self._maybe_done()
 
@@ -447,29 +456,120 @@ class IMapIterator:
             self._next_chunk += 1
 
     def _maybe_done(self) -> None:
-        if self._length is not None and self._received >= self._length:
+        # Caller holds self._cond.
+        if (
+            not self._finished
+            and self._length is not None
+            and self._received + self._withdrawn >= self._length
+        ):
+            self._finished = True
             self._shared.job_done(self._job)
 
     def _set_length(self, length: int) -> None:
+        """The feeder is done: ``length`` chunks were submitted."""
         with self._cond:
             self._length = length
             self._cond.notify_all()
+            abandoned = self._abandoned
             self._maybe_done()
+        if abandoned:
+            self._withdraw(cancelled=False)
 
     def _set_input_error(self, index: int, exc: BaseException) -> None:
         # The input iterable raised after `index` chunks: deliver it in its place.
         with self._cond:
-            self._accept(index, (False, exc))
+            if not self._abandoned:
+                self._accept(index, (False, exc))
             self._received += 1
             self._length = index + 1
             self._cond.notify_all()
+            abandoned = self._abandoned
             self._maybe_done()
+        if abandoned:
+            self._withdraw(cancelled=False)
+
+    def _withdraw(self, cancelled: bool) -> None:
+        """Take back the chunks no worker has started. With ``cancelled``, a
+        caller still reading finds ``CancelledError`` in their place."""
+        if self._shared.stopping:
+            return
+        try:
+            indexes = self._shared.client.withdraw(self._job)
+        except RuntimeError:
+            return  # the orchestrator is gone: the pool fails what is pending
+        if indexes:
+            self._shared.forget_tasks(self._job, indexes)
+        with self._cond:
+            if cancelled and not self._abandoned:
+                for index in indexes:
+                    self._accept(index, (False, _cancelled()))
+                self._received += len(indexes)
+            else:
+                self._withdrawn += len(indexes)
+            self._cond.notify_all()
+            self._maybe_done()
+
+    def _abandon(self) -> None:
+        """Nobody reads these results any more (the caller's iterator was
+        dropped, or ``Executor.map`` stopped early): stop reading the input
+        and withdraw what has not started. Running chunks finish; their
+        results are dropped."""
+        with self._cond:
+            if self._abandoned or self._finished:
+                return
+            self._abandoned = True
+            self._items.clear()
+            self._unsorted.clear()
+            self._current = iter(())
+            feeding = self._length is None
+        if feeding:
+            self._permits.release()  # the feeder, if it waits for room, sees the flag
+        else:
+            self._withdraw(cancelled=False)
+
+    def _unbound(self) -> None:
+        """Let the feeder submit the rest of the input without waiting for
+        the caller to read (``Pool.join`` waits for all of it)."""
+        self._unbounded = True
+        self._permits.release()
 
     def _abort(self, exc: BaseException) -> None:
         with self._cond:
             self._items.append((False, exc))
             self._length = 0
             self._cond.notify_all()
+
+
+def _cancelled() -> BaseException:
+    import concurrent.futures
+
+    return concurrent.futures.CancelledError()
+
+
+class IMapIterator:
+    """Results of ``imap``, in input order, as they become available.
+
+    The input is consumed lazily by a feeder thread that keeps a bounded
+    number of chunks in flight, so an endless generator is fine. An iterator
+    that is dropped unfinished stops the feeder: the rest of its input is
+    not read, and its chunks that no worker has started are withdrawn.
+    """
+
+    _ordered = True
+
+    def __init__(self, shared: _Shared, max_in_flight: int):
+        self._state = state = _IMapJob(shared, max_in_flight, self._ordered)
+        self._job = state._job
+        weakref.finalize(self, state._abandon)
+
+    def __iter__(self):
+        return self
+
+    def next(self, timeout: float | None = None):
+        return self._state.next(timeout)
+
+    def __next__(self):
+        return self._state.next()
 
 
 class IMapUnorderedIterator(IMapIterator):
@@ -691,7 +791,7 @@ class Pool:
         it = cls(self._shared, max(16, 4 * self._slots()))
         feeder = threading.Thread(
             target=_feed,
-            args=(self._shared, it, blob, iter(iterable), chunksize),
+            args=(self._shared, it._state, blob, iter(iterable), chunksize),
             name="distripool-feeder",
             daemon=True,
         )
@@ -720,10 +820,16 @@ class Pool:
         if self._state not in (CLOSE, TERMINATE):
             raise ValueError("In unknown state")
         if self._state == CLOSE:
-            with self._shared.idle:
-                while self._shared.cache:
-                    self._shared.idle.wait()
-            self._shared.shutdown()
+            shared = self._shared
+            # The caller of join reads no more imap results itself: the rest
+            # of each live imap's input runs, as in multiprocessing.
+            for job in list(shared.cache.values()):
+                if isinstance(job, _IMapJob):
+                    job._unbound()
+            with shared.idle:
+                while shared.cache:
+                    shared.idle.wait()
+            shared.shutdown()
         if self._result_thread is not threading.current_thread():
             self._result_thread.join()
 
@@ -749,19 +855,24 @@ class Pool:
         return f"<distripool.Pool state={self._state} {where}>"
 
 
-def _feed(shared: _Shared, it: IMapIterator, blob: bytes, source, chunksize: int) -> None:
-    """Feeder thread of one imap: pull chunks lazily, submit with backpressure."""
+def _feed(shared: _Shared, it: _IMapJob, blob: bytes, source, chunksize: int) -> None:
+    """Feeder thread of one imap: pull chunks lazily, submit with backpressure.
+
+    It holds only the job, never the caller's iterator, so that dropping the
+    iterator stops it."""
     index = 0
     try:
-        while True:
+        while not it._abandoned:
             chunk = list(itertools.islice(source, chunksize))
             if not chunk:
                 break
-            while not it._permits.acquire(timeout=_POLL):
+            while not (it._unbounded or it._permits.acquire(timeout=_POLL)):
                 if shared.stopping:
                     return
             if shared.stopping:
                 return
+            if it._abandoned:
+                break
             shared.submit(it._job, blob, [(index, shared.dumps(_task(MAP, chunk), it._job, index))])
             index += 1
     except BaseException as exc:  # noqa: BLE001 - the input's error belongs to the caller

@@ -238,9 +238,9 @@ impl Client {
         }
     }
 
-    /// Withdraw the job's tasks that no worker has started; True when none of
-    /// the job will run.
-    fn withdraw(&self, py: Python<'_>, job: u64) -> PyResult<bool> {
+    /// Withdraw the job's tasks that no worker has started; returns their
+    /// indexes (those tasks will never complete).
+    fn withdraw(&self, py: Python<'_>, job: u64) -> PyResult<Vec<u32>> {
         py.detach(|| self.inner.withdraw(job)).map_err(to_py)
     }
 

@@ -134,7 +134,7 @@ enum Event {
     Withdraw {
         client: u64,
         job: u64,
-        reply: tokio::sync::oneshot::Sender<bool>,
+        reply: tokio::sync::oneshot::Sender<Vec<u32>>,
     },
 }
 
@@ -427,9 +427,10 @@ impl Client {
     }
 
     /// Take back the tasks of `job` that no worker has been given yet.
-    /// Returns true when every remaining task of the job was withdrawn, so
-    /// none of it will run; false when some of it is running or done.
-    pub fn withdraw(&self, job: u64) -> Result<bool> {
+    /// Returns their indexes, in order: those tasks will never complete,
+    /// and every other task of the job completes exactly once (or is
+    /// cancelled with its client).
+    pub fn withdraw(&self, job: u64) -> Result<Vec<u32>> {
         let (reply, rx) = tokio::sync::oneshot::channel();
         self.events.send(Event::Withdraw { client: self.id, job, reply }).map_err(|_| Error::Closed)?;
         rx.blocking_recv().map_err(|_| Error::Closed)
@@ -550,16 +551,16 @@ impl Core {
                     .filter(|(_, m)| m.client == client && m.job == job)
                     .map(|(t, _)| *t)
                     .collect();
-                let mut all = !tasks.is_empty();
+                let mut withdrawn = Vec::new();
                 for t in tasks {
                     if self.sched.withdraw(t) {
                         let m = self.meta.remove(&t).expect("withdrawn task has metadata");
                         self.release_function(m.fn_id);
-                    } else {
-                        all = false;
+                        withdrawn.push(m.index);
                     }
                 }
-                let _ = reply.send(all);
+                withdrawn.sort_unstable();
+                let _ = reply.send(withdrawn);
             }
             Event::ClientClosed { client } => {
                 if self.clients.remove(&client).is_some() {

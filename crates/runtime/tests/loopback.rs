@@ -239,3 +239,42 @@ fn tempdir() -> std::path::PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+#[test]
+fn withdrawn_tasks_and_completions_account_for_every_task_once() {
+    let dir = tempdir();
+    let key = b"withdraw key".to_vec();
+    let orch = orchestrator(keyed(&key));
+    let client = orch.open_client().unwrap();
+
+    // No worker yet: every task is withdrawn, in index order, and only once.
+    let job = client.new_job();
+    let tasks = (0..10u32).rev().map(|i| (i, vec![1u8].into())).collect();
+    client.submit(job, b"f".to_vec().into(), tasks, None).unwrap();
+    assert_eq!(client.withdraw(job).unwrap(), (0..10).collect::<Vec<u32>>());
+    assert!(client.withdraw(job).unwrap().is_empty());
+
+    // With a worker busy on them, some complete and the rest are withdrawn:
+    // together they are every task exactly once, and nothing else arrives.
+    let addr = orch.local_addrs()[0].to_string();
+    let _agent = AgentThread::start(addr, keyed(&key), 1, echo_spec(&dir));
+    wait_for("the agent", || orch.stats().workers.load(Ordering::Relaxed) == 1);
+    let n = 5000u32;
+    let job = client.new_job();
+    let tasks = (0..n).map(|i| (i, i.to_le_bytes().to_vec().into())).collect();
+    client.submit(job, b"f".to_vec().into(), tasks, None).unwrap();
+    let mut seen = vec![false; n as usize];
+    let first = collect(&client, 1);
+    let withdrawn = client.withdraw(job).unwrap();
+    assert!(!withdrawn.is_empty(), "the agent took all {n} tasks at once");
+    for i in &withdrawn {
+        seen[*i as usize] = true;
+    }
+    let rest = collect(&client, n as usize - withdrawn.len() - first.len());
+    for c in first.into_iter().chain(rest) {
+        assert_eq!(c.job, job);
+        assert!(!std::mem::replace(&mut seen[c.index as usize], true), "task {} twice", c.index);
+    }
+    assert!(seen.iter().all(|s| *s));
+    assert!(client.recv(Duration::from_millis(100)).unwrap().is_empty());
+}
