@@ -17,6 +17,7 @@ import os
 import pickle
 import threading
 import time
+import weakref
 from multiprocessing.pool import MaybeEncodingError, RemoteTraceback
 
 import pytest
@@ -120,6 +121,17 @@ def record_pid_and_stall(path):
         f.write(str(os.getpid()))
     os.rename(path + ".tmp", path)
     time.sleep(300)
+
+
+class Payload:
+    """A result whose copies in the driver can be watched with weakrefs."""
+
+    def __init__(self, n):
+        self.n = n
+
+
+def identity(x):
+    return x
 
 
 def failing_source(n):
@@ -377,6 +389,29 @@ def test_garbage_collected_running_pool_warns(make):
     with pytest.warns(ResourceWarning):
         del pool
         gc.collect()
+
+
+@pytest.mark.parametrize("how", ["map", "map_async", "imap", "imap_unordered", "starmap"])
+def test_results_are_freed_once_the_caller_drops_them(make, how):
+    """Nothing of the pool keeps a delivered result alive (bpo-29861)."""
+    pool = make(2)
+    objs = [Payload(i) for i in range(10)]
+    if how == "map":
+        r = pool.map(identity, objs)
+    elif how == "map_async":
+        r = pool.map_async(identity, objs).get(60)
+    elif how == "starmap":
+        r = pool.starmap(identity, [(o,) for o in objs])
+    else:
+        r = list(getattr(pool, how)(identity, objs))
+    assert sorted(x.n for x in r) == list(range(10))
+    refs = [weakref.ref(x) for x in r]
+    del r, objs
+    # The pool's result thread may still be finishing the batch it delivered.
+    wait_until(
+        lambda: gc.collect() is not None and all(ref() is None for ref in refs), 10, "the results to be freed"
+    )
+    assert pool.apply(square, (4,)) == 16
 
 
 def test_pool_cannot_be_pickled(make):

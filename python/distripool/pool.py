@@ -266,13 +266,20 @@ class _Shared:
                 if self.stopping:
                     return
                 continue
-            buffers = self.buffers
-            for job, index, status, data in batch:
-                ticket = buffers.take((job, index)) if buffers is not None else None
-                item = _decode(status, data, buffers, ticket)
-                r = cache.get(job)
-                if r is not None:
-                    r._set(index, item)
+            self._deliver(batch, cache)
+            # Nothing of a delivered batch stays referenced from here while
+            # the next one is awaited: a result the caller drops is freed
+            # (as the standard library does since bpo-29861).
+            del batch
+
+    def _deliver(self, batch, cache) -> None:
+        buffers = self.buffers
+        for job, index, status, data in batch:
+            ticket = buffers.take((job, index)) if buffers is not None else None
+            item = _decode(status, data, buffers, ticket)
+            r = cache.get(job)
+            if r is not None:
+                r._set(index, item)
 
     def shutdown(self) -> None:
         """Cancel remote work, stop the result thread's source, free executors."""
