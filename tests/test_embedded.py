@@ -63,6 +63,20 @@ def test_empty_iterables_return_empty_lists(pool):
     assert list(pool.imap_unordered(square, [])) == []
 
 
+@pytest.mark.parametrize("method", ["imap", "imap_unordered"])
+def test_imap_iterators_have_the_length_of_their_input(pool, method):
+    it = getattr(pool, method)(square, range(7), 3)
+    assert len(it) == 7  # the items, not the chunks
+    assert sorted(it) == [x * x for x in range(7)]
+    empty = getattr(pool, method)(square, [])
+    assert len(empty) == 0 and bool(empty) is True and list(empty) == []
+    lazy = getattr(pool, method)(square, (x for x in range(3)))
+    with pytest.raises(TypeError, match="no len"):
+        len(lazy)
+    assert bool(lazy) is True
+    assert sorted(lazy) == [0, 1, 4]
+
+
 def test_apply_and_starmap(pool):
     assert pool.apply(add, (2, 3)) == 5
     assert pool.apply(add, (), {"x": 1, "y": 2}) == 3

@@ -578,6 +578,18 @@ class IMapIterator:
     def __next__(self):
         return self._state.next()
 
+    # The number of items of the input, when it has a length (so that
+    # ``tqdm(pool.imap(f, xs))`` knows its total); None otherwise.
+    _items_total: int | None = None
+
+    def __len__(self) -> int:
+        if self._items_total is None:
+            raise TypeError(f"{type(self).__name__} has no len(): its input has no length")
+        return self._items_total
+
+    def __bool__(self) -> bool:
+        return True  # an iterator is true, whatever its length
+
 
 class IMapUnorderedIterator(IMapIterator):
     """Results of ``imap_unordered``, in completion order."""
@@ -796,6 +808,10 @@ class Pool:
             raise ValueError(f"Chunksize must be 1+, not {chunksize:n}")
         blob = self._function_blob(func)
         it = cls(self._shared, max(16, 4 * self._slots()))
+        try:
+            it._items_total = len(iterable)
+        except TypeError:
+            pass  # a generator or other input without a length
         feeder = threading.Thread(
             target=_feed,
             args=(self._shared, it._state, blob, iter(iterable), chunksize),
