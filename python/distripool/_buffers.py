@@ -592,16 +592,14 @@ class SharedBuffers:
         elif not self._lend(ticket[1], reply_kept):
             self._close(ticket[1])
 
-    def forget_job(self, job: int) -> None:
+    def forget_job(self, job: int, indexes=None) -> None:
+        """Free the memfds of the job's tasks ``indexes`` (default: all)."""
         with self.lock:
-            keys = [k for k in self.pending if k[0] == job]
+            if indexes is None:
+                keys = [k for k in self.pending if k[0] == job]
+            else:
+                keys = [(job, i) for i in indexes if (job, i) in self.pending]
             tickets = [self.pending.pop(k) for k in keys]
-        for ticket in tickets:
-            self.done(ticket, True, True)
-
-    def forget_tasks(self, job: int, indexes) -> None:
-        with self.lock:
-            tickets = [t for t in (self.pending.pop((job, i), None) for i in indexes) if t is not None]
         for ticket in tickets:
             self.done(ticket, True, True)
 

@@ -229,15 +229,11 @@ class _Shared:
             return False
         return usable is True
 
-    def forget(self, job: int) -> None:
-        """Free the shared memory of a job that will get no more results."""
+    def forget(self, job: int, indexes=None) -> None:
+        """Free the shared memory of a job's tasks that will get no result:
+        ``indexes`` (those withdrawn), or all of them."""
         if self.buffers is not None:
-            self.buffers.forget_job(job)
-
-    def forget_tasks(self, job: int, indexes) -> None:
-        """Free the shared memory of tasks that were withdrawn."""
-        if self.buffers is not None:
-            self.buffers.forget_tasks(job, indexes)
+            self.buffers.forget_job(job, indexes)
 
     def job_done(self, job: int) -> None:
         with self.idle:
@@ -415,7 +411,6 @@ class _IMapJob:
         self._abandoned = False
         # Set by Pool.join: the feeder no longer waits for the caller.
         self._unbounded = False
-        self._finished = False
         shared.cache[self._job] = self
 
     def next(self, timeout: float | None = None):
@@ -462,14 +457,13 @@ class _IMapJob:
             self._push(self._unsorted.pop(self._next_chunk))
             self._next_chunk += 1
 
+    def _complete(self) -> bool:
+        """Every chunk has come back or was withdrawn (caller holds self._cond)."""
+        return self._length is not None and self._received + self._withdrawn >= self._length
+
     def _maybe_done(self) -> None:
-        # Caller holds self._cond.
-        if (
-            not self._finished
-            and self._length is not None
-            and self._received + self._withdrawn >= self._length
-        ):
-            self._finished = True
+        # Caller holds self._cond. job_done may be called more than once.
+        if self._complete():
             self._shared.job_done(self._job)
 
     def _set_length(self, length: int) -> None:
@@ -488,12 +482,7 @@ class _IMapJob:
             if not self._abandoned:
                 self._accept(index, (False, exc))
             self._received += 1
-            self._length = index + 1
-            self._cond.notify_all()
-            abandoned = self._abandoned
-            self._maybe_done()
-        if abandoned:
-            self._withdraw(cancelled=False)
+        self._set_length(index + 1)
 
     def _withdraw(self, cancelled: bool) -> None:
         """Take back the chunks no worker has started. With ``cancelled``, a
@@ -505,7 +494,7 @@ class _IMapJob:
         except RuntimeError:
             return  # the orchestrator is gone: the pool fails what is pending
         if indexes:
-            self._shared.forget_tasks(self._job, indexes)
+            self._shared.forget(self._job, indexes)
         with self._cond:
             if cancelled and not self._abandoned:
                 for index in indexes:
@@ -522,7 +511,7 @@ class _IMapJob:
         and withdraw what has not started. Running chunks finish; their
         results are dropped."""
         with self._cond:
-            if self._abandoned or self._finished:
+            if self._abandoned or self._complete():
                 return
             self._abandoned = True
             self._items.clear()
@@ -565,18 +554,17 @@ class IMapIterator:
     _ordered = True
 
     def __init__(self, shared: _Shared, max_in_flight: int):
-        self._state = state = _IMapJob(shared, max_in_flight, self._ordered)
-        self._job = state._job
-        weakref.finalize(self, state._abandon)
+        self._imap = imap = _IMapJob(shared, max_in_flight, self._ordered)
+        weakref.finalize(self, imap._abandon)
 
     def __iter__(self):
         return self
 
     def next(self, timeout: float | None = None):
-        return self._state.next(timeout)
+        return self._imap.next(timeout)
 
     def __next__(self):
-        return self._state.next()
+        return self._imap.next()
 
     # The number of items of the input, when it has a length (so that
     # ``tqdm(pool.imap(f, xs))`` knows its total); None otherwise.
@@ -814,7 +802,7 @@ class Pool:
             pass  # a generator or other input without a length
         feeder = threading.Thread(
             target=_feed,
-            args=(self._shared, it._state, blob, iter(iterable), chunksize),
+            args=(self._shared, it._imap, blob, iter(iterable), chunksize),
             name="distripool-feeder",
             daemon=True,
         )
