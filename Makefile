@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 
-.PHONY: run install build-dev lint test test-rust test-python bench fmt fuzz-smoke fuzz
+.PHONY: run install build-dev system-deps lint stubtest test test-rust test-python bench fmt fuzz-smoke fuzz
 
 ## run: install the package and run the quick-start example on this machine
 run: install
@@ -23,13 +23,25 @@ lint:
 	$(PIP) install --quiet 'ruff>=0.6'
 	$(PYTHON) -m ruff check python tests bench examples
 	$(PYTHON) -m ruff format --check python tests bench examples
+	@# No source file of the package over 600 lines: split it by concern.
+	@long=$$(find crates python -name '*.rs' -o -name '*.py' -o -name '*.pyi' | xargs wc -l \
+	    | awk '$$2 != "total" && $$1 > 600 {print $$2 " (" $$1 " lines)"}'); \
+	    if [ -n "$$long" ]; then echo "files over 600 lines: $$long"; exit 1; fi
 
 fmt:
 	cargo fmt --all
 	$(PYTHON) -m ruff format python tests bench examples
 
-## test: build everything and run every test, Rust and Python
-test: build-dev test-rust test-python
+## stubtest: check the extension's type stubs against the built module
+stubtest:
+	$(PYTHON) -m mypy.stubtest distripool._native
+
+## system-deps: the system tools the network and TLS tests use (apt-get, as root)
+system-deps:
+	bash tools/system-deps.sh
+
+## test: install what the tests need, build everything, run every test
+test: system-deps build-dev stubtest test-rust test-python
 
 test-rust:
 	cargo test --workspace --exclude distripool-python

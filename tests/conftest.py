@@ -14,6 +14,13 @@ import pytest
 
 TESTS = Path(__file__).resolve().parent
 
+# Short time limits for every orchestrator and worker of the suite (they
+# inherit the environment), so that a lost peer is found in seconds. Tests
+# about a limit read it from here.
+HEARTBEAT = 0.2
+SILENCE = 2.0
+os.environ["DISTRIPOOL_TIMING"] = f"heartbeat={HEARTBEAT},silence={SILENCE},handshake=3,backoff_max=0.5"
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -133,7 +140,7 @@ def orchestrator():
     """A loopback orchestrator on two free ports, closed after the test."""
     from distripool import make_orchestrator
 
-    orch = make_orchestrator((f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"))
+    orch = make_orchestrator(("127.0.0.1:0", "127.0.0.1:0"))
     yield orch
     orch.close()
 
@@ -149,7 +156,7 @@ def remote_orchestrator(tmp_path_factory):
     from distripool import Orchestrator
 
     key = os.urandom(16).hex().encode()
-    orch = Orchestrator(f"127.0.0.1:{free_port()}", authkey=key)
+    orch = Orchestrator("127.0.0.1:0", authkey=key)
     log_dir = tmp_path_factory.mktemp("remote-worker")
     key_file = log_dir / "key"
     key_file.write_bytes(key)

@@ -13,7 +13,8 @@ import pytest
 
 import distripool
 from conftest import TESTS, wait_until
-from distripool import Pool, _buffers
+from distripool import Pool, _envelope, _replies
+from distripool import _memfds as memfds_module
 from workloads import Blob, crash_first_time, identity, keep, kept, poke, refuse_memfds
 
 MIB = 1 << 20
@@ -91,7 +92,7 @@ def test_a_reply_memfd_is_reused_once_the_results_mapping_it_are_gone(monkeypatc
 
 
 def test_past_a_bound_reply_memfds_results_hold_are_closed_not_kept(monkeypatch):
-    monkeypatch.setattr(_buffers, "MAX_LENT", 1)
+    monkeypatch.setattr(memfds_module, "MAX_LENT", 1)
     with Pool(1) as p:
         wait_until(lambda: p._shared.buffers.usable is True, 30, "the probe's answer")
         held = [p.apply(identity, (Blob(bytearray(_big(2 * MIB, s))),)) for s in range(3)]
@@ -140,8 +141,8 @@ def test_the_frame_limit_counts_out_of_band_bytes():
 
 
 def test_a_result_pointing_at_memory_it_was_not_given_is_refused(pool):
-    main, bufs = _buffers.dumps((True, Blob(bytearray(2 * MIB))))
-    forged = b"".join(_buffers.envelope(main, [(False, 2 * MIB, (os.getpid(), 0, 1, 0))], {}))
+    main, bufs = _envelope.dumps((True, Blob(bytearray(2 * MIB))))
+    forged = b"".join(_envelope.envelope(main, [(False, 2 * MIB, (os.getpid(), 0, 1, 0))], {}))
     shared = pool._shared
     ok, err = distripool.pool._decode(0, forged, shared.buffers, None)
     assert not ok and "shared memory it was not given" in str(err.__cause__)
@@ -153,25 +154,25 @@ def test_a_buffer_said_to_run_past_its_memfd_is_refused():
     fd = os.memfd_create("distripool")
     try:
         os.ftruncate(fd, MIB)
-        main, _ = _buffers.dumps((True, Blob(bytearray(2 * MIB))))
+        main, _ = _envelope.dumps((True, Blob(bytearray(2 * MIB))))
         ino = os.fstat(fd).st_ino
-        payload = b"".join(_buffers.envelope(main, [(False, 2 * MIB, (os.getpid(), fd, ino, 0))], {}))
+        payload = b"".join(_envelope.envelope(main, [(False, 2 * MIB, (os.getpid(), fd, ino, 0))], {}))
         with pytest.raises(ValueError, match="past the end of its memfd"):
-            _buffers.load(payload, lambda pid, f, inode: (f, False))
+            _envelope.load(payload, lambda pid, f, inode: (f, False))
     finally:
         os.close(fd)
 
 
 def test_payload_envelopes_parse_back():
     data = _big(2 * MIB, 6)
-    main, bufs = _buffers.dumps(_buffers.wrap_value([data, Blob(bytearray(data)), 1], True))
+    main, bufs = _envelope.dumps(_envelope.wrap_value([data, Blob(bytearray(data)), 1], True))
     assert len(bufs) == 2 and len(main) < 4096
-    payload = b"".join(_buffers.inline(main, bufs, {"kept": True}))
-    obj, mapped, extra = _buffers.load(payload)
+    payload = b"".join(_envelope.inline(main, bufs, {"kept": True}))
+    obj, mapped, extra = _envelope.load(payload)
     assert obj[0] == data and bytes(obj[1].data) == data and obj[1].writable() and obj[2] == 1
     assert extra == {"kept": True} and not mapped.release()
     # Small buffers stay in band: a plain pickle.
-    main, bufs = _buffers.dumps(_buffers.wrap_value(b"x" * 100, False))
+    main, bufs = _envelope.dumps(_envelope.wrap_value(b"x" * 100, False))
     assert not bufs and pickle.loads(main) == b"x" * 100
 
 
@@ -296,40 +297,40 @@ def test_reused_memfds_are_written_through_a_kept_mapping_with_exact_results(poo
 
 def test_replies_are_written_through_kept_mappings_checked_against_the_driver():
     pid = os.getpid()
-    fd = os.memfd_create(_buffers._MEMFD_NAME)
+    fd = os.memfd_create(_envelope.MEMFD_NAME)
     other = None
     try:
         key = (pid, fd, os.fstat(fd).st_ino)
         first, second = os.urandom(9 * MIB), os.urandom(9 * MIB)
         # A new memfd has no pages yet: written by pwrite, and not kept.
-        descs = _buffers.write_reply(key, [memoryview(first)])
-        assert descs[0][1] == len(first) and key not in _buffers._reply_maps
+        descs = _replies.write_reply(key, [memoryview(first)])
+        assert descs[0][1] == len(first) and key not in _replies._reply_maps
         assert os.pread(fd, len(first), descs[0][2][3]) == first
         # Its pages exist now: mapped, kept, and used for the next reply.
-        _buffers.write_reply(key, [memoryview(second)])
-        kept = _buffers._reply_maps[key]
-        _buffers.write_reply(key, [memoryview(first)])
-        assert _buffers._reply_maps[key] is kept
+        _replies.write_reply(key, [memoryview(second)])
+        kept = _replies._reply_maps[key]
+        _replies.write_reply(key, [memoryview(first)])
+        assert _replies._reply_maps[key] is kept
         assert os.pread(fd, len(first), 0) == first
         # A larger reply than the mapping covers: the memfd grows, mapped anew later.
         bigger = os.urandom(12 * MIB)
-        descs = _buffers.write_reply(key, [memoryview(bigger)])
+        descs = _replies.write_reply(key, [memoryview(bigger)])
         assert os.pread(fd, len(bigger), descs[0][2][3]) == bigger
-        assert key not in _buffers._reply_maps
-        _buffers.write_reply(key, [memoryview(bigger)])
-        assert _buffers._reply_maps[key].length >= len(bigger)
+        assert key not in _replies._reply_maps
+        _replies.write_reply(key, [memoryview(bigger)])
+        assert _replies._reply_maps[key].length >= len(bigger)
         # The driver let the memfd go: its mapping goes at the next reply.
         os.close(fd)
-        other = os.memfd_create(_buffers._MEMFD_NAME)
+        other = os.memfd_create(_envelope.MEMFD_NAME)
         fd = None
-        _buffers.write_reply((pid, other, os.fstat(other).st_ino), [memoryview(first)])
-        assert key not in _buffers._reply_maps
-        _buffers.write_reply((pid, other, os.fstat(other).st_ino), [memoryview(first)])
-        assert _buffers.holds_reply_maps()
-        _buffers.release_idle()
-        assert not _buffers.holds_reply_maps()
+        _replies.write_reply((pid, other, os.fstat(other).st_ino), [memoryview(first)])
+        assert key not in _replies._reply_maps
+        _replies.write_reply((pid, other, os.fstat(other).st_ino), [memoryview(first)])
+        assert _replies.holds_reply_maps()
+        _replies.release_idle()
+        assert not _replies.holds_reply_maps()
     finally:
-        _buffers.release_idle()
+        _replies.release_idle()
         for f in (fd, other):
             if f is not None:
                 os.close(f)
@@ -352,16 +353,16 @@ def test_an_idle_executor_lets_its_reply_mappings_go():
 
 
 def test_a_memfd_that_shrank_is_not_written_through_its_old_mapping():
-    shared = _buffers.SharedBuffers()
+    shared = memfds_module.SharedBuffers()
     try:
         fd = shared._acquire(16 * MIB)
-        _buffers._write_buffers(fd, [memoryview(bytes(16 * MIB))], (os.getpid(), fd, 0))
+        _envelope._write_buffers(fd, [memoryview(bytes(16 * MIB))], (os.getpid(), fd, 0))
         assert shared._mapping(fd).length == 16 * MIB
         os.ftruncate(fd, 8 * MIB)  # what distripool never does
         mapping = shared._mapping(fd)
         assert mapping is None or mapping.length <= 8 * MIB
         data = os.urandom(8 * MIB)
-        _buffers._write_buffers(fd, [memoryview(data)], (os.getpid(), fd, 0), mapping)
+        _envelope._write_buffers(fd, [memoryview(data)], (os.getpid(), fd, 0), mapping)
         assert os.pread(fd, len(data), 0) == data
     finally:
         shared.close()

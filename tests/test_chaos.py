@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 
-from conftest import TESTS, Worker, free_port
+from conftest import TESTS, Worker
 from distripool import Orchestrator, Pool
 from workloads import spin_then_scale as work
 
@@ -36,7 +36,7 @@ def test_map_survives_random_kills_of_executors_and_agents(tmp_path):
     key_file = tmp_path / "key"
     key_file.write_bytes(key)
     key_file.chmod(0o600)
-    orch = Orchestrator(f"127.0.0.1:{free_port()}", authkey=key, max_crashes=5)
+    orch = Orchestrator("127.0.0.1:0", authkey=key, max_crashes=5)
     env = dict(os.environ, DISTRIPOOL_LOG="warn")
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")])
     argv = [sys.executable, "-m", "distripool", "worker", "--processes", "2"]

@@ -84,17 +84,10 @@ def fail_on(x, bad=3, delay=0.0):
     return x
 
 
-def fail_odd(x, marker):
-    """Item 1 fails; item 3 fails too, but only after item 1 has failed."""
-    if x == 1:
-        open(marker, "w").close()
-        raise ValueError("first")
-    if x == 3:
-        deadline = time.monotonic() + 60
-        while not os.path.exists(marker) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        time.sleep(0.2)  # let item 1's result travel first
-        raise ValueError("second")
+def fail_odd(x):
+    """Items 1 and 3 fail, in that order when one executor runs them all."""
+    if x in (1, 3):
+        raise ValueError("first" if x == 1 else "second")
     return x
 
 
@@ -270,16 +263,28 @@ def test_callbacks_run_once_on_a_result_thread(make):
     assert ok == [2]
 
 
-def test_map_async_first_error_wins(make, tmp_path):
-    pool = make(2)
-    errors = []
-    marker = str(tmp_path / "first-failed")
-    r = pool.starmap_async(
-        fail_odd, [(x, marker) for x in range(6)], chunksize=1, error_callback=errors.append
-    )
-    with pytest.raises(ValueError, match="first"):
-        r.get(60)
-    assert len(errors) == 1 and str(errors[0]) == "first"
+def test_map_async_first_error_wins(make, spawn_worker):
+    # One executor runs the items in order, so item 1's failure arrives
+    # before item 3's; the shared remote worker has two, so the remote case
+    # gets a worker of its own with one.
+    if make.kind == "remote":
+        orch = distripool.Orchestrator("127.0.0.1:0", authkey=b"first-error")
+        spawn_worker(orch.addresses[0], key=b"first-error", processes=1)
+        assert orch.wait_for_workers(1, timeout=60)
+        pool = distripool.Pool(orchestrator=orch)
+    else:
+        orch = None
+        pool = make(1)
+    try:
+        errors = []
+        r = pool.map_async(fail_odd, range(6), chunksize=1, error_callback=errors.append)
+        with pytest.raises(ValueError, match="first"):
+            r.get(60)
+        assert len(errors) == 1 and str(errors[0]) == "first"
+    finally:
+        if orch is not None:
+            pool.terminate()
+            orch.close()
 
 
 def test_imap_next_timeout_and_end(make):
@@ -365,7 +370,8 @@ def _stall_and_find(pool, tmp_path):
     marker = str(tmp_path / "pid")
     pool.apply_async(record_pid_and_stall, (marker,))
     wait_until(lambda: os.path.exists(marker), 60, "the task to start")
-    return int(open(marker).read())
+    with open(marker) as f:
+        return int(f.read())
 
 
 def test_terminate_stops_running_tasks(make, tmp_path):

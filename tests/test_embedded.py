@@ -335,7 +335,8 @@ def test_sigkill_of_an_executor_mid_map_gives_a_complete_result(tmp_path):
     with Pool(2) as p:
         r = p.map_async(lambda x: _stall_once(x, marker), range(40), chunksize=1)
         wait_until(lambda: os.path.exists(marker), 60, "item 5 to start")
-        victim = int(open(marker).read())
+        with open(marker) as f:
+            victim = int(f.read())
         os.kill(victim, signal.SIGKILL)
         assert r.get(timeout=60) == [x * x for x in range(40)]
         assert p._orchestrator.stats()["crashes"] == 1

@@ -70,6 +70,8 @@ def test_ctrl_c_interrupts_a_blocking_call_and_stops_the_executors(tmp_path, whe
     marks.mkdir()
     args = [str(marks)]
     if where == "remote":
+        # Picked before it is bound: the worker starts before the driver's
+        # orchestrator exists.
         address = f"127.0.0.1:{free_port()}"
         spawn_worker(address, processes=2)  # retries until the driver's orchestrator is up
         args.append(address)
@@ -92,6 +94,8 @@ def test_ctrl_c_interrupts_a_blocking_call_and_stops_the_executors(tmp_path, whe
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
 
 
 def test_driver_exit_with_a_running_pool_leaves_no_executor():
@@ -106,6 +110,8 @@ def test_driver_exit_with_a_running_pool_leaves_no_executor():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
 
 
 def test_killed_driver_takes_its_executors_along():
@@ -120,3 +126,5 @@ def test_killed_driver_takes_its_executors_along():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()

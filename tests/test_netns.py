@@ -14,12 +14,25 @@ import uuid
 
 import pytest
 
-from conftest import TESTS
+from conftest import SILENCE, TESTS
+
+_MISSING = (
+    "needs root" if os.geteuid() != 0 else "needs iproute2 (ip)" if shutil.which("ip") is None else None
+)
 
 pytestmark = [
     pytest.mark.netns,
-    pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None, reason="needs root and iproute2"),
+    # Under CI (which installs everything) a missing component fails the test
+    # (see `require_namespaces`); elsewhere it is skipped.
+    pytest.mark.skipif(_MISSING is not None and not os.environ.get("CI"), reason=str(_MISSING)),
 ]
+
+
+@pytest.fixture(autouse=True)
+def require_namespaces():
+    if _MISSING is not None:
+        pytest.fail(f"network-namespace tests {_MISSING}; CI is set, so this is a failure, not a skip")
+
 
 DRIVER = r"""
 import os, sys
@@ -32,11 +45,12 @@ orch = make_orchestrator((sys.argv[1],), authkey=sys.argv[2].encode())
 assert orch.wait_for_workers(1, timeout=60), "no worker joined"
 with Pool(orchestrator=orch) as pool:
     out = pool.map(where, range(100), chunksize=5)
+peer = orch.workers_info()[0]["address"].rpartition(":")[0]
 orch.close()
 mine = os.readlink("/proc/self/ns/net")
 assert [v for v, _ in out] == [x * x for x in range(100)], out
 assert {ns for _, ns in out} != {mine}, "tasks ran in the driver's namespace"
-print("ok", len(out))
+print("ok", len(out), peer)
 """
 
 
@@ -92,15 +106,15 @@ def two_hosts():
 
 
 def test_orchestrator_and_worker_on_two_hosts(two_hosts, spawn_worker, tmp_path):
-    (ns_a, addr_a), (ns_b, _) = two_hosts
+    (ns_a, addr_a), (ns_b, addr_b) = two_hosts
     key = uuid.uuid4().hex
     address = f"{addr_a}:1337"
     worker = spawn_worker(address, key=key.encode(), processes=2, netns=ns_b)
     out = run_driver(ns_a, DRIVER, address, key, timeout=120)
     assert out.returncode == 0, f"driver: {out.stderr}\nworker: {worker.log()}"
-    assert out.stdout.strip() == "ok 100"
+    # The orchestrator saw the worker connect from the other host's address.
+    assert out.stdout.strip() == f"ok 100 {addr_b}", out.stdout
     assert "connected to orchestrator" in worker.log()
-    assert subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.count(ns_a) == 1
 
 
 PARTITION_DRIVER = r"""
@@ -190,7 +204,7 @@ from distripool import Orchestrator, Pool
 address, key = sys.argv[1:3]
 orch = Orchestrator((address,), authkey=key.encode())
 assert orch.wait_for_workers(1, timeout=60), "the worker did not join"
-size = 24 << 20
+size = 8 << 20
 with Pool(orchestrator=orch) as pool:
     t0 = time.monotonic()
     assert pool.apply(len, (b"x" * size,)) == size  # a big task over the slow link
@@ -205,7 +219,7 @@ print(f"ok up={up:.1f}s down={down:.1f}s lost={stats['workers_lost']} crashes={s
 
 
 def test_a_large_payload_on_a_slow_link_is_not_a_lost_worker(two_hosts, spawn_worker):
-    """Each 24 MiB transfer takes longer than the 10 s silence timeout at 16 Mbit/s;
+    """Each 8 MiB transfer takes longer than the silence limit at 16 Mbit/s;
     bytes keep arriving, so neither side may declare the other gone."""
     (ns_a, addr_a), (ns_b, _) = two_hosts
     for ns, prefix in ((ns_a, "va"), (ns_b, "vb")):
@@ -238,4 +252,6 @@ def test_a_large_payload_on_a_slow_link_is_not_a_lost_worker(two_hosts, spawn_wo
     fields = dict(item.split("=") for item in out.stdout.split()[1:])
     assert fields["lost"] == "0" and fields["crashes"] == "0", out.stdout
     # The scenario only means something if each transfer outlasted the timeout.
-    assert float(fields["up"].rstrip("s")) > 10 and float(fields["down"].rstrip("s")) > 10, out.stdout
+    assert float(fields["up"].rstrip("s")) > SILENCE and float(fields["down"].rstrip("s")) > SILENCE, (
+        out.stdout
+    )

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from conftest import alive, free_port, wait_until
+from conftest import SILENCE, alive, free_port, wait_until
 from distripool import Pool, make_orchestrator
 
 
@@ -52,8 +52,8 @@ def _pid(_):
 
 def test_two_orchestrators_in_parallel_from_several_threads(spawn_worker):
     key = b"parallel-key"
-    a = make_orchestrator(f"127.0.0.1:{free_port()}", authkey=key)
-    b = make_orchestrator(f"127.0.0.1:{free_port()}", authkey=key)
+    a = make_orchestrator("127.0.0.1:0", authkey=key)
+    b = make_orchestrator("127.0.0.1:0", authkey=key)
     try:
         spawn_worker(a.addresses[0], key=key, processes=1)
         spawn_worker(b.addresses[0], key=key, processes=1)
@@ -85,6 +85,8 @@ def test_two_orchestrators_in_parallel_from_several_threads(spawn_worker):
 
 
 def test_worker_started_before_its_orchestrator(spawn_worker):
+    # The one place a port is picked before it is bound: the worker must be
+    # told where its orchestrator will be before that exists.
     port = free_port()
     worker = spawn_worker(f"127.0.0.1:{port}")
     wait_until(lambda: "not available" in worker.log(), 30, "the worker to retry")
@@ -98,8 +100,8 @@ def test_worker_started_before_its_orchestrator(spawn_worker):
 
 
 def test_worker_reconnects_to_a_new_orchestrator_on_the_same_port(spawn_worker):
-    port = free_port()
-    first = make_orchestrator(f"127.0.0.1:{port}")
+    first = make_orchestrator("127.0.0.1:0")
+    port = first.addresses[0].rpartition(":")[2]
     worker = spawn_worker(f"127.0.0.1:{port}")
     assert first.wait_for_workers(1, 60)
     first.close()  # frees the port
@@ -113,7 +115,7 @@ def test_worker_reconnects_to_a_new_orchestrator_on_the_same_port(spawn_worker):
 
 
 def test_wrong_key_is_rejected_on_both_sides(spawn_worker):
-    orch = make_orchestrator(f"127.0.0.1:{free_port()}", authkey=b"the right key")
+    orch = make_orchestrator("127.0.0.1:0", authkey=b"the right key")
     try:
         rogue = spawn_worker(orch.addresses[0], key=b"a wrong key")
         wait_until(lambda: orch.stats()["auth_failures"] >= 1, 60, "the orchestrator to refuse the worker")
@@ -132,7 +134,7 @@ def test_wrong_key_is_rejected_on_both_sides(spawn_worker):
 
 
 def test_worker_refuses_a_rogue_orchestrator(spawn_worker):
-    rogue = make_orchestrator(f"127.0.0.1:{free_port()}", authkey=b"attacker")
+    rogue = make_orchestrator("127.0.0.1:0", authkey=b"attacker")
     try:
         worker = spawn_worker(rogue.addresses[0], key=b"cluster secret")
         wait_until(
@@ -153,8 +155,8 @@ def test_non_loopback_bind_without_a_key_is_refused(monkeypatch):
     monkeypatch.delenv("DISTRIPOOL_AUTHKEY", raising=False)
     monkeypatch.delenv("DISTRIPOOL_AUTHKEY_FILE", raising=False)
     with pytest.raises(ValueError, match="without an authentication key.*DISTRIPOOL_AUTHKEY"):
-        make_orchestrator(f"0.0.0.0:{free_port()}")
-    orch = make_orchestrator(f"0.0.0.0:{free_port()}", authkey=b"k")
+        make_orchestrator("0.0.0.0:0")
+    orch = make_orchestrator("0.0.0.0:0", authkey=b"k")
     orch.close()
 
 
@@ -166,7 +168,9 @@ def test_bad_addresses_are_rejected():
 
 
 def test_close_frees_the_ports_and_is_idempotent():
-    addrs = (f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}")
+    first = make_orchestrator(("127.0.0.1:0", "127.0.0.1:0"))
+    addrs = tuple(first.addresses)
+    first.close()
     for _ in range(3):
         orch = make_orchestrator(addrs)
         assert orch.addresses == list(addrs)
@@ -176,7 +180,7 @@ def test_close_frees_the_ports_and_is_idempotent():
 
 
 def test_pool_on_a_closed_orchestrator_is_refused():
-    orch = make_orchestrator(f"127.0.0.1:{free_port()}")
+    orch = make_orchestrator("127.0.0.1:0")
     orch.close()
     with pytest.raises(ValueError, match="closed"):
         Pool(orchestrator=orch)
@@ -195,7 +199,9 @@ def test_holding_the_gil_longer_than_the_silence_timeout_is_not_a_death(orchestr
 
     spawn_worker(orchestrator.addresses[0], processes=2)
     assert orchestrator.wait_for_workers(1, timeout=60)
-    seconds = 12  # beyond the 10 s after which a silent worker is declared lost
+    seconds = (
+        int(SILENCE) + 2
+    )  # libc sleep takes whole seconds; beyond the time after which a silent worker is declared lost
     with Pool(orchestrator=orchestrator) as pool:
         result = pool.map_async(hold_the_gil, [seconds, seconds], chunksize=1)
         # The driver holds its own GIL just as long: the Rust core keeps the
@@ -218,7 +224,7 @@ def spawn_grandchild_and_wait(marker):
 
 
 def test_orchestrator_gone_kills_running_tasks_and_their_children(spawn_worker, tmp_path):
-    orch = make_orchestrator(f"127.0.0.1:{free_port()}")
+    orch = make_orchestrator("127.0.0.1:0")
     try:
         worker = spawn_worker(orch.addresses[0], processes=1)
         assert orch.wait_for_workers(1, timeout=60)
@@ -226,7 +232,8 @@ def test_orchestrator_gone_kills_running_tasks_and_their_children(spawn_worker, 
         pool = Pool(orchestrator=orch)
         pool.apply_async(spawn_grandchild_and_wait, (marker,))
         wait_until(lambda: os.path.exists(marker), 60, "the task to start its child")
-        executor, grandchild = (int(p) for p in open(marker).read().split())
+        with open(marker) as f:
+            executor, grandchild = (int(p) for p in f.read().split())
         assert alive(executor) and alive(grandchild)
     finally:
         orch.close()

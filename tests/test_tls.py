@@ -13,7 +13,7 @@ import subprocess
 
 import pytest
 
-from conftest import free_port, wait_until
+from conftest import wait_until
 from distripool import Orchestrator, Pool, make_orchestrator
 from test_security import Recorder, square
 
@@ -68,7 +68,7 @@ def worker_args(pki, cert="worker", ca="ca"):
 
 
 def test_workers_with_certificates_from_the_ca_run_the_map(pki, spawn_worker):
-    orch = Orchestrator(f"127.0.0.1:{free_port()}", tls=orchestrator_files(pki))
+    orch = Orchestrator("127.0.0.1:0", tls=orchestrator_files(pki))
     host, port = orch.addresses[0].rsplit(":", 1)
     recorder = Recorder((host, int(port)))
     try:
@@ -87,7 +87,7 @@ def test_workers_with_certificates_from_the_ca_run_the_map(pki, spawn_worker):
 
 
 def test_a_certificate_from_another_ca_is_refused(pki, spawn_worker):
-    orch = Orchestrator(f"127.0.0.1:{free_port()}", tls=orchestrator_files(pki))
+    orch = Orchestrator("127.0.0.1:0", tls=orchestrator_files(pki))
     try:
         rogue = spawn_worker(orch.addresses[0], processes=1, extra=worker_args(pki, cert="rogue"))
         wait_until(
@@ -107,8 +107,8 @@ def test_a_certificate_from_another_ca_is_refused(pki, spawn_worker):
 
 
 def test_tls_on_one_side_only_is_refused_with_a_clear_reason(pki, spawn_worker):
-    tls_orch = Orchestrator(f"127.0.0.1:{free_port()}", tls=orchestrator_files(pki))
-    plain_orch = Orchestrator(f"127.0.0.1:{free_port()}")
+    tls_orch = Orchestrator("127.0.0.1:0", tls=orchestrator_files(pki))
+    plain_orch = Orchestrator("127.0.0.1:0")
     try:
         plain = spawn_worker(tls_orch.addresses[0], processes=1)
         wait_until(
@@ -126,15 +126,15 @@ def test_tls_on_one_side_only_is_refused_with_a_clear_reason(pki, spawn_worker):
 def test_tls_settings_are_checked_before_anything_listens(pki, tmp_path):
     ca, cert, key = orchestrator_files(pki)
     with pytest.raises(ValueError, match="missing: tls_key"):
-        make_orchestrator(f"127.0.0.1:{free_port()}", tls_ca=ca, tls_cert=cert)
+        make_orchestrator("127.0.0.1:0", tls_ca=ca, tls_cert=cert)
     with pytest.raises(FileNotFoundError):
-        make_orchestrator(f"127.0.0.1:{free_port()}", tls_ca=ca, tls_cert=cert, tls_key=tmp_path / "nope")
+        make_orchestrator("127.0.0.1:0", tls_ca=ca, tls_cert=cert, tls_key=tmp_path / "nope")
     loose = tmp_path / "loose.key"
     loose.write_bytes((pki / "orchestrator.key").read_bytes())
     loose.chmod(0o644)
     with pytest.raises(PermissionError, match="chmod 600"):
-        make_orchestrator(f"127.0.0.1:{free_port()}", tls_ca=ca, tls_cert=cert, tls_key=loose)
+        make_orchestrator("127.0.0.1:0", tls_ca=ca, tls_cert=cert, tls_key=loose)
     not_pem = tmp_path / "not.pem"
     not_pem.write_text("hello\n")
     with pytest.raises(ValueError, match="TLS"):
-        make_orchestrator(f"127.0.0.1:{free_port()}", tls_ca=not_pem, tls_cert=cert, tls_key=key)
+        make_orchestrator("127.0.0.1:0", tls_ca=not_pem, tls_cert=cert, tls_key=key)

@@ -75,3 +75,12 @@ def crash_first_time(marker, data):
 def refuse_memfds(pid, fd, inode):
     """Stands in for the executor's memfd probe where /proc is closed to it."""
     return False
+
+
+def slow_square(x):
+    """A task long enough (50 ms) that a map of a few dozen is still running
+    while a test acts on a worker."""
+    import time
+
+    time.sleep(0.05)
+    return x * x

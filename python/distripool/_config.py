@@ -118,6 +118,84 @@ def normalize_addresses(addresses) -> list[str]:
     return out
 
 
+MAX_LABELS = 64
+MAX_LABEL = 256
+
+
+def normalize_labels(labels) -> list[tuple[str, str]]:
+    """Worker labels as ``(key, value)`` pairs, from a dict or ``"key=value"``
+    strings. Keys are letters, digits, ``_ . - /``; values any text.
+
+    Raises:
+        TypeError: not a dict or an iterable of strings.
+        ValueError: a string without ``=``, a bad key, a duplicate, or too many or too long.
+    """
+    if labels is None:
+        return []
+    if isinstance(labels, dict):
+        items = [(k, v) for k, v in labels.items()]
+    elif isinstance(labels, str):
+        raise TypeError("labels must be a dict or a list of 'key=value' strings, not a str")
+    else:
+        items = []
+        for item in labels:
+            if not isinstance(item, str):
+                raise TypeError(f"labels must be 'key=value' strings, not {type(item).__name__}")
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"label {item!r} is not of the form key=value")
+            items.append((key, value))
+    if len(items) > MAX_LABELS:
+        raise ValueError(f"at most {MAX_LABELS} labels, not {len(items)}")
+    out, seen = [], set()
+    for key, value in items:
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError("label keys and values must be str")
+        ok = key and all(c.isascii() and (c.isalnum() or c in "_.-/") for c in key)
+        if not ok or len(key) > MAX_LABEL:
+            raise ValueError(
+                f"invalid label key {key!r}: use letters, digits and _ . - / (at most {MAX_LABEL})"
+            )
+        if len(value.encode()) > MAX_LABEL:
+            raise ValueError(f"label {key!r}: value longer than {MAX_LABEL} bytes")
+        if key in seen:
+            raise ValueError(f"label {key!r} given twice")
+        seen.add(key)
+        out.append((key, value))
+    return out
+
+
+TIMING_NAMES = ("heartbeat", "silence", "handshake", "connect", "backoff_start", "backoff_max")
+
+
+def resolve_timing() -> list[tuple[str, float]] | None:
+    """Time limits from ``$DISTRIPOOL_TIMING``, e.g. ``"heartbeat=0.2,silence=2"``
+    (seconds); ``None`` keeps the defaults (1 s heartbeat, 10 s silence limit,
+    10 s handshake, 3 s connect, backoff from 0.1 s to 5 s).
+
+    Raises:
+        ValueError: a malformed entry or an unknown name.
+    """
+    spec = os.environ.get("DISTRIPOOL_TIMING", "").strip()
+    if not spec:
+        return None
+    out = []
+    for item in spec.split(","):
+        name, sep, value = item.strip().partition("=")
+        name = name.strip()
+        try:
+            seconds = float(value) if sep else None
+        except ValueError:
+            seconds = None
+        if name not in TIMING_NAMES or seconds is None:
+            raise ValueError(
+                f"DISTRIPOOL_TIMING: invalid entry {item.strip()!r}; expected NAME=SECONDS with NAME one of "
+                + ", ".join(TIMING_NAMES)
+            )
+        out.append((name, seconds))
+    return out
+
+
 EXECUTOR_HEAP_SLACK = 256 << 20
 
 

@@ -15,10 +15,13 @@ import struct
 import sys
 import time
 
-from distripool import _buffers
+from distripool import _envelope, _replies
 
 HEADER = struct.Struct("<IBQQ")
 BODY_HEADER = 17
+# Frame kinds; the runtime's `executor.rs` defines them, and a test checks
+# these against `_native.EXECUTOR_FRAME_KINDS` (the executor does not load
+# the extension just for them).
 FUNCTION, TASK, FORGET, RESULT, RETIRE, READY = 1, 2, 3, 4, 5, 6
 MAP, STARMAP, APPLY = 0, 1, 2
 
@@ -27,18 +30,18 @@ def _encode(outcome, max_frame):
     """Pickle an outcome tuple, falling back to cloudpickle, then to an error.
     Returns ``(pickle, out-of-band buffers)``."""
     try:
-        main, bufs = _buffers.dumps(outcome)
+        main, bufs = _envelope.dumps(outcome)
     except BaseException:  # noqa: BLE001 - even SystemExit raised by a __reduce__
         try:
             import cloudpickle
 
-            main, bufs = _buffers.dumps(outcome, cloudpickle)
+            main, bufs = _envelope.dumps(outcome, cloudpickle)
         except BaseException as exc:  # noqa: BLE001
             from multiprocessing.pool import MaybeEncodingError
 
             err = MaybeEncodingError(exc, outcome[1])
             main, bufs = pickle.dumps((False, err, None), protocol=5), []
-    size = _buffers.size(main, bufs) if bufs else len(main)
+    size = _envelope.size(main, bufs) if bufs else len(main)
     if size + BODY_HEADER > max_frame:
         from distripool.exceptions import ResultTooLargeError
 
@@ -57,15 +60,15 @@ def _payload(main, bufs, task):
         return main
     descs = None
     if bufs and task.reply is not None:
-        descs = _buffers.write_reply(task.reply, bufs)
+        descs = _replies.write_reply(task.reply, bufs)
         if descs is not None:
             bufs.clear()
     # Whatever the task left referring to its shared arguments keeps them.
     kept = task.release()
     extra = {"kept": True} if kept else None
     if descs is not None:
-        return _buffers.envelope(main, descs, extra)
-    return _buffers.inline(main, bufs, extra)
+        return _envelope.envelope(main, descs, extra)
+    return _envelope.inline(main, bufs, extra)
 
 
 class ExceptionParts:
@@ -144,19 +147,19 @@ def _run(entry, payload, initialized, task):
             initializer, initargs = entry.init
             initialized.add(entry.pool_key)
             initializer(*initargs)
-        if payload[0] == _buffers.ENVELOPE:
-            (mode, items), task.mapped, extra = _buffers.load(payload, _buffers.open_foreign)
+        if payload[0] == _envelope.ENVELOPE:
+            (mode, items), task.mapped, extra = _envelope.load(payload, _replies.open_foreign)
             task.reply = extra.get("reply") if extra else None
         else:
             mode, items = pickle.loads(payload)
         fn = entry.fn
         if mode == MAP:
-            value = _buffers.wrap_value([fn(x) for x in items], True)
+            value = _envelope.wrap_value([fn(x) for x in items], True)
         elif mode == STARMAP:
-            value = _buffers.wrap_value([fn(*x) for x in items], True)
+            value = _envelope.wrap_value([fn(*x) for x in items], True)
         else:
             args, kwargs = items
-            value = _buffers.wrap_value(fn(*args, **kwargs), False)
+            value = _envelope.wrap_value(fn(*args, **kwargs), False)
         return (True, value)
     except BaseException as exc:  # noqa: BLE001 - every failure belongs to the task
         return _failure(exc)
@@ -215,8 +218,8 @@ class _Link:
             self.flush()
             del self.buf[: self.pos]
             self.pos = 0
-            if _buffers.holds_reply_maps() and not select.select([self.sock], [], [], IDLE_RELEASE)[0]:
-                _buffers.release_idle()
+            if _replies.holds_reply_maps() and not select.select([self.sock], [], [], IDLE_RELEASE)[0]:
+                _replies.release_idle()
             chunk = self.sock.recv(1 << 16)
             if not chunk:
                 return None

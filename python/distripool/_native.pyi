@@ -1,11 +1,39 @@
-"""Type stubs of the Rust extension module ``distripool._native``."""
+"""Type stubs of the Rust extension module ``distripool._native``; CI checks
+them against the built module with ``python -m mypy.stubtest``."""
+
+from typing import final
+
+__all__ = [
+    "Orchestrator",
+    "Client",
+    "run_agent",
+    "enable_logging",
+    "read_bytes",
+    "write_buffer",
+    "SharedMapping",
+    "PROTOCOL_VERSION",
+    "DEFAULT_MAX_FRAME",
+    "VERSION",
+    "STATUS_DONE",
+    "STATUS_CRASHES",
+    "STATUS_LOSSES",
+    "STATUS_TIMEOUT",
+    "EXECUTOR_FRAME_KINDS",
+]
 
 PROTOCOL_VERSION: int
 DEFAULT_MAX_FRAME: int
+VERSION: str
+STATUS_DONE: int
+STATUS_CRASHES: int
+STATUS_LOSSES: int
+STATUS_TIMEOUT: int
+EXECUTOR_FRAME_KINDS: dict[str, int]
 
+@final
 class Orchestrator:
-    def __init__(
-        self,
+    def __new__(
+        cls,
         listen: list[str],
         key: bytes,
         max_crashes: int = 3,
@@ -13,7 +41,8 @@ class Orchestrator:
         cluster: str | None = None,
         encrypt: bool = True,
         tls: tuple[str, str, str] | None = None,
-    ) -> None: ...
+        timing: list[tuple[str, float]] | None = None,
+    ) -> Orchestrator: ...
     @property
     def addresses(self) -> list[str]: ...
     @property
@@ -23,8 +52,12 @@ class Orchestrator:
     ) -> None: ...
     def open_client(self) -> Client: ...
     def stats(self) -> dict[str, int]: ...
+    def workers_info(self) -> list[dict[str, object]]: ...
+    def events(self, since: int = 0) -> list[dict[str, object]]: ...
+    def drain(self, worker: int) -> bool: ...
     def close(self) -> None: ...
 
+@final
 class Client:
     def new_job(self) -> int: ...
     def submit(
@@ -47,11 +80,14 @@ def run_agent(
     cluster: str | None = None,
     encrypt: bool = True,
     tls: tuple[str, str, str] | None = None,
+    timing: list[tuple[str, float]] | None = None,
+    labels: list[tuple[str, str]] = ...,
 ) -> None: ...
 def enable_logging(filter: str) -> None: ...
 def read_bytes(fd: int, offset: int, length: int) -> bytes: ...
 def write_buffer(fd: int, offset: int, buffer: object) -> None: ...
 
+@final
 class SharedMapping:
     @staticmethod
     def of_resident(fd: int) -> SharedMapping | None: ...

@@ -13,8 +13,10 @@ from ._config import (
     DEFAULT_PORTS,
     executor_env,
     normalize_addresses,
+    normalize_labels,
     resolve_cluster,
     resolve_key,
+    resolve_timing,
     resolve_tls,
 )
 
@@ -55,6 +57,7 @@ class Orchestrator:
             resolve_cluster(cluster),
             bool(encrypt),
             tls,
+            resolve_timing(),
         )
         _live.add(self)
 
@@ -65,7 +68,9 @@ class Orchestrator:
         """A private orchestrator with ``processes`` local executors and no port."""
         _check_limits(max_crashes, max_message_size)
         self = cls.__new__(cls)
-        self._native = _native.Orchestrator([], os.urandom(32), max_crashes, max_message_size)
+        self._native = _native.Orchestrator(
+            [], os.urandom(32), max_crashes, max_message_size, timing=resolve_timing()
+        )
         self._native.start_local_agent(processes, sys.executable, EXECUTOR_MODULE, executor_env())
         _live.add(self)
         return self
@@ -91,10 +96,46 @@ class Orchestrator:
 
     def stats(self) -> dict:
         """Counters: ``workers``, ``slots``, ``auth_failures``,
-        ``handshake_failures``, ``tasks_done``, ``crashes``, ``workers_lost``,
-        ``bytes_sent`` and ``bytes_received`` (message bytes to and from workers,
-        before encryption)."""
+        ``handshake_failures``, ``tasks_done``, ``tasks_queued``,
+        ``tasks_running``, ``crashes``, ``workers_lost`` (gone without a
+        word), ``workers_left`` (drained or stopped, saying so), ``bytes_sent``
+        and ``bytes_received`` (message bytes to and from workers, before
+        encryption). Empty once closed."""
         return dict(self._native.stats())
+
+    def workers_info(self) -> list[dict]:
+        """One dict per connected worker, in the order they joined.
+
+        Keys: ``id``; ``name``; ``address`` it connected from (``"local"``
+        for the executors of an embedded pool); ``host``, ``pid`` and ``cpus``
+        (the CPUs its affinity and cgroup quota allow) as the worker reports
+        them; ``labels``, the ``key=value`` pairs it was started with
+        (``distripool worker --label``); ``slots`` (executors); ``state``
+        (``"connected"``, ``"draining"`` or ``"leaving"``); ``tasks_running``
+        (held now, running or prefetched), ``tasks_done`` and ``crashes``;
+        ``connected_for`` and ``last_heard`` in seconds. Empty once closed.
+        """
+        return list(self._native.workers_info())
+
+    def events(self, since: int = 0) -> list[dict]:
+        """Events numbered ``since`` and after, oldest first, of the newest
+        4096: workers joined, draining, left and lost; tasks retried and
+        failed. Each is a dict with ``seq`` (from 0, without gaps), ``time``
+        (as ``time.time()``), ``kind`` and its own fields. Pass the last
+        ``seq`` seen plus one to get only what is new."""
+        return list(self._native.events(since))
+
+    def drain(self, worker: int) -> bool:
+        """Ask worker ``worker`` (an ``id`` from :meth:`workers_info`) to
+        finish the tasks it holds, take no new ones and exit. Its leaving is
+        not counted as a loss. Returns False if no such worker is connected.
+
+        Raises:
+            ValueError: the orchestrator is closed.
+        """
+        if self.closed:
+            raise ValueError("orchestrator is closed")
+        return self._native.drain(worker)
 
     def wait_for_workers(self, n: int = 1, timeout: float | None = None) -> bool:
         """Block until at least ``n`` workers are connected; False on timeout."""
@@ -232,6 +273,7 @@ def make_worker(
     tls_ca=None,
     tls_cert=None,
     tls_key=None,
+    labels=None,
 ) -> None:
     """Run a worker agent in this process; blocks and executes work until interrupted.
 
@@ -240,6 +282,9 @@ def make_worker(
     reconnecting whenever it goes away. It runs ``processes`` executors
     (default: the number of CPUs). ``cluster``, ``encrypt`` and the TLS
     files must match the orchestrator's (see :func:`make_orchestrator`).
+    ``labels`` (a dict, or ``"key=value"`` strings) are shown by the
+    orchestrator's :meth:`Orchestrator.workers_info`. The agent returns when
+    the orchestrator drains it.
 
     Raises:
         KeyboardInterrupt: on Ctrl-C, after stopping the executors.
@@ -252,6 +297,7 @@ def make_worker(
         raise ValueError("Number of processes must be at least 1")
     key = resolve_key(authkey, key_file)
     tls = resolve_tls(tls_ca, tls_cert, tls_key)
+    pairs = normalize_labels(labels)
     _native.run_agent(
         addrs,
         key,
@@ -262,6 +308,8 @@ def make_worker(
         cluster=resolve_cluster(cluster),
         encrypt=bool(encrypt),
         tls=tls,
+        timing=resolve_timing(),
+        labels=pairs,
     )
 
 

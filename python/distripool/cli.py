@@ -8,6 +8,7 @@ import sys
 
 from . import _native
 from ._config import normalize_addresses
+from .exceptions import DistripoolError
 
 WORKER_HELP = """\
 Run a worker agent on this machine. It connects to the orchestrator that a
@@ -38,6 +39,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
             tls_ca=args.tls_ca,
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
+            labels=args.labels,
         )
     except KeyboardInterrupt:
         print("distripool worker: interrupted, executors stopped", file=sys.stderr)
@@ -105,6 +107,14 @@ def main(argv: list[str] | None = None) -> int:
         help="do not seal messages after the handshake; the orchestrator must have encrypt=False "
         "too. Only for networks you trust",
     )
+    w.add_argument(
+        "--label",
+        dest="labels",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a label the orchestrator shows for this worker (workers_info()); repeat for several",
+    )
     tls = w.add_argument_group(
         "mutual TLS 1.3 (instead of distripool's own encryption; all three, or set "
         "$DISTRIPOOL_TLS_CA, $DISTRIPOOL_TLS_CERT, $DISTRIPOOL_TLS_KEY)"
@@ -128,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, PermissionError, FileNotFoundError, FileExistsError) as exc:
         print(f"distripool {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except DistripoolError as exc:
+        print(f"distripool {args.command}: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -47,3 +47,25 @@ class TaskTimeoutError(DistripoolError, builtins.TimeoutError):
     ``multiprocessing.TimeoutError`` that ``get(timeout)`` raises when a result
     is merely not ready yet.
     """
+
+
+class OrchestratorClosedError(DistripoolError, RuntimeError):
+    """Raised when an orchestrator that is closed (or gone) is asked to do
+    something: open a pool, take back tasks, drain a worker. Pools turn it
+    into :class:`PoolTerminatedError` for their pending results."""
+
+
+class AuthenticationError(DistripoolError, PermissionError):
+    """Raised when a peer fails the handshake: a wrong key, another cluster
+    name, or encryption on one side and off on the other."""
+
+
+class ProtocolVersionError(DistripoolError, ConnectionError):
+    """Raised when a peer speaks another version of the wire protocol; the
+    message names both. Install the same distripool version on both sides."""
+
+
+class ExecutorStartError(DistripoolError, RuntimeError):
+    """Raised by a worker whose executors cannot start at all (five in a row
+    died before they were up, or none could be spawned): it stops instead of
+    joining again, since every session would end the same way."""

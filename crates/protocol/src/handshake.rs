@@ -163,6 +163,9 @@ fn rejected(reason: RejectReason, ours: &Binding) -> HandshakeError {
         RejectReason::Sealing { orchestrator_seals } => {
             HandshakeError::SealingMismatch { agent: ours.sealed, orchestrator: orchestrator_seals }
         }
+        RejectReason::Version { supported } => {
+            HandshakeError::VersionMismatch { ours: PROTOCOL_VERSION, theirs: supported }
+        }
         other => HandshakeError::Rejected(other),
     }
 }
@@ -417,7 +420,8 @@ mod tests {
         let err = c
             .on_challenge(HandshakeMsg::Reject { reason: RejectReason::Version { supported: 9 } })
             .unwrap_err();
-        assert_eq!(err, HandshakeError::Rejected(RejectReason::Version { supported: 9 }));
+        assert_eq!(err, HandshakeError::VersionMismatch { ours: PROTOCOL_VERSION, theirs: 9 });
+        assert!(err.to_string().contains(&format!("we speak {PROTOCOL_VERSION}, the peer speaks 9")));
         let err = c.on_challenge(HandshakeMsg::Challenge { version: 9, nonce: [0; 32], proof: [0; 32] });
         assert!(matches!(err, Err(HandshakeError::VersionMismatch { theirs: 9, .. })));
     }

@@ -7,8 +7,10 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ToAgent {
     /// Sent once, first, in answer to [`FromAgent::Ready`]: the largest frame
-    /// the orchestrator accepts, which bounds what executors may send back.
-    Limits { max_frame: u64 },
+    /// the orchestrator accepts, which bounds what executors may send back,
+    /// and the session's heartbeat and silence limit, which the agent adopts
+    /// so that both sides agree on them.
+    Limits { max_frame: u64, heartbeat_ms: u64, silence_ms: u64 },
     /// Keep this pickled function under `fn_id`; payload: the function.
     /// Sent once per agent before the first task that needs it.
     Function { fn_id: u64 },
@@ -22,13 +24,16 @@ pub enum ToAgent {
     Cancel { tasks: Vec<u64> },
     /// Liveness probe; answered with [`FromAgent::Pong`].
     Ping { seq: u64 },
+    /// Finish the tasks already sent, then leave with [`FromAgent::Goodbye`];
+    /// no new task will come.
+    Drain,
 }
 
 /// Agent → orchestrator, after the handshake.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FromAgent {
     /// The agent is ready to run `slots` tasks at once.
-    Ready { slots: u32, host: String, pid: u32 },
+    Ready { slots: u32, labels: Labels },
     /// A task finished (successfully or with a Python exception); payload:
     /// the pickled outcome.
     Result { task: u64, attempt: u32 },
@@ -41,4 +46,20 @@ pub enum FromAgent {
     /// The agent now wants up to `tasks` tasks at once (it holds more per
     /// executor while its tasks are short).
     Capacity { tasks: u32 },
+    /// The agent leaves on purpose (drained, or told to stop): the tasks it
+    /// still held were not started, or are abandoned by it, and go elsewhere
+    /// without counting as lost. The connection closes after this.
+    Goodbye { reason: String },
+}
+
+/// What an agent says about itself when it joins, so that an operator (or a
+/// launcher) can tell which machine, process or job it is.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Labels {
+    pub host: String,
+    pub pid: u32,
+    /// CPUs this agent may use: its affinity mask, within its cgroup's quota.
+    pub cpus: u32,
+    /// Free-form `key=value` pairs given to the worker (`--label`).
+    pub extra: Vec<(String, String)>,
 }

@@ -13,12 +13,11 @@ use std::time::Duration;
 const SIGNAL_CHECK: Duration = Duration::from_millis(20);
 
 use bytes::Bytes;
+use distripool_protocol::HandshakeError;
 use distripool_runtime::executor::ExecutorSpec;
 use distripool_runtime::orchestrator::FailureKind;
-use distripool_runtime::{AgentConfig, Error, OrchestratorConfig, Outcome, Security, TlsFiles};
-use pyo3::exceptions::{
-    PyConnectionError, PyOSError, PyPermissionError, PyRuntimeError, PyTimeoutError, PyValueError,
-};
+use distripool_runtime::{AgentConfig, Error, OrchestratorConfig, Outcome, Security, Timing, TlsFiles};
+use pyo3::exceptions::{PyConnectionError, PyOSError, PyRuntimeError, PyTimeoutError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
 use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
@@ -28,31 +27,77 @@ use std::sync::atomic::Ordering;
 /// and `Client.wait` return.
 fn completion(py: Python<'_>, c: distripool_runtime::Completion) -> PyResult<Bound<'_, PyTuple>> {
     let (status, data) = match c.outcome {
-        Outcome::Done(bytes) => (0u8, PyBytes::new(py, &bytes).into_any()),
+        Outcome::Done(bytes) => (Status::Done, PyBytes::new(py, &bytes).into_any()),
         Outcome::Failed { kind, reason } => {
             let status = match kind {
-                FailureKind::Crashes => 1u8,
-                FailureKind::Losses => 2,
-                FailureKind::Timeout => 3,
+                FailureKind::Crashes => Status::Crashes,
+                FailureKind::Losses => Status::Losses,
+                FailureKind::Timeout => Status::Timeout,
             };
             (status, reason.into_pyobject(py)?.into_any())
         }
     };
-    (c.job, c.index, status, data).into_pyobject(py)
+    (c.job, c.index, status as u8, data).into_pyobject(py)
 }
 
+/// How a completion ended, as the integer `Client.recv` and `Client.wait`
+/// return; exported as `_native.STATUS_*`, the only definition.
+#[derive(Clone, Copy)]
+#[repr(u8)]
+enum Status {
+    /// `data` is the task's pickled outcome.
+    Done = 0,
+    /// Its executors kept dying; `data` is the reason.
+    Crashes = 1,
+    /// Its workers kept being lost; `data` is the reason.
+    Losses = 2,
+    /// It ran past its time limit; `data` is the reason.
+    Timeout = 3,
+}
+
+pyo3::import_exception!(distripool.exceptions, OrchestratorClosedError);
+pyo3::import_exception!(distripool.exceptions, AuthenticationError);
+pyo3::import_exception!(distripool.exceptions, ProtocolVersionError);
+pyo3::import_exception!(distripool.exceptions, ExecutorStartError);
+
+/// The one mapping of runtime errors onto Python exceptions: the standard
+/// types a `multiprocessing` or socket user expects, and distripool's own
+/// (defined in `distripool.exceptions`) for what only it can raise.
 fn to_py(e: Error) -> PyErr {
+    use distripool_runtime::SessionEnd;
     match e {
         Error::Config(m) => PyValueError::new_err(m),
         Error::Tls(m) => PyConnectionError::new_err(m),
         Error::Io(e) => PyOSError::new_err(e.to_string()),
         Error::Frame(e) => PyConnectionError::new_err(e.to_string()),
         Error::Cipher(e) => PyConnectionError::new_err(e.to_string()),
-        Error::Handshake(e) => PyPermissionError::new_err(format!("authentication failed: {e}")),
+        Error::Handshake(h @ HandshakeError::VersionMismatch { .. }) => {
+            ProtocolVersionError::new_err(h.to_string())
+        }
+        Error::Handshake(e) => AuthenticationError::new_err(format!("authentication failed: {e}")),
         Error::Timeout(what) => PyTimeoutError::new_err(format!("timed out: {what}")),
-        Error::Closed => PyRuntimeError::new_err("the orchestrator is closed"),
+        Error::Closed => OrchestratorClosedError::new_err("the orchestrator is closed"),
         Error::TooLarge(m) => PyValueError::new_err(m),
+        Error::Listen { addr, source } => {
+            let message = format!("cannot listen on {addr}: {source}");
+            match source.raw_os_error() {
+                Some(errno) => PyOSError::new_err((errno, message)),
+                None => PyOSError::new_err(message),
+            }
+        }
+        Error::Fatal(end @ SessionEnd::Executors(_)) => ExecutorStartError::new_err(end.to_string()),
+        e @ Error::Fatal(_) => PyRuntimeError::new_err(e.to_string()),
     }
+}
+
+/// Today's timing with the values named in `values` (seconds) changed.
+fn timing(values: Option<Vec<(String, f64)>>) -> PyResult<Timing> {
+    let mut t = Timing::default();
+    for (name, seconds) in values.unwrap_or_default() {
+        t.set(&name, seconds).map_err(to_py)?;
+    }
+    t.validate().map_err(to_py)?;
+    Ok(t)
 }
 
 fn security(
@@ -79,7 +124,9 @@ struct Orchestrator {
 #[pymethods]
 impl Orchestrator {
     #[new]
-    #[pyo3(signature = (listen, key, max_crashes = 3, max_frame = None, cluster = None, encrypt = true, tls = None))]
+    #[pyo3(signature = (
+        listen, key, max_crashes = 3, max_frame = None, cluster = None, encrypt = true, tls = None, timing = None
+    ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -90,9 +137,11 @@ impl Orchestrator {
         cluster: Option<String>,
         encrypt: bool,
         tls: Option<(PathBuf, PathBuf, PathBuf)>,
+        timing: Option<Vec<(String, f64)>>,
     ) -> PyResult<Self> {
         let security = security(key, cluster, encrypt, tls);
-        let mut config = OrchestratorConfig { listen, security, max_crashes, ..Default::default() };
+        let timing = self::timing(timing)?;
+        let mut config = OrchestratorConfig { listen, security, max_crashes, timing, ..Default::default() };
         if let Some(m) = max_frame {
             config.max_frame = m;
         }
@@ -128,6 +177,9 @@ impl Orchestrator {
             security: Security::default(),
             processes,
             executor: ExecutorSpec { python, module, env, max_frame: 0 },
+            // The orchestrator's own.
+            timing: Timing::default(),
+            labels: Vec::new(),
         };
         orch.start_local_agent(config).map_err(to_py)
     }
@@ -138,11 +190,18 @@ impl Orchestrator {
         Ok(Client { inner: orch.open_client().map_err(to_py)? })
     }
 
-    /// Counters: connected workers, their executor slots, rejected peers, tasks done.
+    /// Counters: connected workers, their executor slots, rejected peers,
+    /// tasks done, queued and running.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
         let guard = self.inner.lock().expect("orchestrator lock");
         if let Some(o) = guard.as_ref() {
+            let snap = py.detach(|| o.snapshot()).map_err(to_py)?;
+            let (queued, running) =
+                snap.clients.iter().fold((0, 0), |(q, r), c| (q + c.queued, r + c.running));
+            d.set_item("tasks_queued", queued)?;
+            d.set_item("tasks_running", running)?;
+            d.set_item("workers_left", o.stats().workers_left.load(Ordering::Relaxed))?;
             let s = o.stats();
             d.set_item("workers", s.workers.load(Ordering::Relaxed))?;
             d.set_item("slots", s.slots.load(Ordering::Relaxed))?;
@@ -155,6 +214,91 @@ impl Orchestrator {
             d.set_item("bytes_received", s.bytes_received.load(Ordering::Relaxed))?;
         }
         Ok(d)
+    }
+
+    /// One dict per connected worker, in the order they joined.
+    fn workers_info<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let out = PyList::empty(py);
+        let guard = self.inner.lock().expect("orchestrator lock");
+        let Some(o) = guard.as_ref() else { return Ok(out) };
+        let snap = py.detach(|| o.snapshot()).map_err(to_py)?;
+        for w in snap.workers {
+            let d = PyDict::new(py);
+            d.set_item("id", w.id)?;
+            d.set_item("name", w.name)?;
+            d.set_item("address", w.peer)?;
+            d.set_item("host", w.labels.host)?;
+            d.set_item("pid", w.labels.pid)?;
+            d.set_item("cpus", w.labels.cpus)?;
+            let labels = PyDict::new(py);
+            for (k, v) in w.labels.extra {
+                labels.set_item(k, v)?;
+            }
+            d.set_item("labels", labels)?;
+            d.set_item("slots", w.slots)?;
+            d.set_item("state", w.state.as_str())?;
+            d.set_item("tasks_running", w.running)?;
+            d.set_item("tasks_done", w.tasks_done)?;
+            d.set_item("crashes", w.crashes)?;
+            d.set_item("connected_for", w.connected_for.as_secs_f64())?;
+            d.set_item("last_heard", w.last_heard.as_secs_f64())?;
+            out.append(d)?;
+        }
+        Ok(out)
+    }
+
+    /// The events numbered `since` and after that are still kept, oldest
+    /// first, as dicts with `seq`, `time` (seconds since the epoch), `kind`
+    /// and the event's own fields.
+    #[pyo3(signature = (since = 0))]
+    fn events<'py>(&self, py: Python<'py>, since: u64) -> PyResult<Bound<'py, PyList>> {
+        use distripool_runtime::orchestrator::EventKind as K;
+        let out = PyList::empty(py);
+        let guard = self.inner.lock().expect("orchestrator lock");
+        let Some(o) = guard.as_ref() else { return Ok(out) };
+        let events = py.detach(|| o.events(since)).map_err(to_py)?;
+        let (now, wall) = (std::time::Instant::now(), std::time::SystemTime::now());
+        for e in events {
+            let d = PyDict::new(py);
+            d.set_item("seq", e.seq)?;
+            let at = wall - now.saturating_duration_since(e.at);
+            d.set_item("time", at.duration_since(std::time::UNIX_EPOCH).map_or(0.0, |t| t.as_secs_f64()))?;
+            d.set_item("kind", e.kind.name())?;
+            match e.kind {
+                K::WorkerJoined { worker, name } | K::WorkerDraining { worker, name } => {
+                    d.set_item("worker", worker)?;
+                    d.set_item("name", name)?;
+                }
+                K::WorkerLeft { worker, name, reason } => {
+                    d.set_item("worker", worker)?;
+                    d.set_item("name", name)?;
+                    d.set_item("reason", reason)?;
+                }
+                K::WorkerLost { worker, name, reason, tasks } => {
+                    d.set_item("worker", worker)?;
+                    d.set_item("name", name)?;
+                    d.set_item("reason", reason)?;
+                    d.set_item("tasks", tasks)?;
+                }
+                K::TaskRetried { client, job, index, reason }
+                | K::TaskFailed { client, job, index, reason } => {
+                    d.set_item("client", client)?;
+                    d.set_item("job", job)?;
+                    d.set_item("index", index)?;
+                    d.set_item("reason", reason)?;
+                }
+            }
+            out.append(d)?;
+        }
+        Ok(out)
+    }
+
+    /// Ask a worker to finish what it holds, take nothing new and leave.
+    /// False if no worker with that id is connected.
+    fn drain(&self, py: Python<'_>, worker: u64) -> PyResult<bool> {
+        let guard = self.inner.lock().expect("orchestrator lock");
+        let o = guard.as_ref().ok_or_else(|| to_py(Error::Closed))?;
+        py.detach(|| o.drain(worker)).map_err(to_py)
     }
 
     /// Stop everything and free the ports. Safe to call twice.
@@ -253,7 +397,8 @@ impl Client {
 /// Serve orchestrators as a worker agent until interrupted (Ctrl-C).
 #[pyfunction]
 #[pyo3(signature = (
-    connect, key, processes, python, module, env, max_frame = None, cluster = None, encrypt = true, tls = None
+    connect, key, processes, python, module, env, max_frame = None, cluster = None, encrypt = true, tls = None,
+    timing = None, labels = Vec::new()
 ))]
 #[allow(clippy::too_many_arguments)]
 fn run_agent(
@@ -268,6 +413,8 @@ fn run_agent(
     cluster: Option<String>,
     encrypt: bool,
     tls: Option<(PathBuf, PathBuf, PathBuf)>,
+    timing: Option<Vec<(String, f64)>>,
+    labels: Vec<(String, String)>,
 ) -> PyResult<()> {
     let max_frame = max_frame.unwrap_or(distripool_runtime::DEFAULT_MAX_FRAME);
     let config = AgentConfig {
@@ -275,6 +422,8 @@ fn run_agent(
         security: security(key, cluster, encrypt, tls),
         processes,
         executor: ExecutorSpec { python, module, env, max_frame },
+        timing: self::timing(timing)?,
+        labels,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -331,5 +480,20 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<memfd::SharedMapping>()?;
     m.add("PROTOCOL_VERSION", distripool_runtime::PROTOCOL_VERSION)?;
     m.add("DEFAULT_MAX_FRAME", distripool_runtime::DEFAULT_MAX_FRAME)?;
+    m.add("VERSION", env!("CARGO_PKG_VERSION"))?;
+    m.add("STATUS_DONE", Status::Done as u8)?;
+    m.add("STATUS_CRASHES", Status::Crashes as u8)?;
+    m.add("STATUS_LOSSES", Status::Losses as u8)?;
+    m.add("STATUS_TIMEOUT", Status::Timeout as u8)?;
+    use distripool_runtime::executor as x;
+    let kinds = [
+        ("FUNCTION", x::KIND_FUNCTION),
+        ("TASK", x::KIND_TASK),
+        ("FORGET", x::KIND_FORGET),
+        ("RESULT", x::KIND_RESULT),
+        ("RETIRE", x::KIND_RETIRE),
+        ("READY", x::KIND_READY),
+    ];
+    m.add("EXECUTOR_FRAME_KINDS", kinds.into_iter().collect::<std::collections::HashMap<_, _>>())?;
     Ok(())
 }

@@ -29,8 +29,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use distripool_protocol::{FromAgent, ToAgent, DEFAULT_MAX_FRAME};
-use distripool_runtime::conn::{client_handshake, FrameReader, FrameWriter, HEARTBEAT};
-use distripool_runtime::{Orchestrator, OrchestratorConfig, Outcome, Security};
+use distripool_runtime::conn::{client_handshake, FrameReader, FrameWriter};
+use distripool_runtime::{Orchestrator, OrchestratorConfig, Outcome, Security, Timing};
 use tokio::net::TcpStream;
 
 const KEY: &[u8] = b"orchestrator bench key";
@@ -65,13 +65,15 @@ async fn fake_agent(addr: String, slots: u32) {
     let (rd, wr) = stream.into_split();
     let mut reader = FrameReader::new(rd, DEFAULT_MAX_FRAME).with_opener(Some(keys.recv));
     let mut writer = FrameWriter::new(wr, DEFAULT_MAX_FRAME).with_sealer(Some(keys.send));
-    let ready = FromAgent::Ready { slots, host: "bench".into(), pid: std::process::id() };
+    let labels =
+        distripool_protocol::Labels { host: "bench".into(), pid: std::process::id(), ..Default::default() };
+    let ready = FromAgent::Ready { slots, labels };
     writer.write(&ready, b"").await.expect("ready");
     // As a real agent does once it sees its tasks are short: hold DEEP per slot.
     let capacity = FromAgent::Capacity { tasks: slots * distripool_runtime::agent::DEEP as u32 };
     writer.write(&capacity, b"").await.expect("capacity");
     writer.flush().await.expect("flush");
-    let mut heartbeat = tokio::time::interval(HEARTBEAT);
+    let mut heartbeat = tokio::time::interval(Timing::default().heartbeat);
     loop {
         tokio::select! {
             frame = reader.read_frame() => {
@@ -226,7 +228,7 @@ fn main() {
     let mut child = spawn_agents(&addr, 1000, 1);
     wait_for_workers(&orch, 1000);
     // Let a few heartbeats go round, then measure.
-    std::thread::sleep(3 * HEARTBEAT);
+    std::thread::sleep(3 * Timing::default().heartbeat);
     let after = rss_bytes();
     println!(
         "\n1 000 idle agents connected: orchestrator resident memory {:.1} MiB → {:.1} MiB (+{:.1} MiB)",

@@ -24,12 +24,58 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 
 use crate::{random_bytes, Error, Result};
 
-/// Longest a peer may take to complete the handshake.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How often each side shows it is alive.
-pub const HEARTBEAT: Duration = Duration::from_secs(1);
-/// Silence after which a peer is declared gone.
-pub const PEER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Why an authenticated session ended, on either side.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionEnd {
+    /// The peer closed the connection between frames.
+    Closed,
+    /// Nothing at all arrived from the peer for this long.
+    Silent(Duration),
+    /// Reading failed: a broken connection, a frame that failed to open.
+    Connection(String),
+    /// Writing failed.
+    Send(String),
+    /// The peer sent a message that is not valid where it arrived.
+    Protocol(String),
+    /// The agent cannot start executors at all.
+    Executors(String),
+    /// The agent finished what it held after the orchestrator asked it to
+    /// drain, and said goodbye.
+    Drained,
+    /// This side is shutting down.
+    Stopped,
+}
+
+impl SessionEnd {
+    /// True when a new session would end the same way: the agent stops
+    /// instead of dialing again.
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, SessionEnd::Executors(_))
+    }
+
+    /// The end of a read that failed with `e`.
+    pub(crate) fn of_read(e: Error, silence: Duration) -> Self {
+        match e {
+            Error::Timeout(_) => SessionEnd::Silent(silence),
+            e => SessionEnd::Connection(e.to_string()),
+        }
+    }
+}
+
+impl std::fmt::Display for SessionEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SessionEnd::Closed => f.write_str("connection closed"),
+            SessionEnd::Silent(d) => write!(f, "no word from the peer for {d:?}"),
+            SessionEnd::Connection(e) => write!(f, "connection error: {e}"),
+            SessionEnd::Send(e) => write!(f, "cannot send: {e}"),
+            SessionEnd::Protocol(e) => write!(f, "protocol error: {e}"),
+            SessionEnd::Executors(e) => write!(f, "{e}"),
+            SessionEnd::Drained => f.write_str("drained by the orchestrator"),
+            SessionEnd::Stopped => f.write_str("shutting down"),
+        }
+    }
+}
 
 pub struct FrameReader<R> {
     inner: R,
@@ -72,6 +118,12 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub fn with_silence_limit(mut self, limit: Duration) -> Self {
         self.silence_limit = Some(limit);
         self
+    }
+
+    /// Change the silence limit (the peer's own, once it is known).
+    pub fn set_silence_limit(&mut self, limit: Duration) {
+        self.silence_limit = Some(limit);
+        self.silence = None;
     }
 
     /// Open (decrypt and verify) every record read from now on.
@@ -308,26 +360,21 @@ pub async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(
     key: &[u8],
     binding: &Binding,
 ) -> Result<(u64, SessionKeys)> {
-    let fut = async {
-        let mut hs = ClientHandshake::new(key, binding.clone(), random_bytes());
-        send_hs(s, &hs.hello()).await?;
-        let challenge = recv_hs(s).await?;
-        match hs.on_challenge(challenge) {
-            Ok(proof) => send_hs(s, &proof).await?,
-            Err(e) => {
-                if let Some(reply) = e.reply() {
-                    let _ = send_hs(s, &reply).await;
-                }
-                return Err(e.into());
+    let mut hs = ClientHandshake::new(key, binding.clone(), random_bytes());
+    send_hs(s, &hs.hello()).await?;
+    let challenge = recv_hs(s).await?;
+    match hs.on_challenge(challenge) {
+        Ok(proof) => send_hs(s, &proof).await?,
+        Err(e) => {
+            if let Some(reply) = e.reply() {
+                let _ = send_hs(s, &reply).await;
             }
+            return Err(e.into());
         }
-        let session = hs.on_outcome(recv_hs(s).await?)?;
-        let keys = hs.session_keys().expect("keys exist after a successful handshake");
-        Ok((session, keys))
-    };
-    tokio::time::timeout(HANDSHAKE_TIMEOUT, fut)
-        .await
-        .map_err(|_| Error::Timeout("handshake with the orchestrator"))?
+    }
+    let session = hs.on_outcome(recv_hs(s).await?)?;
+    let keys = hs.session_keys().expect("keys exist after a successful handshake");
+    Ok((session, keys))
 }
 
 /// Authenticate a connecting agent; returns the session's frame keys.
@@ -337,17 +384,14 @@ pub async fn server_handshake<S: AsyncRead + AsyncWrite + Unpin>(
     binding: &Binding,
     session: u64,
 ) -> Result<SessionKeys> {
-    let fut = async {
-        let mut hs = ServerHandshake::new(key, binding.clone(), random_bytes());
-        let step = hs.on_hello(recv_hs(s).await?);
-        let challenge = reply_or_fail(s, step).await?;
-        send_hs(s, &challenge).await?;
-        let step = hs.on_proof(recv_hs(s).await?, session);
-        let accept = reply_or_fail(s, step).await?;
-        send_hs(s, &accept).await?;
-        Ok(hs.session_keys().expect("keys exist after a successful handshake"))
-    };
-    tokio::time::timeout(HANDSHAKE_TIMEOUT, fut).await.map_err(|_| Error::Timeout("agent handshake"))?
+    let mut hs = ServerHandshake::new(key, binding.clone(), random_bytes());
+    let step = hs.on_hello(recv_hs(s).await?);
+    let challenge = reply_or_fail(s, step).await?;
+    send_hs(s, &challenge).await?;
+    let step = hs.on_proof(recv_hs(s).await?, session);
+    let accept = reply_or_fail(s, step).await?;
+    send_hs(s, &accept).await?;
+    Ok(hs.session_keys().expect("keys exist after a successful handshake"))
 }
 
 async fn reply_or_fail<S: AsyncWrite + Unpin>(
@@ -367,9 +411,9 @@ async fn reply_or_fail<S: AsyncWrite + Unpin>(
 
 /// Socket options for every agent ↔ orchestrator connection: no Nagle delay
 /// on small frames, and the kernel gives up on a peer that stops
-/// acknowledging (an unplugged host, a silent firewall) within about
-/// [`PEER_TIMEOUT`], even while we have data queued for it.
-pub fn tune_tcp(stream: &tokio::net::TcpStream) -> std::io::Result<()> {
+/// acknowledging (an unplugged host, a silent firewall) within about the
+/// silence limit, even while we have data queued for it.
+pub fn tune_tcp(stream: &tokio::net::TcpStream, silence: Duration) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
     let sock = socket2::SockRef::from(stream);
     let keepalive = socket2::TcpKeepalive::new()
@@ -377,7 +421,7 @@ pub fn tune_tcp(stream: &tokio::net::TcpStream) -> std::io::Result<()> {
         .with_interval(Duration::from_secs(1))
         .with_retries(5);
     sock.set_tcp_keepalive(&keepalive)?;
-    sock.set_tcp_user_timeout(Some(PEER_TIMEOUT))?;
+    sock.set_tcp_user_timeout(Some(silence))?;
     Ok(())
 }
 
@@ -394,6 +438,56 @@ impl<M> Outgoing<M> {
     }
     pub fn with_payload(msg: M, payload: Bytes) -> Self {
         Self { msg, payload }
+    }
+}
+
+impl<M> IntoIterator for Outgoing<M> {
+    type Item = Self;
+    type IntoIter = std::iter::Once<Self>;
+    fn into_iter(self) -> Self::IntoIter {
+        std::iter::once(self)
+    }
+}
+
+/// A session's writer: send what arrives on `rx`, in order, until it closes.
+/// Everything already queued goes out before one flush (one syscall, and on a
+/// sealed connection as few records as the bytes need). Every `heartbeat`,
+/// however busy the connection, `idle` makes a frame that shows the peer we
+/// are alive.
+/// `flushed` is told how many frame bytes each flush sent.
+pub async fn write_batches<W, M, B>(
+    mut w: FrameWriter<W>,
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<B>,
+    heartbeat: Duration,
+    mut idle: impl FnMut() -> Outgoing<M>,
+    mut flushed: impl FnMut(u64),
+) -> Result<()>
+where
+    W: AsyncWrite + Unpin,
+    M: Serialize,
+    B: IntoIterator<Item = Outgoing<M>>,
+{
+    let mut tick = tokio::time::interval(heartbeat);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let mut first = tokio::select! {
+            batch = rx.recv() => match batch {
+                Some(b) => Some(b),
+                None => return Ok(()),
+            },
+            _ = tick.tick() => {
+                let f = idle();
+                w.write(&f.msg, &f.payload).await?;
+                None
+            }
+        };
+        while let Some(batch) = first.take().or_else(|| rx.try_recv().ok()) {
+            for f in batch {
+                w.write(&f.msg, &f.payload).await?;
+            }
+        }
+        w.flush().await?;
+        flushed(w.take_written());
     }
 }
 

@@ -20,11 +20,15 @@ pub mod executor;
 pub mod mailbox;
 pub mod orchestrator;
 pub mod security;
+pub mod timing;
 
 pub use agent::{run_agent, AgentConfig};
+pub use conn::SessionEnd;
 pub use distripool_protocol::{DEFAULT_MAX_FRAME, PROTOCOL_VERSION};
-pub use orchestrator::{Client, Completion, Orchestrator, OrchestratorConfig, Outcome, Stats};
+pub use mailbox::{Completion, Outcome};
+pub use orchestrator::{Client, Orchestrator, OrchestratorConfig, Stats};
 pub use security::{Security, TlsFiles};
+pub use timing::Timing;
 
 use distripool_protocol::{FrameError, HandshakeError};
 
@@ -37,16 +41,22 @@ pub enum Error {
     Frame(#[from] FrameError),
     #[error("{0}")]
     Cipher(#[from] distripool_protocol::CipherError),
-    #[error("authentication failed: {0}")]
+    #[error("{0}")]
     Handshake(#[from] HandshakeError),
     #[error("{0}")]
     Config(String),
+    /// The address could not be bound (in use, not ours, no permission).
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: std::net::SocketAddr, source: std::io::Error },
     #[error("{0}")]
     Tls(String),
     #[error("timed out: {0}")]
     Timeout(&'static str),
     #[error("the orchestrator is closed")]
     Closed,
+    /// A session ended in a way that a new one would repeat.
+    #[error("{0}")]
+    Fatal(crate::conn::SessionEnd),
     #[error("{0}")]
     TooLarge(String),
 }

@@ -11,8 +11,27 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::orchestrator::Completion;
+use bytes::Bytes;
+use distripool_scheduler::FailureKind;
+
 use crate::{Error, Result};
+
+/// How a task ended, as seen by its client.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The executor's pickled outcome (a value or a Python exception).
+    Done(Bytes),
+    /// The task could not be completed: retries exhausted, or out of time.
+    Failed { kind: FailureKind, reason: String },
+}
+
+/// One finished task of a client's job.
+#[derive(Debug)]
+pub struct Completion {
+    pub job: u64,
+    pub index: u32,
+    pub outcome: Outcome,
+}
 
 /// Most completions one `recv` returns.
 const RECV_MAX: usize = 4096;
@@ -172,8 +191,6 @@ impl Drop for MailboxTx {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::orchestrator::Outcome;
-    use bytes::Bytes;
 
     fn done(job: u64) -> Completion {
         Completion { job, index: 0, outcome: Outcome::Done(Bytes::from_static(b"x")) }

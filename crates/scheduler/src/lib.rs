@@ -206,6 +206,31 @@ impl<P: Clone, R> Scheduler<P, R> {
 
     /// A worker is gone: its tasks go back to the queue (or fail, past the limit).
     pub fn worker_lost(&mut self, worker: WorkerId, reason: &str) {
+        self.remove_worker(worker, Some(reason));
+    }
+
+    /// A worker left on purpose, saying so: the tasks it held go back to the
+    /// queue without counting as a loss.
+    pub fn worker_left(&mut self, worker: WorkerId) {
+        self.remove_worker(worker, None);
+    }
+
+    /// Tasks `worker` holds now, or `None` for a worker it does not know.
+    pub fn worker_load(&self, worker: WorkerId) -> Option<usize> {
+        self.workers.get(&worker).map(|w| w.tasks.len())
+    }
+
+    /// True when `task` is known and not finished: queued or running.
+    pub fn is_pending(&self, task: TaskId) -> bool {
+        self.tasks.contains_key(&task)
+    }
+
+    /// True when `task` is on a worker now (not queued, not done).
+    pub fn is_running(&self, task: TaskId) -> bool {
+        self.tasks.get(&task).is_some_and(|t| t.worker.is_some())
+    }
+
+    fn remove_worker(&mut self, worker: WorkerId, lost: Option<&str>) {
         let Some(w) = self.workers.remove(&worker) else {
             return;
         };
@@ -218,6 +243,10 @@ impl<P: Clone, R> Scheduler<P, R> {
                 continue;
             };
             t.worker = None;
+            let Some(reason) = lost else {
+                self.queue.push_front(task);
+                continue;
+            };
             t.losses += 1;
             t.reasons.push(format!("attempt {}: worker lost ({reason})", t.attempt));
             if t.losses >= self.config.max_losses {

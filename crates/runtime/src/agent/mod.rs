@@ -1,0 +1,133 @@
+//! The worker agent: dials an orchestrator, authenticates, and runs the tasks
+//! it is given on a fixed number of executor processes.
+//!
+//! One *session* is one authenticated connection. Within it the agent keeps a
+//! local queue of tasks; each executor slot holds [`DEPTH`] of them, or, while
+//! its tasks are short, about 2 ms of work, up to [`DEEP`]
+//! (one running, the rest already written to its socket so it never waits on
+//! a round trip). When an executor dies, the task it was running is reported
+//! as crashed and the ones merely queued behind it go back to the local queue
+//! without counting against them; the slot gets a fresh executor.
+//!
+//! When a session ends — the orchestrator closed, went silent, or the
+//! connection broke — every executor is killed, so no task outlives the
+//! session that asked for it, and the agent dials again with capped,
+//! jittered exponential backoff.
+
+//!
+//! | file | what it does |
+//! |---|---|
+//! | `mod.rs` | dialing, authenticating, reconnecting |
+//! | `session.rs` | the session's state machine: messages and executor events in, frames and executor commands out |
+//! | `driver.rs` | the tokio side of a session: sockets, executor processes, one timer |
+
+mod driver;
+mod session;
+
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+pub use driver::run_session;
+pub use session::{DEEP, DEPTH};
+
+use crate::conn::{client_handshake, tune_tcp, SessionEnd};
+use crate::executor::ExecutorSpec;
+use crate::security::{explain_tls, Dialer, Security};
+use crate::timing::Timing;
+use crate::{resolve, Error, Result};
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Orchestrator addresses, tried in turn.
+    pub connect: Vec<String>,
+    pub security: Security,
+    pub processes: usize,
+    pub executor: ExecutorSpec,
+    pub timing: Timing,
+    /// `key=value` labels the orchestrator shows for this worker.
+    pub labels: Vec<(String, String)>,
+}
+
+/// Serve orchestrators until `stop` becomes true. Connection and
+/// authentication failures are logged and retried; they never end the agent.
+pub async fn run_agent(config: AgentConfig, mut stop: watch::Receiver<bool>) -> Result<()> {
+    if config.connect.is_empty() {
+        return Err(Error::Config("no orchestrator address to connect to".into()));
+    }
+    config.timing.validate()?;
+    let timing = config.timing;
+    let dialer = Dialer::new(&config.security)?;
+    let binding = config.security.binding();
+    let mut backoff = timing.backoff_start;
+    let mut target = 0usize;
+    loop {
+        let addr = &config.connect[target % config.connect.len()];
+        target += 1;
+        let attempt = async {
+            let sockaddr = resolve(addr)?;
+            // A SYN into a partition is retried by the kernel for minutes;
+            // give up sooner and try again on the backoff schedule.
+            let tcp = tokio::time::timeout(timing.connect, TcpStream::connect(sockaddr))
+                .await
+                .map_err(|_| Error::Timeout("connecting to the orchestrator"))??;
+            tune_tcp(&tcp, timing.silence)?;
+            let authenticate = async {
+                let mut stream = dialer.wrap(tcp, addr).await?;
+                let (session, keys) = client_handshake(&mut stream, &config.security.key, &binding).await?;
+                Ok::<_, Error>((stream, session, keys))
+            };
+            tokio::time::timeout(timing.handshake, authenticate)
+                .await
+                .map_err(|_| Error::Timeout("handshake with the orchestrator"))?
+                .map_err(|e| explain_tls(e, addr))
+        };
+        let outcome = tokio::select! {
+            r = attempt => r,
+            _ = stop.changed() => return Ok(()),
+        };
+        match outcome {
+            Ok((stream, session, keys)) => {
+                tracing::info!("connected to orchestrator {addr} (session {session})");
+                backoff = timing.backoff_start;
+                let end = run_session(stream, &config, binding.sealed.then_some(keys), &mut stop).await;
+                match end {
+                    SessionEnd::Stopped if *stop.borrow() => return Ok(()),
+                    SessionEnd::Drained => {
+                        tracing::info!("drained by orchestrator {addr}; stopping");
+                        return Ok(());
+                    }
+                    _ => {}
+                }
+                if end.is_fatal() {
+                    tracing::error!(
+                        "session with {addr} ended: {end}; this worker cannot run tasks, stopping"
+                    );
+                    return Err(Error::Fatal(end));
+                }
+                tracing::warn!("session with {addr} ended: {end}; reconnecting");
+            }
+            Err(Error::Handshake(e)) if e.is_auth_failure() => {
+                tracing::error!(
+                    "authentication with orchestrator {addr} failed: {e}; check that both sides use the same key \
+                     (--authkey-file, DISTRIPOOL_AUTHKEY or DISTRIPOOL_AUTHKEY_FILE); retrying"
+                );
+            }
+            Err(e @ (Error::Handshake(_) | Error::Tls(_))) => {
+                tracing::error!("cannot join orchestrator {addr}: {e}; retrying");
+            }
+            Err(Error::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => tracing::warn!(
+                "orchestrator {addr} closed the connection during the handshake (it may be busy with many \
+                 joining workers, or set up for TLS while this worker is not); retrying"
+            ),
+            Err(e) => tracing::info!("orchestrator {addr} not available ({e}); retrying"),
+        }
+        let jitter = Duration::from_millis(u64::from(crate::random_bytes::<1>()[0]) % 100);
+        tokio::select! {
+            _ = tokio::time::sleep(backoff + jitter) => {}
+            _ = stop.changed() => return Ok(()),
+        }
+        backoff = (backoff * 2).min(timing.backoff_max);
+    }
+}

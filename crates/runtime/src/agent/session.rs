@@ -1,0 +1,423 @@
+//! One session's state machine: orchestrator messages, executor events and
+//! the passing of time in; frames for the orchestrator and commands for
+//! executors out, through an [`AgentComm`]. It starts no process and reads no
+//! clock, so it is tested without either (see `session_tests.rs`).
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use distripool_protocol::{FromAgent, ToAgent};
+
+use crate::conn::{Outgoing, SessionEnd};
+use crate::executor::{ExecEvent, ExecIn};
+
+/// Tasks held by one executor at once: one running, the rest prefetched.
+pub const DEPTH: usize = 2;
+/// Most tasks held by one executor. With tasks of a few microseconds it would
+/// otherwise idle on the round trip through the agent and the orchestrator.
+pub const DEEP: usize = 32;
+/// Work an executor holds, in its recent tasks' time: the depth is the
+/// power of two nearest below `QUEUE_BUDGET / typical task`, from [`DEPTH`]
+/// to [`DEEP`]. Long tasks keep [`DEPTH`], so that few wait behind one
+/// another while another executor is free, and the work left queued at the
+/// end of a map stays under about this long per executor.
+pub(crate) const QUEUE_BUDGET: Duration = Duration::from_millis(2);
+/// Executors of one slot that may die in a row before they are ready, before
+/// the session gives up (a broken Python installation, say).
+pub(crate) const MAX_START_FAILURES: u32 = 5;
+
+/// Where a session's output goes.
+pub(crate) trait AgentComm {
+    /// A frame for the orchestrator.
+    fn send(&mut self, out: Outgoing<FromAgent>);
+    /// Start the executor `generation` of `slot`, killing the one the slot
+    /// had. Returns its pid, or why it could not be started.
+    fn start_executor(&mut self, slot: usize, generation: u64) -> Result<u32, String>;
+    /// A frame for the executor of `slot`.
+    fn to_executor(&mut self, slot: usize, msg: ExecIn);
+}
+
+struct Inflight {
+    task: u64,
+    attempt: u32,
+    cancelled: bool,
+    /// When the executor started on it (it reached the front of the slot).
+    started: Option<Instant>,
+}
+
+struct Queued {
+    task: u64,
+    attempt: u32,
+    fn_id: u64,
+    payload: Bytes,
+    timeout: Option<Duration>,
+}
+
+struct Slot {
+    pid: u32,
+    generation: u64,
+    /// The executor announced a clean exit; it gets no more tasks.
+    retiring: bool,
+    /// The executor said it is up; before that, its death is not its task's fault.
+    ready: bool,
+    /// Executors of this slot that died before they were ready, in a row.
+    start_failures: u32,
+    /// Running time of this slot's recent tasks (moving average).
+    typical_task: Option<Duration>,
+    inflight: VecDeque<(Inflight, Queued)>,
+    fns: HashSet<u64>,
+}
+
+impl Slot {
+    /// Tasks this slot's executor may hold: more while its tasks are short.
+    fn depth(&self) -> usize {
+        match self.typical_task {
+            Some(t) => {
+                let fits = (QUEUE_BUDGET.as_nanos() / t.as_nanos().max(1)).min(DEEP as u128) as usize;
+                // Whole powers of two, so that small changes in task time do
+                // not change the capacity announced.
+                if fits <= DEPTH {
+                    DEPTH
+                } else {
+                    1 << fits.ilog2()
+                }
+            }
+            None => DEPTH,
+        }
+    }
+}
+
+type Step = Result<(), SessionEnd>;
+
+pub(crate) struct Session {
+    slots: Vec<Slot>,
+    queue: VecDeque<Queued>,
+    fns: HashMap<u64, Bytes>,
+    generations: u64,
+    /// The capacity last announced to the orchestrator.
+    advertised: usize,
+    /// The orchestrator asked for a drain: leave once nothing is held.
+    draining: bool,
+}
+
+impl Session {
+    /// Start `processes` executors. The orchestrator was told `processes`
+    /// slots in `Ready`, and takes [`DEPTH`] tasks per slot until told
+    /// otherwise.
+    pub(crate) fn start(processes: usize, comm: &mut impl AgentComm) -> Result<Self, SessionEnd> {
+        let mut s = Session {
+            slots: Vec::with_capacity(processes),
+            queue: VecDeque::new(),
+            fns: HashMap::new(),
+            generations: 0,
+            advertised: processes * DEPTH,
+            draining: false,
+        };
+        for slot in 0..processes {
+            let (pid, generation) = s.start_executor(slot, comm)?;
+            s.slots.push(Slot {
+                pid,
+                generation,
+                retiring: false,
+                ready: false,
+                start_failures: 0,
+                typical_task: None,
+                inflight: VecDeque::new(),
+                fns: HashSet::new(),
+            });
+        }
+        Ok(s)
+    }
+
+    /// Tasks held: queued here, or given to an executor.
+    pub(crate) fn held(&self) -> usize {
+        self.queue.len() + self.slots.iter().map(|s| s.inflight.len()).sum::<usize>()
+    }
+
+    /// The earliest moment a running task goes past its time limit, or runs
+    /// long enough to show that its slot holds too many tasks. Call
+    /// [`on_timer`](Self::on_timer) then.
+    pub(crate) fn next_deadline(&self) -> Option<Instant> {
+        self.slots
+            .iter()
+            .filter_map(|s| {
+                let (i, q) = s.inflight.front()?;
+                let started = i.started?;
+                let review = (s.depth() > DEPTH).then(|| started + QUEUE_BUDGET);
+                let limit = q.timeout.map(|t| started + t);
+                [review, limit].into_iter().flatten().min()
+            })
+            .min()
+    }
+
+    /// A message from the orchestrator.
+    pub(crate) fn on_message(
+        &mut self,
+        msg: ToAgent,
+        payload: Bytes,
+        now: Instant,
+        comm: &mut impl AgentComm,
+    ) -> Step {
+        match msg {
+            ToAgent::Function { fn_id } => {
+                self.fns.insert(fn_id, payload);
+            }
+            ToAgent::Forget { fn_id } => {
+                self.fns.remove(&fn_id);
+                for (slot, s) in self.slots.iter_mut().enumerate() {
+                    if s.fns.remove(&fn_id) {
+                        comm.to_executor(slot, ExecIn::Forget { fn_id });
+                    }
+                }
+            }
+            ToAgent::Task { task, attempt, fn_id, timeout_ms } => {
+                let timeout = (timeout_ms > 0).then(|| Duration::from_millis(timeout_ms));
+                self.queue.push_back(Queued { task, attempt, fn_id, payload, timeout });
+            }
+            ToAgent::Cancel { tasks } => {
+                let cancel: HashSet<u64> = tasks.into_iter().collect();
+                self.queue.retain(|q| !cancel.contains(&q.task));
+                for slot in 0..self.slots.len() {
+                    let mut hit = false;
+                    for (i, _) in self.slots[slot].inflight.iter_mut() {
+                        if cancel.contains(&i.task) {
+                            i.cancelled = true;
+                            hit = true;
+                        }
+                    }
+                    if hit {
+                        self.restart(slot, comm)?;
+                    }
+                }
+            }
+            ToAgent::Limits { .. } => {
+                return Err(SessionEnd::Protocol("the orchestrator sent its limits twice".into()));
+            }
+            ToAgent::Ping { seq } => comm.send(Outgoing::new(FromAgent::Pong { seq })),
+            ToAgent::Drain => self.draining = true,
+        }
+        self.feed(now, comm)
+    }
+
+    /// Something an executor did.
+    pub(crate) fn on_executor(&mut self, ev: ExecEvent, now: Instant, comm: &mut impl AgentComm) -> Step {
+        match ev {
+            ExecEvent::Result { slot, generation, task, payload } => {
+                let s = &mut self.slots[slot];
+                if s.generation != generation {
+                    return Ok(());
+                }
+                let Some((done, _)) = s.inflight.pop_front() else {
+                    return Err(SessionEnd::Protocol(format!(
+                        "executor in slot {slot} answered a task it was not given"
+                    )));
+                };
+                if done.task != task {
+                    return Err(SessionEnd::Protocol(format!(
+                        "executor in slot {slot} answered task {task}, expected {}",
+                        done.task
+                    )));
+                }
+                if !done.cancelled {
+                    comm.send(Outgoing::with_payload(
+                        FromAgent::Result { task, attempt: done.attempt },
+                        payload,
+                    ));
+                }
+                // Learn how long this slot's tasks take, then start the next.
+                if let Some(t0) = done.started {
+                    let took = now.saturating_duration_since(t0);
+                    s.typical_task = Some(s.typical_task.map_or(took, |avg| (avg * 3 + took) / 4));
+                }
+                if let Some((next, _)) = s.inflight.front_mut() {
+                    next.started = Some(now);
+                }
+                self.announce_capacity(comm);
+            }
+            ExecEvent::Ready { slot, generation } => {
+                let s = &mut self.slots[slot];
+                if s.generation == generation {
+                    s.ready = true;
+                    s.start_failures = 0;
+                    if let Some((running, _)) = s.inflight.front_mut() {
+                        running.started = Some(now);
+                    }
+                }
+            }
+            ExecEvent::Retiring { slot, generation } => {
+                let s = &mut self.slots[slot];
+                if s.generation == generation {
+                    s.retiring = true;
+                }
+            }
+            ExecEvent::Exited { slot, generation, reason } => {
+                let s = &mut self.slots[slot];
+                if s.generation != generation {
+                    return Ok(());
+                }
+                if s.retiring {
+                    // A clean recycle: whatever it still held was never started.
+                } else if !s.ready {
+                    // It died starting up: what it held never ran. Retry,
+                    // unless executors cannot start at all here.
+                    s.start_failures += 1;
+                    if s.start_failures >= MAX_START_FAILURES {
+                        return Err(SessionEnd::Executors(format!(
+                            "{MAX_START_FAILURES} executors in a row died before they started; the last: {reason}"
+                        )));
+                    }
+                    tracing::warn!("executor died while starting: {reason}");
+                } else if let Some((running, _)) = s.inflight.pop_front() {
+                    if !running.cancelled {
+                        tracing::warn!("task {} crashed: {reason}", running.task);
+                        comm.send(Outgoing::new(FromAgent::Crashed {
+                            task: running.task,
+                            attempt: running.attempt,
+                            reason,
+                        }));
+                    }
+                }
+                self.restart(slot, comm)?;
+            }
+        }
+        self.feed(now, comm)
+    }
+
+    /// The moment [`next_deadline`](Self::next_deadline) named has come (or
+    /// passed).
+    pub(crate) fn on_timer(&mut self, now: Instant, comm: &mut impl AgentComm) -> Step {
+        self.review_depths(now, comm);
+        self.expire_timeouts(now, comm)?;
+        self.feed(now, comm)
+    }
+
+    /// Tell the orchestrator how many tasks to send, when that changes.
+    fn announce_capacity(&mut self, comm: &mut impl AgentComm) {
+        let want: usize = self.slots.iter().map(Slot::depth).sum();
+        if want != self.advertised {
+            self.advertised = want;
+            comm.send(Outgoing::new(FromAgent::Capacity { tasks: want as u32 }));
+        }
+    }
+
+    /// A slot deep enough for short tasks whose running task has taken longer
+    /// than the whole budget goes back to [`DEPTH`] now, not when that task
+    /// ends, so that the orchestrator keeps the tasks behind it (they can go
+    /// to another executor, or be withdrawn).
+    fn review_depths(&mut self, now: Instant, comm: &mut impl AgentComm) {
+        for s in &mut self.slots {
+            if s.depth() <= DEPTH {
+                continue;
+            }
+            if let Some(started) = s.inflight.front().and_then(|(i, _)| i.started) {
+                let running = now.saturating_duration_since(started);
+                if running >= QUEUE_BUDGET {
+                    s.typical_task = Some(running);
+                }
+            }
+        }
+        self.announce_capacity(comm);
+    }
+
+    /// Kill the executors whose running task is past its time limit.
+    fn expire_timeouts(&mut self, now: Instant, comm: &mut impl AgentComm) -> Step {
+        for slot in 0..self.slots.len() {
+            let s = &mut self.slots[slot];
+            let expired = matches!(
+                s.inflight.front(),
+                Some((i, q)) if !i.cancelled && matches!((i.started, q.timeout), (Some(t0), Some(t)) if now >= t0 + t)
+            );
+            if !expired {
+                continue;
+            }
+            let (running, q) = s.inflight.pop_front().expect("front exists");
+            let reason = format!(
+                "ran longer than its time limit of {:?}; its executor (pid {}) was killed",
+                q.timeout.unwrap_or_default(),
+                s.pid
+            );
+            tracing::warn!("task {} {reason}", running.task);
+            comm.send(Outgoing::new(FromAgent::TimedOut {
+                task: running.task,
+                attempt: running.attempt,
+                reason,
+            }));
+            self.restart(slot, comm)?;
+        }
+        Ok(())
+    }
+
+    fn start_executor(&mut self, slot: usize, comm: &mut impl AgentComm) -> Result<(u32, u64), SessionEnd> {
+        self.generations += 1;
+        let generation = self.generations;
+        let pid = comm.start_executor(slot, generation).map_err(SessionEnd::Executors)?;
+        Ok((pid, generation))
+    }
+
+    /// Replace the executor of `slot`; the old one's process group is killed.
+    fn restart(&mut self, slot: usize, comm: &mut impl AgentComm) -> Step {
+        let (pid, generation) = self.start_executor(slot, comm)?;
+        let s = &mut self.slots[slot];
+        s.pid = pid;
+        s.generation = generation;
+        s.retiring = false;
+        s.ready = false;
+        s.fns.clear();
+        // Whatever was prefetched behind the running task goes back in line.
+        let requeue: Vec<_> = s.inflight.drain(..).filter(|(i, _)| !i.cancelled).map(|(_, q)| q).collect();
+        for q in requeue.into_iter().rev() {
+            self.queue.push_front(q);
+        }
+        Ok(())
+    }
+
+    /// Give queued tasks to executors: first one each, then a second each,
+    /// and so on up to each slot's depth. A draining session that holds
+    /// nothing any more says goodbye and ends.
+    fn feed(&mut self, now: Instant, comm: &mut impl AgentComm) -> Step {
+        self.fill(now, comm)?;
+        if self.draining && self.held() == 0 {
+            comm.send(Outgoing::new(FromAgent::Goodbye { reason: "drained".into() }));
+            return Err(SessionEnd::Drained);
+        }
+        Ok(())
+    }
+
+    fn fill(&mut self, now: Instant, comm: &mut impl AgentComm) -> Step {
+        for depth in 1..=DEEP {
+            for slot in 0..self.slots.len() {
+                if self.queue.is_empty() {
+                    return Ok(());
+                }
+                let s = &self.slots[slot];
+                if s.retiring || s.inflight.len() >= depth || depth > s.depth() {
+                    continue;
+                }
+                let q = self.queue.pop_front().expect("queue is not empty");
+                let s = &mut self.slots[slot];
+                if s.fns.insert(q.fn_id) {
+                    let Some(bytes) = self.fns.get(&q.fn_id) else {
+                        return Err(SessionEnd::Protocol(format!(
+                            "task {} needs function {:x}, which was never sent",
+                            q.task, q.fn_id
+                        )));
+                    };
+                    comm.to_executor(slot, ExecIn::Function { fn_id: q.fn_id, bytes: bytes.clone() });
+                }
+                comm.to_executor(
+                    slot,
+                    ExecIn::Task { task: q.task, fn_id: q.fn_id, payload: q.payload.clone() },
+                );
+                let started = (s.ready && s.inflight.is_empty()).then_some(now);
+                s.inflight
+                    .push_back((Inflight { task: q.task, attempt: q.attempt, cancelled: false, started }, q));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+#[path = "session_tests.rs"]
+mod tests;

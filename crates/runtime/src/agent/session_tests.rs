@@ -1,0 +1,320 @@
+//! The session without processes or sockets: a fake set of executors records
+//! what they are sent, and time is whatever the test says it is. Each test
+//! ends by checking that nothing it did not look at was sent.
+
+use super::*;
+
+#[derive(Default)]
+struct Fake {
+    sent: VecDeque<FromAgent>,
+    /// `(slot, generation)` of every executor started.
+    started: VecDeque<(usize, u64)>,
+    /// Frames given to executors, as `(slot, "task 3" | "function 9" | "forget 9")`.
+    exec: VecDeque<(usize, String)>,
+    /// Starting an executor fails with this.
+    broken: Option<String>,
+}
+
+impl AgentComm for Fake {
+    fn send(&mut self, out: Outgoing<FromAgent>) {
+        self.sent.push_back(out.msg);
+    }
+    fn start_executor(&mut self, slot: usize, generation: u64) -> Result<u32, String> {
+        if let Some(e) = &self.broken {
+            return Err(e.clone());
+        }
+        self.started.push_back((slot, generation));
+        Ok(1000 + generation as u32)
+    }
+    fn to_executor(&mut self, slot: usize, msg: ExecIn) {
+        let what = match msg {
+            ExecIn::Task { task, .. } => format!("task {task}"),
+            ExecIn::Function { fn_id, .. } => format!("function {fn_id}"),
+            ExecIn::Forget { fn_id } => format!("forget {fn_id}"),
+        };
+        self.exec.push_back((slot, what));
+    }
+}
+
+struct Harness {
+    s: Session,
+    comm: Fake,
+    t0: Instant,
+}
+
+const FN: u64 = 9;
+
+impl Harness {
+    /// A session with `processes` executors, all ready, that holds function [`FN`].
+    fn new(processes: usize) -> Self {
+        let mut comm = Fake::default();
+        let s = Session::start(processes, &mut comm).expect("starts");
+        let mut h = Self { s, comm, t0: Instant::now() };
+        assert_eq!(h.started(), (0..processes).map(|slot| (slot, slot as u64 + 1)).collect::<Vec<_>>());
+        for slot in 0..processes {
+            h.exec_event(ExecEvent::Ready { slot, generation: slot as u64 + 1 }, 0).unwrap();
+        }
+        h.message(ToAgent::Function { fn_id: FN }, 0).unwrap();
+        h
+    }
+
+    fn at(&self, ms: u64) -> Instant {
+        self.t0 + Duration::from_millis(ms)
+    }
+
+    fn message(&mut self, msg: ToAgent, ms: u64) -> Step {
+        let now = self.at(ms);
+        self.s.on_message(msg, Bytes::new(), now, &mut self.comm)
+    }
+
+    fn task(&mut self, task: u64, timeout_ms: u64, ms: u64) {
+        self.message(ToAgent::Task { task, attempt: 1, fn_id: FN, timeout_ms }, ms).unwrap();
+    }
+
+    fn exec_event(&mut self, ev: ExecEvent, ms: u64) -> Step {
+        let now = self.at(ms);
+        self.s.on_executor(ev, now, &mut self.comm)
+    }
+
+    fn result(&mut self, slot: usize, generation: u64, task: u64, ms: u64) {
+        self.exec_event(ExecEvent::Result { slot, generation, task, payload: Bytes::new() }, ms).unwrap();
+    }
+
+    fn timer(&mut self, ms: u64) -> Step {
+        let now = self.at(ms);
+        self.s.on_timer(now, &mut self.comm)
+    }
+
+    fn sent(&mut self) -> Vec<FromAgent> {
+        self.comm.sent.drain(..).collect()
+    }
+
+    fn started(&mut self) -> Vec<(usize, u64)> {
+        self.comm.started.drain(..).collect()
+    }
+
+    fn exec(&mut self) -> Vec<(usize, String)> {
+        self.comm.exec.drain(..).collect()
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            assert!(self.comm.sent.is_empty(), "frames not looked at: {:?}", self.comm.sent);
+            assert!(self.comm.started.is_empty(), "starts not looked at: {:?}", self.comm.started);
+            assert!(self.comm.exec.is_empty(), "executor frames not looked at: {:?}", self.comm.exec);
+        }
+    }
+}
+
+fn s(slot: usize, what: &str) -> (usize, String) {
+    (slot, what.to_string())
+}
+
+#[test]
+fn tasks_go_one_to_each_executor_then_a_second_each() {
+    let mut h = Harness::new(2);
+    for t in 1..=5 {
+        h.task(t, 0, 0);
+    }
+    assert_eq!(
+        h.exec(),
+        [
+            s(0, "function 9"),
+            s(0, "task 1"),
+            s(1, "function 9"),
+            s(1, "task 2"),
+            s(0, "task 3"),
+            s(1, "task 4")
+        ]
+    );
+    assert_eq!(h.s.held(), 5, "the fifth waits in the agent");
+    h.result(0, 1, 1, 50);
+    assert_eq!(h.sent(), [FromAgent::Result { task: 1, attempt: 1 }]);
+    assert_eq!(h.exec(), [s(0, "task 5")]);
+}
+
+#[test]
+fn a_crash_reports_the_running_task_and_requeues_the_prefetched_one() {
+    let mut h = Harness::new(1);
+    h.task(1, 0, 0);
+    h.task(2, 0, 0);
+    assert_eq!(h.exec().len(), 3);
+    let reason = "executor (pid 1001) was killed by signal 9 (SIGKILL)".to_string();
+    h.exec_event(ExecEvent::Exited { slot: 0, generation: 1, reason: reason.clone() }, 10).unwrap();
+    assert_eq!(h.sent(), [FromAgent::Crashed { task: 1, attempt: 1, reason }]);
+    assert_eq!(h.started(), [(0, 2)]);
+    // The new executor gets the function again and the task that never ran.
+    assert_eq!(h.exec(), [s(0, "function 9"), s(0, "task 2")]);
+    // A late event of the dead executor is ignored.
+    h.result(0, 1, 2, 11);
+    assert!(h.sent().is_empty());
+    assert_eq!(h.s.held(), 1);
+}
+
+#[test]
+fn executors_that_never_start_end_the_session_for_good() {
+    let mut h = Harness::new(1);
+    h.task(1, 0, 0);
+    assert_eq!(h.exec().len(), 2);
+    // The first executor was ready; it dies running task 1 (a crash), and
+    // then every replacement dies before it is ready.
+    h.exec_event(ExecEvent::Exited { slot: 0, generation: 1, reason: "exit 1".into() }, 1).unwrap();
+    assert!(matches!(h.sent()[..], [FromAgent::Crashed { task: 1, .. }]));
+    h.task(2, 0, 2);
+    let mut end = None;
+    for generation in 2..=MAX_START_FAILURES as u64 + 1 {
+        assert_eq!(h.started(), [(0, generation)]);
+        assert_eq!(h.exec(), [s(0, "function 9"), s(0, "task 2")]);
+        let exited = ExecEvent::Exited { slot: 0, generation, reason: "No module named distripool".into() };
+        if let Err(e) = h.exec_event(exited, 3) {
+            end = Some(e);
+            break;
+        }
+    }
+    let end = end.expect("the session gives up");
+    assert!(end.is_fatal(), "{end}");
+    assert!(end.to_string().contains("No module named distripool"), "{end}");
+    assert!(h.sent().is_empty(), "a task whose executor never started did not crash");
+}
+
+#[test]
+fn an_executor_that_cannot_be_spawned_ends_the_session_for_good() {
+    let mut comm = Fake { broken: Some("no such file: python9".into()), ..Default::default() };
+    let Err(end) = Session::start(2, &mut comm) else { panic!("started") };
+    assert!(end.is_fatal());
+    assert!(end.to_string().contains("python9"));
+}
+
+#[test]
+fn a_task_past_its_time_limit_is_killed_and_reported_once() {
+    let mut h = Harness::new(1);
+    h.task(1, 100, 0);
+    h.task(2, 0, 0);
+    assert_eq!(h.exec().len(), 3);
+    assert_eq!(h.s.next_deadline(), Some(h.at(100)));
+    // Woken early: nothing is due.
+    h.timer(60).unwrap();
+    assert!(h.sent().is_empty());
+    h.timer(100).unwrap();
+    let sent = h.sent();
+    let [FromAgent::TimedOut { task: 1, attempt: 1, reason }] = &sent[..] else { panic!("{sent:?}") };
+    assert!(reason.contains("100ms") && reason.contains("pid 1001"), "{reason}");
+    assert_eq!(h.started(), [(0, 2)]);
+    assert_eq!(h.exec(), [s(0, "function 9"), s(0, "task 2")]);
+    assert_eq!(h.s.next_deadline(), None, "task 2 has no limit");
+}
+
+#[test]
+fn the_time_limit_counts_from_when_the_task_starts_not_when_it_arrives() {
+    let mut h = Harness::new(1);
+    h.task(1, 0, 0);
+    h.task(2, 100, 0);
+    h.exec();
+    assert_eq!(h.s.next_deadline(), None, "task 2 waits behind task 1");
+    h.result(0, 1, 1, 500);
+    assert_eq!(h.sent(), [FromAgent::Result { task: 1, attempt: 1 }]);
+    assert_eq!(h.s.next_deadline(), Some(h.at(600)));
+}
+
+#[test]
+fn short_tasks_deepen_the_queue_and_a_long_one_shallows_it_at_once() {
+    let mut h = Harness::new(1);
+    for t in 1..=40 {
+        h.task(t, 0, 0);
+    }
+    h.exec();
+    // Tasks of 0 ms each: the slot may hold DEEP.
+    h.result(0, 1, 1, 0);
+    let sent = h.sent();
+    assert_eq!(sent[0], FromAgent::Result { task: 1, attempt: 1 });
+    assert_eq!(sent[1], FromAgent::Capacity { tasks: DEEP as u32 });
+    assert_eq!(h.exec().len(), DEEP - 1, "topped up to DEEP");
+    // Task 2 runs long: at the budget the slot goes back to DEPTH.
+    assert_eq!(h.s.next_deadline(), Some(h.at(0) + QUEUE_BUDGET));
+    h.timer(5).unwrap();
+    assert_eq!(h.sent(), [FromAgent::Capacity { tasks: DEPTH as u32 }]);
+}
+
+#[test]
+fn a_cancelled_running_task_stops_its_executor_and_reports_nothing() {
+    let mut h = Harness::new(1);
+    h.task(1, 0, 0);
+    h.task(2, 0, 0);
+    h.task(3, 0, 0);
+    h.exec();
+    h.message(ToAgent::Cancel { tasks: vec![1, 3] }, 1).unwrap();
+    assert_eq!(h.started(), [(0, 2)]);
+    assert_eq!(h.exec(), [s(0, "function 9"), s(0, "task 2")]);
+    assert_eq!(h.s.held(), 1);
+    h.exec_event(ExecEvent::Exited { slot: 0, generation: 1, reason: "killed".into() }, 2).unwrap();
+    assert!(h.sent().is_empty());
+}
+
+#[test]
+fn a_forgotten_function_leaves_every_executor_that_has_it() {
+    let mut h = Harness::new(2);
+    h.task(1, 0, 0);
+    h.exec();
+    h.message(ToAgent::Forget { fn_id: FN }, 1).unwrap();
+    assert_eq!(h.exec(), [s(0, "forget 9")]);
+    // A task that needs it now is a protocol error, not a hang.
+    let end = h.message(ToAgent::Task { task: 2, attempt: 1, fn_id: FN, timeout_ms: 0 }, 2).unwrap_err();
+    assert!(matches!(end, SessionEnd::Protocol(_)), "{end}");
+}
+
+#[test]
+fn pings_are_answered_and_a_second_limits_is_refused() {
+    let mut h = Harness::new(1);
+    h.message(ToAgent::Ping { seq: 4 }, 0).unwrap();
+    assert_eq!(h.sent(), [FromAgent::Pong { seq: 4 }]);
+    let end =
+        h.message(ToAgent::Limits { max_frame: 1, heartbeat_ms: 1000, silence_ms: 10000 }, 0).unwrap_err();
+    assert!(matches!(end, SessionEnd::Protocol(_)));
+}
+
+#[test]
+fn a_retiring_executor_is_replaced_without_a_crash() {
+    let mut h = Harness::new(1);
+    h.task(1, 0, 0);
+    h.task(2, 0, 0);
+    h.exec();
+    h.exec_event(ExecEvent::Retiring { slot: 0, generation: 1 }, 1).unwrap();
+    h.result(0, 1, 1, 2);
+    assert_eq!(h.sent(), [FromAgent::Result { task: 1, attempt: 1 }]);
+    h.task(3, 0, 3);
+    assert!(h.exec().is_empty(), "a retiring executor gets nothing new");
+    h.exec_event(ExecEvent::Exited { slot: 0, generation: 1, reason: "exit 0".into() }, 4).unwrap();
+    assert_eq!(h.started(), [(0, 2)]);
+    assert_eq!(h.exec(), [s(0, "function 9"), s(0, "task 2"), s(0, "task 3")]);
+    assert!(h.sent().is_empty());
+}
+
+#[test]
+fn a_drained_session_finishes_what_it_holds_then_says_goodbye() {
+    let mut h = Harness::new(1);
+    h.task(1, 0, 0);
+    h.task(2, 0, 0);
+    h.task(3, 0, 0);
+    h.exec();
+    h.message(ToAgent::Drain, 1).unwrap();
+    h.result(0, 1, 1, 2);
+    h.result(0, 1, 2, 3);
+    assert_eq!(h.exec(), [s(0, "task 3")]);
+    let end = h
+        .exec_event(ExecEvent::Result { slot: 0, generation: 1, task: 3, payload: Bytes::new() }, 4)
+        .unwrap_err();
+    assert_eq!(end, SessionEnd::Drained);
+    assert!(!end.is_fatal());
+    let sent = h.sent();
+    assert_eq!(sent.len(), 4);
+    assert_eq!(sent[3], FromAgent::Goodbye { reason: "drained".into() });
+}
+
+#[test]
+fn an_idle_session_says_goodbye_as_soon_as_it_is_drained() {
+    let mut h = Harness::new(2);
+    assert_eq!(h.message(ToAgent::Drain, 0).unwrap_err(), SessionEnd::Drained);
+    assert_eq!(h.sent(), [FromAgent::Goodbye { reason: "drained".into() }]);
+}

@@ -1,0 +1,473 @@
+//! The orchestrator's state machine: it owns the [`Scheduler`], the task
+//! metadata and the function registry, and turns inputs (agents joining,
+//! their messages, clients submitting) into frames for agents and
+//! completions for clients, which it hands to a [`Comm`]. It does no I/O and
+//! reads no clock, so it is tested without sockets (see `core_tests.rs`).
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use distripool_protocol::{FromAgent, Labels, ToAgent};
+use distripool_scheduler::{Command, Config as SchedulerConfig, FailureKind, IdMap, IdSet, Scheduler};
+
+use super::snapshot::{ClientInfo, EventKind, EventLog, Snapshot, WorkerInfo, WorkerState};
+use super::Stats;
+use crate::conn::{Outgoing, SessionEnd};
+use crate::mailbox::{Completion, Outcome};
+
+/// Tasks an agent may hold per executor slot (running plus prefetched).
+pub(crate) const PREFETCH_PER_SLOT: usize = 2;
+/// Functions kept after their last task, in case they are used again.
+const IDLE_FUNCTIONS: usize = 64;
+
+/// Where the core's output goes. The runtime's implementation writes to
+/// channels; the tests' records everything.
+pub(crate) trait Comm {
+    /// Frames for one agent, in order, produced by one burst of inputs.
+    fn send_agent(&mut self, worker: u64, frames: Vec<Outgoing<ToAgent>>);
+    /// Completions for one client, in order.
+    fn deliver(&mut self, client: u64, completions: Vec<Completion>);
+}
+
+/// What the core is told. Withdrawing, which has an answer, is a method.
+pub(crate) enum Input {
+    AgentJoined {
+        worker: u64,
+        /// Where it connected from (`local` for the in-process agent).
+        peer: String,
+        slots: usize,
+        labels: Labels,
+    },
+    /// Every message an agent's reader had at hand, in order.
+    AgentMessages {
+        worker: u64,
+        msgs: Vec<(FromAgent, Bytes)>,
+    },
+    AgentLeft {
+        worker: u64,
+        end: SessionEnd,
+    },
+    ClientOpened {
+        client: u64,
+    },
+    Submit {
+        client: u64,
+        job: u64,
+        fn_id: u64,
+        function: Bytes,
+        tasks: Vec<(u32, Bytes)>,
+        timeout_ms: u64,
+    },
+    ClientClosed {
+        client: u64,
+    },
+}
+
+struct TaskMeta {
+    client: u64,
+    job: u64,
+    index: u32,
+    fn_id: u64,
+    timeout_ms: u64,
+}
+
+struct AgentLink {
+    /// Frames for this agent produced by the current burst of inputs.
+    outbox: Vec<Outgoing<ToAgent>>,
+    /// Functions this agent holds.
+    fns: IdSet<u64>,
+    slots: usize,
+    /// `host (address, agent pid N)`, for messages.
+    name: String,
+    peer: String,
+    labels: Labels,
+    state: WorkerState,
+    joined: Instant,
+    last_heard: Instant,
+    tasks_done: u64,
+    crashes: u64,
+    /// Why it said it was leaving.
+    goodbye: Option<String>,
+}
+
+struct FnEntry {
+    bytes: Bytes,
+    /// Tasks not yet completed that call it.
+    refs: usize,
+}
+
+pub(crate) struct Core {
+    sched: Scheduler<Bytes, Bytes>,
+    agents: IdMap<u64, AgentLink>,
+    /// Each open client's completions of the current burst.
+    clients: IdMap<u64, Vec<Completion>>,
+    /// Agents and clients with something in their outbox.
+    dirty_agents: Vec<u64>,
+    dirty_clients: Vec<u64>,
+    meta: IdMap<u64, TaskMeta>,
+    fns: IdMap<u64, FnEntry>,
+    idle_fns: VecDeque<u64>,
+    next_task: u64,
+    stats: Arc<Stats>,
+    events: EventLog,
+    /// The time of the input being handled.
+    now: Instant,
+}
+
+impl Core {
+    pub(crate) fn new(max_crashes: u32, stats: Arc<Stats>, now: Instant) -> Self {
+        Self {
+            sched: Scheduler::new(SchedulerConfig { max_crashes, max_losses: 10 }),
+            agents: IdMap::default(),
+            clients: IdMap::default(),
+            dirty_agents: Vec::new(),
+            dirty_clients: Vec::new(),
+            meta: IdMap::default(),
+            fns: IdMap::default(),
+            idle_fns: VecDeque::new(),
+            next_task: 1,
+            stats,
+            events: EventLog::default(),
+            now,
+        }
+    }
+
+    /// Hand every outbox filled since the last flush to `comm`: one batch
+    /// per agent and per client, however many inputs filled it.
+    pub(crate) fn flush(&mut self, comm: &mut impl Comm) {
+        for worker in self.dirty_agents.drain(..) {
+            if let Some(link) = self.agents.get_mut(&worker) {
+                if !link.outbox.is_empty() {
+                    comm.send_agent(worker, std::mem::take(&mut link.outbox));
+                }
+            }
+        }
+        for client in self.dirty_clients.drain(..) {
+            if let Some(outbox) = self.clients.get_mut(&client) {
+                if !outbox.is_empty() {
+                    comm.deliver(client, std::mem::take(outbox));
+                }
+            }
+        }
+    }
+
+    /// Handle one input that arrived at `now`.
+    pub(crate) fn handle(&mut self, input: Input, now: Instant) {
+        self.now = now;
+        match input {
+            Input::AgentJoined { worker, peer, slots, labels } => {
+                let name = format!("{} ({peer}, agent pid {})", labels.host, labels.pid);
+                self.events.push(now, EventKind::WorkerJoined { worker, name: name.clone() });
+                self.agents.insert(
+                    worker,
+                    AgentLink {
+                        outbox: Vec::new(),
+                        fns: IdSet::default(),
+                        slots,
+                        name,
+                        peer,
+                        labels,
+                        state: WorkerState::Connected,
+                        joined: now,
+                        last_heard: now,
+                        tasks_done: 0,
+                        crashes: 0,
+                        goodbye: None,
+                    },
+                );
+                self.stats.workers.fetch_add(1, Ordering::Relaxed);
+                self.stats.slots.fetch_add(slots, Ordering::Relaxed);
+                self.sched.worker_joined(worker, slots * PREFETCH_PER_SLOT);
+            }
+            Input::AgentLeft { worker, end } => {
+                if let Some(link) = self.agents.remove(&worker) {
+                    self.stats.workers.fetch_sub(1, Ordering::Relaxed);
+                    self.stats.slots.fetch_sub(link.slots, Ordering::Relaxed);
+                    if let Some(reason) = link.goodbye {
+                        // It said goodbye: what it held is back in the queue already.
+                        self.stats.workers_left.fetch_add(1, Ordering::Relaxed);
+                        self.events.push(now, EventKind::WorkerLeft { worker, name: link.name, reason });
+                    } else {
+                        self.stats.workers_lost.fetch_add(1, Ordering::Relaxed);
+                        let held = self.sched.worker_load(worker).unwrap_or(0);
+                        self.sched.worker_lost(worker, &format!("worker {} lost: {end}", link.name));
+                        let reason = end.to_string();
+                        self.events.push(
+                            now,
+                            EventKind::WorkerLost { worker, name: link.name, reason, tasks: held },
+                        );
+                    }
+                }
+            }
+            Input::AgentMessages { worker, msgs } => {
+                for (msg, payload) in msgs {
+                    self.agent_message(worker, msg, payload);
+                }
+            }
+            Input::ClientOpened { client } => {
+                self.clients.insert(client, Vec::new());
+            }
+            Input::Submit { client, job, fn_id, function, tasks, timeout_ms } => {
+                if !self.clients.contains_key(&client) {
+                    return;
+                }
+                let entry = self.fns.entry(fn_id).or_insert(FnEntry { bytes: function, refs: 0 });
+                entry.refs += tasks.len();
+                self.meta.reserve(tasks.len());
+                self.sched.reserve(tasks.len());
+                for (index, payload) in tasks {
+                    let task = self.next_task;
+                    self.next_task += 1;
+                    self.meta.insert(task, TaskMeta { client, job, index, fn_id, timeout_ms });
+                    self.sched.submit(task, client, payload);
+                }
+            }
+            Input::ClientClosed { client } => {
+                if self.clients.remove(&client).is_some() {
+                    self.sched.cancel_group(client);
+                    // Running tasks come back as Cancel commands; queued ones
+                    // leave the scheduler silently, so forget them here.
+                    let gone: Vec<u64> =
+                        self.meta.iter().filter(|(_, m)| m.client == client).map(|(t, _)| *t).collect();
+                    for t in gone {
+                        if let Some(m) = self.meta.remove(&t) {
+                            self.release_function(m.fn_id);
+                        }
+                    }
+                }
+            }
+        }
+        self.apply_commands();
+    }
+
+    /// Take back the tasks of `job` that no agent holds yet; returns their
+    /// indexes, sorted. Every other task of the job completes exactly once
+    /// (or is cancelled with its client).
+    pub(crate) fn withdraw(&mut self, client: u64, job: u64) -> Vec<u32> {
+        let tasks: Vec<u64> =
+            self.meta.iter().filter(|(_, m)| m.client == client && m.job == job).map(|(t, _)| *t).collect();
+        let mut withdrawn = Vec::new();
+        for t in tasks {
+            if self.sched.withdraw(t) {
+                let m = self.meta.remove(&t).expect("withdrawn task has metadata");
+                self.release_function(m.fn_id);
+                withdrawn.push(m.index);
+            }
+        }
+        withdrawn.sort_unstable();
+        withdrawn
+    }
+
+    /// Ask an agent to finish what it holds, take nothing new, then leave.
+    /// False for an agent that is not connected (gone, or leaving already).
+    pub(crate) fn drain(&mut self, worker: u64) -> bool {
+        let Some(link) = self.agents.get_mut(&worker) else {
+            return false;
+        };
+        if link.state != WorkerState::Connected {
+            return link.state == WorkerState::Draining;
+        }
+        link.state = WorkerState::Draining;
+        Self::queue(&mut self.dirty_agents, worker, link, Outgoing::new(ToAgent::Drain));
+        let name = link.name.clone();
+        self.events.push(self.now, EventKind::WorkerDraining { worker, name });
+        // Room for nothing: what it holds runs to the end, nothing is added.
+        self.sched.worker_joined(worker, 0);
+        self.apply_commands();
+        true
+    }
+
+    /// Everything the core knows, for `stats()`, `workers_info()` and the
+    /// dashboard. Costs nothing unless asked for.
+    pub(crate) fn snapshot(&self, now: Instant) -> Snapshot {
+        let mut workers: Vec<WorkerInfo> = self
+            .agents
+            .iter()
+            .map(|(&id, l)| WorkerInfo {
+                id,
+                name: l.name.clone(),
+                peer: l.peer.clone(),
+                labels: l.labels.clone(),
+                slots: l.slots,
+                state: l.state,
+                running: self.sched.worker_load(id).unwrap_or(0),
+                tasks_done: l.tasks_done,
+                crashes: l.crashes,
+                connected_for: now.saturating_duration_since(l.joined),
+                last_heard: now.saturating_duration_since(l.last_heard),
+            })
+            .collect();
+        workers.sort_by_key(|w| w.id);
+        let mut clients: IdMap<u64, ClientInfo> =
+            self.clients.keys().map(|&c| (c, ClientInfo { client: c, queued: 0, running: 0 })).collect();
+        for (&task, m) in &self.meta {
+            if let Some(c) = clients.get_mut(&m.client) {
+                if self.sched.is_running(task) {
+                    c.running += 1;
+                } else {
+                    c.queued += 1;
+                }
+            }
+        }
+        let mut clients: Vec<ClientInfo> = clients.into_values().collect();
+        clients.sort_by_key(|c| c.client);
+        Snapshot { workers, clients, events_next: self.events.next_seq() }
+    }
+
+    /// The events numbered `since` and after that are still kept.
+    pub(crate) fn events_since(&self, since: u64) -> Vec<super::snapshot::Event> {
+        self.events.since(since)
+    }
+
+    fn agent_message(&mut self, worker: u64, msg: FromAgent, payload: Bytes) {
+        let Some(link) = self.agents.get_mut(&worker) else {
+            return;
+        };
+        link.last_heard = self.now;
+        match msg {
+            FromAgent::Result { task, attempt } => {
+                if self.sched.task_finished(worker, task, attempt, payload) {
+                    link.tasks_done += 1;
+                    self.stats.tasks_done.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            FromAgent::Crashed { task, attempt, reason } => {
+                link.crashes += 1;
+                self.stats.crashes.fetch_add(1, Ordering::Relaxed);
+                let reason = format!("{reason} on worker {}", link.name);
+                if self.sched.task_crashed(worker, task, attempt, &reason) && self.sched.is_pending(task) {
+                    if let Some(m) = self.meta.get(&task) {
+                        let (client, job, index) = (m.client, m.job, m.index);
+                        self.events.push(self.now, EventKind::TaskRetried { client, job, index, reason });
+                    }
+                }
+            }
+            FromAgent::TimedOut { task, attempt, reason } => {
+                let reason = format!("{reason} on worker {}", link.name);
+                self.sched.task_timed_out(worker, task, attempt, &reason);
+            }
+            FromAgent::Capacity { tasks } => {
+                if link.state == WorkerState::Connected {
+                    self.sched.worker_joined(worker, (tasks as usize).max(1));
+                }
+            }
+            FromAgent::Goodbye { reason } => {
+                tracing::info!("worker {} is leaving: {reason}", link.name);
+                link.state = WorkerState::Leaving;
+                link.goodbye = Some(reason);
+                // What it held goes elsewhere now, without counting as a loss.
+                self.sched.worker_left(worker);
+            }
+            FromAgent::Ready { .. } | FromAgent::Pong { .. } => {}
+        }
+    }
+
+    /// Put `out` in `link`'s outbox; [`flush`](Self::flush) hands it on.
+    fn queue(dirty: &mut Vec<u64>, worker: u64, link: &mut AgentLink, out: Outgoing<ToAgent>) {
+        if link.outbox.is_empty() {
+            dirty.push(worker);
+        }
+        link.outbox.push(out);
+    }
+
+    fn apply_commands(&mut self) {
+        while let Some(cmd) = self.sched.poll_command() {
+            match cmd {
+                Command::Dispatch { worker, task, attempt, payload } => {
+                    let (Some(link), Some(meta)) = (self.agents.get_mut(&worker), self.meta.get(&task))
+                    else {
+                        continue;
+                    };
+                    if link.fns.insert(meta.fn_id) {
+                        let bytes = self.fns[&meta.fn_id].bytes.clone();
+                        let function = Outgoing::with_payload(ToAgent::Function { fn_id: meta.fn_id }, bytes);
+                        Self::queue(&mut self.dirty_agents, worker, link, function);
+                    }
+                    let msg = ToAgent::Task { task, attempt, fn_id: meta.fn_id, timeout_ms: meta.timeout_ms };
+                    Self::queue(&mut self.dirty_agents, worker, link, Outgoing::with_payload(msg, payload));
+                }
+                Command::Deliver { task, result, .. } => self.complete(task, Outcome::Done(result)),
+                Command::Fail { task, failure, .. } => {
+                    let reason = match failure.kind {
+                        FailureKind::Timeout => {
+                            let last = failure.reasons.last().map_or("", |r| r.as_str());
+                            // Drop the "attempt N: " prefix; there is no retry to count.
+                            format!("task {}", last.split_once(": ").map_or(last, |(_, r)| r))
+                        }
+                        _ => format!(
+                            "task failed after {} attempts: {}",
+                            failure.attempts,
+                            failure.reasons.join("; ")
+                        ),
+                    };
+                    if let Some(m) = self.meta.get(&task) {
+                        let (client, job, index) = (m.client, m.job, m.index);
+                        let event = EventKind::TaskFailed { client, job, index, reason: reason.clone() };
+                        self.events.push(self.now, event);
+                    }
+                    self.complete(task, Outcome::Failed { kind: failure.kind, reason });
+                }
+                Command::Cancel { worker, tasks } => {
+                    for t in &tasks {
+                        if let Some(meta) = self.meta.remove(t) {
+                            self.release_function(meta.fn_id);
+                        }
+                    }
+                    if let Some(link) = self.agents.get_mut(&worker) {
+                        Self::queue(
+                            &mut self.dirty_agents,
+                            worker,
+                            link,
+                            Outgoing::new(ToAgent::Cancel { tasks }),
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    fn complete(&mut self, task: u64, outcome: Outcome) {
+        let Some(meta) = self.meta.remove(&task) else {
+            return;
+        };
+        self.release_function(meta.fn_id);
+        if let Some(outbox) = self.clients.get_mut(&meta.client) {
+            if outbox.is_empty() {
+                self.dirty_clients.push(meta.client);
+            }
+            outbox.push(Completion { job: meta.job, index: meta.index, outcome });
+        }
+    }
+
+    /// One task fewer calls `fn_id`. Functions no task calls any more are
+    /// kept for a while, then evicted everywhere, oldest first.
+    fn release_function(&mut self, fn_id: u64) {
+        let Some(entry) = self.fns.get_mut(&fn_id) else {
+            return;
+        };
+        entry.refs = entry.refs.saturating_sub(1);
+        if entry.refs > 0 {
+            return;
+        }
+        self.idle_fns.push_back(fn_id);
+        while self.idle_fns.len() > IDLE_FUNCTIONS {
+            let old = self.idle_fns.pop_front().expect("not empty");
+            if self.fns.get(&old).is_some_and(|e| e.refs == 0) && !self.idle_fns.contains(&old) {
+                self.fns.remove(&old);
+                for (&worker, link) in self.agents.iter_mut() {
+                    if link.fns.remove(&old) {
+                        let forget = Outgoing::new(ToAgent::Forget { fn_id: old });
+                        Self::queue(&mut self.dirty_agents, worker, link, forget);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "core_tests.rs"]
+mod tests;

@@ -1,0 +1,31 @@
+//! The orchestrator: accepts agents, schedules tasks, routes results.
+//!
+//! It runs on its own tokio runtime inside the driver process. Its state —
+//! the [`Scheduler`](distripool_scheduler::Scheduler), task metadata and the
+//! function registry — lives in one [`core::Core`], a state machine without
+//! I/O, driven by one task that owns it, so there is no lock on the per-task
+//! path.
+//!
+//! ```text
+//!  Client::submit ──┐                                  ┌─► session writer ─► socket
+//!  session reader ──┼─► events ─► core task ─► Core ───┤
+//!  intake ──────────┘             (owns the Comm)      └─► Client mailbox
+//! ```
+//!
+//! | file | what it does |
+//! |---|---|
+//! | `handle.rs` | [`Orchestrator`] and [`Client`], the API; the task that drives the core |
+//! | `core.rs` | the state machine: inputs in, frames and completions out |
+//! | `intake.rs` | accepting connections and authenticating them |
+//! | `session.rs` | one authenticated agent: its reader and writer |
+//! | `snapshot.rs` | what the core shows: workers, clients, events |
+
+mod core;
+mod handle;
+mod intake;
+mod session;
+pub mod snapshot;
+
+pub use distripool_scheduler::FailureKind;
+pub use handle::{function_id, Client, Orchestrator, OrchestratorConfig, Stats};
+pub use snapshot::{ClientInfo, Event, EventKind, Snapshot, WorkerInfo, WorkerState};

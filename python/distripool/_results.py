@@ -1,0 +1,316 @@
+"""The result objects of ``distripool.Pool``: ``ApplyResult``
+(``AsyncResult``), ``MapResult`` and the imap iterators, with the
+``_IMapJob`` state that the result thread and an iterator's feeder share.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import types
+import weakref
+from multiprocessing import TimeoutError
+from typing import TYPE_CHECKING
+
+from ._shared import _report_callback_error
+from .exceptions import (
+    OrchestratorClosedError,
+)
+
+if TYPE_CHECKING:
+    from ._shared import _Shared
+
+
+class ApplyResult:
+    """Handle of one ``apply_async`` call (``multiprocessing.pool.AsyncResult``)."""
+
+    def __init__(self, shared: _Shared, callback=None, error_callback=None):
+        self._shared = shared
+        self._event = threading.Event()
+        self._job = shared.client.new_job()
+        self._callback = callback
+        self._error_callback = error_callback
+        self._success = False
+        self._value = None
+        shared.cache[self._job] = self
+
+    def ready(self) -> bool:
+        return self._event.is_set()
+
+    def successful(self) -> bool:
+        if not self.ready():
+            raise ValueError(f"{self!r} not ready")
+        return self._success
+
+    def wait(self, timeout: float | None = None) -> None:
+        self._event.wait(timeout)
+
+    def get(self, timeout: float | None = None):
+        self.wait(timeout)
+        if not self.ready():
+            raise TimeoutError
+        if self._success:
+            return self._value
+        raise self._value
+
+    def _finish(self) -> None:
+        self._event.set()
+        self._shared.job_done(self._job)
+
+    def _set(self, index: int, item) -> None:
+        self._success, self._value = item
+        self._run_callback()
+        self._finish()
+
+    def _run_callback(self) -> None:
+        """Call the callback or error callback with the final value. An
+        exception there is reported and does not stop the result thread."""
+        callback, kind = (
+            (self._callback, "callback") if self._success else (self._error_callback, "error_callback")
+        )
+        if callback is not None:
+            try:
+                callback(self._value)
+            except Exception:
+                _report_callback_error(kind)
+
+    def _abort(self, exc: BaseException) -> None:
+        if not self._event.is_set():
+            self._success, self._value = False, exc
+            self._event.set()
+
+    __class_getitem__ = classmethod(types.GenericAlias)
+
+
+AsyncResult = ApplyResult
+
+
+class MapResult(ApplyResult):
+    """Handle of a ``map_async``/``starmap_async`` call: one list, in order."""
+
+    def __init__(self, shared, chunksize: int, length: int, callback, error_callback):
+        super().__init__(shared, callback, error_callback)
+        self._success = True
+        self._value = [None] * length
+        self._chunksize = chunksize
+        if chunksize <= 0:
+            self._number_left = 0
+            self._finish()
+        else:
+            self._number_left = length // chunksize + bool(length % chunksize)
+
+    def _set(self, index: int, item) -> None:
+        self._number_left -= 1
+        success, result = item
+        if success and self._success:
+            self._value[index * self._chunksize : (index + 1) * self._chunksize] = result
+        elif not success and self._success:
+            # The first error wins; the result is ready once every chunk is back.
+            self._success = False
+            self._value = result
+        if self._number_left == 0:
+            self._run_callback()
+            self._finish()
+
+
+class _IMapJob:
+    """The results of one ``imap`` job, as they arrive: what the result
+    thread, the feeder and the iterator the caller holds share.
+
+    The feeder keeps at most ``max_in_flight`` chunks submitted and not yet
+    handed out. Every submitted chunk is accounted for once: it completes
+    (``_received``) or is withdrawn before any worker got it
+    (``_withdrawn``); the job is done when the two cover its length.
+    """
+
+    def __init__(self, shared: _Shared, max_in_flight: int, ordered: bool):
+        self._shared = shared
+        self._ordered = ordered
+        self._cond = threading.Condition(threading.Lock())
+        self._job = shared.client.new_job()
+        self._items: collections.deque = collections.deque()  # decoded chunks ready to hand out
+        self._current = iter(())
+        self._unsorted: dict[int, tuple] = {}
+        self._next_chunk = 0  # ordered: index of the next chunk to hand out
+        self._received = 0
+        self._withdrawn = 0
+        self._taken = 0  # chunks handed to the consumer
+        self._length: int | None = None  # number of chunks, once the input is exhausted
+        self._permits = threading.Semaphore(max_in_flight)
+        # Set when nobody will read the results: the feeder stops reading
+        # the input, and what no worker has started is withdrawn.
+        self._abandoned = False
+        # Set by Pool.join: the feeder no longer waits for the caller.
+        self._unbounded = False
+        shared.cache[self._job] = self
+
+    def next(self, timeout: float | None = None):
+        while True:
+            for value in self._current:
+                return value
+            with self._cond:
+                if not self._cond.wait_for(lambda: self._items or self._exhausted(), timeout):
+                    raise TimeoutError
+                if not self._items:
+                    raise StopIteration
+                success, value = self._items.popleft()
+                self._taken += 1
+            self._permits.release()
+            if not success:
+                raise value
+            self._current = iter(value)
+
+    def _exhausted(self) -> bool:
+        return self._length is not None and self._taken >= self._length
+
+    def _push(self, item) -> None:
+        # Caller holds self._cond.
+        self._items.append(item)
+        self._cond.notify()
+
+    def _set(self, index: int, item) -> None:
+        with self._cond:
+            if not self._abandoned:
+                self._accept(index, item)
+            self._received += 1
+            self._maybe_done()
+
+    def _accept(self, index: int, item) -> None:
+        if not self._ordered:
+            self._push(item)
+            return
+        if index != self._next_chunk:
+            self._unsorted[index] = item
+            return
+        self._push(item)
+        self._next_chunk += 1
+        while self._next_chunk in self._unsorted:
+            self._push(self._unsorted.pop(self._next_chunk))
+            self._next_chunk += 1
+
+    def _complete(self) -> bool:
+        """Every chunk has come back or was withdrawn (caller holds self._cond)."""
+        return self._length is not None and self._received + self._withdrawn >= self._length
+
+    def _maybe_done(self) -> None:
+        # Caller holds self._cond. job_done may be called more than once.
+        if self._complete():
+            self._shared.job_done(self._job)
+
+    def _set_length(self, length: int) -> None:
+        """The feeder is done: ``length`` chunks were submitted."""
+        with self._cond:
+            self._length = length
+            self._cond.notify_all()
+            abandoned = self._abandoned
+            self._maybe_done()
+        if abandoned:
+            self._withdraw(cancelled=False)
+
+    def _set_input_error(self, index: int, exc: BaseException) -> None:
+        # The input iterable raised after `index` chunks: deliver it in its place.
+        with self._cond:
+            if not self._abandoned:
+                self._accept(index, (False, exc))
+            self._received += 1
+        self._set_length(index + 1)
+
+    def _withdraw(self, cancelled: bool) -> None:
+        """Take back the chunks no worker has started. With ``cancelled``, a
+        caller still reading finds ``CancelledError`` in their place."""
+        if self._shared.stopping:
+            return
+        try:
+            indexes = self._shared.client.withdraw(self._job)
+        except OrchestratorClosedError:
+            return  # the orchestrator is gone: the pool fails what is pending
+        if indexes:
+            self._shared.forget(self._job, indexes)
+        with self._cond:
+            if cancelled and not self._abandoned:
+                for index in indexes:
+                    self._accept(index, (False, _cancelled()))
+                self._received += len(indexes)
+            else:
+                self._withdrawn += len(indexes)
+            self._cond.notify_all()
+            self._maybe_done()
+
+    def _abandon(self) -> None:
+        """Nobody reads these results any more (the caller's iterator was
+        dropped, or ``Executor.map`` stopped early): stop reading the input
+        and withdraw what has not started. Running chunks finish; their
+        results are dropped."""
+        with self._cond:
+            if self._abandoned or self._complete():
+                return
+            self._abandoned = True
+            self._items.clear()
+            self._unsorted.clear()
+            self._current = iter(())
+            feeding = self._length is None
+        if feeding:
+            self._permits.release()  # the feeder, if it waits for room, sees the flag
+        else:
+            self._withdraw(cancelled=False)
+
+    def _unbound(self) -> None:
+        """Let the feeder submit the rest of the input without waiting for
+        the caller to read (``Pool.join`` waits for all of it)."""
+        self._unbounded = True
+        self._permits.release()
+
+    def _abort(self, exc: BaseException) -> None:
+        with self._cond:
+            self._items.append((False, exc))
+            self._length = 0
+            self._cond.notify_all()
+
+
+def _cancelled() -> BaseException:
+    import concurrent.futures
+
+    return concurrent.futures.CancelledError()
+
+
+class IMapIterator:
+    """Results of ``imap``, in input order, as they become available.
+
+    The input is consumed lazily by a feeder thread that keeps a bounded
+    number of chunks in flight, so an endless generator is fine. An iterator
+    that is dropped unfinished stops the feeder: the rest of its input is
+    not read, and its chunks that no worker has started are withdrawn.
+    """
+
+    _ordered = True
+
+    def __init__(self, shared: _Shared, max_in_flight: int):
+        self._imap = imap = _IMapJob(shared, max_in_flight, self._ordered)
+        weakref.finalize(self, imap._abandon)
+
+    def __iter__(self):
+        return self
+
+    def next(self, timeout: float | None = None):
+        return self._imap.next(timeout)
+
+    def __next__(self):
+        return self._imap.next()
+
+    # The number of items of the input, when it has a length (so that
+    # ``tqdm(pool.imap(f, xs))`` knows its total); None otherwise.
+    _items_total: int | None = None
+
+    def __len__(self) -> int:
+        if self._items_total is None:
+            raise TypeError(f"{type(self).__name__} has no len(): its input has no length")
+        return self._items_total
+
+    def __bool__(self) -> bool:
+        return True  # an iterator is true, whatever its length
+
+
+class IMapUnorderedIterator(IMapIterator):
+    """Results of ``imap_unordered``, in completion order."""
+
+    _ordered = False

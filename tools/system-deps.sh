@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# System tools the tests use: iproute2 (hosts made of network namespaces),
+# iptables (a silent firewall that cuts links), openssl (the TLS tests'
+# certificates). Installed with apt-get when missing and run as root;
+# otherwise says what is missing (the tests that need it then fail under CI,
+# and are skipped elsewhere).
+set -euo pipefail
+missing=()
+command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+command -v iptables >/dev/null 2>&1 || missing+=(iptables)
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+[ ${#missing[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing ${missing[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "${missing[@]}" >/dev/null
+else
+    echo "not installed (install them as root for the network tests): ${missing[*]}" >&2
+fi
