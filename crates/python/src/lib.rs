@@ -16,7 +16,9 @@ use bytes::Bytes;
 use distripool_protocol::HandshakeError;
 use distripool_runtime::executor::ExecutorSpec;
 use distripool_runtime::orchestrator::FailureKind;
-use distripool_runtime::{AgentConfig, Error, OrchestratorConfig, Outcome, Security, Timing, TlsFiles};
+use distripool_runtime::{
+    AgentConfig, Error, JobId, OrchestratorConfig, Outcome, Security, Timing, TlsFiles, WorkerId,
+};
 use pyo3::exceptions::{PyConnectionError, PyOSError, PyRuntimeError, PyTimeoutError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
@@ -37,7 +39,7 @@ fn completion(py: Python<'_>, c: distripool_runtime::Completion) -> PyResult<Bou
             (status, reason.into_pyobject(py)?.into_any())
         }
     };
-    (c.job, c.index, status as u8, data).into_pyobject(py)
+    (c.job.0, c.index, status as u8, data).into_pyobject(py)
 }
 
 /// How a completion ended, as the integer `Client.recv` and `Client.wait`
@@ -78,13 +80,11 @@ fn to_py(e: Error) -> PyErr {
         Error::Timeout(what) => PyTimeoutError::new_err(format!("timed out: {what}")),
         Error::Closed => OrchestratorClosedError::new_err("the orchestrator is closed"),
         Error::TooLarge(m) => PyValueError::new_err(m),
-        Error::Listen { addr, source } => {
-            let message = format!("cannot listen on {addr}: {source}");
-            match source.raw_os_error() {
-                Some(errno) => PyOSError::new_err((errno, message)),
-                None => PyOSError::new_err(message),
-            }
-        }
+        Error::Listen { addr, source } => match source.raw_os_error() {
+            // As Python's own OSError reads: "[Errno 98] ...: address in use".
+            Some(errno) => PyOSError::new_err((errno, format!("cannot listen on {addr}: {}", source.kind()))),
+            None => PyOSError::new_err(format!("cannot listen on {addr}: {source}")),
+        },
         Error::Fatal(end @ SessionEnd::Executors(_)) => ExecutorStartError::new_err(end.to_string()),
         e @ Error::Fatal(_) => PyRuntimeError::new_err(e.to_string()),
     }
@@ -224,7 +224,7 @@ impl Orchestrator {
         let snap = py.detach(|| o.snapshot()).map_err(to_py)?;
         for w in snap.workers {
             let d = PyDict::new(py);
-            d.set_item("id", w.id)?;
+            d.set_item("id", w.id.0)?;
             d.set_item("name", w.name)?;
             d.set_item("address", w.peer)?;
             d.set_item("host", w.labels.host)?;
@@ -266,24 +266,24 @@ impl Orchestrator {
             d.set_item("kind", e.kind.name())?;
             match e.kind {
                 K::WorkerJoined { worker, name } | K::WorkerDraining { worker, name } => {
-                    d.set_item("worker", worker)?;
+                    d.set_item("worker", worker.0)?;
                     d.set_item("name", name)?;
                 }
                 K::WorkerLeft { worker, name, reason } => {
-                    d.set_item("worker", worker)?;
+                    d.set_item("worker", worker.0)?;
                     d.set_item("name", name)?;
                     d.set_item("reason", reason)?;
                 }
                 K::WorkerLost { worker, name, reason, tasks } => {
-                    d.set_item("worker", worker)?;
+                    d.set_item("worker", worker.0)?;
                     d.set_item("name", name)?;
                     d.set_item("reason", reason)?;
                     d.set_item("tasks", tasks)?;
                 }
                 K::TaskRetried { client, job, index, reason }
                 | K::TaskFailed { client, job, index, reason } => {
-                    d.set_item("client", client)?;
-                    d.set_item("job", job)?;
+                    d.set_item("client", client.0)?;
+                    d.set_item("job", job.0)?;
                     d.set_item("index", index)?;
                     d.set_item("reason", reason)?;
                 }
@@ -298,7 +298,7 @@ impl Orchestrator {
     fn drain(&self, py: Python<'_>, worker: u64) -> PyResult<bool> {
         let guard = self.inner.lock().expect("orchestrator lock");
         let o = guard.as_ref().ok_or_else(|| to_py(Error::Closed))?;
-        py.detach(|| o.drain(worker)).map_err(to_py)
+        py.detach(|| o.drain(WorkerId(worker))).map_err(to_py)
     }
 
     /// Stop everything and free the ports. Safe to call twice.
@@ -319,7 +319,7 @@ struct Client {
 #[pymethods]
 impl Client {
     fn new_job(&self) -> u64 {
-        self.inner.new_job()
+        self.inner.new_job().0
     }
 
     /// Queue `(index, payload)` tasks of `job`, each calling `function` and
@@ -341,7 +341,7 @@ impl Client {
         };
         // One copy out of Python's memory; the core never holds Python objects.
         let tasks = tasks.into_iter().map(|(i, p)| (i, Bytes::copy_from_slice(&p))).collect();
-        self.inner.submit(job, Bytes::copy_from_slice(function), tasks, timeout).map_err(to_py)
+        self.inner.submit(JobId(job), Bytes::copy_from_slice(function), tasks, timeout).map_err(to_py)
     }
 
     /// Completions ready within `timeout` seconds, as `(job, index, status,
@@ -361,7 +361,7 @@ impl Client {
     /// Say that the caller will wait for `job` itself (`wait`): its
     /// completion will not be returned by `recv`. Call before `submit`.
     fn expect(&self, job: u64) {
-        self.inner.expect(job);
+        self.inner.expect(JobId(job));
     }
 
     /// Wait for an expected job's completion, as a `(job, index, status,
@@ -370,13 +370,13 @@ impl Client {
     /// completion goes to `recv` after all) and the exception propagates.
     fn wait<'py>(&self, py: Python<'py>, job: u64) -> PyResult<Bound<'py, PyTuple>> {
         loop {
-            match py.detach(|| self.inner.wait(job, SIGNAL_CHECK)) {
+            match py.detach(|| self.inner.wait(JobId(job), SIGNAL_CHECK)) {
                 Ok(Some(c)) => return completion(py, c),
                 Ok(None) => {}
                 Err(e) => return Err(to_py(e)),
             }
             if let Err(e) = py.check_signals() {
-                self.inner.forget(job);
+                self.inner.forget(JobId(job));
                 return Err(e);
             }
         }
@@ -385,7 +385,7 @@ impl Client {
     /// Withdraw the job's tasks that no worker has started; returns their
     /// indexes (those tasks will never complete).
     fn withdraw(&self, py: Python<'_>, job: u64) -> PyResult<Vec<u32>> {
-        py.detach(|| self.inner.withdraw(job)).map_err(to_py)
+        py.detach(|| self.inner.withdraw(JobId(job))).map_err(to_py)
     }
 
     /// Cancel this client's tasks; no more completions will arrive.

@@ -449,45 +449,72 @@ impl<M> IntoIterator for Outgoing<M> {
     }
 }
 
-/// A session's writer: send what arrives on `rx`, in order, until it closes.
-/// Everything already queued goes out before one flush (one syscall, and on a
-/// sealed connection as few records as the bytes need). Every `heartbeat`,
-/// however busy the connection, `idle` makes a frame that shows the peer we
-/// are alive.
-/// `flushed` is told how many frame bytes each flush sent.
-pub async fn write_batches<W, M, B>(
-    mut w: FrameWriter<W>,
+/// Where a batching writer puts what it is sent: items one by one, then one
+/// flush per batch.
+pub trait Sink<T> {
+    fn put(&mut self, item: T) -> impl std::future::Future<Output = Result<()>> + Send;
+    fn flush(&mut self) -> impl std::future::Future<Output = Result<()>> + Send;
+}
+
+impl<W: AsyncWrite + Unpin + Send, M: Serialize + Send + Sync> Sink<Outgoing<M>> for FrameWriter<W> {
+    async fn put(&mut self, f: Outgoing<M>) -> Result<()> {
+        self.write(&f.msg, &f.payload).await
+    }
+    async fn flush(&mut self) -> Result<()> {
+        FrameWriter::flush(self).await
+    }
+}
+
+/// The one writer loop of every connection (orchestrator and agent sessions,
+/// agent to executor): put what arrives on `rx` into `sink`, in order, until
+/// `rx` closes. Everything already queued goes out before one flush (one
+/// syscall; on a sealed connection, as few records as the bytes need). With
+/// a `heartbeat`, every so often, however busy the connection, its closure
+/// makes an item that shows the peer we are alive. `flushed` sees the sink
+/// after each flush.
+pub async fn write_batches<S, T, B, F>(
+    mut sink: S,
     rx: &mut tokio::sync::mpsc::UnboundedReceiver<B>,
-    heartbeat: Duration,
-    mut idle: impl FnMut() -> Outgoing<M>,
-    mut flushed: impl FnMut(u64),
+    mut heartbeat: Option<(Duration, F)>,
+    mut flushed: impl FnMut(&mut S),
 ) -> Result<()>
 where
-    W: AsyncWrite + Unpin,
-    M: Serialize,
-    B: IntoIterator<Item = Outgoing<M>>,
+    S: Sink<T>,
+    B: IntoIterator<Item = T>,
+    F: FnMut() -> T,
 {
-    let mut tick = tokio::time::interval(heartbeat);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut tick = heartbeat.as_ref().map(|(every, _)| {
+        let mut t = tokio::time::interval(*every);
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        t
+    });
     loop {
+        let ticked = async {
+            match tick.as_mut() {
+                Some(t) => {
+                    t.tick().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
         let mut first = tokio::select! {
             batch = rx.recv() => match batch {
                 Some(b) => Some(b),
                 None => return Ok(()),
             },
-            _ = tick.tick() => {
-                let f = idle();
-                w.write(&f.msg, &f.payload).await?;
+            () = ticked => {
+                let (_, make) = heartbeat.as_mut().expect("only a heartbeat ticks");
+                sink.put(make()).await?;
                 None
             }
         };
         while let Some(batch) = first.take().or_else(|| rx.try_recv().ok()) {
-            for f in batch {
-                w.write(&f.msg, &f.payload).await?;
+            for item in batch {
+                sink.put(item).await?;
             }
         }
-        w.flush().await?;
-        flushed(w.take_written());
+        sink.flush().await?;
+        flushed(&mut sink);
     }
 }
 

@@ -30,12 +30,15 @@
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
 use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+
+use crate::conn::{write_batches, Sink};
 
 pub const KIND_FUNCTION: u8 = 1;
 pub const KIND_TASK: u8 = 2;
@@ -65,6 +68,33 @@ pub enum ExecIn {
     Function { fn_id: u64, bytes: Bytes },
     Task { task: u64, fn_id: u64, payload: Bytes },
     Forget { fn_id: u64 },
+}
+
+impl IntoIterator for ExecIn {
+    type Item = Self;
+    type IntoIter = std::iter::Once<Self>;
+    fn into_iter(self) -> Self::IntoIter {
+        std::iter::once(self)
+    }
+}
+
+/// The agent's end of an executor's socket, as a sink for [`write_batches`].
+struct ExecWriter(BufWriter<tokio::net::unix::OwnedWriteHalf>);
+
+impl Sink<ExecIn> for ExecWriter {
+    async fn put(&mut self, m: ExecIn) -> crate::Result<()> {
+        let (kind, a, b, payload) = match m {
+            ExecIn::Function { fn_id, bytes } => (KIND_FUNCTION, fn_id, 0, bytes),
+            ExecIn::Task { task, fn_id, payload } => (KIND_TASK, task, fn_id, payload),
+            ExecIn::Forget { fn_id } => (KIND_FORGET, fn_id, 0, Bytes::new()),
+        };
+        self.0.write_all(&encode_header(kind, a, b, payload.len())).await?;
+        self.0.write_all(&payload).await?;
+        Ok(())
+    }
+    async fn flush(&mut self) -> crate::Result<()> {
+        Ok(self.0.flush().await?)
+    }
 }
 
 /// What an executor reports back, tagged with its slot and generation so that
@@ -211,26 +241,9 @@ pub fn spawn(
     let (tx, mut rx) = mpsc::unbounded_channel::<ExecIn>();
 
     let writer = tokio::spawn(async move {
-        let mut w = BufWriter::with_capacity(64 * 1024, wr);
-        while let Some(first) = rx.recv().await {
-            let mut next = Some(first);
-            // Write everything that is ready, then flush once.
-            while let Some(m) = next {
-                let (kind, a, b, payload) = match m {
-                    ExecIn::Function { fn_id, bytes } => (KIND_FUNCTION, fn_id, 0, bytes),
-                    ExecIn::Task { task, fn_id, payload } => (KIND_TASK, task, fn_id, payload),
-                    ExecIn::Forget { fn_id } => (KIND_FORGET, fn_id, 0, Bytes::new()),
-                };
-                let header = encode_header(kind, a, b, payload.len());
-                if w.write_all(&header).await.is_err() || w.write_all(&payload).await.is_err() {
-                    return; // the reader sees the executor's end and reports it
-                }
-                next = rx.try_recv().ok();
-            }
-            if w.flush().await.is_err() {
-                return;
-            }
-        }
+        let sink = ExecWriter(BufWriter::with_capacity(64 * 1024, wr));
+        // On an error the reader sees the executor's end and reports it.
+        let _ = write_batches(sink, &mut rx, None::<(Duration, fn() -> ExecIn)>, |_| {}).await;
     });
 
     let max_frame = spec.max_frame;

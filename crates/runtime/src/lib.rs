@@ -17,6 +17,7 @@
 pub mod agent;
 pub mod conn;
 pub mod executor;
+pub mod ids;
 pub mod mailbox;
 pub mod orchestrator;
 pub mod security;
@@ -25,6 +26,7 @@ pub mod timing;
 pub use agent::{run_agent, AgentConfig};
 pub use conn::SessionEnd;
 pub use distripool_protocol::{DEFAULT_MAX_FRAME, PROTOCOL_VERSION};
+pub use ids::{ClientId, JobId, TaskId, WorkerId};
 pub use mailbox::{Completion, Outcome};
 pub use orchestrator::{Client, Orchestrator, OrchestratorConfig, Stats};
 pub use security::{Security, TlsFiles};
@@ -61,6 +63,28 @@ pub enum Error {
     TooLarge(String),
 }
 
+impl Error {
+    /// True when trying again can succeed without changing anything here: a
+    /// connection that broke or timed out, a peer that failed to
+    /// authenticate (it may be fixed, or be someone else). False when the
+    /// same call would fail the same way: a bad setting, an address that
+    /// cannot be bound, a closed orchestrator, a message too large, a
+    /// session end that would repeat.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Io(_) | Error::Frame(_) | Error::Cipher(_) | Error::Handshake(_) | Error::Timeout(_) => {
+                true
+            }
+            Error::Config(_)
+            | Error::Listen { .. }
+            | Error::Tls(_)
+            | Error::Closed
+            | Error::Fatal(_)
+            | Error::TooLarge(_) => false,
+        }
+    }
+}
+
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Fresh random bytes from the operating system.
@@ -77,4 +101,23 @@ pub fn resolve(addr: &str) -> Result<std::net::SocketAddr> {
         .to_socket_addrs()
         .map_err(|e| Error::Config(format!("cannot resolve address {addr:?} (expected HOST:PORT): {e}")))?;
     addrs.next().ok_or_else(|| Error::Config(format!("address {addr:?} resolves to nothing")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_say_whether_trying_again_can_help() {
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert!(Error::Io(refused).is_transient());
+        assert!(Error::Timeout("handshake").is_transient());
+        assert!(Error::Handshake(HandshakeError::RejectedAuth).is_transient());
+        let in_use = std::io::Error::from(std::io::ErrorKind::AddrInUse);
+        let addr = "127.0.0.1:1".parse().unwrap();
+        assert!(!Error::Listen { addr, source: in_use }.is_transient());
+        assert!(!Error::Closed.is_transient());
+        assert!(!Error::Fatal(SessionEnd::Executors("no python".into())).is_transient());
+        assert!(!Error::Config("bad".into()).is_transient());
+    }
 }

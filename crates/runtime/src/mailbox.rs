@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use distripool_scheduler::FailureKind;
 
+use crate::ids::JobId;
 use crate::{Error, Result};
 
 /// How a task ended, as seen by its client.
@@ -28,7 +29,7 @@ pub enum Outcome {
 /// One finished task of a client's job.
 #[derive(Debug)]
 pub struct Completion {
-    pub job: u64,
+    pub job: JobId,
     pub index: u32,
     pub outcome: Outcome,
 }
@@ -54,7 +55,7 @@ pub struct Mailbox {
 struct State {
     queue: Vec<Completion>,
     /// Jobs a caller waits for, with their completion once it is in.
-    expected: HashMap<u64, Option<Completion>>,
+    expected: HashMap<JobId, Option<Completion>>,
     closed: bool,
 }
 
@@ -119,14 +120,14 @@ impl Mailbox {
     }
 
     /// The caller will wait for `job` itself; call before submitting it.
-    pub fn expect(&self, job: u64) {
+    pub fn expect(&self, job: JobId) {
         self.lock().expected.insert(job, None);
     }
 
     /// Wait up to `timeout` for an expected job's completion: `Ok(None)` if
     /// it is not in yet (the job stays expected), `Err(Closed)` if it never
     /// will be.
-    pub fn wait(&self, job: u64, timeout: Duration) -> Result<Option<Completion>> {
+    pub fn wait(&self, job: JobId, timeout: Duration) -> Result<Option<Completion>> {
         let start = Instant::now();
         let deadline = start + timeout;
         // A short task's completion is often back within a few tens of
@@ -170,7 +171,7 @@ impl Mailbox {
 
     /// The caller gave up on `job`: its completion, already in or still to
     /// come, goes to the queue like any other.
-    pub fn forget(&self, job: u64) {
+    pub fn forget(&self, job: JobId) {
         let arrived = self.lock().expected.remove(&job).flatten();
         if let Some(c) = arrived {
             self.deliver(vec![c]);
@@ -193,20 +194,20 @@ mod tests {
     use super::*;
 
     fn done(job: u64) -> Completion {
-        Completion { job, index: 0, outcome: Outcome::Done(Bytes::from_static(b"x")) }
+        Completion { job: JobId(job), index: 0, outcome: Outcome::Done(Bytes::from_static(b"x")) }
     }
 
     #[test]
     fn expected_jobs_skip_the_queue_and_the_rest_queue_in_order() {
         let mb = Arc::new(Mailbox::default());
-        mb.expect(2);
+        mb.expect(JobId(2));
         let waiter = {
             let mb = mb.clone();
-            std::thread::spawn(move || mb.wait(2, Duration::from_secs(30)))
+            std::thread::spawn(move || mb.wait(JobId(2), Duration::from_secs(30)))
         };
         mb.deliver(vec![done(1), done(2), done(3)]);
-        assert_eq!(waiter.join().unwrap().unwrap().unwrap().job, 2);
-        let jobs: Vec<u64> = mb.recv(Duration::ZERO).unwrap().iter().map(|c| c.job).collect();
+        assert_eq!(waiter.join().unwrap().unwrap().unwrap().job, JobId(2));
+        let jobs: Vec<u64> = mb.recv(Duration::ZERO).unwrap().iter().map(|c| c.job.0).collect();
         assert_eq!(jobs, [1, 3]);
         assert!(mb.recv(Duration::ZERO).unwrap().is_empty());
     }
@@ -214,11 +215,11 @@ mod tests {
     #[test]
     fn waiting_times_out_then_closing_wakes_everyone() {
         let mb = Arc::new(Mailbox::default());
-        mb.expect(7);
-        assert!(mb.wait(7, Duration::from_millis(1)).unwrap().is_none());
+        mb.expect(JobId(7));
+        assert!(mb.wait(JobId(7), Duration::from_millis(1)).unwrap().is_none());
         let waiter = {
             let mb = mb.clone();
-            std::thread::spawn(move || mb.wait(7, Duration::from_secs(30)))
+            std::thread::spawn(move || mb.wait(JobId(7), Duration::from_secs(30)))
         };
         let reader = {
             let mb = mb.clone();
@@ -232,18 +233,18 @@ mod tests {
     #[test]
     fn a_forgotten_job_goes_to_the_queue_whether_in_already_or_not() {
         let mb = Mailbox::default();
-        mb.expect(1);
-        mb.expect(2);
+        mb.expect(JobId(1));
+        mb.expect(JobId(2));
         mb.deliver(vec![done(1)]);
-        mb.forget(1);
-        mb.forget(2);
+        mb.forget(JobId(1));
+        mb.forget(JobId(2));
         mb.deliver(vec![done(2)]);
-        let jobs: Vec<u64> = mb.recv(Duration::ZERO).unwrap().iter().map(|c| c.job).collect();
+        let jobs: Vec<u64> = mb.recv(Duration::ZERO).unwrap().iter().map(|c| c.job.0).collect();
         assert_eq!(jobs, [1, 2]);
         // Queued completions are still handed out after the close.
         mb.deliver(vec![done(3)]);
         mb.close();
-        assert_eq!(mb.recv(Duration::ZERO).unwrap()[0].job, 3);
+        assert_eq!(mb.recv(Duration::ZERO).unwrap()[0].job, JobId(3));
         assert!(matches!(mb.recv(Duration::ZERO), Err(Error::Closed)));
     }
 }

@@ -21,10 +21,35 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 
-pub type TaskId = u64;
-pub type WorkerId = u64;
-/// Tasks are grouped by the client (pool) that submitted them.
-pub type GroupId = u64;
+/// Defines an id: a `u64` of its own type, so that one kind of id cannot be
+/// passed where another is meant. It hashes as its `u64` (see [`IdHasher`]).
+#[macro_export]
+macro_rules! define_id_type {
+    ($(#[$meta:meta])* $name:ident) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+        pub struct $name(pub u64);
+
+        impl ::std::fmt::Display for $name {
+            fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+                ::std::fmt::Display::fmt(&self.0, f)
+            }
+        }
+    };
+}
+
+define_id_type!(
+    /// A task: one chunk of one job, for the life of the orchestrator.
+    TaskId
+);
+define_id_type!(
+    /// A worker (one agent session).
+    WorkerId
+);
+define_id_type!(
+    /// Tasks are grouped by the client (pool) that submitted them.
+    GroupId
+);
 
 /// Hashes the integer ids the runtime hands out itself (tasks, workers,
 /// functions; never a key chosen by a peer) instead of SipHash. The low bits,

@@ -8,10 +8,10 @@ fn drain(s: &mut S) -> Vec<Command<&'static str, u32>> {
     std::iter::from_fn(|| s.poll_command()).collect()
 }
 
-fn dispatched(cmds: &[Command<&'static str, u32>]) -> Vec<(WorkerId, TaskId, u32)> {
+fn dispatched(cmds: &[Command<&'static str, u32>]) -> Vec<(u64, u64, u32)> {
     cmds.iter()
         .filter_map(|c| match c {
-            Command::Dispatch { worker, task, attempt, .. } => Some((*worker, *task, *attempt)),
+            Command::Dispatch { worker, task, attempt, .. } => Some((worker.0, task.0, *attempt)),
             _ => None,
         })
         .collect()
@@ -21,40 +21,40 @@ fn dispatched(cmds: &[Command<&'static str, u32>]) -> Vec<(WorkerId, TaskId, u32
 fn tasks_wait_for_a_worker_then_respect_its_capacity() {
     let mut s = S::new(Config::default());
     for t in 0..5 {
-        s.submit(t, 1, "x");
+        s.submit(TaskId(t), GroupId(1), "x");
     }
     assert!(drain(&mut s).is_empty());
     assert_eq!(s.queued(), 5);
-    s.worker_joined(10, 2);
+    s.worker_joined(WorkerId(10), 2);
     assert_eq!(dispatched(&drain(&mut s)), vec![(10, 0, 1), (10, 1, 1)]);
-    assert!(s.task_finished(10, 0, 1, 100));
+    assert!(s.task_finished(WorkerId(10), TaskId(0), 1, 100));
     let cmds = drain(&mut s);
-    assert_eq!(cmds[0], Command::Deliver { task: 0, group: 1, result: 100 });
+    assert_eq!(cmds[0], Command::Deliver { task: TaskId(0), group: GroupId(1), result: 100 });
     assert_eq!(dispatched(&cmds), vec![(10, 2, 1)]);
 }
 
 #[test]
 fn a_worker_can_ask_for_more_or_fewer_tasks() {
     let mut s = S::new(Config::default());
-    s.worker_joined(1, 1);
+    s.worker_joined(WorkerId(1), 1);
     for t in 0..4 {
-        s.submit(t, 1, "x");
+        s.submit(TaskId(t), GroupId(1), "x");
     }
     assert_eq!(dispatched(&drain(&mut s)).len(), 1);
-    s.worker_joined(1, 3); // its tasks turned out short: it takes more
+    s.worker_joined(WorkerId(1), 3); // its tasks turned out short: it takes more
     assert_eq!(dispatched(&drain(&mut s)), vec![(1, 1, 1), (1, 2, 1)]);
-    s.worker_joined(1, 1); // and fewer again: nothing new until it is below
-    assert!(s.task_finished(1, 0, 1, 0));
+    s.worker_joined(WorkerId(1), 1); // and fewer again: nothing new until it is below
+    assert!(s.task_finished(WorkerId(1), TaskId(0), 1, 0));
     assert!(dispatched(&drain(&mut s)).is_empty());
 }
 
 #[test]
 fn load_is_spread_over_workers() {
     let mut s = S::new(Config::default());
-    s.worker_joined(1, 2);
-    s.worker_joined(2, 2);
+    s.worker_joined(WorkerId(1), 2);
+    s.worker_joined(WorkerId(2), 2);
     for t in 0..4 {
-        s.submit(t, 1, "x");
+        s.submit(TaskId(t), GroupId(1), "x");
     }
     let per: Vec<_> = dispatched(&drain(&mut s)).iter().map(|d| d.0).collect();
     assert_eq!(per.iter().filter(|&&w| w == 1).count(), 2);
@@ -64,13 +64,13 @@ fn load_is_spread_over_workers() {
 #[test]
 fn stale_and_duplicate_results_are_dropped() {
     let mut s = S::new(Config::default());
-    s.worker_joined(1, 1);
-    s.submit(0, 1, "x");
+    s.worker_joined(WorkerId(1), 1);
+    s.submit(TaskId(0), GroupId(1), "x");
     drain(&mut s);
-    assert!(!s.task_finished(2, 0, 1, 5), "wrong worker");
-    assert!(!s.task_finished(1, 0, 2, 5), "wrong attempt");
-    assert!(s.task_finished(1, 0, 1, 5));
-    assert!(!s.task_finished(1, 0, 1, 5), "duplicate");
+    assert!(!s.task_finished(WorkerId(2), TaskId(0), 1, 5), "wrong worker");
+    assert!(!s.task_finished(WorkerId(1), TaskId(0), 2, 5), "wrong attempt");
+    assert!(s.task_finished(WorkerId(1), TaskId(0), 1, 5));
+    assert!(!s.task_finished(WorkerId(1), TaskId(0), 1, 5), "duplicate");
     let delivered = drain(&mut s).into_iter().filter(|c| matches!(c, Command::Deliver { .. })).count();
     assert_eq!(delivered, 1);
 }
@@ -78,32 +78,32 @@ fn stale_and_duplicate_results_are_dropped() {
 #[test]
 fn a_lost_worker_gives_its_tasks_to_another_in_order() {
     let mut s = S::new(Config::default());
-    s.worker_joined(1, 3);
+    s.worker_joined(WorkerId(1), 3);
     for t in 0..3 {
-        s.submit(t, 1, "x");
+        s.submit(TaskId(t), GroupId(1), "x");
     }
     drain(&mut s);
-    s.worker_lost(1, "connection reset");
+    s.worker_lost(WorkerId(1), "connection reset");
     assert_eq!(s.queued(), 3);
-    s.worker_joined(2, 3);
+    s.worker_joined(WorkerId(2), 3);
     assert_eq!(dispatched(&drain(&mut s)), vec![(2, 0, 2), (2, 1, 2), (2, 2, 2)]);
     // The old worker's late result is refused.
-    assert!(!s.task_finished(1, 0, 1, 0));
+    assert!(!s.task_finished(WorkerId(1), TaskId(0), 1, 0));
 }
 
 #[test]
 fn crash_limit_fails_the_task_with_every_reason() {
     let mut s = S::new(Config { max_crashes: 3, max_losses: 10 });
-    s.worker_joined(1, 1);
-    s.submit(0, 7, "poison");
-    s.submit(1, 7, "fine");
+    s.worker_joined(WorkerId(1), 1);
+    s.submit(TaskId(0), GroupId(7), "poison");
+    s.submit(TaskId(1), GroupId(7), "fine");
     for attempt in 1..=3 {
         let d = dispatched(&drain(&mut s));
         assert_eq!(d[0], (1, 0, attempt));
-        assert!(s.task_crashed(1, 0, attempt, "killed by signal 9"));
+        assert!(s.task_crashed(WorkerId(1), TaskId(0), attempt, "killed by signal 9"));
     }
     let cmds = drain(&mut s);
-    let Command::Fail { task: 0, group: 7, failure } = &cmds[0] else { panic!("{cmds:?}") };
+    let Command::Fail { task: TaskId(0), group: GroupId(7), failure } = &cmds[0] else { panic!("{cmds:?}") };
     assert_eq!(failure.attempts, 3);
     assert_eq!(failure.kind, FailureKind::Crashes);
     assert_eq!(failure.reasons.len(), 3);
@@ -115,45 +115,45 @@ fn crash_limit_fails_the_task_with_every_reason() {
 #[test]
 fn a_crashed_task_is_retried_on_another_worker_when_one_has_room() {
     let mut s = S::new(Config::default());
-    s.worker_joined(1, 2);
-    s.worker_joined(2, 1);
-    s.submit(0, 1, "x");
+    s.worker_joined(WorkerId(1), 2);
+    s.worker_joined(WorkerId(2), 1);
+    s.submit(TaskId(0), GroupId(1), "x");
     assert_eq!(dispatched(&drain(&mut s)), vec![(1, 0, 1)]);
-    assert!(s.task_crashed(1, 0, 1, "killed"));
+    assert!(s.task_crashed(WorkerId(1), TaskId(0), 1, "killed"));
     // Worker 1 has more room, but the task just crashed there.
     assert_eq!(dispatched(&drain(&mut s)), vec![(2, 0, 2)]);
     // With no other worker free, it may go back.
-    s.worker_lost(2, "gone");
+    s.worker_lost(WorkerId(2), "gone");
     assert_eq!(dispatched(&drain(&mut s)), vec![(1, 0, 3)]);
 }
 
 #[test]
 fn cancel_group_drops_queued_and_cancels_running_tasks() {
     let mut s = S::new(Config::default());
-    s.worker_joined(1, 1);
-    s.submit(0, 1, "a");
-    s.submit(1, 1, "b");
-    s.submit(2, 2, "c");
+    s.worker_joined(WorkerId(1), 1);
+    s.submit(TaskId(0), GroupId(1), "a");
+    s.submit(TaskId(1), GroupId(1), "b");
+    s.submit(TaskId(2), GroupId(2), "c");
     drain(&mut s);
-    s.cancel_group(1);
+    s.cancel_group(GroupId(1));
     let cmds = drain(&mut s);
-    assert_eq!(cmds[0], Command::Cancel { worker: 1, tasks: vec![0] });
+    assert_eq!(cmds[0], Command::Cancel { worker: WorkerId(1), tasks: vec![TaskId(0)] });
     assert_eq!(dispatched(&cmds), vec![(1, 2, 1)]);
-    assert!(!s.task_finished(1, 0, 1, 0), "cancelled task's result is dropped");
+    assert!(!s.task_finished(WorkerId(1), TaskId(0), 1, 0), "cancelled task's result is dropped");
     assert_eq!(s.pending(), 1);
 }
 
 #[test]
 fn a_timed_out_task_fails_at_once_and_frees_its_slot() {
     let mut s = S::new(Config::default());
-    s.worker_joined(1, 1);
-    s.submit(0, 1, "slow");
-    s.submit(1, 1, "next");
+    s.worker_joined(WorkerId(1), 1);
+    s.submit(TaskId(0), GroupId(1), "slow");
+    s.submit(TaskId(1), GroupId(1), "next");
     drain(&mut s);
-    assert!(!s.task_timed_out(1, 0, 2, "late"), "stale attempt");
-    assert!(s.task_timed_out(1, 0, 1, "ran past 5 s"));
+    assert!(!s.task_timed_out(WorkerId(1), TaskId(0), 2, "late"), "stale attempt");
+    assert!(s.task_timed_out(WorkerId(1), TaskId(0), 1, "ran past 5 s"));
     let cmds = drain(&mut s);
-    let Command::Fail { task: 0, failure, .. } = &cmds[0] else { panic!("{cmds:?}") };
+    let Command::Fail { task: TaskId(0), failure, .. } = &cmds[0] else { panic!("{cmds:?}") };
     assert_eq!(failure.kind, FailureKind::Timeout);
     assert!(failure.reasons[0].contains("ran past 5 s"));
     assert_eq!(dispatched(&cmds), vec![(1, 1, 1)]);
@@ -162,15 +162,15 @@ fn a_timed_out_task_fails_at_once_and_frees_its_slot() {
 #[test]
 fn only_undispatched_tasks_can_be_withdrawn() {
     let mut s = S::new(Config::default());
-    s.worker_joined(1, 1);
-    s.submit(0, 1, "running");
-    s.submit(1, 1, "queued");
+    s.worker_joined(WorkerId(1), 1);
+    s.submit(TaskId(0), GroupId(1), "running");
+    s.submit(TaskId(1), GroupId(1), "queued");
     drain(&mut s);
-    assert!(!s.withdraw(0), "a dispatched task stays");
-    assert!(s.withdraw(1));
-    assert!(!s.withdraw(1), "already gone");
+    assert!(!s.withdraw(TaskId(0)), "a dispatched task stays");
+    assert!(s.withdraw(TaskId(1)));
+    assert!(!s.withdraw(TaskId(1)), "already gone");
     assert_eq!(s.queued(), 0);
-    assert!(s.task_finished(1, 0, 1, 9));
+    assert!(s.task_finished(WorkerId(1), TaskId(0), 1, 9));
     // Nothing is dispatched for the withdrawn task once the worker is free.
     assert!(dispatched(&drain(&mut s)).is_empty());
     assert_eq!(s.pending(), 0);
@@ -209,12 +209,13 @@ fn op() -> impl Strategy<Value = Op> {
 /// Every outcome the scheduler produced, checked against its invariants.
 #[derive(Default)]
 struct Model {
-    outcomes: HashMap<TaskId, u32>,
-    cancelled: BTreeSet<TaskId>,
-    group_of: HashMap<TaskId, GroupId>,
+    // Plain numbers here; the scheduler's typed ids are unwrapped as they arrive.
+    outcomes: HashMap<u64, u32>,
+    cancelled: BTreeSet<u64>,
+    group_of: HashMap<u64, u64>,
     /// (worker, task) → attempt for every dispatched, unresolved attempt.
-    inflight: BTreeMap<(WorkerId, TaskId), u32>,
-    live_workers: BTreeMap<WorkerId, usize>,
+    inflight: BTreeMap<(u64, u64), u32>,
+    live_workers: BTreeMap<u64, usize>,
     max_attempt: u32,
 }
 
@@ -224,6 +225,7 @@ impl Model {
         while let Some(c) = s.poll_command() {
             match c {
                 Command::Dispatch { worker, task, attempt, payload } => {
+                    let (worker, task) = (worker.0, task.0);
                     assert_eq!(payload, task, "payload travels with its task");
                     assert!(self.live_workers.contains_key(&worker), "dispatch to a lost worker");
                     assert!(!self.outcomes.contains_key(&task), "dispatch after the outcome");
@@ -235,16 +237,18 @@ impl Model {
                     assert!(load <= self.live_workers[&worker], "worker over capacity");
                 }
                 Command::Deliver { task, result, .. } => {
+                    let task = task.0;
                     assert_eq!(result, task * 10);
                     *self.outcomes.entry(task).or_default() += 1;
                     self.inflight.retain(|&(_, t), _| t != task);
                 }
                 Command::Fail { task, .. } => {
+                    let task = task.0;
                     *self.outcomes.entry(task).or_default() += 1;
                     self.inflight.retain(|&(_, t), _| t != task);
                 }
                 Command::Cancel { tasks, .. } => {
-                    for t in tasks {
+                    for TaskId(t) in tasks {
                         assert!(self.cancelled.contains(&t), "cancelled a task of another group");
                         self.inflight.retain(|&(_, x), _| x != t);
                     }
@@ -272,35 +276,35 @@ proptest! {
                 Op::Submit => {
                     let group = next % 3;
                     m.group_of.insert(next, group);
-                    s.submit(next, group, next);
+                    s.submit(TaskId(next), GroupId(group), next);
                     next += 1;
                 }
                 Op::Join(w, c) => {
                     m.live_workers.insert(w as u64, c as usize);
-                    s.worker_joined(w as u64, c as usize);
+                    s.worker_joined(WorkerId(w as u64), c as usize);
                 }
                 Op::Lose(w) => {
                     m.live_workers.remove(&(w as u64));
-                    s.worker_lost(w as u64, "test");
+                    s.worker_lost(WorkerId(w as u64), "test");
                     m.inflight.retain(|&(wk, _), _| wk != w as u64);
                 }
                 Op::Finish(i) | Op::Duplicate(i) | Op::Crash(i) | Op::Timeout(i) => {
                     if m.inflight.is_empty() { continue; }
                     let (&(w, t), &a) = m.inflight.iter().nth(i as usize % m.inflight.len()).unwrap();
                     match op {
-                        Op::Finish(_) => prop_assert!(s.task_finished(w, t, a, t * 10)),
+                        Op::Finish(_) => prop_assert!(s.task_finished(WorkerId(w), TaskId(t), a, t * 10)),
                         Op::Crash(_) => {
-                            prop_assert!(s.task_crashed(w, t, a, "boom"));
+                            prop_assert!(s.task_crashed(WorkerId(w), TaskId(t), a, "boom"));
                             m.inflight.remove(&(w, t));
                         }
                         Op::Timeout(_) => {
-                            prop_assert!(s.task_timed_out(w, t, a, "too slow"));
+                            prop_assert!(s.task_timed_out(WorkerId(w), TaskId(t), a, "too slow"));
                             m.inflight.remove(&(w, t));
                         }
                         _ => {
                             // A stale copy from an earlier attempt must be refused.
-                            prop_assert!(!s.task_finished(w, t, a.wrapping_sub(1), t * 10));
-                            prop_assert!(!s.task_finished(w + 100, t, a, t * 10));
+                            prop_assert!(!s.task_finished(WorkerId(w), TaskId(t), a.wrapping_sub(1), t * 10));
+                            prop_assert!(!s.task_finished(WorkerId(w + 100), TaskId(t), a, t * 10));
                         }
                     }
                 }
@@ -313,7 +317,7 @@ proptest! {
                     if next == 0 { continue; }
                     let t = u64::from(i) % next;
                     let was_inflight = m.inflight.keys().any(|&(_, x)| x == t);
-                    if s.withdraw(t) {
+                    if s.withdraw(TaskId(t)) {
                         prop_assert!(!was_inflight, "withdrew a dispatched task");
                         prop_assert!(!m.outcomes.contains_key(&t), "withdrew a finished task");
                         m.cancelled.insert(t);
@@ -325,7 +329,7 @@ proptest! {
                             m.cancelled.insert(t);
                         }
                     }
-                    s.cancel_group(g as u64);
+                    s.cancel_group(GroupId(g as u64));
                 }
             }
             m.absorb(&mut s);
@@ -334,16 +338,16 @@ proptest! {
         // lost), a healthy worker joins and finishes everything.
         for w in 0..4u64 {
             m.live_workers.remove(&w);
-            s.worker_lost(w, "end of test");
+            s.worker_lost(WorkerId(w), "end of test");
             m.inflight.retain(|&(wk, _), _| wk != w);
             m.absorb(&mut s);
         }
         m.live_workers.insert(99, 4);
-        s.worker_joined(99, 4);
+        s.worker_joined(WorkerId(99), 4);
         m.absorb(&mut s);
         let mut rounds = 0;
         while let Some((&(w, t), &a)) = m.inflight.iter().next() {
-            prop_assert!(s.task_finished(w, t, a, t * 10));
+            prop_assert!(s.task_finished(WorkerId(w), TaskId(t), a, t * 10));
             m.absorb(&mut s);
             rounds += 1;
             prop_assert!(rounds < 10_000);

@@ -115,7 +115,7 @@ where
         // Our own heartbeat, whatever the orchestrator sends: while it is busy
         // sending us a large frame, its pings wait behind it.
         let pong = || Outgoing::new(FromAgent::Pong { seq: 0 });
-        write_batches(w, &mut out_rx, timing.heartbeat, pong, |_| {}).await
+        write_batches(w, &mut out_rx, Some((timing.heartbeat, pong)), |_| {}).await
     }));
     let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
     let mut comm = Processes { out: out_tx, handles: Vec::new(), events: ev_tx, spec };

@@ -15,11 +15,11 @@ use distripool_scheduler::{Command, Config as SchedulerConfig, FailureKind, IdMa
 
 use super::snapshot::{ClientInfo, EventKind, EventLog, Snapshot, WorkerInfo, WorkerState};
 use super::Stats;
+use crate::agent::DEPTH;
 use crate::conn::{Outgoing, SessionEnd};
+use crate::ids::{ClientId, JobId, TaskId, WorkerId};
 use crate::mailbox::{Completion, Outcome};
 
-/// Tasks an agent may hold per executor slot (running plus prefetched).
-pub(crate) const PREFETCH_PER_SLOT: usize = 2;
 /// Functions kept after their last task, in case they are used again.
 const IDLE_FUNCTIONS: usize = 64;
 
@@ -27,15 +27,15 @@ const IDLE_FUNCTIONS: usize = 64;
 /// channels; the tests' records everything.
 pub(crate) trait Comm {
     /// Frames for one agent, in order, produced by one burst of inputs.
-    fn send_agent(&mut self, worker: u64, frames: Vec<Outgoing<ToAgent>>);
+    fn send_agent(&mut self, worker: WorkerId, frames: Vec<Outgoing<ToAgent>>);
     /// Completions for one client, in order.
-    fn deliver(&mut self, client: u64, completions: Vec<Completion>);
+    fn deliver(&mut self, client: ClientId, completions: Vec<Completion>);
 }
 
 /// What the core is told. Withdrawing, which has an answer, is a method.
 pub(crate) enum Input {
     AgentJoined {
-        worker: u64,
+        worker: WorkerId,
         /// Where it connected from (`local` for the in-process agent).
         peer: String,
         slots: usize,
@@ -43,32 +43,32 @@ pub(crate) enum Input {
     },
     /// Every message an agent's reader had at hand, in order.
     AgentMessages {
-        worker: u64,
+        worker: WorkerId,
         msgs: Vec<(FromAgent, Bytes)>,
     },
     AgentLeft {
-        worker: u64,
+        worker: WorkerId,
         end: SessionEnd,
     },
     ClientOpened {
-        client: u64,
+        client: ClientId,
     },
     Submit {
-        client: u64,
-        job: u64,
+        client: ClientId,
+        job: JobId,
         fn_id: u64,
         function: Bytes,
         tasks: Vec<(u32, Bytes)>,
         timeout_ms: u64,
     },
     ClientClosed {
-        client: u64,
+        client: ClientId,
     },
 }
 
 struct TaskMeta {
-    client: u64,
-    job: u64,
+    client: ClientId,
+    job: JobId,
     index: u32,
     fn_id: u64,
     timeout_ms: u64,
@@ -101,13 +101,13 @@ struct FnEntry {
 
 pub(crate) struct Core {
     sched: Scheduler<Bytes, Bytes>,
-    agents: IdMap<u64, AgentLink>,
+    agents: IdMap<WorkerId, AgentLink>,
     /// Each open client's completions of the current burst.
-    clients: IdMap<u64, Vec<Completion>>,
+    clients: IdMap<ClientId, Vec<Completion>>,
     /// Agents and clients with something in their outbox.
-    dirty_agents: Vec<u64>,
-    dirty_clients: Vec<u64>,
-    meta: IdMap<u64, TaskMeta>,
+    dirty_agents: Vec<WorkerId>,
+    dirty_clients: Vec<ClientId>,
+    meta: IdMap<TaskId, TaskMeta>,
     fns: IdMap<u64, FnEntry>,
     idle_fns: VecDeque<u64>,
     next_task: u64,
@@ -180,7 +180,9 @@ impl Core {
                 );
                 self.stats.workers.fetch_add(1, Ordering::Relaxed);
                 self.stats.slots.fetch_add(slots, Ordering::Relaxed);
-                self.sched.worker_joined(worker, slots * PREFETCH_PER_SLOT);
+                // What the agent holds per executor until it says otherwise
+                // (`Capacity`): one running, one prefetched.
+                self.sched.worker_joined(worker, slots * DEPTH);
             }
             Input::AgentLeft { worker, end } => {
                 if let Some(link) = self.agents.remove(&worker) {
@@ -219,18 +221,18 @@ impl Core {
                 self.meta.reserve(tasks.len());
                 self.sched.reserve(tasks.len());
                 for (index, payload) in tasks {
-                    let task = self.next_task;
+                    let task = TaskId(self.next_task);
                     self.next_task += 1;
                     self.meta.insert(task, TaskMeta { client, job, index, fn_id, timeout_ms });
-                    self.sched.submit(task, client, payload);
+                    self.sched.submit(task, client.group(), payload);
                 }
             }
             Input::ClientClosed { client } => {
                 if self.clients.remove(&client).is_some() {
-                    self.sched.cancel_group(client);
+                    self.sched.cancel_group(client.group());
                     // Running tasks come back as Cancel commands; queued ones
                     // leave the scheduler silently, so forget them here.
-                    let gone: Vec<u64> =
+                    let gone: Vec<TaskId> =
                         self.meta.iter().filter(|(_, m)| m.client == client).map(|(t, _)| *t).collect();
                     for t in gone {
                         if let Some(m) = self.meta.remove(&t) {
@@ -246,8 +248,8 @@ impl Core {
     /// Take back the tasks of `job` that no agent holds yet; returns their
     /// indexes, sorted. Every other task of the job completes exactly once
     /// (or is cancelled with its client).
-    pub(crate) fn withdraw(&mut self, client: u64, job: u64) -> Vec<u32> {
-        let tasks: Vec<u64> =
+    pub(crate) fn withdraw(&mut self, client: ClientId, job: JobId) -> Vec<u32> {
+        let tasks: Vec<TaskId> =
             self.meta.iter().filter(|(_, m)| m.client == client && m.job == job).map(|(t, _)| *t).collect();
         let mut withdrawn = Vec::new();
         for t in tasks {
@@ -263,7 +265,7 @@ impl Core {
 
     /// Ask an agent to finish what it holds, take nothing new, then leave.
     /// False for an agent that is not connected (gone, or leaving already).
-    pub(crate) fn drain(&mut self, worker: u64) -> bool {
+    pub(crate) fn drain(&mut self, worker: WorkerId) -> bool {
         let Some(link) = self.agents.get_mut(&worker) else {
             return false;
         };
@@ -301,7 +303,7 @@ impl Core {
             })
             .collect();
         workers.sort_by_key(|w| w.id);
-        let mut clients: IdMap<u64, ClientInfo> =
+        let mut clients: IdMap<ClientId, ClientInfo> =
             self.clients.keys().map(|&c| (c, ClientInfo { client: c, queued: 0, running: 0 })).collect();
         for (&task, m) in &self.meta {
             if let Some(c) = clients.get_mut(&m.client) {
@@ -322,14 +324,14 @@ impl Core {
         self.events.since(since)
     }
 
-    fn agent_message(&mut self, worker: u64, msg: FromAgent, payload: Bytes) {
+    fn agent_message(&mut self, worker: WorkerId, msg: FromAgent, payload: Bytes) {
         let Some(link) = self.agents.get_mut(&worker) else {
             return;
         };
         link.last_heard = self.now;
         match msg {
             FromAgent::Result { task, attempt } => {
-                if self.sched.task_finished(worker, task, attempt, payload) {
+                if self.sched.task_finished(worker, TaskId(task), attempt, payload) {
                     link.tasks_done += 1;
                     self.stats.tasks_done.fetch_add(1, Ordering::Relaxed);
                 }
@@ -338,6 +340,7 @@ impl Core {
                 link.crashes += 1;
                 self.stats.crashes.fetch_add(1, Ordering::Relaxed);
                 let reason = format!("{reason} on worker {}", link.name);
+                let task = TaskId(task);
                 if self.sched.task_crashed(worker, task, attempt, &reason) && self.sched.is_pending(task) {
                     if let Some(m) = self.meta.get(&task) {
                         let (client, job, index) = (m.client, m.job, m.index);
@@ -347,7 +350,7 @@ impl Core {
             }
             FromAgent::TimedOut { task, attempt, reason } => {
                 let reason = format!("{reason} on worker {}", link.name);
-                self.sched.task_timed_out(worker, task, attempt, &reason);
+                self.sched.task_timed_out(worker, TaskId(task), attempt, &reason);
             }
             FromAgent::Capacity { tasks } => {
                 if link.state == WorkerState::Connected {
@@ -366,7 +369,7 @@ impl Core {
     }
 
     /// Put `out` in `link`'s outbox; [`flush`](Self::flush) hands it on.
-    fn queue(dirty: &mut Vec<u64>, worker: u64, link: &mut AgentLink, out: Outgoing<ToAgent>) {
+    fn queue(dirty: &mut Vec<WorkerId>, worker: WorkerId, link: &mut AgentLink, out: Outgoing<ToAgent>) {
         if link.outbox.is_empty() {
             dirty.push(worker);
         }
@@ -386,7 +389,12 @@ impl Core {
                         let function = Outgoing::with_payload(ToAgent::Function { fn_id: meta.fn_id }, bytes);
                         Self::queue(&mut self.dirty_agents, worker, link, function);
                     }
-                    let msg = ToAgent::Task { task, attempt, fn_id: meta.fn_id, timeout_ms: meta.timeout_ms };
+                    let msg = ToAgent::Task {
+                        task: task.0,
+                        attempt,
+                        fn_id: meta.fn_id,
+                        timeout_ms: meta.timeout_ms,
+                    };
                     Self::queue(&mut self.dirty_agents, worker, link, Outgoing::with_payload(msg, payload));
                 }
                 Command::Deliver { task, result, .. } => self.complete(task, Outcome::Done(result)),
@@ -421,7 +429,7 @@ impl Core {
                             &mut self.dirty_agents,
                             worker,
                             link,
-                            Outgoing::new(ToAgent::Cancel { tasks }),
+                            Outgoing::new(ToAgent::Cancel { tasks: tasks.iter().map(|t| t.0).collect() }),
                         );
                     }
                 }
@@ -429,7 +437,7 @@ impl Core {
         }
     }
 
-    fn complete(&mut self, task: u64, outcome: Outcome) {
+    fn complete(&mut self, task: TaskId, outcome: Outcome) {
         let Some(meta) = self.meta.remove(&task) else {
             return;
         };

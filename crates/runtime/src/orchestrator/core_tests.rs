@@ -3,18 +3,19 @@
 //! look at was sent.
 
 use super::*;
+use crate::ids::{ClientId, JobId, WorkerId};
 
 #[derive(Default)]
 struct Recorder {
     frames: VecDeque<(u64, ToAgent, Bytes)>,
-    completions: VecDeque<(u64, Completion)>,
+    completions: VecDeque<(ClientId, Completion)>,
 }
 
 impl Comm for Recorder {
-    fn send_agent(&mut self, worker: u64, frames: Vec<Outgoing<ToAgent>>) {
-        self.frames.extend(frames.into_iter().map(|f| (worker, f.msg, f.payload)));
+    fn send_agent(&mut self, worker: WorkerId, frames: Vec<Outgoing<ToAgent>>) {
+        self.frames.extend(frames.into_iter().map(|f| (worker.0, f.msg, f.payload)));
     }
-    fn deliver(&mut self, client: u64, completions: Vec<Completion>) {
+    fn deliver(&mut self, client: ClientId, completions: Vec<Completion>) {
         self.completions.extend(completions.into_iter().map(|c| (client, c)));
     }
 }
@@ -27,7 +28,7 @@ struct Harness {
     ms: u64,
 }
 
-const CLIENT: u64 = 100;
+const CLIENT: ClientId = ClientId(100);
 
 impl Harness {
     fn new() -> Self {
@@ -52,7 +53,12 @@ impl Harness {
     fn join(&mut self, worker: u64, slots: usize) {
         let labels =
             Labels { host: format!("host{worker}"), pid: 40 + worker as u32, cpus: 2, extra: Vec::new() };
-        self.input(Input::AgentJoined { worker, peer: format!("10.0.0.{worker}:5000"), slots, labels });
+        self.input(Input::AgentJoined {
+            worker: WorkerId(worker),
+            peer: format!("10.0.0.{worker}:5000"),
+            slots,
+            labels,
+        });
     }
 
     fn submit(&mut self, job: u64, function: &'static [u8], n: u32) {
@@ -60,7 +66,7 @@ impl Harness {
         let fn_id = super::super::function_id(function);
         self.input(Input::Submit {
             client: CLIENT,
-            job,
+            job: JobId(job),
             fn_id,
             function: Bytes::from_static(function),
             tasks,
@@ -69,7 +75,10 @@ impl Harness {
     }
 
     fn agent_says(&mut self, worker: u64, msg: FromAgent, payload: &'static [u8]) {
-        self.input(Input::AgentMessages { worker, msgs: vec![(msg, Bytes::from_static(payload))] });
+        self.input(Input::AgentMessages {
+            worker: WorkerId(worker),
+            msgs: vec![(msg, Bytes::from_static(payload))],
+        });
     }
 
     /// Every frame sent since the last call, as `(worker, message)`.
@@ -97,7 +106,7 @@ impl Harness {
             .drain(..)
             .map(|(client, c)| {
                 assert_eq!(client, CLIENT);
-                (c.job, c.index, c.outcome)
+                (c.job.0, c.index, c.outcome)
             })
             .collect()
     }
@@ -131,7 +140,7 @@ fn an_agent_gets_the_function_once_and_up_to_its_capacity_of_tasks() {
     h.join(7, 1);
     let sent = h.sent();
     assert!(matches!(sent[0], (7, ToAgent::Function { .. })));
-    assert_eq!(sent.len(), 1 + PREFETCH_PER_SLOT, "one slot holds {PREFETCH_PER_SLOT} tasks");
+    assert_eq!(sent.len(), 1 + DEPTH, "one slot holds {DEPTH} tasks");
     let ToAgent::Task { task, attempt, .. } = sent[1].1 else { panic!("{sent:?}") };
     h.agent_says(7, FromAgent::Result { task, attempt }, b"r0");
     let d = h.delivered();
@@ -164,7 +173,10 @@ fn the_tasks_of_an_agent_that_goes_silent_go_to_another_with_the_function() {
     assert_eq!(first.len(), 2);
     h.join(8, 1);
     assert!(h.sent().is_empty(), "nothing is left to give the second agent");
-    h.input(Input::AgentLeft { worker: 7, end: SessionEnd::Silent(std::time::Duration::from_secs(10)) });
+    h.input(Input::AgentLeft {
+        worker: WorkerId(7),
+        end: SessionEnd::Silent(std::time::Duration::from_secs(10)),
+    });
     let sent = h.sent();
     assert!(matches!(sent[0], (8, ToAgent::Function { .. })), "{sent:?}");
     let retried: Vec<_> = sent[1..]
@@ -234,8 +246,8 @@ fn withdraw_takes_back_exactly_the_tasks_no_agent_holds() {
     h.submit(2, b"f", 1);
     let held = h.tasks_sent();
     assert_eq!(held.len(), 2);
-    assert_eq!(h.core.withdraw(CLIENT, 1), vec![2, 3, 4]);
-    assert_eq!(h.core.withdraw(CLIENT, 1), Vec::<u32>::new(), "nothing twice");
+    assert_eq!(h.core.withdraw(CLIENT, JobId(1)), vec![2, 3, 4]);
+    assert_eq!(h.core.withdraw(CLIENT, JobId(1)), Vec::<u32>::new(), "nothing twice");
     for &(_, task, attempt) in &held {
         h.agent_says(7, FromAgent::Result { task, attempt }, b"r");
     }
@@ -264,10 +276,10 @@ fn a_closing_client_stops_its_running_tasks_and_gets_nothing_more() {
     h.agent_says(7, FromAgent::Result { task, attempt }, b"late");
     assert!(h.delivered().is_empty());
     // The agent is free for other clients at once.
-    h.input(Input::ClientOpened { client: CLIENT + 1 });
+    h.input(Input::ClientOpened { client: ClientId(101) });
     h.input(Input::Submit {
-        client: CLIENT + 1,
-        job: 1,
+        client: ClientId(101),
+        job: JobId(1),
         fn_id: 9,
         function: Bytes::from_static(b"g"),
         tasks: vec![(0, Bytes::new()), (1, Bytes::new())],
@@ -314,7 +326,7 @@ fn messages_of_an_agent_that_never_joined_change_nothing() {
     let mut h = Harness::new();
     h.agent_says(5, FromAgent::Capacity { tasks: 100 }, b"");
     h.agent_says(5, FromAgent::Result { task: 1, attempt: 1 }, b"r");
-    h.input(Input::AgentLeft { worker: 5, end: SessionEnd::Closed });
+    h.input(Input::AgentLeft { worker: WorkerId(5), end: SessionEnd::Closed });
     h.submit(1, b"f", 1);
     assert!(h.sent().is_empty());
     assert_eq!(h.stats.workers_lost.load(Ordering::Relaxed), 0);
@@ -327,13 +339,13 @@ fn a_drained_agent_finishes_what_it_holds_gets_nothing_new_and_leaves_without_a_
     h.submit(1, b"f", 4);
     let held = h.tasks_sent();
     assert_eq!(held.len(), 2);
-    assert!(h.core.drain(7));
+    assert!(h.core.drain(WorkerId(7)));
     h.core.flush(&mut h.comm);
     assert!(matches!(h.sent()[..], [(7, ToAgent::Drain)]));
-    assert!(h.core.drain(7), "draining twice is not an error");
+    assert!(h.core.drain(WorkerId(7)), "draining twice is not an error");
     h.core.flush(&mut h.comm);
     assert!(h.sent().is_empty(), "Drain is sent once");
-    assert!(!h.core.drain(99), "no such agent");
+    assert!(!h.core.drain(WorkerId(99)), "no such agent");
     // It asks for more; a draining agent gets nothing new.
     h.agent_says(7, FromAgent::Capacity { tasks: 32 }, b"");
     for &(_, task, attempt) in &held {
@@ -343,7 +355,7 @@ fn a_drained_agent_finishes_what_it_holds_gets_nothing_new_and_leaves_without_a_
     assert_eq!(h.delivered().len(), 2);
     assert_eq!(h.core.snapshot(h.now()).workers[0].state, WorkerState::Draining);
     h.agent_says(7, FromAgent::Goodbye { reason: "drained".into() }, b"");
-    h.input(Input::AgentLeft { worker: 7, end: SessionEnd::Closed });
+    h.input(Input::AgentLeft { worker: WorkerId(7), end: SessionEnd::Closed });
     assert_eq!(h.stats.workers_left.load(Ordering::Relaxed), 1);
     assert_eq!(h.stats.workers_lost.load(Ordering::Relaxed), 0);
     // The two tasks it never got go to the next agent, as first attempts.
@@ -360,7 +372,7 @@ fn the_tasks_of_an_agent_that_says_goodbye_go_elsewhere_without_counting_as_lost
     h.submit(1, b"f", 2);
     let held = h.tasks_sent();
     h.agent_says(7, FromAgent::Goodbye { reason: "the worker is stopping".into() }, b"");
-    h.input(Input::AgentLeft { worker: 7, end: SessionEnd::Closed });
+    h.input(Input::AgentLeft { worker: WorkerId(7), end: SessionEnd::Closed });
     h.join(8, 1);
     // Same attempt numbers would collide with a late result; the retry is a
     // new attempt, but not a loss: ten goodbyes do not fail a task.
@@ -371,7 +383,7 @@ fn the_tasks_of_an_agent_that_says_goodbye_go_elsewhere_without_counting_as_lost
     );
     for _ in 0..12 {
         h.agent_says(8, FromAgent::Goodbye { reason: "stopping".into() }, b"");
-        h.input(Input::AgentLeft { worker: 8, end: SessionEnd::Closed });
+        h.input(Input::AgentLeft { worker: WorkerId(8), end: SessionEnd::Closed });
         h.join(8, 1);
         h.sent();
     }
@@ -396,7 +408,7 @@ fn the_snapshot_shows_workers_with_their_labels_and_each_clients_tasks() {
     h.ms = 2500;
     let snap = h.core.snapshot(h.now());
     let w = &snap.workers[0];
-    assert_eq!((w.id, w.labels.host.as_str(), w.labels.pid, w.slots), (7, "host7", 47, 2));
+    assert_eq!((w.id.0, w.labels.host.as_str(), w.labels.pid, w.slots), (7, "host7", 47, 2));
     assert_eq!(w.peer, "10.0.0.7:5000");
     assert_eq!((w.running, w.tasks_done, w.crashes), (4, 1, 1));
     assert_eq!(w.connected_for, std::time::Duration::from_millis(2500));
@@ -406,7 +418,7 @@ fn the_snapshot_shows_workers_with_their_labels_and_each_clients_tasks() {
     let [e] = &events[..] else { panic!("{events:?}") };
     assert_eq!(e.seq, 1);
     assert!(
-        matches!(&e.kind, EventKind::TaskRetried { job: 1, index: 1, reason, .. } if reason.contains("signal 9"))
+        matches!(&e.kind, EventKind::TaskRetried { job: JobId(1), index: 1, reason, .. } if reason.contains("signal 9"))
     );
 }
 
@@ -416,7 +428,10 @@ fn a_lost_agent_and_a_failed_task_are_events() {
     h.join(7, 1);
     h.submit(1, b"f", 1);
     let (_, task, attempt) = h.tasks_sent()[0];
-    h.input(Input::AgentLeft { worker: 7, end: SessionEnd::Silent(std::time::Duration::from_secs(10)) });
+    h.input(Input::AgentLeft {
+        worker: WorkerId(7),
+        end: SessionEnd::Silent(std::time::Duration::from_secs(10)),
+    });
     h.join(8, 1);
     let (_, task2, attempt2) = h.tasks_sent()[0];
     assert_eq!((task2, attempt2), (task, attempt + 1));
@@ -430,6 +445,6 @@ fn a_lost_agent_and_a_failed_task_are_events() {
     let kinds: Vec<&str> = events.iter().map(|e| e.kind.name()).collect();
     assert_eq!(kinds, ["worker_joined", "worker_lost", "worker_joined", "task_failed"]);
     assert!(
-        matches!(&events[1].kind, EventKind::WorkerLost { worker: 7, tasks: 1, reason, .. } if reason.contains("no word"))
+        matches!(&events[1].kind, EventKind::WorkerLost { worker: WorkerId(7), tasks: 1, reason, .. } if reason.contains("no word"))
     );
 }

@@ -18,6 +18,7 @@ use super::intake::{accept_loop, Intake};
 use super::snapshot::{Event as ClusterEvent, Snapshot};
 use crate::agent::{run_session, AgentConfig};
 use crate::conn::{client_handshake, Outgoing, SessionEnd};
+use crate::ids::{ClientId, JobId, WorkerId};
 use crate::mailbox::{Completion, Mailbox, MailboxTx};
 use crate::security::{Acceptor, Security};
 use crate::timing::Timing;
@@ -74,23 +75,23 @@ pub struct Stats {
 pub(super) enum Event {
     Core(Input),
     AgentJoined {
-        worker: u64,
+        worker: WorkerId,
         peer: String,
         slots: usize,
         labels: distripool_protocol::Labels,
         tx: mpsc::UnboundedSender<Vec<Outgoing<ToAgent>>>,
     },
     ClientOpened {
-        client: u64,
+        client: ClientId,
         tx: MailboxTx,
     },
     Withdraw {
-        client: u64,
-        job: u64,
+        client: ClientId,
+        job: JobId,
         reply: oneshot::Sender<Vec<u32>>,
     },
     Drain {
-        worker: u64,
+        worker: WorkerId,
         reply: oneshot::Sender<bool>,
     },
     Snapshot {
@@ -106,12 +107,12 @@ pub(super) enum Event {
 /// mailboxes.
 #[derive(Default)]
 struct ChannelComm {
-    agents: IdMap<u64, mpsc::UnboundedSender<Vec<Outgoing<ToAgent>>>>,
-    clients: IdMap<u64, MailboxTx>,
+    agents: IdMap<WorkerId, mpsc::UnboundedSender<Vec<Outgoing<ToAgent>>>>,
+    clients: IdMap<ClientId, MailboxTx>,
 }
 
 impl Comm for ChannelComm {
-    fn send_agent(&mut self, worker: u64, frames: Vec<Outgoing<ToAgent>>) {
+    fn send_agent(&mut self, worker: WorkerId, frames: Vec<Outgoing<ToAgent>>) {
         if let Some(tx) = self.agents.get(&worker) {
             // A writer that is gone means a session that is ending; its
             // reader reports the end.
@@ -119,7 +120,7 @@ impl Comm for ChannelComm {
         }
     }
 
-    fn deliver(&mut self, client: u64, completions: Vec<Completion>) {
+    fn deliver(&mut self, client: ClientId, completions: Vec<Completion>) {
         if let Some(tx) = self.clients.get(&client) {
             tx.0.deliver(completions);
         }
@@ -302,7 +303,7 @@ impl Orchestrator {
 
     /// Ask worker `worker` to finish the tasks it holds and leave; it gets no
     /// new ones. False if no such worker is connected.
-    pub fn drain(&self, worker: u64) -> Result<bool> {
+    pub fn drain(&self, worker: WorkerId) -> Result<bool> {
         self.ask(|reply| Event::Drain { worker, reply })
     }
 
@@ -311,7 +312,7 @@ impl Orchestrator {
         if self.is_closed() {
             return Err(Error::Closed);
         }
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let id = ClientId(self.next_id.fetch_add(1, Ordering::Relaxed));
         let mailbox = Arc::new(Mailbox::default());
         self.events
             .send(Event::ClientOpened { client: id, tx: MailboxTx(mailbox.clone()) })
@@ -336,7 +337,7 @@ impl Orchestrator {
         config.executor.max_frame = self.max_frame;
         config.timing = self.timing;
         let (agent_end, orch_end) = tokio::io::duplex(1 << 20);
-        let worker = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let worker = WorkerId(self.next_id.fetch_add(1, Ordering::Relaxed));
         let binding = config.security.binding();
         let intake = Intake {
             key: config.security.key.clone().into(),
@@ -384,7 +385,7 @@ impl Drop for Orchestrator {
 
 /// A pool's connection to the orchestrator.
 pub struct Client {
-    id: u64,
+    id: ClientId,
     max_frame: usize,
     events: mpsc::UnboundedSender<Event>,
     mailbox: Arc<Mailbox>,
@@ -392,20 +393,20 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn id(&self) -> u64 {
+    pub fn id(&self) -> ClientId {
         self.id
     }
 
     /// A fresh job number for this client.
-    pub fn new_job(&self) -> u64 {
-        self.next_job.fetch_add(1, Ordering::Relaxed)
+    pub fn new_job(&self) -> JobId {
+        JobId(self.next_job.fetch_add(1, Ordering::Relaxed))
     }
 
     /// Queue tasks `(index, payload)` of `job`, all calling the pickled
     /// `function`, each allowed to run for at most `timeout`.
     pub fn submit(
         &self,
-        job: u64,
+        job: JobId,
         function: Bytes,
         tasks: Vec<(u32, Bytes)>,
         timeout: Option<Duration>,
@@ -434,17 +435,17 @@ impl Client {
 
     /// The caller will wait for `job` itself (`wait`), so its completion
     /// skips `recv`. Call before submitting the job.
-    pub fn expect(&self, job: u64) {
+    pub fn expect(&self, job: JobId) {
         self.mailbox.expect(job);
     }
 
     /// Wait up to `timeout` for an expected job: `Ok(None)` if not done yet.
-    pub fn wait(&self, job: u64, timeout: Duration) -> Result<Option<Completion>> {
+    pub fn wait(&self, job: JobId, timeout: Duration) -> Result<Option<Completion>> {
         self.mailbox.wait(job, timeout)
     }
 
     /// Stop expecting `job`: its completion goes to `recv` after all.
-    pub fn forget(&self, job: u64) {
+    pub fn forget(&self, job: JobId) {
         self.mailbox.forget(job);
     }
 
@@ -452,7 +453,7 @@ impl Client {
     /// Returns their indexes, in order: those tasks will never complete,
     /// and every other task of the job completes exactly once (or is
     /// cancelled with its client).
-    pub fn withdraw(&self, job: u64) -> Result<Vec<u32>> {
+    pub fn withdraw(&self, job: JobId) -> Result<Vec<u32>> {
         let (reply, rx) = oneshot::channel();
         self.events.send(Event::Withdraw { client: self.id, job, reply }).map_err(|_| Error::Closed)?;
         rx.blocking_recv().map_err(|_| Error::Closed)

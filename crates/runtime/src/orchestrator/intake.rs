@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 use super::handle::{Event, Stats};
 use super::session::serve_session;
 use crate::conn::{server_handshake, tune_tcp};
+use crate::ids::WorkerId;
 use crate::security::Acceptor;
 use crate::timing::Timing;
 use crate::Error;
@@ -68,7 +69,7 @@ pub(super) async fn accept_loop(listener: TcpListener, intake: Intake, next_id: 
         // Hold the lock across spawn and insert, so that a connection that
         // finishes its handshake at once cannot leave a stale entry behind.
         let mut p = pending.lock().expect("pending lock");
-        let task = tokio::spawn(intake.clone().serve_tcp(stream, peer.to_string(), worker, guard));
+        let task = tokio::spawn(intake.clone().serve_tcp(stream, peer.to_string(), WorkerId(worker), guard));
         p.tasks.insert(worker, task.abort_handle());
         p.order.push_back(worker);
         while p.tasks.len() > MAX_PENDING_HANDSHAKES {
@@ -121,10 +122,10 @@ impl Intake {
     /// distripool handshake, all within the handshake deadline), then serve
     /// it until it goes away. The guard keeps the connection on the pending
     /// list until it is authenticated.
-    async fn serve_tcp(self, tcp: TcpStream, peer: String, worker: u64, pending: PendingGuard) {
+    async fn serve_tcp(self, tcp: TcpStream, peer: String, worker: WorkerId, pending: PendingGuard) {
         let authenticate = async {
             let mut stream = self.acceptor.wrap(tcp).await?;
-            let keys = server_handshake(&mut stream, &self.key, &self.binding, worker).await?;
+            let keys = server_handshake(&mut stream, &self.key, &self.binding, worker.0).await?;
             Ok::<_, Error>((stream, keys))
         };
         let outcome = tokio::time::timeout(self.timing.handshake, authenticate)
@@ -147,9 +148,9 @@ impl Intake {
     pub(super) async fn serve_local<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
         self,
         mut stream: S,
-        worker: u64,
+        worker: WorkerId,
     ) {
-        if let Err(e) = server_handshake(&mut stream, &self.key, &self.binding, worker).await {
+        if let Err(e) = server_handshake(&mut stream, &self.key, &self.binding, worker.0).await {
             note_handshake_failure(&self.stats, "local", &e);
             return;
         }

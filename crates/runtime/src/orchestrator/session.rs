@@ -11,6 +11,7 @@ use super::core::Input;
 use super::handle::Event;
 use super::intake::Intake;
 use crate::conn::{write_batches, AbortOnDrop, FrameReader, FrameWriter, Outgoing, SessionEnd};
+use crate::ids::WorkerId;
 
 /// Messages one event may carry to the core.
 const MAX_MESSAGES: usize = 1024;
@@ -18,7 +19,7 @@ const MAX_MESSAGES: usize = 1024;
 pub(super) async fn serve_session<S: AsyncRead + AsyncWrite + Send + 'static>(
     stream: S,
     peer: String,
-    worker: u64,
+    worker: WorkerId,
     keys: Option<SessionKeys>,
     intake: Intake,
 ) {
@@ -76,8 +77,8 @@ pub(super) async fn serve_session<S: AsyncRead + AsyncWrite + Send + 'static>(
             seq += 1;
             Outgoing::new(ToAgent::Ping { seq })
         };
-        write_batches(w, &mut rx, timing.heartbeat, ping, |n| {
-            sent.bytes_sent.fetch_add(n, Ordering::Relaxed);
+        write_batches(w, &mut rx, Some((timing.heartbeat, ping)), |w| {
+            sent.bytes_sent.fetch_add(w.take_written(), Ordering::Relaxed);
         })
         .await
     }));

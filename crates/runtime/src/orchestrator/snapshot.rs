@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 
 use distripool_protocol::Labels;
 
+use crate::ids::{ClientId, JobId, WorkerId};
+
 /// Events kept; older ones are dropped first.
 pub const EVENTS_KEPT: usize = 4096;
 
@@ -32,7 +34,7 @@ impl WorkerState {
 
 #[derive(Debug, Clone)]
 pub struct WorkerInfo {
-    pub id: u64,
+    pub id: WorkerId,
     /// `host (address, agent pid N)`.
     pub name: String,
     /// The address it connected from, or `local`.
@@ -54,7 +56,7 @@ pub struct WorkerInfo {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientInfo {
-    pub client: u64,
+    pub client: ClientId,
     /// Tasks waiting for a worker.
     pub queued: usize,
     /// Tasks on a worker.
@@ -72,35 +74,35 @@ pub struct Snapshot {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EventKind {
     WorkerJoined {
-        worker: u64,
+        worker: WorkerId,
         name: String,
     },
     WorkerDraining {
-        worker: u64,
+        worker: WorkerId,
         name: String,
     },
     /// Left on purpose, after saying goodbye.
     WorkerLeft {
-        worker: u64,
+        worker: WorkerId,
         name: String,
         reason: String,
     },
     /// Went away without a goodbye; `tasks` it held were put back in line.
     WorkerLost {
-        worker: u64,
+        worker: WorkerId,
         name: String,
         reason: String,
         tasks: usize,
     },
     TaskRetried {
-        client: u64,
-        job: u64,
+        client: ClientId,
+        job: JobId,
         index: u32,
         reason: String,
     },
     TaskFailed {
-        client: u64,
-        job: u64,
+        client: ClientId,
+        job: JobId,
         index: u32,
         reason: String,
     },
@@ -163,7 +165,7 @@ mod tests {
         let mut log = EventLog::default();
         let t = Instant::now();
         for i in 0..EVENTS_KEPT as u64 + 10 {
-            log.push(t, EventKind::WorkerJoined { worker: i, name: String::new() });
+            log.push(t, EventKind::WorkerJoined { worker: WorkerId(i), name: String::new() });
         }
         assert_eq!(log.next_seq(), EVENTS_KEPT as u64 + 10);
         let all = log.since(0);
