@@ -489,24 +489,23 @@ where
         t
     });
     loop {
-        let ticked = async {
-            match tick.as_mut() {
-                Some(t) => {
-                    t.tick().await;
+        let mut first = match (tick.as_mut(), heartbeat.as_mut()) {
+            (Some(tick), Some((_, make))) => tokio::select! {
+                batch = rx.recv() => match batch {
+                    Some(b) => Some(b),
+                    None => return Ok(()),
+                },
+                _ = tick.tick() => {
+                    sink.put(make()).await?;
+                    None
                 }
-                None => std::future::pending().await,
-            }
-        };
-        let mut first = tokio::select! {
-            batch = rx.recv() => match batch {
+            },
+            // No heartbeat (an executor's socket, the busiest path): no
+            // timer to poll beside the queue.
+            _ => match rx.recv().await {
                 Some(b) => Some(b),
                 None => return Ok(()),
             },
-            () = ticked => {
-                let (_, make) = heartbeat.as_mut().expect("only a heartbeat ticks");
-                sink.put(make()).await?;
-                None
-            }
         };
         while let Some(batch) = first.take().or_else(|| rx.try_recv().ok()) {
             for item in batch {
