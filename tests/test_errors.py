@@ -38,6 +38,9 @@ def test_bad_timing_is_a_value_error_naming_the_setting(monkeypatch):
     monkeypatch.setenv("DISTRIPOOL_TIMING", "silence=ten")
     with pytest.raises(ValueError, match="invalid entry 'silence=ten'"):
         distripool.Pool(1)
+    monkeypatch.setenv("DISTRIPOOL_TIMING", "heartbeet=1")
+    with pytest.raises(ValueError, match='unknown timing "heartbeet"; expected one of heartbeat, silence'):
+        distripool.Pool(1)
     monkeypatch.setenv("DISTRIPOOL_TIMING", "connect=-1")
     with pytest.raises(ValueError, match="connect must be a number of seconds above 0"):
         distripool.Pool(1)

@@ -87,12 +87,12 @@ class Orchestrator:
     @property
     def workers(self) -> int:
         """Number of worker agents connected now."""
-        return self.stats().get("workers", 0)
+        return self._native.workers
 
     @property
     def slots(self) -> int:
         """Executors available across all connected workers."""
-        return self.stats().get("slots", 0)
+        return self._native.slots
 
     def stats(self) -> dict:
         """Counters: ``workers``, ``slots``, ``auth_failures``,

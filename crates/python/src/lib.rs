@@ -190,6 +190,21 @@ impl Orchestrator {
         Ok(Client { inner: orch.open_client().map_err(to_py)? })
     }
 
+    /// Connected workers, read without asking the core (cheap: pools read
+    /// `slots` at every map).
+    #[getter]
+    fn workers(&self) -> usize {
+        let guard = self.inner.lock().expect("orchestrator lock");
+        guard.as_ref().map_or(0, |o| o.stats().workers.load(Ordering::Relaxed))
+    }
+
+    /// Executors across the connected workers, read the same way.
+    #[getter]
+    fn slots(&self) -> usize {
+        let guard = self.inner.lock().expect("orchestrator lock");
+        guard.as_ref().map_or(0, |o| o.stats().slots.load(Ordering::Relaxed))
+    }
+
     /// Counters: connected workers, their executor slots, rejected peers,
     /// tasks done, queued and running.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {

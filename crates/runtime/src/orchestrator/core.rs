@@ -316,7 +316,7 @@ impl Core {
         }
         let mut clients: Vec<ClientInfo> = clients.into_values().collect();
         clients.sort_by_key(|c| c.client);
-        Snapshot { workers, clients, events_next: self.events.next_seq() }
+        Snapshot { workers, clients }
     }
 
     /// The events numbered `since` and after that are still kept.

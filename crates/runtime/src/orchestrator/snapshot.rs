@@ -67,8 +67,6 @@ pub struct ClientInfo {
 pub struct Snapshot {
     pub workers: Vec<WorkerInfo>,
     pub clients: Vec<ClientInfo>,
-    /// The number the next event will have.
-    pub events_next: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -144,6 +142,7 @@ impl EventLog {
         self.next += 1;
     }
 
+    #[cfg(test)]
     pub(crate) fn next_seq(&self) -> u64 {
         self.next
     }
