@@ -24,6 +24,12 @@ a process another one has left its threads, memory and imports in.
 Usage::
 
     python bench/bench.py [--processes N] [--rounds R] [--quick]
+                          [--only PEER]... [--json FILE]
+
+``--only`` (repeated) measures the named peers alone, to compare two builds
+of distripool in turns: ``--only distripool --only "distripool remote"
+--only "remote, clear"`` is every distripool row. ``--json`` writes the
+medians, in seconds per item, to a file.
 """
 
 from __future__ import annotations
@@ -35,7 +41,6 @@ import json
 import logging
 import multiprocessing
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -179,15 +184,12 @@ class RemoteWorker:
     a process of its own with ``processes`` executors."""
 
     def __init__(self, processes, encrypt=True, agents=1):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
         key = os.urandom(16).hex()
         self.dir = tempfile.TemporaryDirectory()
         key_file = os.path.join(self.dir.name, "key")
         with open(os.open(key_file, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
             f.write(key)
-        self.orch = distripool.Orchestrator(f"127.0.0.1:{port}", authkey=key, encrypt=encrypt)
+        self.orch = distripool.Orchestrator("127.0.0.1:0", authkey=key, encrypt=encrypt)
         here = os.path.dirname(os.path.abspath(__file__))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]))
         argv = [sys.executable, "-m", "distripool", "worker", "--processes", str(processes)]
@@ -375,6 +377,8 @@ def main() -> int:
     ap.add_argument("--processes", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="smaller inputs, for a smoke run")
+    ap.add_argument("--only", action="append", help="measure this peer (named as in the table); repeatable")
+    ap.add_argument("--json", help="also write the medians (seconds per item) to this file")
     ap.add_argument("--peer", help=argparse.SUPPRESS)  # measure this one peer, print JSON
     args = ap.parse_args()
     warnings.simplefilter("ignore")
@@ -389,46 +393,58 @@ def main() -> int:
         print(json.dumps(measure_here(args.peer, args, scale, payload_mib)))
         return 0
     figures = figures_measured()
-    remote = RemoteWorker(args.processes)
-    clear = RemoteWorker(args.processes, encrypt=False)
+    paired = ("distripool remote", "remote, clear")
     peers = dict(local_peers())
-    peers["distripool remote"] = remote.pool
-    peers["remote, clear"] = clear.pool
+    peers.update({p: "remote" for p in paired})
+    if args.only:
+        unknown = [p for p in args.only if p not in peers]
+        if unknown:
+            ap.error(
+                f"--only: no peer named {', '.join(map(repr, unknown))}; the peers are {', '.join(peers)}"
+            )
+        peers = {p: make for p, make in peers.items() if p in args.only}
     missing = [p for p, make in peers.items() if make is None]
     peers = {p: make for p, make in peers.items() if make is not None}
     if "payload_np" not in figures:
         missing.append("numpy (the NumPy array figure)")
     results: dict[str, dict[str, float]] = {p: {} for p in peers}
-    try:
-        paired = ("distripool remote", "remote, clear")
-        for peer in peers:
-            if peer not in paired:
-                results[peer] = measure_elsewhere(peer, args)
-                print(f"measured {peer}", file=sys.stderr, flush=True)
-        # Sealed and clear remote workers take turns, round by round, so that
-        # the machine's drift falls on both alike; more rounds, since the
-        # difference sought is small.
-        with remote.pool(args.processes) as sealed_pool, clear.pool(args.processes) as clear_pool:
-            for pool in (sealed_pool, clear_pool):
-                pool.map(tiny, range(1000))
-            for name in figures:
-                n = items("distripool remote", name, scale)
-                if name in WARM_UP:
-                    for pool in (sealed_pool, clear_pool):
-                        measure(pool, name, n, payload_mib, args.processes)
-                runs = {peer: [] for peer in paired}
-                for _ in range(max(args.rounds, 7)):
-                    for peer, pool in zip(paired, (sealed_pool, clear_pool)):
-                        runs[peer].append(measure(pool, name, n, payload_mib, args.processes))
-                for peer in paired:
-                    results[peer][name] = statistics.median(runs[peer])
-        print("measured the remote workers", file=sys.stderr, flush=True)
-        shared_ratio, shared_seconds = shared_input(remote, shared_mib)
-        scale_agents = 64 // scale
-        scale_eff = scale_out(scale_agents, 50)
-    finally:
-        remote.close()
-        clear.close()
+    for peer in peers:
+        if peer not in paired:
+            results[peer] = measure_elsewhere(peer, args)
+            print(f"measured {peer}", file=sys.stderr, flush=True)
+    extra: dict[str, float] = {}
+    scale_agents = 64 // scale
+    if any(p in peers for p in paired):
+        remote = RemoteWorker(args.processes)
+        clear = RemoteWorker(args.processes, encrypt=False)
+        try:
+            # Sealed and clear remote workers take turns, round by round, so
+            # that the machine's drift falls on both alike; more rounds,
+            # since the difference sought is small.
+            with remote.pool(args.processes) as sealed_pool, clear.pool(args.processes) as clear_pool:
+                for pool in (sealed_pool, clear_pool):
+                    pool.map(tiny, range(1000))
+                for name in figures:
+                    n = items("distripool remote", name, scale)
+                    if name in WARM_UP:
+                        for pool in (sealed_pool, clear_pool):
+                            measure(pool, name, n, payload_mib, args.processes)
+                    runs = {peer: [] for peer in paired}
+                    for _ in range(max(args.rounds, 7)):
+                        for peer, pool in zip(paired, (sealed_pool, clear_pool)):
+                            runs[peer].append(measure(pool, name, n, payload_mib, args.processes))
+                    for peer in paired:
+                        if peer in peers:
+                            results[peer][name] = statistics.median(runs[peer])
+            print("measured the remote workers", file=sys.stderr, flush=True)
+            extra["shared_ratio"], extra["shared_seconds"] = shared_input(remote, shared_mib)
+            extra["scale_efficiency"] = scale_out(scale_agents, 50)
+        finally:
+            remote.close()
+            clear.close()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"version": distripool.__version__, "results": results, "extra": extra}, f, indent=1)
 
     def rate(per_item, unit, per_unit):
         r = 1 / per_item / per_unit
@@ -529,20 +545,25 @@ def main() -> int:
             print(f"| {what} | — | ≥ {goal:g}× | — |")
         else:
             print(f"| {what} | {r:.2f}× | ≥ {goal:g}× | {'yes' if r >= goal else 'no'} |")
-    start = results["distripool"]["startup"]
-    print(
-        f"| start-up + first result, 2 executors | {start * 1e3:.0f} ms | < 150 ms | {'yes' if start < 0.15 else 'no'} |"
-    )
-    eff = results["distripool"]["cpu_bound"]
-    print(f"| CPU-bound 20 ms tasks, efficiency | {eff:.2f} | ≥ 0.95 | {'yes' if eff >= 0.95 else 'no'} |")
-    print(
-        f"| {scale_agents} agents × 1 executor, 10 ms tasks, efficiency | {scale_eff:.2f} | ≥ 0.9 | "
-        f"{'yes' if scale_eff >= 0.9 else 'no'} |"
-    )
-    print(
-        f"| map(partial(f, {shared_mib} MiB), range(64)) on a remote worker, bytes sent | "
-        f"{shared_ratio:.2f}× the object ({shared_seconds:.2f} s) | ≤ 2× | {'yes' if shared_ratio <= 2.05 else 'no'} |"
-    )
+    if "distripool" in results:
+        start = results["distripool"]["startup"]
+        met = "yes" if start < 0.15 else "no"
+        print(f"| start-up + first result, 2 executors | {start * 1e3:.0f} ms | < 150 ms | {met} |")
+        eff = results["distripool"]["cpu_bound"]
+        print(
+            f"| CPU-bound 20 ms tasks, efficiency | {eff:.2f} | ≥ 0.95 | {'yes' if eff >= 0.95 else 'no'} |"
+        )
+    if extra:
+        eff = extra["scale_efficiency"]
+        print(
+            f"| {scale_agents} agents × 1 executor, 10 ms tasks, efficiency | {eff:.2f} | ≥ 0.9 | "
+            f"{'yes' if eff >= 0.9 else 'no'} |"
+        )
+        shared = extra["shared_ratio"]
+        print(
+            f"| map(partial(f, {shared_mib} MiB), range(64)) on a remote worker, bytes sent | "
+            f"{shared:.2f}× the object ({extra['shared_seconds']:.2f} s) | ≤ 2× | {'yes' if shared <= 2.05 else 'no'} |"
+        )
     print("\nratios: how many times better the first is than the second (above 1) or worse (below 1).")
     return 0
 
