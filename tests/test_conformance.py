@@ -15,6 +15,8 @@ import multiprocessing
 import multiprocessing.pool
 import os
 import pickle
+import subprocess
+import sys
 import threading
 import time
 import weakref
@@ -23,7 +25,7 @@ from multiprocessing.pool import MaybeEncodingError, RemoteTraceback
 import pytest
 
 import distripool
-from conftest import alive, wait_until
+from conftest import TESTS, alive, wait_until
 
 KINDS = ["multiprocessing", "distripool", "distripool-remote"]
 
@@ -424,3 +426,25 @@ def test_pool_cannot_be_pickled(make):
     pool = make(2)
     with pytest.raises(NotImplementedError):
         pickle.dumps(pool)
+
+
+def test_classes_of_the_drivers_script_are_arguments_and_results(make, tmp_path):
+    """A script's own classes go in and come back as the script's classes;
+    its ``if __name__ == "__main__":`` block runs once, in the driver; the
+    executors get its source from the driver (the file is gone by then)."""
+    script = tmp_path / "script.py"
+    script.write_text((TESTS / "scripts" / "main_classes.py").read_text())
+    marker = tmp_path / "marker"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")])
+    done = subprocess.run(
+        [sys.executable, str(script), make.kind, str(marker)],
+        capture_output=True,
+        text=True,
+        timeout=100,
+        cwd=tmp_path,
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stdout + done.stderr
+    assert len(marker.read_text().splitlines()) == 1, "the script's main block ran in an executor"

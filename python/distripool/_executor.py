@@ -131,12 +131,37 @@ def _failure(exc):
 class _Function:
     """A loaded task function with its pool's settings: the pool's key, its
     initializer (run once per executor before the pool's first task) and its
-    ``maxtasksperchild``."""
+    ``maxtasksperchild``; and the driver's main module its names live in
+    (None: the driver has none with a file)."""
 
-    __slots__ = ("fn", "pool_key", "init", "maxtasks")
+    __slots__ = ("fn", "pool_key", "init", "maxtasks", "main")
 
-    def __init__(self, blob):
+    def __init__(self, blob, main):
+        self.main = main
+        _use_main(main)
         self.fn, self.pool_key, self.init, self.maxtasks = pickle.loads(blob)
+
+
+def _use_main(main):
+    """Make ``main`` (a driver's main module, or None) this executor's
+    ``__main__``, for the tasks of the functions that came with it."""
+    if main is not None or "distripool._main" in sys.modules:
+        from distripool import _main
+
+        _main.use(main)
+
+
+def _load(fn_id, blobs, mains):
+    """The function ``fn_id``, with the driver's main module it needs."""
+    blob, needs = blobs[fn_id]
+    main = None
+    for need in needs:
+        main = mains.get(need)
+        if main is None:
+            from distripool import _main
+
+            main = mains[need] = _main.MainModule(pickle.loads(blobs[need][0]))
+    return _Function(blob, main)
 
 
 def _run(entry, payload, initialized, task):
@@ -284,8 +309,9 @@ class _Link:
 def serve(sock, max_frame):
     link = _Link(sock)
     link.send(READY, os.getpid())
-    blobs = {}
+    blobs = {}  # id -> (pickled function or main module, ids of what it needs)
     loaded = {}
+    mains = {}  # id -> a driver's main module, run on first use
     initialized = set()
     tasks_run = {}  # pool key -> tasks this executor ran for that pool
     task = _Task()
@@ -300,11 +326,12 @@ def serve(sock, max_frame):
             task.mapped = task.reply = None
             if entry is None:
                 try:
-                    entry = loaded[b] = _Function(blobs[b])
+                    entry = loaded[b] = _load(b, blobs, mains)
                 except BaseException as exc:  # noqa: BLE001
                     outcome = _failure(exc)
                     entry = None
             if entry is not None:
+                _use_main(entry.main)
                 outcome = _run(entry, payload, initialized, task)
             del payload
             main, bufs = _encode(outcome, max_frame)
@@ -320,10 +347,16 @@ def serve(sock, max_frame):
                     link.send(RETIRE, 0)
                     return
         elif kind == FUNCTION:
-            blobs[a] = payload
+            if b:
+                # The ids of what it needs come first: b of them.
+                view = memoryview(payload)
+                blobs[a] = (view[8 * b :], struct.unpack_from(f"<{b}Q", view))
+            else:
+                blobs[a] = (payload, ())
         elif kind == FORGET:
             blobs.pop(a, None)
             loaded.pop(a, None)
+            mains.pop(a, None)
 
 
 def main():

@@ -6,6 +6,7 @@ from typing import final
 __all__ = [
     "Orchestrator",
     "Client",
+    "Blob",
     "run_agent",
     "enable_logging",
     "read_bytes",
@@ -62,10 +63,22 @@ class Orchestrator:
     def close(self) -> None: ...
 
 @final
+class Blob:
+    def __new__(cls, data: bytes) -> Blob: ...
+    @property
+    def id(self) -> int: ...
+    def __len__(self) -> int: ...
+
+@final
 class Client:
     def new_job(self) -> int: ...
     def submit(
-        self, job: int, function: bytes, tasks: list[tuple[int, bytes]], timeout: float | None = None
+        self,
+        job: int,
+        function: bytes,
+        tasks: list[tuple[int, bytes]],
+        timeout: float | None = None,
+        needs: list[Blob] = ...,
     ) -> None: ...
     def withdraw(self, job: int) -> list[int]: ...
     def recv(self, timeout: float) -> list[tuple[int, int, int, bytes | str]]: ...

@@ -8,7 +8,7 @@ import threading
 import time
 import weakref
 
-from . import _native
+from . import _main, _native
 from ._config import (
     DEFAULT_PORTS,
     executor_env,
@@ -48,6 +48,7 @@ class Orchestrator:
         encrypt: bool = True,
         tls: tuple[str, str, str] | None = None,
     ):
+        _main.check_not_loading("an Orchestrator")
         _check_limits(max_crashes, max_message_size)
         self._native = _native.Orchestrator(
             normalize_addresses(addresses),
@@ -66,6 +67,7 @@ class Orchestrator:
         cls, processes: int, max_crashes: int = 3, max_message_size: int | None = None
     ) -> Orchestrator:
         """A private orchestrator with ``processes`` local executors and no port."""
+        _main.check_not_loading("a Pool")
         _check_limits(max_crashes, max_message_size)
         self = cls.__new__(cls)
         self._native = _native.Orchestrator(
@@ -290,6 +292,7 @@ def make_worker(
         KeyboardInterrupt: on Ctrl-C, after stopping the executors.
         PermissionError: the key file is readable by other users.
     """
+    _main.check_not_loading("a worker")
     addrs = normalize_addresses(addresses)
     if processes is None:
         processes = os.cpu_count() or 1

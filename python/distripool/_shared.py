@@ -15,7 +15,7 @@ from multiprocessing.pool import RemoteTraceback
 
 import cloudpickle
 
-from . import _envelope, _memfds, _native, _replies
+from . import _envelope, _main, _memfds, _native, _replies
 from ._executor import APPLY, STARMAP, ExceptionParts
 from ._orchestrator import Orchestrator
 from .exceptions import (
@@ -108,7 +108,7 @@ class _Probe:
             blob = cloudpickle.dumps((shared.probe_function, "distripool-probe", None, None), protocol=5)
             payload = pickle.dumps((APPLY, (where, {})), protocol=5)
             shared.cache[self.job] = self
-            shared.submit(self.job, blob, [(0, payload)])
+            shared.submit(self.job, blob, [(0, payload)], needs=[])
         except BaseException:
             shared.cache.pop(getattr(self, "job", None), None)
             os.close(self.fd)
@@ -159,6 +159,10 @@ class _Shared:
         # What the probe runs in an executor (tests put a refusal here).
         self.probe_function = _replies.can_open
         self.task_timeout = task_timeout
+        # What executors load before every function of this pool: the
+        # driver's main module, if it has a file.
+        main = _main.driver_blob()
+        self.needs = [main] if main is not None else []
         self.orchestrator = orchestrator
         self.owns_orchestrator = owns_orchestrator
         self.cache: dict[int, object] = {}
@@ -166,8 +170,10 @@ class _Shared:
         self.stopping = False
         self.shutdown_done = False
 
-    def submit(self, job: int, blob: bytes, tasks) -> None:
-        self.client.submit(job, blob, tasks, self.task_timeout)
+    def submit(self, job: int, blob: bytes, tasks, needs=None) -> None:
+        """Queue ``tasks`` calling the function ``blob``; executors load
+        ``needs`` (by default the driver's main module) before it."""
+        self.client.submit(job, blob, tasks, self.task_timeout, self.needs if needs is None else needs)
 
     def dumps(self, task, job: int, index: int) -> bytes:
         """The payload of task ``(job, index)``: large buffers out of band, in

@@ -23,9 +23,7 @@ import warnings
 import weakref
 from multiprocessing.pool import ThreadPool
 
-import cloudpickle
-
-from . import _envelope
+from . import _envelope, _main
 from ._executor import APPLY, MAP, STARMAP
 from ._orchestrator import Orchestrator, default_orchestrator
 from ._results import (  # noqa: F401  (AsyncResult is public, as in multiprocessing.pool)
@@ -98,6 +96,7 @@ class Pool:
         max_message_size: int | None = None,
     ):
         self._state = None  # so that __del__ works if the checks below raise
+        _main.check_not_loading("a Pool")
         if task_timeout is not None and not (isinstance(task_timeout, (int, float)) and task_timeout > 0):
             raise ValueError(
                 f"task_timeout must be a positive number of seconds or None, not {task_timeout!r}"
@@ -152,7 +151,7 @@ class Pool:
     def _function_blob(self, func) -> bytes:
         if not callable(func):
             raise TypeError(f"{type(func).__name__!r} object is not callable")
-        return cloudpickle.dumps((func, *self._settings), protocol=5)
+        return _main.FunctionPickler.dumps((func, *self._settings))
 
     @staticmethod
     def _check_chunksize(chunksize) -> None:

@@ -12,8 +12,10 @@ pub enum ToAgent {
     /// so that both sides agree on them.
     Limits { max_frame: u64, heartbeat_ms: u64, silence_ms: u64 },
     /// Keep this pickled function under `fn_id`; payload: the function.
-    /// Sent once per agent before the first task that needs it.
-    Function { fn_id: u64 },
+    /// Sent once per agent before the first task that needs it. `needs`
+    /// names blobs sent before it (with `needs` empty) that executors load
+    /// before the function: the driver's main module, say.
+    Function { fn_id: u64, needs: Vec<u64> },
     /// The function is no longer needed; drop it from every cache.
     Forget { fn_id: u64 },
     /// Run one task (a chunk of items); payload: the pickled arguments.

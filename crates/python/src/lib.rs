@@ -325,6 +325,31 @@ impl Orchestrator {
     }
 }
 
+/// Bytes that executors load before a task's function (the driver's main
+/// module, say), copied and hashed once however many jobs need them.
+#[pyclass(module = "distripool._native", frozen)]
+struct Blob {
+    inner: distripool_runtime::Blob,
+}
+
+#[pymethods]
+impl Blob {
+    #[new]
+    fn new(data: &[u8]) -> Self {
+        Self { inner: distripool_runtime::Blob::new(Bytes::copy_from_slice(data)) }
+    }
+
+    /// Its content address, as executors know it.
+    #[getter]
+    fn id(&self) -> u64 {
+        self.inner.id.0
+    }
+
+    fn __len__(&self) -> usize {
+        self.inner.bytes.len()
+    }
+}
+
 /// One pool's connection to an orchestrator.
 #[pyclass(module = "distripool._native")]
 struct Client {
@@ -338,14 +363,16 @@ impl Client {
     }
 
     /// Queue `(index, payload)` tasks of `job`, each calling `function` and
-    /// allowed to run for at most `timeout` seconds.
-    #[pyo3(signature = (job, function, tasks, timeout = None))]
+    /// allowed to run for at most `timeout` seconds; executors load the
+    /// blobs `needs` before the function.
+    #[pyo3(signature = (job, function, tasks, timeout = None, needs = Vec::new()))]
     fn submit(
         &self,
         job: u64,
         function: &[u8],
         tasks: Vec<(u32, PyBackedBytes)>,
         timeout: Option<f64>,
+        needs: Vec<PyRef<'_, Blob>>,
     ) -> PyResult<()> {
         let timeout = match timeout {
             None => None,
@@ -356,7 +383,8 @@ impl Client {
         };
         // One copy out of Python's memory; the core never holds Python objects.
         let tasks = tasks.into_iter().map(|(i, p)| (i, Bytes::copy_from_slice(&p))).collect();
-        self.inner.submit(JobId(job), Bytes::copy_from_slice(function), tasks, timeout).map_err(to_py)
+        let needs = needs.iter().map(|b| b.inner.clone()).collect();
+        self.inner.submit(JobId(job), Bytes::copy_from_slice(function), needs, tasks, timeout).map_err(to_py)
     }
 
     /// Completions ready within `timeout` seconds, as `(job, index, status,
@@ -488,6 +516,7 @@ fn enable_logging(filter: &str) {
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Orchestrator>()?;
     m.add_class::<Client>()?;
+    m.add_class::<Blob>()?;
     m.add_function(wrap_pyfunction!(run_agent, m)?)?;
     m.add_function(wrap_pyfunction!(enable_logging, m)?)?;
     m.add_function(wrap_pyfunction!(memfd::read_bytes, m)?)?;

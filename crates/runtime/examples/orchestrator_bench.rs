@@ -158,7 +158,7 @@ fn throughput(workers: usize, slots: usize) -> (Duration, Duration) {
     let tasks: Vec<(u32, Bytes)> = (0..TASKS).map(|i| (i, payload.clone())).collect();
     let t0 = Instant::now();
     let cpu0 = cpu_time();
-    client.submit(job, Bytes::from_static(b"function"), tasks, None).unwrap();
+    client.submit(job, Bytes::from_static(b"function"), Vec::new(), tasks, None).unwrap();
     let mut done = 0u32;
     while done < TASKS {
         for c in client.recv(Duration::from_secs(30)).unwrap() {

@@ -13,7 +13,7 @@
 //!
 //! | kind | direction | a | b | payload |
 //! |---|---|---|---|---|
-//! | 1 FUNCTION | agent → executor | fn id | – | pickled function |
+//! | 1 FUNCTION | agent → executor | fn id | n needs | n ids (u64 LE), then the pickled function |
 //! | 2 TASK | agent → executor | task id | fn id | pickled arguments |
 //! | 3 FORGET | agent → executor | fn id | – | – |
 //! | 4 RESULT | executor → agent | task id | – | pickled outcome |
@@ -22,7 +22,12 @@
 //!
 //! RETIRE means the executor has run as many tasks as its pool allows
 //! (`maxtasksperchild`) and exits cleanly right after; whatever it was sent
-//! beyond that goes to its replacement.//!
+//! beyond that goes to its replacement.
+//!
+//! A FUNCTION's needs are blobs sent to the executor before it (as FUNCTION
+//! frames without needs) that it loads before the function: the driver's
+//! main module, say.
+//!
 //! READY is the executor's first frame, once the interpreter is up. An
 //! executor that dies before it is ready never started the task it holds.
 //! The executor answers tasks strictly in the order it receives them.
@@ -39,6 +44,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::conn::{write_batches, Sink};
+use crate::ids::{FnId, Generation, TaskId};
 
 pub const KIND_FUNCTION: u8 = 1;
 pub const KIND_TASK: u8 = 2;
@@ -65,9 +71,20 @@ pub struct ExecutorSpec {
 /// What the agent sends to one executor.
 #[derive(Debug)]
 pub enum ExecIn {
-    Function { fn_id: u64, bytes: Bytes },
-    Task { task: u64, fn_id: u64, payload: Bytes },
-    Forget { fn_id: u64 },
+    /// A function, and the blobs (sent before it) to load before it.
+    Function {
+        fn_id: FnId,
+        needs: Vec<FnId>,
+        bytes: Bytes,
+    },
+    Task {
+        task: TaskId,
+        fn_id: FnId,
+        payload: Bytes,
+    },
+    Forget {
+        fn_id: FnId,
+    },
 }
 
 impl IntoIterator for ExecIn {
@@ -83,12 +100,18 @@ struct ExecWriter(BufWriter<tokio::net::unix::OwnedWriteHalf>);
 
 impl Sink<ExecIn> for ExecWriter {
     async fn put(&mut self, m: ExecIn) -> crate::Result<()> {
-        let (kind, a, b, payload) = match m {
-            ExecIn::Function { fn_id, bytes } => (KIND_FUNCTION, fn_id, 0, bytes),
-            ExecIn::Task { task, fn_id, payload } => (KIND_TASK, task, fn_id, payload),
-            ExecIn::Forget { fn_id } => (KIND_FORGET, fn_id, 0, Bytes::new()),
+        let (kind, a, b, payload, needs) = match m {
+            ExecIn::Function { fn_id, needs, bytes } => {
+                (KIND_FUNCTION, fn_id.0, needs.len() as u64, bytes, needs)
+            }
+            ExecIn::Task { task, fn_id, payload } => (KIND_TASK, task.0, fn_id.0, payload, Vec::new()),
+            ExecIn::Forget { fn_id } => (KIND_FORGET, fn_id.0, 0, Bytes::new(), Vec::new()),
         };
-        self.0.write_all(&encode_header(kind, a, b, payload.len())).await?;
+        // A function's needs, `b` ids of 8 bytes, come first in its body.
+        self.0.write_all(&encode_header(kind, a, b, needs.len() * 8 + payload.len())).await?;
+        for need in needs {
+            self.0.write_all(&need.0.to_le_bytes()).await?;
+        }
         self.0.write_all(&payload).await?;
         Ok(())
     }
@@ -103,23 +126,23 @@ impl Sink<ExecIn> for ExecWriter {
 pub enum ExecEvent {
     Result {
         slot: usize,
-        generation: u64,
-        task: u64,
+        generation: Generation,
+        task: TaskId,
         payload: Bytes,
     },
     /// The executor is up and about to read its first task.
     Ready {
         slot: usize,
-        generation: u64,
+        generation: Generation,
     },
     /// The executor will exit after its last result; not a crash.
     Retiring {
         slot: usize,
-        generation: u64,
+        generation: Generation,
     },
     Exited {
         slot: usize,
-        generation: u64,
+        generation: Generation,
         reason: String,
     },
 }
@@ -191,7 +214,7 @@ fn encode_header(kind: u8, a: u64, b: u64, payload_len: usize) -> [u8; 4 + BODY_
 pub fn spawn(
     spec: &ExecutorSpec,
     slot: usize,
-    generation: u64,
+    generation: Generation,
     events: mpsc::UnboundedSender<ExecEvent>,
 ) -> std::io::Result<ExecutorHandle> {
     let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
@@ -291,7 +314,7 @@ pub fn spawn(
 }
 
 enum Incoming {
-    Result(u64, Bytes),
+    Result(TaskId, Bytes),
     Retire,
     Ready,
 }
@@ -316,7 +339,7 @@ async fn next_result(
                 buf.advance(4 + BODY_HEADER);
                 let payload = buf.split_to(len - BODY_HEADER).freeze();
                 return match kind {
-                    KIND_RESULT => Ok(Some(Incoming::Result(task, payload))),
+                    KIND_RESULT => Ok(Some(Incoming::Result(TaskId(task), payload))),
                     KIND_RETIRE => Ok(Some(Incoming::Retire)),
                     KIND_READY => Ok(Some(Incoming::Ready)),
                     _ => Err(std::io::Error::new(

@@ -19,3 +19,13 @@ impl ClientId {
         GroupId(self.0)
     }
 }
+define_id_type!(
+    /// A function, named by a hash of its pickled bytes, so that every client
+    /// that sends the same function gives it the same id.
+    FnId
+);
+define_id_type!(
+    /// One executor of an agent's slot. Events from an executor that was
+    /// replaced carry an older one and are ignored.
+    Generation
+);

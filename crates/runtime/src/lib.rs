@@ -26,9 +26,9 @@ pub mod timing;
 pub use agent::{run_agent, AgentConfig};
 pub use conn::SessionEnd;
 pub use distripool_protocol::{DEFAULT_MAX_FRAME, PROTOCOL_VERSION};
-pub use ids::{ClientId, JobId, TaskId, WorkerId};
+pub use ids::{ClientId, FnId, JobId, TaskId, WorkerId};
 pub use mailbox::{Completion, Outcome};
-pub use orchestrator::{Client, Orchestrator, OrchestratorConfig, Stats};
+pub use orchestrator::{Blob, Client, Orchestrator, OrchestratorConfig, Stats};
 pub use security::{Security, TlsFiles};
 pub use timing::Timing;
 

@@ -105,7 +105,7 @@ fn tasks_round_trip_through_an_agent_exactly_once() {
     let client = orch.open_client().unwrap();
     let job = client.new_job();
     let tasks = (0..1000u32).map(|i| (i, i.to_le_bytes().to_vec().into())).collect();
-    client.submit(job, b"function".to_vec().into(), tasks, None).unwrap();
+    client.submit(job, b"function".to_vec().into(), Vec::new(), tasks, None).unwrap();
     let mut seen = vec![false; 1000];
     for c in collect(&client, 1000) {
         assert_eq!(c.job, job);
@@ -134,6 +134,7 @@ fn a_task_that_kills_its_executor_fails_after_the_crash_limit() {
         .submit(
             job,
             b"f".to_vec().into(),
+            Vec::new(),
             vec![(0, b"die".to_vec().into()), (1, b"fine".to_vec().into())],
             None,
         )
@@ -195,7 +196,7 @@ fn echo_round_trip(orch: &Orchestrator, n: u32, size: usize) {
         (0..size).map(|j| (j as u32).wrapping_mul(31).wrapping_add(i) as u8).collect()
     };
     let tasks = (0..n).map(|i| (i, payload(i).into())).collect();
-    client.submit(job, b"f".to_vec().into(), tasks, None).unwrap();
+    client.submit(job, b"f".to_vec().into(), Vec::new(), tasks, None).unwrap();
     for c in collect(&client, n as usize) {
         let Outcome::Done(bytes) = c.outcome else { panic!("task {} failed", c.index) };
         assert!(bytes[..] == payload(c.index)[..], "task {} came back altered", c.index);
@@ -257,7 +258,7 @@ fn withdrawn_tasks_and_completions_account_for_every_task_once() {
     // No worker yet: every task is withdrawn, in index order, and only once.
     let job = client.new_job();
     let tasks = (0..10u32).rev().map(|i| (i, vec![1u8].into())).collect();
-    client.submit(job, b"f".to_vec().into(), tasks, None).unwrap();
+    client.submit(job, b"f".to_vec().into(), Vec::new(), tasks, None).unwrap();
     assert_eq!(client.withdraw(job).unwrap(), (0..10).collect::<Vec<u32>>());
     assert!(client.withdraw(job).unwrap().is_empty());
 
@@ -269,7 +270,7 @@ fn withdrawn_tasks_and_completions_account_for_every_task_once() {
     let n = 5000u32;
     let job = client.new_job();
     let tasks = (0..n).map(|i| (i, i.to_le_bytes().to_vec().into())).collect();
-    client.submit(job, b"f".to_vec().into(), tasks, None).unwrap();
+    client.submit(job, b"f".to_vec().into(), Vec::new(), tasks, None).unwrap();
     let mut seen = vec![false; n as usize];
     let first = collect(&client, 1);
     let withdrawn = client.withdraw(job).unwrap();

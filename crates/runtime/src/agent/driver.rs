@@ -11,6 +11,7 @@ use super::session::{AgentComm, Session};
 use super::AgentConfig;
 use crate::conn::{write_batches, AbortOnDrop, FrameReader, FrameWriter, Outgoing, SessionEnd};
 use crate::executor::{self, ExecEvent, ExecIn, ExecutorHandle, ExecutorSpec};
+use crate::ids::Generation;
 
 /// Executors and the orchestrator's writer, as the session sees them.
 struct Processes {
@@ -28,7 +29,7 @@ impl AgentComm for Processes {
         let _ = self.out.send(out);
     }
 
-    fn start_executor(&mut self, slot: usize, generation: u64) -> Result<u32, String> {
+    fn start_executor(&mut self, slot: usize, generation: Generation) -> Result<u32, String> {
         let handle = executor::spawn(&self.spec, slot, generation, self.events.clone())
             .map_err(|e| format!("cannot start an executor with {:?}: {e}", self.spec.python))?;
         let pid = handle.pid;

@@ -11,6 +11,7 @@ use distripool_protocol::{FromAgent, ToAgent};
 
 use crate::conn::{Outgoing, SessionEnd};
 use crate::executor::{ExecEvent, ExecIn};
+use crate::ids::{FnId, Generation, TaskId};
 
 /// Tasks held by one executor at once: one running, the rest prefetched.
 pub const DEPTH: usize = 2;
@@ -33,13 +34,13 @@ pub(crate) trait AgentComm {
     fn send(&mut self, out: Outgoing<FromAgent>);
     /// Start the executor `generation` of `slot`, killing the one the slot
     /// had. Returns its pid, or why it could not be started.
-    fn start_executor(&mut self, slot: usize, generation: u64) -> Result<u32, String>;
+    fn start_executor(&mut self, slot: usize, generation: Generation) -> Result<u32, String>;
     /// A frame for the executor of `slot`.
     fn to_executor(&mut self, slot: usize, msg: ExecIn);
 }
 
 struct Inflight {
-    task: u64,
+    task: TaskId,
     attempt: u32,
     cancelled: bool,
     /// When the executor started on it (it reached the front of the slot).
@@ -47,16 +48,16 @@ struct Inflight {
 }
 
 struct Queued {
-    task: u64,
+    task: TaskId,
     attempt: u32,
-    fn_id: u64,
+    fn_id: FnId,
     payload: Bytes,
     timeout: Option<Duration>,
 }
 
 struct Slot {
     pid: u32,
-    generation: u64,
+    generation: Generation,
     /// The executor announced a clean exit; it gets no more tasks.
     retiring: bool,
     /// The executor said it is up; before that, its death is not its task's fault.
@@ -66,7 +67,7 @@ struct Slot {
     /// Running time of this slot's recent tasks (moving average).
     typical_task: Option<Duration>,
     inflight: VecDeque<(Inflight, Queued)>,
-    fns: HashSet<u64>,
+    fns: HashSet<FnId>,
 }
 
 impl Slot {
@@ -93,8 +94,10 @@ type Step = Result<(), SessionEnd>;
 pub(crate) struct Session {
     slots: Vec<Slot>,
     queue: VecDeque<Queued>,
-    fns: HashMap<u64, Bytes>,
-    generations: u64,
+    /// Functions (and what each needs first) and the blobs they need.
+    fns: HashMap<FnId, (Bytes, Vec<FnId>)>,
+    /// The last executor generation handed out.
+    generations: Generation,
     /// The capacity last announced to the orchestrator.
     advertised: usize,
     /// The orchestrator asked for a drain: leave once nothing is held.
@@ -110,7 +113,7 @@ impl Session {
             slots: Vec::with_capacity(processes),
             queue: VecDeque::new(),
             fns: HashMap::new(),
-            generations: 0,
+            generations: Generation(0),
             advertised: processes * DEPTH,
             draining: false,
         };
@@ -160,10 +163,11 @@ impl Session {
         comm: &mut impl AgentComm,
     ) -> Step {
         match msg {
-            ToAgent::Function { fn_id } => {
-                self.fns.insert(fn_id, payload);
+            ToAgent::Function { fn_id, needs } => {
+                self.fns.insert(FnId(fn_id), (payload, needs.into_iter().map(FnId).collect()));
             }
             ToAgent::Forget { fn_id } => {
+                let fn_id = FnId(fn_id);
                 self.fns.remove(&fn_id);
                 for (slot, s) in self.slots.iter_mut().enumerate() {
                     if s.fns.remove(&fn_id) {
@@ -173,10 +177,16 @@ impl Session {
             }
             ToAgent::Task { task, attempt, fn_id, timeout_ms } => {
                 let timeout = (timeout_ms > 0).then(|| Duration::from_millis(timeout_ms));
-                self.queue.push_back(Queued { task, attempt, fn_id, payload, timeout });
+                self.queue.push_back(Queued {
+                    task: TaskId(task),
+                    attempt,
+                    fn_id: FnId(fn_id),
+                    payload,
+                    timeout,
+                });
             }
             ToAgent::Cancel { tasks } => {
-                let cancel: HashSet<u64> = tasks.into_iter().collect();
+                let cancel: HashSet<TaskId> = tasks.into_iter().map(TaskId).collect();
                 self.queue.retain(|q| !cancel.contains(&q.task));
                 for slot in 0..self.slots.len() {
                     let mut hit = false;
@@ -221,7 +231,7 @@ impl Session {
                 }
                 if !done.cancelled {
                     comm.send(Outgoing::with_payload(
-                        FromAgent::Result { task, attempt: done.attempt },
+                        FromAgent::Result { task: task.0, attempt: done.attempt },
                         payload,
                     ));
                 }
@@ -272,7 +282,7 @@ impl Session {
                     if !running.cancelled {
                         tracing::warn!("task {} crashed: {reason}", running.task);
                         comm.send(Outgoing::new(FromAgent::Crashed {
-                            task: running.task,
+                            task: running.task.0,
                             attempt: running.attempt,
                             reason,
                         }));
@@ -339,7 +349,7 @@ impl Session {
             );
             tracing::warn!("task {} {reason}", running.task);
             comm.send(Outgoing::new(FromAgent::TimedOut {
-                task: running.task,
+                task: running.task.0,
                 attempt: running.attempt,
                 reason,
             }));
@@ -348,8 +358,12 @@ impl Session {
         Ok(())
     }
 
-    fn start_executor(&mut self, slot: usize, comm: &mut impl AgentComm) -> Result<(u32, u64), SessionEnd> {
-        self.generations += 1;
+    fn start_executor(
+        &mut self,
+        slot: usize,
+        comm: &mut impl AgentComm,
+    ) -> Result<(u32, Generation), SessionEnd> {
+        self.generations.0 += 1;
         let generation = self.generations;
         let pid = comm.start_executor(slot, generation).map_err(SessionEnd::Executors)?;
         Ok((pid, generation))
@@ -396,14 +410,29 @@ impl Session {
                 }
                 let q = self.queue.pop_front().expect("queue is not empty");
                 let s = &mut self.slots[slot];
-                if s.fns.insert(q.fn_id) {
-                    let Some(bytes) = self.fns.get(&q.fn_id) else {
+                if !s.fns.contains(&q.fn_id) {
+                    let Some((bytes, needs)) = self.fns.get(&q.fn_id) else {
                         return Err(SessionEnd::Protocol(format!(
                             "task {} needs function {:x}, which was never sent",
-                            q.task, q.fn_id
+                            q.task, q.fn_id.0
                         )));
                     };
-                    comm.to_executor(slot, ExecIn::Function { fn_id: q.fn_id, bytes: bytes.clone() });
+                    for need in needs {
+                        if s.fns.insert(*need) {
+                            let Some((blob, _)) = self.fns.get(need) else {
+                                return Err(SessionEnd::Protocol(format!(
+                                    "function {:x} needs {:x}, which was never sent",
+                                    q.fn_id.0, need.0
+                                )));
+                            };
+                            let msg =
+                                ExecIn::Function { fn_id: *need, needs: Vec::new(), bytes: blob.clone() };
+                            comm.to_executor(slot, msg);
+                        }
+                    }
+                    s.fns.insert(q.fn_id);
+                    let msg = ExecIn::Function { fn_id: q.fn_id, needs: needs.clone(), bytes: bytes.clone() };
+                    comm.to_executor(slot, msg);
                 }
                 comm.to_executor(
                     slot,

@@ -19,17 +19,18 @@ impl AgentComm for Fake {
     fn send(&mut self, out: Outgoing<FromAgent>) {
         self.sent.push_back(out.msg);
     }
-    fn start_executor(&mut self, slot: usize, generation: u64) -> Result<u32, String> {
+    fn start_executor(&mut self, slot: usize, generation: Generation) -> Result<u32, String> {
         if let Some(e) = &self.broken {
             return Err(e.clone());
         }
-        self.started.push_back((slot, generation));
-        Ok(1000 + generation as u32)
+        self.started.push_back((slot, generation.0));
+        Ok(1000 + generation.0 as u32)
     }
     fn to_executor(&mut self, slot: usize, msg: ExecIn) {
         let what = match msg {
             ExecIn::Task { task, .. } => format!("task {task}"),
-            ExecIn::Function { fn_id, .. } => format!("function {fn_id}"),
+            ExecIn::Function { fn_id, needs, .. } if needs.is_empty() => format!("function {fn_id}"),
+            ExecIn::Function { fn_id, needs, .. } => format!("function {fn_id} needs {needs:?}"),
             ExecIn::Forget { fn_id } => format!("forget {fn_id}"),
         };
         self.exec.push_back((slot, what));
@@ -52,9 +53,9 @@ impl Harness {
         let mut h = Self { s, comm, t0: Instant::now() };
         assert_eq!(h.started(), (0..processes).map(|slot| (slot, slot as u64 + 1)).collect::<Vec<_>>());
         for slot in 0..processes {
-            h.exec_event(ExecEvent::Ready { slot, generation: slot as u64 + 1 }, 0).unwrap();
+            h.exec_event(ExecEvent::Ready { slot, generation: Generation(slot as u64 + 1) }, 0).unwrap();
         }
-        h.message(ToAgent::Function { fn_id: FN }, 0).unwrap();
+        h.message(ToAgent::Function { fn_id: FN, needs: Vec::new() }, 0).unwrap();
         h
     }
 
@@ -77,7 +78,16 @@ impl Harness {
     }
 
     fn result(&mut self, slot: usize, generation: u64, task: u64, ms: u64) {
-        self.exec_event(ExecEvent::Result { slot, generation, task, payload: Bytes::new() }, ms).unwrap();
+        self.exec_event(
+            ExecEvent::Result {
+                slot,
+                generation: Generation(generation),
+                task: TaskId(task),
+                payload: Bytes::new(),
+            },
+            ms,
+        )
+        .unwrap();
     }
 
     fn timer(&mut self, ms: u64) -> Step {
@@ -142,7 +152,8 @@ fn a_crash_reports_the_running_task_and_requeues_the_prefetched_one() {
     h.task(2, 0, 0);
     assert_eq!(h.exec().len(), 3);
     let reason = "executor (pid 1001) was killed by signal 9 (SIGKILL)".to_string();
-    h.exec_event(ExecEvent::Exited { slot: 0, generation: 1, reason: reason.clone() }, 10).unwrap();
+    h.exec_event(ExecEvent::Exited { slot: 0, generation: Generation(1), reason: reason.clone() }, 10)
+        .unwrap();
     assert_eq!(h.sent(), [FromAgent::Crashed { task: 1, attempt: 1, reason }]);
     assert_eq!(h.started(), [(0, 2)]);
     // The new executor gets the function again and the task that never ran.
@@ -160,14 +171,19 @@ fn executors_that_never_start_end_the_session_for_good() {
     assert_eq!(h.exec().len(), 2);
     // The first executor was ready; it dies running task 1 (a crash), and
     // then every replacement dies before it is ready.
-    h.exec_event(ExecEvent::Exited { slot: 0, generation: 1, reason: "exit 1".into() }, 1).unwrap();
+    h.exec_event(ExecEvent::Exited { slot: 0, generation: Generation(1), reason: "exit 1".into() }, 1)
+        .unwrap();
     assert!(matches!(h.sent()[..], [FromAgent::Crashed { task: 1, .. }]));
     h.task(2, 0, 2);
     let mut end = None;
     for generation in 2..=MAX_START_FAILURES as u64 + 1 {
         assert_eq!(h.started(), [(0, generation)]);
         assert_eq!(h.exec(), [s(0, "function 9"), s(0, "task 2")]);
-        let exited = ExecEvent::Exited { slot: 0, generation, reason: "No module named distripool".into() };
+        let exited = ExecEvent::Exited {
+            slot: 0,
+            generation: Generation(generation),
+            reason: "No module named distripool".into(),
+        };
         if let Err(e) = h.exec_event(exited, 3) {
             end = Some(e);
             break;
@@ -248,7 +264,8 @@ fn a_cancelled_running_task_stops_its_executor_and_reports_nothing() {
     assert_eq!(h.started(), [(0, 2)]);
     assert_eq!(h.exec(), [s(0, "function 9"), s(0, "task 2")]);
     assert_eq!(h.s.held(), 1);
-    h.exec_event(ExecEvent::Exited { slot: 0, generation: 1, reason: "killed".into() }, 2).unwrap();
+    h.exec_event(ExecEvent::Exited { slot: 0, generation: Generation(1), reason: "killed".into() }, 2)
+        .unwrap();
     assert!(h.sent().is_empty());
 }
 
@@ -280,12 +297,13 @@ fn a_retiring_executor_is_replaced_without_a_crash() {
     h.task(1, 0, 0);
     h.task(2, 0, 0);
     h.exec();
-    h.exec_event(ExecEvent::Retiring { slot: 0, generation: 1 }, 1).unwrap();
+    h.exec_event(ExecEvent::Retiring { slot: 0, generation: Generation(1) }, 1).unwrap();
     h.result(0, 1, 1, 2);
     assert_eq!(h.sent(), [FromAgent::Result { task: 1, attempt: 1 }]);
     h.task(3, 0, 3);
     assert!(h.exec().is_empty(), "a retiring executor gets nothing new");
-    h.exec_event(ExecEvent::Exited { slot: 0, generation: 1, reason: "exit 0".into() }, 4).unwrap();
+    h.exec_event(ExecEvent::Exited { slot: 0, generation: Generation(1), reason: "exit 0".into() }, 4)
+        .unwrap();
     assert_eq!(h.started(), [(0, 2)]);
     assert_eq!(h.exec(), [s(0, "function 9"), s(0, "task 2"), s(0, "task 3")]);
     assert!(h.sent().is_empty());
@@ -303,7 +321,10 @@ fn a_drained_session_finishes_what_it_holds_then_says_goodbye() {
     h.result(0, 1, 2, 3);
     assert_eq!(h.exec(), [s(0, "task 3")]);
     let end = h
-        .exec_event(ExecEvent::Result { slot: 0, generation: 1, task: 3, payload: Bytes::new() }, 4)
+        .exec_event(
+            ExecEvent::Result { slot: 0, generation: Generation(1), task: TaskId(3), payload: Bytes::new() },
+            4,
+        )
         .unwrap_err();
     assert_eq!(end, SessionEnd::Drained);
     assert!(!end.is_fatal());
@@ -317,4 +338,36 @@ fn an_idle_session_says_goodbye_as_soon_as_it_is_drained() {
     let mut h = Harness::new(2);
     assert_eq!(h.message(ToAgent::Drain, 0).unwrap_err(), SessionEnd::Drained);
     assert_eq!(h.sent(), [FromAgent::Goodbye { reason: "drained".into() }]);
+}
+
+#[test]
+fn what_a_function_needs_reaches_each_executor_once_before_it() {
+    let mut h = Harness::new(2);
+    h.message(ToAgent::Function { fn_id: 50, needs: Vec::new() }, 0).unwrap();
+    h.message(ToAgent::Function { fn_id: 51, needs: vec![50] }, 0).unwrap();
+    h.message(ToAgent::Function { fn_id: 52, needs: vec![50] }, 0).unwrap();
+    for (task, fn_id) in [(1, 51), (2, 51), (3, 52)] {
+        h.message(ToAgent::Task { task, attempt: 1, fn_id, timeout_ms: 0 }, 0).unwrap();
+    }
+    assert_eq!(
+        h.exec(),
+        [
+            s(0, "function 50"),
+            s(0, "function 51 needs [FnId(50)]"),
+            s(0, "task 1"),
+            s(1, "function 50"),
+            s(1, "function 51 needs [FnId(50)]"),
+            s(1, "task 2"),
+            s(0, "function 52 needs [FnId(50)]"),
+            s(0, "task 3"),
+        ]
+    );
+    // A replaced executor holds nothing: it gets the need again.
+    h.exec_event(ExecEvent::Exited { slot: 1, generation: Generation(2), reason: "killed".into() }, 1)
+        .unwrap();
+    assert_eq!(h.started(), [(1, 3)]);
+    let crashed = h.sent();
+    assert!(matches!(crashed[..], [FromAgent::Crashed { task: 2, .. }]), "{crashed:?}");
+    h.message(ToAgent::Task { task: 4, attempt: 1, fn_id: 52, timeout_ms: 0 }, 2).unwrap();
+    assert_eq!(h.exec(), [s(1, "function 50"), s(1, "function 52 needs [FnId(50)]"), s(1, "task 4")]);
 }

@@ -17,7 +17,7 @@ use super::snapshot::{ClientInfo, EventKind, EventLog, Snapshot, WorkerInfo, Wor
 use super::Stats;
 use crate::agent::DEPTH;
 use crate::conn::{Outgoing, SessionEnd};
-use crate::ids::{ClientId, JobId, TaskId, WorkerId};
+use crate::ids::{ClientId, FnId, JobId, TaskId, WorkerId};
 use crate::mailbox::{Completion, Outcome};
 
 /// Functions kept after their last task, in case they are used again.
@@ -56,8 +56,10 @@ pub(crate) enum Input {
     Submit {
         client: ClientId,
         job: JobId,
-        fn_id: u64,
+        fn_id: FnId,
         function: Bytes,
+        /// Blobs that executors load before the function, with their ids.
+        needs: Vec<(FnId, Bytes)>,
         tasks: Vec<(u32, Bytes)>,
         timeout_ms: u64,
     },
@@ -70,7 +72,7 @@ struct TaskMeta {
     client: ClientId,
     job: JobId,
     index: u32,
-    fn_id: u64,
+    fn_id: FnId,
     timeout_ms: u64,
 }
 
@@ -78,7 +80,7 @@ struct AgentLink {
     /// Frames for this agent produced by the current burst of inputs.
     outbox: Vec<Outgoing<ToAgent>>,
     /// Functions this agent holds.
-    fns: IdSet<u64>,
+    fns: IdSet<FnId>,
     slots: usize,
     /// `host (address, agent pid N)`, for messages.
     name: String,
@@ -95,7 +97,9 @@ struct AgentLink {
 
 struct FnEntry {
     bytes: Bytes,
-    /// Tasks not yet completed that call it.
+    /// Blobs that go to an agent before this function.
+    needs: Vec<FnId>,
+    /// Tasks not yet completed that call it (or a function that needs it).
     refs: usize,
 }
 
@@ -108,8 +112,8 @@ pub(crate) struct Core {
     dirty_agents: Vec<WorkerId>,
     dirty_clients: Vec<ClientId>,
     meta: IdMap<TaskId, TaskMeta>,
-    fns: IdMap<u64, FnEntry>,
-    idle_fns: VecDeque<u64>,
+    fns: IdMap<FnId, FnEntry>,
+    idle_fns: VecDeque<FnId>,
     next_task: u64,
     stats: Arc<Stats>,
     events: EventLog,
@@ -212,11 +216,17 @@ impl Core {
             Input::ClientOpened { client } => {
                 self.clients.insert(client, Vec::new());
             }
-            Input::Submit { client, job, fn_id, function, tasks, timeout_ms } => {
+            Input::Submit { client, job, fn_id, function, needs, tasks, timeout_ms } => {
                 if !self.clients.contains_key(&client) {
                     return;
                 }
-                let entry = self.fns.entry(fn_id).or_insert(FnEntry { bytes: function, refs: 0 });
+                let need_ids = needs.iter().map(|(id, _)| *id).collect();
+                for (id, bytes) in needs {
+                    let entry = self.fns.entry(id).or_insert(FnEntry { bytes, needs: Vec::new(), refs: 0 });
+                    entry.refs += tasks.len();
+                }
+                let entry =
+                    self.fns.entry(fn_id).or_insert(FnEntry { bytes: function, needs: need_ids, refs: 0 });
                 entry.refs += tasks.len();
                 self.meta.reserve(tasks.len());
                 self.sched.reserve(tasks.len());
@@ -384,15 +394,31 @@ impl Core {
                     else {
                         continue;
                     };
+                    let entry = &self.fns[&meta.fn_id];
+                    // What the function needs first, then the function: each
+                    // once per agent (a need evicted alone is sent again).
+                    for need in &entry.needs {
+                        if link.fns.insert(*need) {
+                            let msg = ToAgent::Function { fn_id: need.0, needs: Vec::new() };
+                            let bytes = self.fns[need].bytes.clone();
+                            Self::queue(
+                                &mut self.dirty_agents,
+                                worker,
+                                link,
+                                Outgoing::with_payload(msg, bytes),
+                            );
+                        }
+                    }
                     if link.fns.insert(meta.fn_id) {
-                        let bytes = self.fns[&meta.fn_id].bytes.clone();
-                        let function = Outgoing::with_payload(ToAgent::Function { fn_id: meta.fn_id }, bytes);
-                        Self::queue(&mut self.dirty_agents, worker, link, function);
+                        let needs = entry.needs.iter().map(|n| n.0).collect();
+                        let msg = ToAgent::Function { fn_id: meta.fn_id.0, needs };
+                        let bytes = entry.bytes.clone();
+                        Self::queue(&mut self.dirty_agents, worker, link, Outgoing::with_payload(msg, bytes));
                     }
                     let msg = ToAgent::Task {
                         task: task.0,
                         attempt,
-                        fn_id: meta.fn_id,
+                        fn_id: meta.fn_id.0,
                         timeout_ms: meta.timeout_ms,
                     };
                     Self::queue(&mut self.dirty_agents, worker, link, Outgoing::with_payload(msg, payload));
@@ -452,22 +478,36 @@ impl Core {
 
     /// One task fewer calls `fn_id`. Functions no task calls any more are
     /// kept for a while, then evicted everywhere, oldest first.
-    fn release_function(&mut self, fn_id: u64) {
+    fn release_function(&mut self, fn_id: FnId) {
         let Some(entry) = self.fns.get_mut(&fn_id) else {
             return;
         };
         entry.refs = entry.refs.saturating_sub(1);
-        if entry.refs > 0 {
+        let mut idled = entry.refs == 0;
+        if idled {
+            self.idle_fns.push_back(fn_id);
+        }
+        // What it needs is released after it, so that it is evicted after it.
+        for i in 0..self.fns[&fn_id].needs.len() {
+            let need = self.fns[&fn_id].needs[i];
+            if let Some(n) = self.fns.get_mut(&need) {
+                n.refs = n.refs.saturating_sub(1);
+                if n.refs == 0 {
+                    self.idle_fns.push_back(need);
+                    idled = true;
+                }
+            }
+        }
+        if !idled {
             return;
         }
-        self.idle_fns.push_back(fn_id);
         while self.idle_fns.len() > IDLE_FUNCTIONS {
             let old = self.idle_fns.pop_front().expect("not empty");
             if self.fns.get(&old).is_some_and(|e| e.refs == 0) && !self.idle_fns.contains(&old) {
                 self.fns.remove(&old);
                 for (&worker, link) in self.agents.iter_mut() {
                     if link.fns.remove(&old) {
-                        let forget = Outgoing::new(ToAgent::Forget { fn_id: old });
+                        let forget = Outgoing::new(ToAgent::Forget { fn_id: old.0 });
                         Self::queue(&mut self.dirty_agents, worker, link, forget);
                     }
                 }

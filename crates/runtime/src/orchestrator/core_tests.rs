@@ -3,7 +3,7 @@
 //! look at was sent.
 
 use super::*;
-use crate::ids::{ClientId, JobId, WorkerId};
+use crate::ids::{ClientId, FnId, JobId, WorkerId};
 
 #[derive(Default)]
 struct Recorder {
@@ -69,6 +69,23 @@ impl Harness {
             job: JobId(job),
             fn_id,
             function: Bytes::from_static(function),
+            needs: Vec::new(),
+            tasks,
+            timeout_ms: 0,
+        });
+    }
+
+    /// `n` tasks of job `job`, calling `function`, which needs `needs`.
+    fn submit_needing(&mut self, job: u64, function: &'static [u8], needs: &[&'static [u8]], n: u32) {
+        let tasks = (0..n).map(|i| (i, Bytes::from(format!("arg{i}")))).collect();
+        let needs: Vec<(FnId, Bytes)> =
+            needs.iter().map(|b| (super::super::function_id(b), Bytes::from_static(b))).collect();
+        self.input(Input::Submit {
+            client: CLIENT,
+            job: JobId(job),
+            fn_id: FnId(super::super::function_id(function).0 ^ 1),
+            function: Bytes::from_static(function),
+            needs,
             tasks,
             timeout_ms: 0,
         });
@@ -97,6 +114,26 @@ impl Harness {
                 other => panic!("expected tasks, got {other:?}"),
             })
             .collect()
+    }
+
+    /// Answer every task among `frames` with a result, and the frames that
+    /// follows, until none comes; returns the functions forgotten.
+    fn answer(&mut self, mut frames: Vec<(u64, ToAgent)>) -> Vec<u64> {
+        let mut forgotten = Vec::new();
+        while !frames.is_empty() {
+            for (w, m) in frames {
+                match m {
+                    ToAgent::Task { task, attempt, .. } => {
+                        self.agent_says(w, FromAgent::Result { task, attempt }, b"r")
+                    }
+                    ToAgent::Forget { fn_id } => forgotten.push(fn_id),
+                    ToAgent::Function { .. } => {}
+                    other => panic!("{other:?}"),
+                }
+            }
+            frames = self.sent();
+        }
+        forgotten
     }
 
     /// Completions since the last call, as `(job, index, outcome)`.
@@ -280,7 +317,8 @@ fn a_closing_client_stops_its_running_tasks_and_gets_nothing_more() {
     h.input(Input::Submit {
         client: ClientId(101),
         job: JobId(1),
-        fn_id: 9,
+        fn_id: FnId(9),
+        needs: Vec::new(),
         function: Bytes::from_static(b"g"),
         tasks: vec![(0, Bytes::new()), (1, Bytes::new())],
         timeout_ms: 0,
@@ -314,7 +352,7 @@ fn idle_functions_are_evicted_oldest_first_and_each_agent_told_once() {
         ToAgent::Forget { fn_id } => Some(*fn_id),
         _ => None,
     }));
-    assert_eq!(forgotten, vec![super::super::function_id(functions[0])]);
+    assert_eq!(forgotten, vec![super::super::function_id(functions[0]).0]);
     assert_eq!(h.delivered().len(), IDLE_FUNCTIONS + 1);
     // A function used again after its eviction is sent again.
     h.submit(99, functions[0], 1);
@@ -447,4 +485,48 @@ fn a_lost_agent_and_a_failed_task_are_events() {
     assert!(
         matches!(&events[1].kind, EventKind::WorkerLost { worker: WorkerId(7), tasks: 1, reason, .. } if reason.contains("no word"))
     );
+}
+
+#[test]
+fn what_a_function_needs_goes_first_once_per_agent_and_leaves_after_it() {
+    let mut h = Harness::new();
+    h.join(7, 1);
+    h.join(8, 1);
+    let main_id = super::super::function_id(b"main").0;
+    h.submit_needing(1, b"f", &[b"main"], 3);
+    let sent = h.sent();
+    // Each agent: the main module, the function naming it, then its tasks.
+    for worker in [7, 8] {
+        let mine: Vec<_> = sent.iter().filter(|(w, _)| *w == worker).map(|(_, m)| m.clone()).collect();
+        assert!(
+            matches!(&mine[..], [
+                ToAgent::Function { fn_id: need, needs: none },
+                ToAgent::Function { needs, .. },
+                ToAgent::Task { .. },
+                ..
+            ] if *need == main_id && none.is_empty() && needs == &vec![main_id]),
+            "{mine:?}"
+        );
+    }
+    let mut forgotten = h.answer(sent);
+    // A second function with the same need: the need is not sent again.
+    h.submit_needing(2, b"g", &[b"main"], 1);
+    let again = h.sent();
+    assert!(
+        matches!(&again[..], [(_, ToAgent::Function { needs, .. }), (_, ToAgent::Task { .. })] if needs == &vec![main_id]),
+        "{again:?}"
+    );
+    forgotten.extend(h.answer(again));
+    assert_eq!(h.delivered().len(), 4);
+    // Idle functions are evicted oldest first; the need after those that need it.
+    for job in 0..=IDLE_FUNCTIONS as u64 {
+        h.submit(100 + job, Box::leak(format!("filler{job}").into_bytes().into_boxed_slice()), 1);
+        let sent = h.sent();
+        forgotten.extend(h.answer(sent));
+    }
+    h.delivered();
+    let at = |id: u64| forgotten.iter().position(|f| *f == id);
+    let main_at = at(main_id).expect("the need was evicted");
+    assert!(at(super::super::function_id(b"f").0 ^ 1).is_some_and(|i| i < main_at), "{forgotten:?}");
+    assert!(at(super::super::function_id(b"g").0 ^ 1).is_some_and(|i| i < main_at), "{forgotten:?}");
 }

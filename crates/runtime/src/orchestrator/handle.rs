@@ -18,7 +18,7 @@ use super::intake::{accept_loop, Intake};
 use super::snapshot::{Event as ClusterEvent, Snapshot};
 use crate::agent::{run_session, AgentConfig};
 use crate::conn::{client_handshake, Outgoing, SessionEnd};
-use crate::ids::{ClientId, JobId, WorkerId};
+use crate::ids::{ClientId, FnId, JobId, WorkerId};
 use crate::mailbox::{Completion, Mailbox, MailboxTx};
 use crate::security::{Acceptor, Security};
 use crate::timing::Timing;
@@ -403,28 +403,47 @@ impl Client {
     }
 
     /// Queue tasks `(index, payload)` of `job`, all calling the pickled
-    /// `function`, each allowed to run for at most `timeout`.
+    /// `function`, each allowed to run for at most `timeout`. Executors load
+    /// the blobs `needs` first (the driver's main module, say); like the
+    /// function, each reaches an agent once.
     pub fn submit(
         &self,
         job: JobId,
         function: Bytes,
+        needs: Vec<Blob>,
         tasks: Vec<(u32, Bytes)>,
         timeout: Option<Duration>,
     ) -> Result<()> {
         // Refuse here, in the caller, what no connection could carry.
         let limit = self.max_frame.saturating_sub(FRAME_OVERHEAD);
-        let largest = tasks.iter().map(|(_, p)| p.len()).chain([function.len()]).max().unwrap_or(0);
+        let largest = tasks
+            .iter()
+            .map(|(_, p)| p.len())
+            .chain(needs.iter().map(|b| b.bytes.len()))
+            .chain([function.len()])
+            .max()
+            .unwrap_or(0);
         if largest > limit {
             return Err(Error::TooLarge(format!(
                 "a task of {largest} bytes exceeds the frame limit of {} bytes",
                 self.max_frame
             )));
         }
-        let fn_id = function_id(&function);
+        let needs: Vec<(FnId, Bytes)> = needs.into_iter().map(|b| (b.id, b.bytes)).collect();
+        let fn_id = if needs.is_empty() {
+            function_id(&function)
+        } else {
+            // The same function with other needs is another function.
+            let mut h = Sha256::new();
+            h.update(&function);
+            for (id, _) in &needs {
+                h.update(id.0.to_le_bytes());
+            }
+            FnId(u64::from_le_bytes(h.finalize()[..8].try_into().expect("8 bytes")))
+        };
         let timeout_ms = timeout.map_or(0, |t| t.as_millis().clamp(1, u64::MAX as u128) as u64);
-        self.events
-            .send(Event::Core(Input::Submit { client: self.id, job, fn_id, function, tasks, timeout_ms }))
-            .map_err(|_| Error::Closed)
+        let submit = Input::Submit { client: self.id, job, fn_id, function, needs, tasks, timeout_ms };
+        self.events.send(Event::Core(submit)).map_err(|_| Error::Closed)
     }
 
     /// Wait up to `timeout` for completions; returns all that are ready
@@ -471,8 +490,22 @@ impl Drop for Client {
     }
 }
 
+/// Bytes that executors load before a function (see [`Client::submit`]),
+/// with their content address, computed once.
+#[derive(Debug, Clone)]
+pub struct Blob {
+    pub id: FnId,
+    pub bytes: Bytes,
+}
+
+impl Blob {
+    pub fn new(bytes: Bytes) -> Self {
+        Self { id: function_id(&bytes), bytes }
+    }
+}
+
 /// Content address of a pickled function.
-pub fn function_id(bytes: &[u8]) -> u64 {
+pub fn function_id(bytes: &[u8]) -> FnId {
     let digest = Sha256::digest(bytes);
-    u64::from_le_bytes(digest[..8].try_into().expect("8 bytes"))
+    FnId(u64::from_le_bytes(digest[..8].try_into().expect("8 bytes")))
 }

@@ -27,5 +27,5 @@ mod session;
 pub mod snapshot;
 
 pub use distripool_scheduler::FailureKind;
-pub use handle::{function_id, Client, Orchestrator, OrchestratorConfig, Stats};
+pub use handle::{function_id, Blob, Client, Orchestrator, OrchestratorConfig, Stats};
 pub use snapshot::{ClientInfo, Event, EventKind, Snapshot, WorkerInfo, WorkerState};
