@@ -431,6 +431,7 @@ def test_pool_cannot_be_pickled(make):
 def test_classes_of_the_drivers_script_are_arguments_and_results(make, tmp_path):
     """A script's own classes go in and come back as the script's classes;
     its ``if __name__ == "__main__":`` block runs once, in the driver; the
+    traceback of its function names its file and shows the line. The
     executors get its source from the driver (the file is gone by then)."""
     script = tmp_path / "script.py"
     script.write_text((TESTS / "scripts" / "main_classes.py").read_text())

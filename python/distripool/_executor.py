@@ -117,6 +117,9 @@ def _round_trips(obj) -> bool:
 def _failure(exc):
     import traceback
 
+    if "distripool._functions" in sys.modules:
+        # Source lines sent with functions, for files this machine lacks.
+        sys.modules["distripool._functions"].restore_lines()
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     exc.__traceback__ = None
     exc.__context__ = None

@@ -79,34 +79,6 @@ def _driver_source() -> MainSource | None:
     return MainSource(path, package or None, source)
 
 
-class FunctionPickler:
-    """Pickles a pool's function: with cloudpickle, the names of the
-    driver's script by reference (see :func:`reduce_main`)."""
-
-    _pickler = None
-
-    @classmethod
-    def dumps(cls, obj) -> bytes:
-        if driver_blob() is None:
-            import cloudpickle
-
-            return cloudpickle.dumps(obj, protocol=5)
-        import io
-
-        if cls._pickler is None:
-            import cloudpickle
-
-            class _Pickler(cloudpickle.Pickler):
-                def reducer_override(self, obj):
-                    name = reduce_main(obj)
-                    return super().reducer_override(obj) if name is NotImplemented else name
-
-            cls._pickler = _Pickler
-        f = io.BytesIO()
-        cls._pickler(f, protocol=5).dump(obj)
-        return f.getvalue()
-
-
 def driver_blob():
     """The driver's main module, ready for ``submit(needs=...)``, or None
     when it has no file. Read once, when the first pool is made."""
@@ -161,6 +133,11 @@ class MainModule(types.ModuleType):
         self.__loader__ = None
         self.__dict__["_distripool_source"] = src
         self.__dict__["_distripool_state"] = None  # None, "loaded" or the error
+        # Tracebacks show the script's lines where the file is missing, also
+        # before the script runs (its functions travel by value).
+        from distripool._functions import remember_lines
+
+        remember_lines(src.path, 1, src.source.decode("utf-8", "replace").splitlines(True))
 
     def __getattr__(self, name):
         d = self.__dict__
@@ -185,11 +162,6 @@ class MainModule(types.ModuleType):
 def _run(module: MainModule, src: MainSource):
     """Run the driver's script in ``module``; "loaded", or why it failed."""
     global _loading
-    import linecache
-
-    text = src.source.decode("utf-8", "replace")
-    # Tracebacks show the script's lines, also where the file is missing.
-    linecache.cache[src.path] = (len(text), None, text.splitlines(True), src.path)
     _loading += 1
     try:
         code = compile(src.source, src.path, "exec")

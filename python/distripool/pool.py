@@ -23,7 +23,7 @@ import warnings
 import weakref
 from multiprocessing.pool import ThreadPool
 
-from . import _envelope, _main
+from . import _envelope, _functions, _main
 from ._executor import APPLY, MAP, STARMAP
 from ._orchestrator import Orchestrator, default_orchestrator
 from ._results import (  # noqa: F401  (AsyncResult is public, as in multiprocessing.pool)
@@ -151,7 +151,7 @@ class Pool:
     def _function_blob(self, func) -> bytes:
         if not callable(func):
             raise TypeError(f"{type(func).__name__!r} object is not callable")
-        return _main.FunctionPickler.dumps((func, *self._settings))
+        return _functions.dumps((func, *self._settings))
 
     @staticmethod
     def _check_chunksize(chunksize) -> None:

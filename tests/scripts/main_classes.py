@@ -1,5 +1,5 @@
-"""A driver script whose classes are arguments and results, as users write
-them: ``python main_classes.py KIND MARKER``. KIND is ``multiprocessing``,
+"""A driver script whose classes are arguments and results, and whose
+function raises, as users write them: ``python main_classes.py KIND MARKER``. KIND is ``multiprocessing``,
 ``distripool`` (the embedded default) or ``distripool-remote`` (a worker in
 another process and directory, started here). The script deletes itself
 before the pool runs anything, so executors can only have its source from
@@ -30,6 +30,21 @@ def work(job):
     # The argument's class is this module's, as the function sees it.
     assert type(job) is Job, (type(job), Job)
     return Out(job.n * 2, os.getpid())
+
+
+def fails(x):
+    raise ValueError(f"bad item {x}")
+
+
+def check_traceback(pool, line):
+    try:
+        pool.apply(fails, (1,))
+    except ValueError as exc:
+        tb = str(exc.__cause__)
+    else:
+        raise AssertionError("fails() did not raise")
+    assert f'File "{__file__}", line {fails.__code__.co_firstlineno + 1}, in fails' in tb, tb
+    assert ('raise ValueError(f"bad item {x}")' in tb) == (line == "line shown"), tb
 
 
 def remote_pool():
@@ -63,6 +78,8 @@ if __name__ == "__main__":
         pool = remote_pool()
         pool, worker = pool
     try:
+        # The traceback names this file and shows the line.
+        check_traceback(pool, "line shown")
         os.unlink(__file__)
         out = pool.map(work, [Job(1), Job(2), Job(3)], chunksize=1)
         assert [type(r) for r in out] == [Out, Out, Out], [type(r) for r in out]
@@ -72,6 +89,9 @@ if __name__ == "__main__":
         assert pool.apply(work, (Job(5),)).n == 10
         assert type(pool.apply_async(work, (Job(6),)).get(60)) is Out
         assert sorted(r.n for r in pool.imap_unordered(work, [Job(7), Job(8)])) == [14, 16]
+        # With the file gone, multiprocessing's workers can no longer show
+        # the line; distripool's show it from the source they were sent.
+        check_traceback(pool, "line shown" if kind != "multiprocessing" else "line gone")
         print("ok")
     finally:
         pool.terminate()

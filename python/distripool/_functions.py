@@ -1,0 +1,122 @@
+"""How a pool's functions travel: cloudpickle, with three changes.
+
+- The driver script's classes go by name (see ``_main.reduce_main``).
+- Code objects keep their file name; cloudpickle would rename it
+  ``<dynamic-code>``, and tracebacks would lose the user's file and lines.
+- Each code object carries its own source lines, so that a worker that
+  lacks the file still shows them in a traceback. They are part of the
+  function's blob, which reaches each worker once.
+"""
+
+from __future__ import annotations
+
+import marshal
+import sys
+import types
+
+from distripool import _main
+
+_pickler = None
+
+
+def dumps(obj) -> bytes:
+    """Pickle a pool's function (with its settings)."""
+    global _pickler
+    import io
+
+    if _pickler is None:
+        import cloudpickle
+
+        class _Pickler(cloudpickle.Pickler):
+            def reducer_override(self, obj):
+                if type(obj) is types.CodeType:
+                    return _reduce_code(obj)
+                name = _main.reduce_main(obj)
+                return super().reducer_override(obj) if name is NotImplemented else name
+
+        _pickler = _Pickler
+    f = io.BytesIO()
+    _pickler(f, protocol=5).dump(obj)
+    return f.getvalue()
+
+
+# Each code object's reduction, made once: pools pickle their function at
+# every call, and a program has a bounded number of code objects.
+_reduced: dict = {}
+
+
+def _reduce_code(code: types.CodeType):
+    key = (code, code.co_filename)
+    reduced = _reduced.get(key)
+    if reduced is None:
+        args = (marshal.dumps(code), sys.version_info[:2], code.co_filename, _lines_of(code))
+        reduced = _reduced[key] = (load_code, args)
+    return reduced
+
+
+def _line_numbers(code: types.CodeType):
+    if hasattr(code, "co_lines"):  # Python 3.10 and later
+        lines = (line for _, _, line in code.co_lines())
+    else:
+        import dis
+
+        lines = (line for _, line in dis.findlinestarts(code))
+    yield from (line for line in lines if line is not None)
+    for const in code.co_consts:
+        if type(const) is types.CodeType:
+            yield from _line_numbers(const)
+
+
+def _lines_of(code: types.CodeType):
+    """``(first line number, its lines)`` of ``code``'s source, or None."""
+    import linecache
+
+    lines = linecache.getlines(code.co_filename)
+    if not lines:
+        return None
+    first = code.co_firstlineno
+    last = max(_line_numbers(code), default=first)
+    return first, lines[first - 1 : last]
+
+
+def load_code(data: bytes, version, filename: str, lines):
+    """A code object, in an executor; remembers its source lines."""
+    if tuple(version) != sys.version_info[:2]:
+        raise RuntimeError(
+            f"a function from {filename} was sent by Python {version[0]}.{version[1]}; this executor runs "
+            f"Python {sys.version_info[0]}.{sys.version_info[1]}: functions that travel by value need the "
+            "same version on the driver and the workers"
+        )
+    if lines is not None:
+        remember_lines(filename, *lines)
+    return marshal.loads(data)
+
+
+# Source lines sent with functions, by file: filename -> list of lines
+# ("\n" where none was sent). Tracebacks read them where the file is missing.
+_sent: dict = {}
+
+
+def remember_lines(filename: str, first: int, lines) -> None:
+    """Keep ``lines`` (from line ``first`` on) of ``filename`` for
+    :func:`restore_lines`."""
+    have = _sent.setdefault(filename, [])
+    end = first - 1 + len(lines)
+    if len(have) < end:
+        have.extend("\n" for _ in range(end - len(have)))
+    have[first - 1 : end] = lines
+
+
+def restore_lines() -> None:
+    """Before a traceback is formatted: give linecache the lines sent for
+    each file that is not here (linecache keeps entries without a time
+    stamp, which no file backs)."""
+    if not _sent:
+        return
+    import linecache
+    import os
+
+    for filename, lines in _sent.items():
+        entry = linecache.cache.get(filename)
+        if (entry is None or len(entry) > 1 and entry[2] is not lines) and not os.path.exists(filename):
+            linecache.cache[filename] = (sum(map(len, lines)), None, lines, filename)
