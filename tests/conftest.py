@@ -81,7 +81,8 @@ class Worker:
 
 @pytest.fixture
 def spawn_worker(tmp_path):
-    """Start worker agents: ``spawn_worker(addresses, key=..., processes=..., via=...)``.
+    """Start worker agents: ``spawn_worker(addresses, key=..., processes=..., via=...)``
+    (``processes=None``: the worker's default).
 
     ``via`` is ``"cli"`` (``python -m distripool worker``, with ``extra`` arguments) or
     ``"make_worker"``.
@@ -105,7 +106,8 @@ def spawn_worker(tmp_path):
         env.pop("DISTRIPOOL_AUTHKEY", None)
         env.pop("DISTRIPOOL_AUTHKEY_FILE", None)
         if via == "cli":
-            argv = [sys.executable, "-m", "distripool", "worker", "--processes", str(processes)]
+            argv = [sys.executable, "-m", "distripool", "worker"]
+            argv += ["--processes", str(processes)] if processes is not None else []
             for a in addresses:
                 argv += ["--connect", a]
             if key is not None:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 
 import distripool
-from conftest import alive, wait_until
+from conftest import TESTS, alive, wait_until
 from distripool import Pool
 
 
@@ -343,3 +345,29 @@ def test_sigkill_of_an_executor_mid_map_gives_a_complete_result(tmp_path):
         wait_until(lambda: not alive(victim), 30, "the killed executor to be reaped")
         # The replacement executor serves later work.
         assert p.map(square, range(10)) == [x * x for x in range(10)]
+
+
+def test_default_executors_are_the_cpus_this_process_may_run_on():
+    """``Pool()`` counts CPUs as ``os.process_cpu_count()`` does (and
+    Python 3.13's ``multiprocessing``): a driver limited to one CPU gets one
+    executor, not one per CPU of the machine."""
+    script = (
+        "import os\n"
+        "import distripool\n"
+        "from workloads import pid_after\n"
+        "os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\n"
+        "with distripool.Pool() as pool:\n"
+        "    print(len(set(pool.map(pid_after, [0.05] * 8, chunksize=1))))\n"
+    )
+    assert len(os.sched_getaffinity(0)) >= 2, "this test needs a machine with two CPUs"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=100,
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "1", done.stdout + done.stderr

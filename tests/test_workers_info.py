@@ -48,6 +48,21 @@ def test_workers_info_shows_labels_host_pid_cpus_and_counts(orch, spawn_worker):
     assert stats["workers"] == 1 and stats["workers_lost"] == stats["workers_left"] == 0
 
 
+def test_a_worker_runs_one_executor_per_cpu_it_may_use(orch, spawn_worker):
+    """Not one per CPU of the machine: a worker started on one CPU (``taskset``,
+    a Slurm step, a container) runs one executor."""
+    mine = os.sched_getaffinity(0)
+    assert len(mine) >= 2, "this test needs a machine with two CPUs"
+    os.sched_setaffinity(0, {min(mine)})
+    try:
+        w = spawn_worker(orch.addresses[0], key=b"workers-info-key", processes=None)
+    finally:
+        os.sched_setaffinity(0, mine)
+    assert orch.wait_for_workers(1, timeout=60), w.log()
+    [info] = orch.workers_info()
+    assert info["cpus"] == 1 and info["slots"] == 1, info
+
+
 def test_bad_labels_are_refused_before_the_worker_starts(spawn_worker, orch):
     w = spawn_worker(orch.addresses[0], key=b"workers-info-key", extra=["--label", "no-equals-sign"])
     assert w.proc.wait(60) == 2, w.log()

@@ -4,6 +4,7 @@ This module imports nothing heavy, so an executor that has to import it to
 unpickle a task is ready in milliseconds (a test module would pull in pytest).
 """
 
+import os
 import time
 
 
@@ -84,3 +85,10 @@ def slow_square(x):
 
     time.sleep(0.05)
     return x * x
+
+
+def pid_after(seconds):
+    """The executor's pid, after ``seconds`` of sleep (so that every
+    executor of a pool gets some of a map's tasks)."""
+    time.sleep(seconds)
+    return os.getpid()

@@ -99,6 +99,18 @@ def resolve_tls(ca=None, cert=None, key=None) -> tuple[str, str, str] | None:
     return paths["ca"], paths["cert"], paths["key"]
 
 
+def process_cpus() -> int:
+    """CPUs this process may run on, as ``os.process_cpu_count()`` counts
+    them (Python 3.13): its affinity mask, not every CPU of the machine."""
+    count = getattr(os, "process_cpu_count", None)
+    if count is not None:
+        return count() or 1
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def normalize_addresses(addresses) -> list[str]:
     """Accept ``"host:port"`` or a tuple/list of them."""
     if isinstance(addresses, str):

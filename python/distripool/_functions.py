@@ -46,12 +46,15 @@ _reduced: dict = {}
 
 
 def _reduce_code(code: types.CodeType):
-    key = (code, code.co_filename)
-    reduced = _reduced.get(key)
-    if reduced is None:
+    # By identity: hashing a code object hashes its contents. The entry
+    # holds the code object, so that its id is not reused.
+    entry = _reduced.get(id(code))
+    if entry is None or entry[0] is not code:
+        if len(_reduced) >= 4096:
+            _reduced.clear()  # a program that makes code at run time
         args = (marshal.dumps(code), sys.version_info[:2], code.co_filename, _lines_of(code))
-        reduced = _reduced[key] = (load_code, args)
-    return reduced
+        entry = _reduced[id(code)] = (code, (load_code, args))
+    return entry[1]
 
 
 def _line_numbers(code: types.CodeType):

@@ -9,6 +9,7 @@ __all__ = [
     "Blob",
     "run_agent",
     "enable_logging",
+    "usable_cpus",
     "read_bytes",
     "write_buffer",
     "SharedMapping",
@@ -112,3 +113,5 @@ class SharedMapping:
     def length(self) -> int: ...
     def write(self, offset: int, buffer: object) -> None: ...
     def close(self) -> None: ...
+
+def usable_cpus() -> int: ...

@@ -282,7 +282,8 @@ def make_worker(
     The agent dials the orchestrator at ``addresses`` (``"host:port"`` or a
     tuple of them, tried in turn), retrying with backoff until it is up and
     reconnecting whenever it goes away. It runs ``processes`` executors
-    (default: the number of CPUs). ``cluster``, ``encrypt`` and the TLS
+    (default: the CPUs this process may use: its affinity mask within its
+    cgroup's CPU quota). ``cluster``, ``encrypt`` and the TLS
     files must match the orchestrator's (see :func:`make_orchestrator`).
     ``labels`` (a dict, or ``"key=value"`` strings) are shown by the
     orchestrator's :meth:`Orchestrator.workers_info`. The agent returns when
@@ -295,7 +296,7 @@ def make_worker(
     _main.check_not_loading("a worker")
     addrs = normalize_addresses(addresses)
     if processes is None:
-        processes = os.cpu_count() or 1
+        processes = _native.usable_cpus()
     if processes < 1:
         raise ValueError("Number of processes must be at least 1")
     key = resolve_key(authkey, key_file)

@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=None,
         metavar="N",
-        help="executor processes to run (default: the number of CPUs)",
+        help="executor processes to run (default: the CPUs this process may use, its affinity within its cgroup quota)",
     )
     w.add_argument(
         "--authkey-file",

@@ -83,7 +83,8 @@ class ProcessPoolExecutor(cf.Executor):
 
     Args:
         max_workers: local executors for the embedded default (default: the
-            number of CPUs). Ignored with an orchestrator.
+            CPUs this process may run on, as ``os.process_cpu_count()``
+            counts them). Ignored with an orchestrator.
         mp_context: accepted for compatibility; executors are always fresh
             interpreters.
         initializer: called as ``initializer(*initargs)`` in each executor

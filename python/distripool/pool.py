@@ -24,6 +24,7 @@ import weakref
 from multiprocessing.pool import ThreadPool
 
 from . import _envelope, _functions, _main
+from ._config import process_cpus
 from ._executor import APPLY, MAP, STARMAP
 from ._orchestrator import Orchestrator, default_orchestrator
 from ._results import (  # noqa: F401  (AsyncResult is public, as in multiprocessing.pool)
@@ -63,7 +64,8 @@ class Pool:
     go to the worker agents connected to it, wherever they run.
 
     Args:
-        processes: local executors to start (default ``os.cpu_count()``).
+        processes: local executors to start (default: the CPUs this process
+            may run on, as ``os.process_cpu_count()`` counts them).
             Ignored with an orchestrator, whose workers bring their own.
         initializer: called as ``initializer(*initargs)`` in each executor
             before the first task of this pool it runs.
@@ -115,7 +117,7 @@ class Pool:
             orchestrator = default_orchestrator()
         owns = orchestrator is None
         if owns:
-            self._processes = processes or os.cpu_count() or 1
+            self._processes = processes or process_cpus()
             orchestrator = Orchestrator._embedded(self._processes, max_crashes, max_message_size)
         else:
             self._processes = None

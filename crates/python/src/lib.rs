@@ -500,6 +500,13 @@ fn run_agent(
     }
 }
 
+/// CPUs this process may use: its affinity mask, capped by its cgroup's CPU
+/// quota. What a worker runs executors for by default.
+#[pyfunction]
+fn usable_cpus() -> u32 {
+    distripool_runtime::agent::usable_cpus()
+}
+
 /// Send the core's log records to stderr, filtered like `RUST_LOG`
 /// (for example `info` or `distripool_runtime=debug`).
 #[pyfunction]
@@ -519,6 +526,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Blob>()?;
     m.add_function(wrap_pyfunction!(run_agent, m)?)?;
     m.add_function(wrap_pyfunction!(enable_logging, m)?)?;
+    m.add_function(wrap_pyfunction!(usable_cpus, m)?)?;
     m.add_function(wrap_pyfunction!(memfd::read_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(memfd::write_buffer, m)?)?;
     m.add_class::<memfd::SharedMapping>()?;

@@ -192,7 +192,7 @@ fn hostname() -> String {
 
 /// CPUs this process may run on: its affinity mask, capped by the cgroup's
 /// CPU quota (`cpu.max`) when there is one. Never below 1.
-pub(crate) fn usable_cpus() -> u32 {
+pub fn usable_cpus() -> u32 {
     // SAFETY: a zeroed cpu_set_t is a valid empty set, and the call only
     // writes into it.
     let affinity = unsafe {
