@@ -40,6 +40,26 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.01):
         time.sleep(interval)
 
 
+class ReadAhead:
+    """An input of ``n`` numbers that records how far it was read ahead of
+    what the caller has taken (the caller counts with :meth:`took`)."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.pulled = 0
+        self.taken = 0
+        self.lead = 0
+
+    def __iter__(self):
+        for i in range(self.n):
+            self.pulled += 1
+            self.lead = max(self.lead, self.pulled - self.taken)
+            yield i
+
+    def took(self) -> None:
+        self.taken += 1
+
+
 def alive(pid: int) -> bool:
     """True while ``pid`` exists and is not a zombie."""
     try:

@@ -25,7 +25,7 @@ from multiprocessing.pool import MaybeEncodingError, RemoteTraceback
 import pytest
 
 import distripool
-from conftest import TESTS, alive, wait_until
+from conftest import TESTS, ReadAhead, alive, wait_until
 
 KINDS = ["multiprocessing", "distripool", "distripool-remote"]
 
@@ -449,3 +449,60 @@ def test_classes_of_the_drivers_script_are_arguments_and_results(make, tmp_path)
     )
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stdout + done.stderr
     assert len(marker.read_text().splitlines()) == 1, "the script's main block ran in an executor"
+
+
+# -- buffersize (Python 3.14's imap argument) -----------------------------
+# The standard library of the Python this suite runs on may lack it; these
+# bodies check distripool's pools against what CPython's does.
+
+
+@pytest.fixture(params=["distripool", "distripool-remote"])
+def make_dp(request):
+    """Like ``make``, for distripool's kinds only."""
+    made = []
+
+    def factory(processes=2):
+        if request.param == "distripool":
+            pool = distripool.Pool(processes)
+        else:
+            pool = distripool.Pool(processes, orchestrator=request.getfixturevalue("remote_orchestrator"))
+        made.append(pool)
+        return pool
+
+    yield factory
+    for pool in made:
+        pool.terminate()
+        pool.join()
+
+
+@pytest.mark.parametrize("method", ["imap", "imap_unordered"])
+def test_imap_buffersize_is_checked_as_the_standard_library_does(make_dp, method):
+    pool = make_dp()
+    imap = getattr(pool, method)
+    for bad in ("foo", 2.0):
+        with pytest.raises(TypeError, match="^buffersize must be an integer or None$"):
+            imap(square, range(4), buffersize=bad)
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match=r"^buffersize must be None or > 0$"):
+            imap(square, range(4), buffersize=bad)
+    assert sorted(imap(square, range(10), buffersize=1)) == [x * x for x in range(10)]
+
+
+@pytest.mark.parametrize("chunksize", [1, 3])
+def test_imap_buffersize_bounds_how_far_the_input_is_read(make_dp, chunksize):
+    """At most ``buffersize`` chunks are submitted and not yet handed out:
+    the input runs no further ahead of the caller than that, one chunk more
+    once a result is taken (before the loop counts it), and one read while
+    waiting for room."""
+    pool = make_dp()
+    buffersize = 2
+    source = ReadAhead(60)
+    it = pool.imap(square, iter(source), chunksize=chunksize, buffersize=buffersize)
+    out = []
+    for _ in range(60):
+        # Let the feeder fill the buffer before taking the next result.
+        wait_until(lambda: source.pulled >= min(60, source.taken + buffersize * chunksize), 30, "the feeder")
+        out.append(it.next(timeout=30))
+        source.took()
+    assert out == [x * x for x in range(60)]
+    assert source.lead <= (buffersize + 2) * chunksize, vars(source)

@@ -4,14 +4,19 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import gc
 import multiprocessing
 import os
+import sys
+import threading
 import time
+import weakref
+from concurrent.futures.process import BrokenProcessPool
 
 import pytest
 
 import distripool
-from conftest import wait_until
+from conftest import ReadAhead, wait_until
 
 KINDS = ["concurrent.futures", "distripool", "distripool-remote"]
 
@@ -231,3 +236,102 @@ def test_initializer_and_max_tasks_per_child(make):
     ex2 = make(1, mp_context=ctx, max_tasks_per_child=1)
     pids = [ex2.submit(getpid).result(60) for _ in range(3)]
     assert len(set(pids)) == 3
+
+
+def has_buffersize(ex) -> bool:
+    """distripool's executors have it on every Python; the standard one
+    from 3.14 on."""
+    return isinstance(ex, distripool.ProcessPoolExecutor) or sys.version_info >= (3, 14)
+
+
+def test_map_buffersize_is_checked_and_bounds_how_far_the_input_is_read(make):
+    """Python 3.14's ``buffersize``: checked as the standard library does,
+    and at most that many calls are submitted and not yet yielded."""
+    ex = make(2)
+    if not has_buffersize(ex):
+        # This Python's standard library predates it: its map refuses the
+        # argument, which is the one behaviour to compare with.
+        with pytest.raises(TypeError, match="buffersize"):
+            ex.map(square, range(4), buffersize=2)
+        return
+    for bad in ("foo", 2.0):
+        with pytest.raises(TypeError, match="^buffersize must be an integer or None$"):
+            ex.map(square, range(4), buffersize=bad)
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match=r"^buffersize must be None or > 0$"):
+            ex.map(square, range(4), buffersize=bad)
+    source = ReadAhead(40)
+    out = []
+    for y in ex.map(square, iter(source), buffersize=2):
+        out.append(y)
+        source.took()
+    assert out == [x * x for x in range(40)]
+    # Two submitted and not yielded, one more once a result is taken (before
+    # the loop counts it), and one read while waiting for room.
+    assert source.lead <= 2 + 2, vars(source)
+
+
+def test_map_with_buffersize_reads_no_more_after_shutdown(make):
+    ex = make(2)
+    if not has_buffersize(ex):
+        with pytest.raises(TypeError, match="buffersize"):
+            ex.map(square, range(4), buffersize=2)
+        return
+    results = ex.map(square, iter(range(1000)), buffersize=2)
+    assert next(results) == 0
+    ex.shutdown(wait=True)
+    with pytest.raises(RuntimeError, match="cannot schedule new futures after shutdown"):
+        list(results)
+
+
+# -- the executor's own exceptions (as CPython's test_concurrent_futures has them)
+
+
+def identity(x):
+    return x
+
+
+def make_lock(_=None):
+    return threading.Lock()
+
+
+class Held:
+    """A result whose copies in the driver can be watched with weakrefs."""
+
+    def __init__(self, n):
+        self.n = n
+
+
+def test_a_task_whose_worker_dies_raises_broken_process_pool(make):
+    ex = make(2)
+    with pytest.raises(BrokenProcessPool):
+        ex.submit(os._exit, 1).result(timeout=60)
+
+
+def test_a_result_that_cannot_be_pickled_raises_what_pickling_raised(make):
+    ex = make(2)
+    with pytest.raises(TypeError, match="pickle") as caught:
+        ex.submit(make_lock).result(timeout=60)
+    assert "Traceback" in str(caught.value.__cause__)
+    with pytest.raises(TypeError, match="pickle"):
+        list(ex.map(make_lock, [1], timeout=60))
+
+
+def test_an_argument_that_cannot_be_pickled_raises_from_result(make):
+    ex = make(2)
+    future = ex.submit(identity, threading.Lock())
+    with pytest.raises(TypeError, match="pickle"):
+        future.result(timeout=60)
+    results = ex.map(identity, [1, threading.Lock(), 3], timeout=60)
+    assert next(results) == 1
+    with pytest.raises(TypeError, match="pickle"):
+        next(results)
+
+
+def test_a_finished_future_frees_its_result_once_dropped(make):
+    ex = make(2)
+    future = ex.submit(Held, 7)
+    ref = weakref.ref(future.result(timeout=60))
+    del future
+    wait_until(lambda: gc.collect() is not None and ref() is None, 10, "the result to be freed")
+    assert ex.submit(identity, 1).result(timeout=60) == 1

@@ -40,6 +40,9 @@ def _encode(outcome, max_frame):
             from multiprocessing.pool import MaybeEncodingError
 
             err = MaybeEncodingError(exc, outcome[1])
+            # What pickling raised, for ProcessPoolExecutor (which raises
+            # that, as the standard one does), with its traceback.
+            _, err.cause, err.cause_tb = _failure(exc)
             main, bufs = pickle.dumps((False, err, None), protocol=5), []
     size = _envelope.size(main, bufs) if bufs else len(main)
     if size + BODY_HEADER > max_frame:
@@ -143,6 +146,9 @@ class _Function:
         self.main = main
         _use_main(main)
         self.fn, self.pool_key, self.init, self.maxtasks = pickle.loads(blob)
+
+
+_UNKNOWN = object()
 
 
 def _use_main(main):
@@ -315,6 +321,7 @@ def serve(sock, max_frame):
     blobs = {}  # id -> (pickled function or main module, ids of what it needs)
     loaded = {}
     mains = {}  # id -> a driver's main module, run on first use
+    current_main = None  # the driver's main module that is __main__ here
     initialized = set()
     tasks_run = {}  # pool key -> tasks this executor ran for that pool
     task = _Task()
@@ -328,13 +335,16 @@ def serve(sock, max_frame):
             entry = loaded.get(b)
             task.mapped = task.reply = None
             if entry is None:
+                current_main = _UNKNOWN  # loading may change __main__
                 try:
                     entry = loaded[b] = _load(b, blobs, mains)
                 except BaseException as exc:  # noqa: BLE001
                     outcome = _failure(exc)
                     entry = None
             if entry is not None:
-                _use_main(entry.main)
+                if entry.main is not current_main:
+                    _use_main(entry.main)
+                    current_main = entry.main
                 outcome = _run(entry, payload, initialized, task)
             del payload
             main, bufs = _encode(outcome, max_frame)

@@ -1,10 +1,10 @@
 """The driver's main module, importable in executors the way spawn makes it.
 
 A script's classes live in ``__main__``. Arguments refer to them by name
-(``__main__.Job``), and so do the functions a pool sends, which cloudpickle
-copies by value but whose classes it would copy too (see
-:func:`reduce_main`): one class, not two, in each executor. Executors are not the
-driver's children, so each pool sends the script's source once per worker
+(``__main__.Job``), and so do the functions a pool sends: cloudpickle copies
+those by value, but their classes go by name (see :func:`reduce_main`), so
+that each executor has one class, not two. Executors are not the driver's
+children, so each pool sends the script's source once per worker
 (see ``Client.submit(needs=...)``), and an executor runs it as
 ``__mp_main__`` the first time a name is looked up in it, never before:
 code under ``if __name__ == "__main__":`` does not run. Classes made there
@@ -17,7 +17,7 @@ start a pool or an orchestrator (what it defined above that line is there),
 instead of starting pools in every executor.
 
 Interactive sessions and notebooks have no file: their functions and classes
-travel by value, with cloudpickle, as before.
+travel by value, with cloudpickle.
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ class MainModule(types.ModuleType):
         self.__spec__ = None
         self.__loader__ = None
         self.__dict__["_distripool_source"] = src
-        self.__dict__["_distripool_state"] = None  # None, "loaded" or the error
+        self.__dict__["_distripool_state"] = None  # None, "running", "loaded" or the error
         # Tracebacks show the script's lines where the file is missing, also
         # before the script runs (its functions travel by value).
         from distripool._functions import remember_lines
@@ -145,6 +145,8 @@ class MainModule(types.ModuleType):
             raise AttributeError(name)
         state = d["_distripool_state"]
         if state is None:
+            # Marked first: the script may look itself up while it runs.
+            d["_distripool_state"] = "running"
             state = d["_distripool_state"] = _run(self, d["_distripool_source"])
         if name in d:
             return d[name]

@@ -142,6 +142,10 @@ class _IMapJob:
         self._abandoned = False
         # Set by Pool.join: the feeder no longer waits for the caller.
         self._unbounded = False
+        # Set when the input must not be read further: the caller finds
+        # this error where the next chunk would have been.
+        self._input_end: BaseException | None = None
+        self._buffered = False  # an Executor.map with a buffersize
         shared.cache[self._job] = self
 
     def next(self, timeout: float | None = None):
@@ -253,6 +257,11 @@ class _IMapJob:
             self._permits.release()  # the feeder, if it waits for room, sees the flag
         else:
             self._withdraw(cancelled=False)
+
+    def _end_input(self, exc: BaseException) -> None:
+        """Read no more of the input; what was submitted still completes."""
+        self._input_end = exc
+        self._permits.release()
 
     def _unbound(self) -> None:
         """Let the feeder submit the rest of the input without waiting for

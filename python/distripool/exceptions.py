@@ -8,6 +8,7 @@ pickled. The classes here cover what only a distributed pool can run into.
 """
 
 import builtins
+from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import TimeoutError  # noqa: F401  (re-exported)
 from multiprocessing.pool import MaybeEncodingError, RemoteTraceback  # noqa: F401
 
@@ -20,12 +21,15 @@ class DistripoolError(Exception):
     """
 
 
-class WorkerLostError(DistripoolError):
+class WorkerLostError(DistripoolError, BrokenProcessPool):
     """Raised when a task could not be completed because its workers kept dying.
 
     Each time the executor running a task dies (killed, segfault, ``os._exit``)
     the task is retried elsewhere. After the pool's crash limit is reached the
-    task fails with this error; its message names every attempt's cause.
+    task fails with this error; its message names every attempt's cause. It is
+    also a ``concurrent.futures.process.BrokenProcessPool`` (a
+    ``RuntimeError``), what code written for ``ProcessPoolExecutor`` catches;
+    unlike there, only that task fails, and the pool stays usable.
     """
 
 

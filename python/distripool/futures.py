@@ -11,13 +11,16 @@ library's executor.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import itertools
 import multiprocessing
 import threading
 import time
 import weakref
+from multiprocessing.pool import MaybeEncodingError, RemoteTraceback
 
+from ._executor import ExceptionParts
 from ._orchestrator import Orchestrator
-from .pool import APPLY, STARMAP, ApplyResult, Pool, _IMapJob, _task
+from .pool import APPLY, STARMAP, ApplyResult, Pool, _feed, _IMapJob, _task, check_buffersize
 
 __all__ = ["ProcessPoolExecutor", "Executor"]
 
@@ -60,6 +63,8 @@ class _FutureResult(ApplyResult):
 
     def _set(self, index, item):
         success, value = item
+        if not success:
+            value = _as_executor_error(value)
         if not self._future.cancelled():
             try:
                 if success:
@@ -76,6 +81,21 @@ class _FutureResult(ApplyResult):
                 self._future.set_exception(exc)
             except cf.InvalidStateError:
                 pass
+
+
+def _as_executor_error(exc: BaseException) -> BaseException:
+    """The exception ``concurrent.futures`` raises where ``multiprocessing``
+    raises ``exc``: a result that could not be pickled raises what pickling
+    raised, with the executor's traceback as its cause."""
+    cause = getattr(exc, "cause", None) if isinstance(exc, MaybeEncodingError) else None
+    if cause is None:
+        return exc
+    if isinstance(cause, ExceptionParts):
+        cause = cause.rebuild()
+    tb = getattr(exc, "cause_tb", None)
+    if tb is not None:
+        cause.__cause__ = RemoteTraceback(f'\n"""\n{tb}"""')
+    return cause
 
 
 class ProcessPoolExecutor(cf.Executor):
@@ -146,6 +166,12 @@ class ProcessPoolExecutor(cf.Executor):
             result = _FutureResult(pool._shared, future)
             try:
                 payload = pool._shared.dumps(_task(APPLY, (args, kwargs)), result._job, 0)
+            except Exception as exc:
+                # As the standard executor: arguments that cannot be pickled
+                # fail the future, raised by result().
+                pool._shared.job_done(result._job)
+                future.set_exception(exc)
+                return future
             except BaseException:
                 pool._shared.job_done(result._job)
                 raise
@@ -153,28 +179,40 @@ class ProcessPoolExecutor(cf.Executor):
             self._futures.add(future)
             return future
 
-    def map(self, fn, *iterables, timeout: float | None = None, chunksize: int = 1):
+    def map(self, fn, *iterables, timeout: float | None = None, chunksize: int = 1, buffersize=None):
         """Like ``map(fn, *iterables)``, run in parallel; results in order.
 
-        The inputs are read at once, as the standard library does. Iterating
-        the result raises ``TimeoutError`` if a result is not ready within
-        ``timeout`` seconds of this call, and re-raises a task's exception at
-        its position.
+        The inputs are read at once, as the standard library does, unless
+        ``buffersize`` is given (Python 3.14): then at most that many chunks
+        are submitted and not yet yielded, and the inputs are read as the
+        results are. Iterating the result raises ``TimeoutError`` if a
+        result is not ready within ``timeout`` seconds of this call, and
+        re-raises a task's exception at its position.
         """
+        check_buffersize(buffersize)
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
         end_time = None if timeout is None else timeout + time.monotonic()
         with self._shutdown_lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
+            if buffersize is not None:
+                return self._lazy_map(fn, iterables, end_time, chunksize, buffersize)
             items = list(zip(*iterables))
             pool = self._pool
             blob = pool._function_blob(fn)
             shared = pool._shared
             it = _IMapJob(shared, len(items) + 1, ordered=True)
             chunks = [items[i : i + chunksize] for i in range(0, len(items), chunksize)]
+            tasks = []
+            unpicklable = None
             try:
-                tasks = [(i, shared.dumps(_task(STARMAP, c), it._job, i)) for i, c in enumerate(chunks)]
+                for i, c in enumerate(chunks):
+                    tasks.append((i, shared.dumps(_task(STARMAP, c), it._job, i)))
+            except Exception as exc:
+                # As the standard executor: the map raises it where that
+                # chunk's results would be, and nothing after it runs.
+                unpicklable = exc
             except BaseException:
                 # Nothing was submitted: the job must not keep shutdown waiting.
                 shared.forget(it._job)
@@ -182,14 +220,40 @@ class ProcessPoolExecutor(cf.Executor):
                 raise
             if tasks:
                 shared.submit(it._job, blob, tasks)
-            it._set_length(len(chunks))
+            if unpicklable is not None:
+                it._set_input_error(len(tasks), unpicklable)
+            else:
+                it._set_length(len(chunks))
             self._maps.add(it)
         return _results(it, len(items), end_time, shared)
+
+    def _lazy_map(self, fn, iterables, end_time, chunksize, buffersize):
+        """``map`` with a ``buffersize``: a feeder reads the inputs as the
+        results are yielded. Call with the shutdown lock held."""
+        pool = self._pool
+        blob = pool._function_blob(fn)
+        shared = pool._shared
+        it = _IMapJob(shared, buffersize, ordered=True)
+        it._buffered = True
+        feeder = threading.Thread(
+            target=_feed,
+            args=(shared, it, blob, zip(*iterables), chunksize, STARMAP),
+            name="distripool-feeder",
+            daemon=True,
+        )
+        feeder.start()
+        self._maps.add(it)
+        return _results(it, None, end_time, shared)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Accept no more work; optionally cancel what has not started; wait."""
         with self._shutdown_lock:
             self._shutdown = True
+        for job in list(self._maps):
+            # A map with a buffersize reads its input as it is read, and no
+            # more once the executor is shut down, as the standard library's.
+            if job._buffered:
+                job._end_input(RuntimeError("cannot schedule new futures after shutdown"))
         if cancel_futures:
             for f in list(self._futures):
                 f.cancel()
@@ -208,16 +272,24 @@ Executor = ProcessPoolExecutor
 
 
 def _results(it: _IMapJob, n: int, end_time: float | None, shared):
-    """The generator behind ``map``: results in order, with a deadline."""
+    """The generator behind ``map``: ``n`` results (None: until the input
+    ends) in order, with a deadline."""
     try:
-        for _ in range(n):
-            if end_time is None:
-                yield it.next()
-            else:
-                try:
+        for _ in range(n) if n is not None else itertools.count():
+            try:
+                if end_time is None:
+                    yield it.next()
+                else:
                     yield it.next(end_time - time.monotonic())
-                except multiprocessing.TimeoutError:
-                    raise cf.TimeoutError from None
+            except multiprocessing.TimeoutError:
+                raise cf.TimeoutError from None
+            except StopIteration:
+                return
+            except MaybeEncodingError as exc:
+                err = _as_executor_error(exc)
+                if err is exc:
+                    raise
+                raise err from err.__cause__
     finally:
         if not it._exhausted():
             # Abandoned early (a task raised, a timeout, or the caller

@@ -254,20 +254,25 @@ class Pool:
 
     # -- imap --------------------------------------------------------------
 
-    def imap(self, func, iterable, chunksize=1):
-        """Lazy :meth:`map`: an iterator over the results, in order."""
-        return self._imap(IMapIterator, func, iterable, chunksize)
+    def imap(self, func, iterable, chunksize=1, buffersize=None):
+        """Lazy :meth:`map`: an iterator over the results, in order.
 
-    def imap_unordered(self, func, iterable, chunksize=1):
+        At most ``buffersize`` chunks (default: 4 per executor, at least 16)
+        are submitted and not yet handed to the caller; the input is read no
+        further ahead than that."""
+        return self._imap(IMapIterator, func, iterable, chunksize, buffersize)
+
+    def imap_unordered(self, func, iterable, chunksize=1, buffersize=None):
         """Like :meth:`imap`, yielding results as they finish."""
-        return self._imap(IMapUnorderedIterator, func, iterable, chunksize)
+        return self._imap(IMapUnorderedIterator, func, iterable, chunksize, buffersize)
 
-    def _imap(self, cls, func, iterable, chunksize):
+    def _imap(self, cls, func, iterable, chunksize, buffersize):
         self._check_running()
+        check_buffersize(buffersize)
         if chunksize < 1:
             raise ValueError(f"Chunksize must be 1+, not {chunksize:n}")
         blob = self._function_blob(func)
-        it = cls(self._shared, max(16, 4 * self._slots()))
+        it = cls(self._shared, buffersize or max(16, 4 * self._slots()))
         try:
             it._items_total = len(iterable)
         except TypeError:
@@ -338,7 +343,17 @@ class Pool:
         return f"<distripool.Pool state={self._state} {where}>"
 
 
-def _feed(shared: _Shared, it: _IMapJob, blob: bytes, source, chunksize: int) -> None:
+def check_buffersize(buffersize) -> None:
+    """The standard library's checks of ``buffersize`` (Python 3.14's
+    ``Executor.map``, and ``Pool.imap`` after it)."""
+    if buffersize is not None:
+        if not isinstance(buffersize, int):
+            raise TypeError("buffersize must be an integer or None")
+        if buffersize < 1:
+            raise ValueError("buffersize must be None or > 0")
+
+
+def _feed(shared: _Shared, it: _IMapJob, blob: bytes, source, chunksize: int, mode: int = MAP) -> None:
     """Feeder thread of one imap: pull chunks lazily, submit with backpressure.
 
     It holds only the job, never the caller's iterator, so that dropping the
@@ -346,17 +361,21 @@ def _feed(shared: _Shared, it: _IMapJob, blob: bytes, source, chunksize: int) ->
     index = 0
     try:
         while not it._abandoned:
+            if it._input_end is not None:
+                raise it._input_end
             chunk = list(itertools.islice(source, chunksize))
             if not chunk:
                 break
             while not (it._unbounded or it._permits.acquire(timeout=_POLL)):
                 if shared.stopping:
                     return
+            if it._input_end is not None:
+                raise it._input_end
             if shared.stopping:
                 return
             if it._abandoned:
                 break
-            shared.submit(it._job, blob, [(index, shared.dumps(_task(MAP, chunk), it._job, index))])
+            shared.submit(it._job, blob, [(index, shared.dumps(_task(mode, chunk), it._job, index))])
             index += 1
     except BaseException as exc:  # noqa: BLE001 - the input's error belongs to the caller
         it._set_input_error(index, exc)

@@ -394,22 +394,19 @@ impl Core {
                     else {
                         continue;
                     };
-                    let entry = &self.fns[&meta.fn_id];
-                    // What the function needs first, then the function: each
-                    // once per agent (a need evicted alone is sent again).
-                    for need in &entry.needs {
-                        if link.fns.insert(*need) {
-                            let msg = ToAgent::Function { fn_id: need.0, needs: Vec::new() };
-                            let bytes = self.fns[need].bytes.clone();
-                            Self::queue(
-                                &mut self.dirty_agents,
-                                worker,
-                                link,
-                                Outgoing::with_payload(msg, bytes),
-                            );
-                        }
-                    }
                     if link.fns.insert(meta.fn_id) {
+                        let entry = &self.fns[&meta.fn_id];
+                        // What the function needs first, each once per agent.
+                        // An agent that holds a function holds its needs
+                        // (evicting a need forgets the functions naming it).
+                        for need in &entry.needs {
+                            if link.fns.insert(*need) {
+                                let msg = ToAgent::Function { fn_id: need.0, needs: Vec::new() };
+                                let bytes = self.fns[need].bytes.clone();
+                                let out = Outgoing::with_payload(msg, bytes);
+                                Self::queue(&mut self.dirty_agents, worker, link, out);
+                            }
+                        }
                         let needs = entry.needs.iter().map(|n| n.0).collect();
                         let msg = ToAgent::Function { fn_id: meta.fn_id.0, needs };
                         let bytes = entry.bytes.clone();
@@ -505,10 +502,16 @@ impl Core {
             let old = self.idle_fns.pop_front().expect("not empty");
             if self.fns.get(&old).is_some_and(|e| e.refs == 0) && !self.idle_fns.contains(&old) {
                 self.fns.remove(&old);
+                // Functions that name it, still cached, are forgotten by the
+                // agents too, so that they come back with it.
+                let naming: Vec<FnId> =
+                    self.fns.iter().filter(|(_, e)| e.needs.contains(&old)).map(|(id, _)| *id).collect();
                 for (&worker, link) in self.agents.iter_mut() {
-                    if link.fns.remove(&old) {
-                        let forget = Outgoing::new(ToAgent::Forget { fn_id: old.0 });
-                        Self::queue(&mut self.dirty_agents, worker, link, forget);
+                    for id in std::iter::once(old).chain(naming.iter().copied()) {
+                        if link.fns.remove(&id) {
+                            let forget = Outgoing::new(ToAgent::Forget { fn_id: id.0 });
+                            Self::queue(&mut self.dirty_agents, worker, link, forget);
+                        }
                     }
                 }
             }
