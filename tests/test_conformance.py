@@ -506,3 +506,44 @@ def test_imap_buffersize_bounds_how_far_the_input_is_read(make_dp, chunksize):
         source.took()
     assert out == [x * x for x in range(60)]
     assert source.lead <= (buffersize + 2) * chunksize, vars(source)
+
+
+# -- multiprocessing.Manager() proxies --------------------------------------
+
+PROXY = None
+
+
+def keep_proxy(proxy):
+    global PROXY
+    PROXY = proxy
+
+
+def record_square(args):
+    shared, x = args
+    shared[x] = x * x
+    return x
+
+
+def note_in_kept_proxy(x):
+    PROXY.append(x)
+    return x
+
+
+def put_on(queue, value):
+    queue.put(value)
+
+
+def test_manager_proxies_work_in_executors(make):
+    """Proxies in ``initargs`` and as arguments connect to the driver's
+    manager: the executors take on the driver's authkey for its tasks."""
+    with multiprocessing.Manager() as manager:
+        shared, kept, queue = manager.dict(), manager.list(), manager.Queue()
+        pool = make(2, initializer=keep_proxy, initargs=(kept,))
+        assert sorted(pool.map(record_square, [(shared, x) for x in range(6)], chunksize=1)) == list(range(6))
+        assert dict(shared) == {x: x * x for x in range(6)}
+        assert sorted(pool.map(note_in_kept_proxy, range(4), chunksize=1)) == list(range(4))
+        assert sorted(kept) == list(range(4))
+        pool.apply(put_on, (queue, "hello"))
+        assert queue.get(timeout=30) == "hello"
+        pool.terminate()
+        pool.join()

@@ -140,12 +140,74 @@ class _Function:
     ``maxtasksperchild``; and the driver's main module its names live in
     (None: the driver has none with a file)."""
 
-    __slots__ = ("fn", "pool_key", "init", "maxtasks", "main")
+    __slots__ = ("fn", "pool_key", "init", "maxtasks", "authkey", "main")
 
     def __init__(self, blob, main):
         self.main = main
         _use_main(main)
-        self.fn, self.pool_key, self.init, self.maxtasks = pickle.loads(blob)
+        # The authkey comes first and is taken on as it is unpickled (see
+        # Authkey): proxies in the function or initargs connect at once.
+        self.authkey, self.fn, self.pool_key, self.init, self.maxtasks = pickle.loads(blob)
+
+
+# The multiprocessing authkey this executor's tasks run with: the driver's,
+# so that the Manager() proxies its tasks unpickle can connect.
+_authkey = None
+
+
+def _use_authkey(authkey):
+    """Take on the driver's authkey: now if multiprocessing is loaded, else
+    as it loads (most tasks never need it; loading it costs milliseconds)."""
+    global _authkey
+    _authkey = authkey
+    process = sys.modules.get("multiprocessing.process")
+    if process is not None:
+        process.current_process().authkey = authkey
+    elif not any(type(f) is _AuthkeyOnImport for f in sys.meta_path):
+        sys.meta_path.insert(0, _AuthkeyOnImport())
+
+
+class Authkey:
+    """The driver's multiprocessing authkey, in a pool's function blob; the
+    executor takes it on as the blob is unpickled, before the function and
+    its initargs (Manager() proxies connect as they are unpickled)."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, key: bytes):
+        self.key = key
+
+    def __reduce__(self):
+        return (take_authkey, (self.key,))
+
+
+def take_authkey(key):
+    _use_authkey(key)
+    return key
+
+
+class _AuthkeyOnImport:
+    """Sets the authkey the moment ``multiprocessing.process`` is imported
+    (a task unpickling a proxy imports it), before anything reads it."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "multiprocessing.process":
+            return None
+        sys.meta_path.remove(self)
+        import importlib.util
+
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            return spec
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            if _authkey is not None:
+                module.current_process().authkey = _authkey
+
+        spec.loader.exec_module = exec_module
+        return spec
 
 
 _UNKNOWN = object()
@@ -345,6 +407,8 @@ def serve(sock, max_frame):
                 if entry.main is not current_main:
                     _use_main(entry.main)
                     current_main = entry.main
+                if entry.authkey != _authkey and entry.authkey is not None:
+                    _use_authkey(entry.authkey)
                 outcome = _run(entry, payload, initialized, task)
             del payload
             main, bufs = _encode(outcome, max_frame)

@@ -105,7 +105,9 @@ class _Probe:
         self.fd, where = shared.buffers.probe_memfd()
         try:
             self.job = shared.client.new_job()
-            blob = cloudpickle.dumps((shared.probe_function, "distripool-probe", None, None), protocol=5)
+            blob = cloudpickle.dumps(
+                (None, shared.probe_function, "distripool-probe", None, None), protocol=5
+            )
             payload = pickle.dumps((APPLY, (where, {})), protocol=5)
             shared.cache[self.job] = self
             shared.submit(self.job, blob, [(0, payload)], needs=[])

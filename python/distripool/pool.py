@@ -17,6 +17,7 @@ callbacks run on the pool's result thread, as in the standard library.
 from __future__ import annotations
 
 import itertools
+import multiprocessing
 import os
 import threading
 import warnings
@@ -25,7 +26,7 @@ from multiprocessing.pool import ThreadPool
 
 from . import _envelope, _functions, _main
 from ._config import process_cpus
-from ._executor import APPLY, MAP, STARMAP
+from ._executor import APPLY, MAP, STARMAP, Authkey
 from ._orchestrator import Orchestrator, default_orchestrator
 from ._results import (  # noqa: F401  (AsyncResult is public, as in multiprocessing.pool)
     ApplyResult,
@@ -125,8 +126,11 @@ class Pool:
         self._shared = _Shared(
             orchestrator._open_client(), orchestrator, owns, task_timeout, max_message_size if owns else None
         )
-        # Travels with every function: which pool, its initializer, its task limit.
+        # Travels with every function: which pool, its initializer, its task
+        # limit, and this process's multiprocessing authkey, which executors
+        # take on for the pool's tasks (so that Manager() proxies connect).
         init = (initializer, tuple(initargs)) if initializer is not None else None
+        self._authkey = Authkey(bytes(multiprocessing.current_process().authkey))
         self._settings = (os.urandom(8).hex(), init, maxtasksperchild)
         self._state = RUN
         self._result_thread = threading.Thread(
@@ -153,7 +157,7 @@ class Pool:
     def _function_blob(self, func) -> bytes:
         if not callable(func):
             raise TypeError(f"{type(func).__name__!r} object is not callable")
-        return _functions.dumps((func, *self._settings))
+        return _functions.dumps((self._authkey, func, *self._settings))
 
     @staticmethod
     def _check_chunksize(chunksize) -> None:

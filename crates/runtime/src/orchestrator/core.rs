@@ -481,11 +481,12 @@ impl Core {
         };
         entry.refs = entry.refs.saturating_sub(1);
         let mut idled = entry.refs == 0;
+        let needs = entry.needs.len();
         if idled {
             self.idle_fns.push_back(fn_id);
         }
         // What it needs is released after it, so that it is evicted after it.
-        for i in 0..self.fns[&fn_id].needs.len() {
+        for i in 0..needs {
             let need = self.fns[&fn_id].needs[i];
             if let Some(n) = self.fns.get_mut(&need) {
                 n.refs = n.refs.saturating_sub(1);
