@@ -210,7 +210,12 @@ class _AuthkeyOnImport:
         return spec
 
 
-_UNKNOWN = object()
+def _enter(entry):
+    """Put in place what the tasks of ``entry`` run with: its driver's main
+    module and authkey (another driver's may be there)."""
+    _use_main(entry.main)
+    if entry.authkey is not None and entry.authkey != _authkey:
+        _use_authkey(entry.authkey)
 
 
 def _use_main(main):
@@ -383,7 +388,7 @@ def serve(sock, max_frame):
     blobs = {}  # id -> (pickled function or main module, ids of what it needs)
     loaded = {}
     mains = {}  # id -> a driver's main module, run on first use
-    current_main = None  # the driver's main module that is __main__ here
+    current = None  # the function whose __main__ and authkey are in place
     initialized = set()
     tasks_run = {}  # pool key -> tasks this executor ran for that pool
     task = _Task()
@@ -397,18 +402,16 @@ def serve(sock, max_frame):
             entry = loaded.get(b)
             task.mapped = task.reply = None
             if entry is None:
-                current_main = _UNKNOWN  # loading may change __main__
+                current = None  # loading may change __main__ and the authkey
                 try:
                     entry = loaded[b] = _load(b, blobs, mains)
                 except BaseException as exc:  # noqa: BLE001
                     outcome = _failure(exc)
                     entry = None
             if entry is not None:
-                if entry.main is not current_main:
-                    _use_main(entry.main)
-                    current_main = entry.main
-                if entry.authkey != _authkey and entry.authkey is not None:
-                    _use_authkey(entry.authkey)
+                if entry is not current:
+                    _enter(entry)
+                    current = entry
                 outcome = _run(entry, payload, initialized, task)
             del payload
             main, bufs = _encode(outcome, max_frame)
