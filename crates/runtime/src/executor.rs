@@ -163,6 +163,24 @@ impl Drop for ExecutorHandle {
     }
 }
 
+impl ExecutorHandle {
+    /// Close the executor's socket: it leaves as a `multiprocessing` pool's
+    /// worker does at `join`, running its exit handlers (a queue's feeder
+    /// thread flushes what its tasks put). See [`Self::exited`].
+    pub fn close(&mut self) {
+        // The writer ends when its channel does, and its end of the socket
+        // closes with it.
+        let (closed, _) = mpsc::unbounded_channel();
+        drop(std::mem::replace(&mut self.tx, closed));
+    }
+
+    /// Wait for the executor to exit (it was closed, say). Dropping the
+    /// handle afterwards kills what is left of its process group.
+    pub async fn exited(&mut self) {
+        let _ = (&mut self.reader).await;
+    }
+}
+
 fn kill_group(pid: u32) {
     // The executor leads its own process group, so this also reaches any
     // process the task started. SAFETY: plain syscall on a pid we spawned.

@@ -169,16 +169,32 @@ where
             break end;
         }
     };
+    let idle = s.idle_slots();
+    let Processes { out, mut handles, .. } = comm;
+    drop(out);
+    // Executors busy with a task are killed now; idle ones are asked to
+    // leave, and given EXIT_GRACE to run their exit handlers.
+    let mut leaving: Vec<ExecutorHandle> = idle.iter().filter_map(|&i| handles.get_mut(i)?.take()).collect();
+    drop(handles);
+    leaving.iter_mut().for_each(ExecutorHandle::close);
+    let _ = tokio::time::timeout(EXIT_GRACE, async {
+        for h in leaving.iter_mut() {
+            h.exited().await;
+        }
+    })
+    .await;
+    drop(leaving);
     if matches!(end, SessionEnd::Drained | SessionEnd::Stopped) {
         // Let the goodbye out before the connection closes: the writer ends
         // once it has sent everything queued.
-        let Processes { out, handles, .. } = comm;
-        drop(out);
-        drop(handles);
         let _ = tokio::time::timeout(timing.heartbeat * 2, &mut writer.0).await;
     }
     end
 }
+
+/// How long idle executors have to exit once their session ends, before
+/// they are killed (a task may have left a non-daemon thread running).
+pub const EXIT_GRACE: Duration = Duration::from_secs(5);
 
 fn far_future() -> tokio::time::Instant {
     tokio::time::Instant::now() + Duration::from_secs(86_400)

@@ -29,7 +29,7 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-pub use driver::{run_session, usable_cpus};
+pub use driver::{run_session, usable_cpus, EXIT_GRACE};
 pub use session::{DEEP, DEPTH};
 
 use crate::conn::{client_handshake, tune_tcp, SessionEnd};

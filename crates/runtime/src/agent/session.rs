@@ -141,6 +141,12 @@ impl Session {
     /// The earliest moment a running task goes past its time limit, or runs
     /// long enough to show that its slot holds too many tasks. Call
     /// [`on_timer`](Self::on_timer) then.
+    /// Slots whose executor holds no task: when the session ends, these may
+    /// leave in their own time (see `driver::run_session`).
+    pub(crate) fn idle_slots(&self) -> Vec<usize> {
+        (0..self.slots.len()).filter(|&i| self.slots[i].inflight.is_empty()).collect()
+    }
+
     pub(crate) fn next_deadline(&self) -> Option<Instant> {
         self.slots
             .iter()

@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use super::core::{Comm, Core, Input};
 use super::intake::{accept_loop, Intake};
 use super::snapshot::{Event as ClusterEvent, Snapshot};
-use crate::agent::{run_session, AgentConfig};
+use crate::agent::{run_session, AgentConfig, EXIT_GRACE};
 use crate::conn::{client_handshake, Outgoing, SessionEnd};
 use crate::ids::{ClientId, FnId, JobId, WorkerId};
 use crate::mailbox::{Completion, Mailbox, MailboxTx};
@@ -203,6 +203,8 @@ pub struct Orchestrator {
     stats: Arc<Stats>,
     next_id: Arc<AtomicU64>,
     stop: watch::Sender<bool>,
+    /// The agents running in this process, which close waits for.
+    local_agents: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl Orchestrator {
@@ -264,6 +266,7 @@ impl Orchestrator {
             stats,
             next_id,
             stop,
+            local_agents: Default::default(),
         })
     }
 
@@ -350,7 +353,7 @@ impl Orchestrator {
         };
         rt.spawn(intake.serve_local(orch_end, worker));
         let mut stop = self.stop.subscribe();
-        rt.spawn(async move {
+        let agent = rt.spawn(async move {
             let mut stream = agent_end;
             match client_handshake(&mut stream, &config.security.key, &binding).await {
                 Ok(_) => {
@@ -363,12 +366,29 @@ impl Orchestrator {
                 Err(e) => tracing::error!("local agent could not authenticate: {e}"),
             }
         });
+        self.local_agents.lock().expect("local agents").push(agent);
         Ok(())
     }
 
     /// Stop all tasks, agents and listeners and free the ports. Idempotent.
     pub fn close(&mut self) {
         let _ = self.stop.send(true);
+        let agents = std::mem::take(&mut *self.local_agents.lock().expect("local agents"));
+        if let Some(rt) = &self.runtime {
+            // In-process agents let their idle executors exit, as a pool's
+            // workers do at join (bounded by the agent's EXIT_GRACE). Not
+            // from inside a runtime, where blocking is not allowed.
+            if !agents.is_empty() && tokio::runtime::Handle::try_current().is_err() {
+                rt.block_on(async {
+                    let all = async {
+                        for agent in agents {
+                            let _ = agent.await;
+                        }
+                    };
+                    let _ = tokio::time::timeout(EXIT_GRACE + Duration::from_secs(1), all).await;
+                });
+            }
+        }
         if let Some(rt) = self.runtime.take() {
             // Dropping the tasks drops every executor handle, which kills the
             // executors' process groups.
