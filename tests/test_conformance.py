@@ -11,6 +11,8 @@ in docs/api.md and tested in test_embedded.py instead.
 from __future__ import annotations
 
 import gc
+import logging
+import logging.handlers
 import multiprocessing
 import multiprocessing.pool
 import os
@@ -547,3 +549,92 @@ def test_manager_proxies_work_in_executors(make):
         assert queue.get(timeout=30) == "hello"
         pool.terminate()
         pool.join()
+
+
+# -- multiprocessing's own queues, locks and shared memory in initargs -----------
+
+INHERITED = None
+LOGGER = "distripool-tests-inherited"
+
+
+def use_inherited(queue, *rest):
+    """The logging cookbook's initializer: log through a queue."""
+    global INHERITED
+    INHERITED = (queue, *rest)
+    logger = logging.getLogger(LOGGER)
+    logger.handlers[:] = [logging.handlers.QueueHandler(queue)]
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+def touch_inherited(i):
+    _, lock, counter, array, semaphore, event = INHERITED
+    logging.getLogger(LOGGER).info("item %d", i)
+    with lock:
+        counter.value += 1
+    with counter.get_lock():  # the Value's own RLock
+        counter.value += 1
+    array[i] = i * i
+    with semaphore:
+        pass
+    return event.wait(30)
+
+
+def log_lines(i):
+    for k in range(5):
+        logging.getLogger(LOGGER).info("%d.%d %s", i, k, "x" * 3000)
+    return i
+
+
+@pytest.mark.parametrize("context", ["default", "spawn"])
+def test_multiprocessing_objects_in_initargs(make, context):
+    """Queue, Lock, Semaphore, Value, Array and Event reach the executors
+    through ``initargs``, as they reach a spawned child; made in the
+    default context (fork, before Python 3.14) or in spawn's. A remote
+    worker cannot inherit them: the error names the object and points to
+    ``Manager()``."""
+    ctx = multiprocessing if context == "default" else multiprocessing.get_context(context)
+    initargs = (ctx.Queue(), ctx.Lock(), ctx.Value("i", 0), ctx.Array("i", 8), ctx.Semaphore(2), ctx.Event())
+    if make.kind == "distripool-remote":
+        with pytest.raises(
+            RuntimeError, match=r"initargs\[0\] is a multiprocessing\.queues\.Queue.*Manager\(\)"
+        ):
+            make(2, initializer=use_inherited, initargs=initargs)
+        with pytest.raises(RuntimeError, match=r"initargs\[1\] is a multiprocessing\.connection\.Connection"):
+            make(2, initializer=use_inherited, initargs=(None, multiprocessing.Pipe()[0]))
+        return
+    queue, _, counter, array, _, event = initargs
+    pool = make(2, initializer=use_inherited, initargs=initargs)
+    result = pool.map_async(touch_inherited, range(8), chunksize=1)
+    event.set()
+    assert result.get(timeout=60) == [True] * 8
+    assert sorted(queue.get(timeout=30).getMessage() for _ in range(8)) == sorted(
+        f"item {i}" for i in range(8)
+    )
+    assert counter.value == 16
+    assert list(array) == [i * i for i in range(8)]
+
+
+def test_what_tasks_put_on_a_queue_is_there_after_join(make):
+    """A task's ``QueueHandler`` puts through a feeder thread; ``join``
+    returns once the executors have flushed it, as the standard pool's
+    workers do on exit. (On a remote worker, through a Manager() queue.)"""
+    with multiprocessing.Manager() as manager:
+        queue = manager.Queue() if make.kind == "distripool-remote" else multiprocessing.Queue()
+        got = []
+
+        def listen():
+            while (record := queue.get(timeout=120)) is not None:
+                got.append(record.getMessage())
+
+        listener = threading.Thread(target=listen)
+        listener.start()
+        try:
+            pool = make(2, initializer=use_inherited, initargs=(queue,))
+            assert pool.map(log_lines, range(40)) == list(range(40))
+            pool.close()
+            pool.join()
+        finally:
+            queue.put(None)
+            listener.join(timeout=150)
+        assert sorted(got) == sorted(f"{i}.{k} {'x' * 3000}" for i in range(40) for k in range(5))

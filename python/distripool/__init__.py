@@ -55,6 +55,36 @@ _EXPORTS = {
 
 __all__ = list(_EXPORTS)
 
+# What type checkers see. At run time __getattr__ imports each name on first
+# use, and executors do not pay for importing typing.
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # "X as X": re-exported, for type checkers
+    from ._orchestrator import Orchestrator as Orchestrator
+    from ._orchestrator import make_orchestrator as make_orchestrator
+    from ._orchestrator import make_worker as make_worker
+    from .exceptions import AuthenticationError as AuthenticationError
+    from .exceptions import DistripoolError as DistripoolError
+    from .exceptions import ExecutorStartError as ExecutorStartError
+    from .exceptions import MaybeEncodingError as MaybeEncodingError
+    from .exceptions import OrchestratorClosedError as OrchestratorClosedError
+    from .exceptions import PoolTerminatedError as PoolTerminatedError
+    from .exceptions import ProtocolVersionError as ProtocolVersionError
+    from .exceptions import RemoteTraceback as RemoteTraceback
+    from .exceptions import ResultTooLargeError as ResultTooLargeError
+    from .exceptions import TaskTimeoutError as TaskTimeoutError
+    from .exceptions import TimeoutError as TimeoutError
+    from .exceptions import WorkerLostError as WorkerLostError
+    from .futures import Executor as Executor
+    from .futures import ProcessPoolExecutor as ProcessPoolExecutor
+    from .pool import ApplyResult as ApplyResult
+    from .pool import AsyncResult as AsyncResult
+    from .pool import IMapIterator as IMapIterator
+    from .pool import IMapUnorderedIterator as IMapUnorderedIterator
+    from .pool import MapResult as MapResult
+    from .pool import Pool as Pool
+    from .pool import ThreadPool as ThreadPool
+del TYPE_CHECKING
+
 
 def __getattr__(name):
     module = _EXPORTS.get(name)

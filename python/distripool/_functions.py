@@ -19,25 +19,74 @@ from distripool import _main
 _pickler = None
 
 
+def _make_pickler():
+    global _pickler
+    import cloudpickle
+
+    class _Pickler(cloudpickle.Pickler):
+        def reducer_override(self, obj):
+            if type(obj) is types.CodeType:
+                return _reduce_code(obj)
+            name = _main.reduce_main(obj)
+            return super().reducer_override(obj) if name is NotImplemented else name
+
+    _pickler = _Pickler
+    return _Pickler
+
+
 def dumps(obj) -> bytes:
     """Pickle a pool's function (with its settings)."""
-    global _pickler
     import io
 
-    if _pickler is None:
-        import cloudpickle
-
-        class _Pickler(cloudpickle.Pickler):
-            def reducer_override(self, obj):
-                if type(obj) is types.CodeType:
-                    return _reduce_code(obj)
-                name = _main.reduce_main(obj)
-                return super().reducer_override(obj) if name is NotImplemented else name
-
-        _pickler = _Pickler
     f = io.BytesIO()
-    _pickler(f, protocol=5).dump(obj)
+    (_pickler or _make_pickler())(f, protocol=5).dump(obj)
     return f.getvalue()
+
+
+def dumps_inherited(obj, popen) -> bytes:
+    """Pickle a pool's function and settings as for a process that
+    ``popen`` (see ``_inherited``) spawns: multiprocessing's queues, locks
+    and shared memory in its initargs travel as they do to a spawned child."""
+    import io
+
+    from distripool import _inherited
+
+    f = io.BytesIO()
+    pickler = (_inheriting or _make_inheriting())(f, protocol=5)
+    pickler.popen = popen
+    with _inherited.spawning(popen):
+        pickler.dump(obj)
+    return f.getvalue()
+
+
+_inheriting = None
+
+
+def _make_inheriting():
+    global _inheriting
+    from collections import ChainMap
+    from multiprocessing.reduction import ForkingPickler
+
+    from distripool import _inherited
+
+    base = _pickler or _make_pickler()
+
+    class _Inheriting(base):
+        # Connections, sockets and shared-memory arenas reduce as in
+        # multiprocessing's own pickler.
+        dispatch_table = ChainMap(ForkingPickler._extra_reducers, base.dispatch_table)
+        popen = None
+
+        def reducer_override(self, obj):
+            synchronize = sys.modules.get("multiprocessing.synchronize")
+            if synchronize is not None and isinstance(obj, synchronize.SemLock):
+                reduced = _inherited.reduce_semaphore(obj, self.popen)
+                if reduced is not NotImplemented:
+                    return reduced
+            return super().reducer_override(obj)
+
+    _inheriting = _Inheriting
+    return _Inheriting
 
 
 # Each code object's reduction, made once: pools pickle their function at

@@ -7,6 +7,8 @@ import sys
 import threading
 import time
 import weakref
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, TypeVar
 
 from . import _main, _native
 from ._config import (
@@ -28,6 +30,7 @@ if os.environ.get("DISTRIPOOL_LOG"):
 _default_lock = threading.Lock()
 _default: Orchestrator | None = None
 _live: weakref.WeakSet[Orchestrator] = weakref.WeakSet()
+_O = TypeVar("_O", bound="Orchestrator")
 
 
 class Orchestrator:
@@ -39,7 +42,7 @@ class Orchestrator:
 
     def __init__(
         self,
-        addresses,
+        addresses: str | Sequence[str],
         authkey: bytes | str | None = None,
         *,
         max_crashes: int = 3,
@@ -47,7 +50,7 @@ class Orchestrator:
         cluster: str | None = None,
         encrypt: bool = True,
         tls: tuple[str, str, str] | None = None,
-    ):
+    ) -> None:
         _main.check_not_loading("an Orchestrator")
         _check_limits(max_crashes, max_message_size)
         self._native = _native.Orchestrator(
@@ -96,7 +99,7 @@ class Orchestrator:
         """Executors available across all connected workers."""
         return self._native.slots
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, int]:
         """Counters: ``workers``, ``slots``, ``auth_failures``,
         ``handshake_failures``, ``tasks_done``, ``tasks_queued``,
         ``tasks_running``, ``crashes``, ``workers_lost`` (gone without a
@@ -105,7 +108,7 @@ class Orchestrator:
         encryption). Empty once closed."""
         return dict(self._native.stats())
 
-    def workers_info(self) -> list[dict]:
+    def workers_info(self) -> list[dict[str, Any]]:
         """One dict per connected worker, in the order they joined.
 
         Keys: ``id``; ``name``; ``address`` it connected from (``"local"``
@@ -119,7 +122,7 @@ class Orchestrator:
         """
         return list(self._native.workers_info())
 
-    def events(self, since: int = 0) -> list[dict]:
+    def events(self, since: int = 0) -> list[dict[str, Any]]:
         """Events numbered ``since`` and after, oldest first, of the newest
         4096: workers joined, draining, left and lost; tasks retried and
         failed. Each is a dict with ``seq`` (from 0, without gaps), ``time``
@@ -165,10 +168,10 @@ class Orchestrator:
                 _default = None
         self._native.close()
 
-    def __enter__(self):
+    def __enter__(self: _O) -> _O:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __repr__(self):
@@ -177,16 +180,16 @@ class Orchestrator:
 
 
 def make_orchestrator(
-    addresses=None,
+    addresses: str | Sequence[str] | None = None,
     authkey: bytes | str | None = None,
     *,
     max_crashes: int = 3,
     max_message_size: int | None = None,
     cluster: str | None = None,
     encrypt: bool = True,
-    tls_ca=None,
-    tls_cert=None,
-    tls_key=None,
+    tls_ca: str | os.PathLike[str] | None = None,
+    tls_cert: str | os.PathLike[str] | None = None,
+    tls_key: str | os.PathLike[str] | None = None,
 ) -> Orchestrator:
     """Start an orchestrator that worker agents can connect to.
 
@@ -265,17 +268,17 @@ def default_orchestrator() -> Orchestrator | None:
 
 
 def make_worker(
-    addresses,
+    addresses: str | Sequence[str],
     processes: int | None = None,
     authkey: bytes | str | None = None,
     *,
-    key_file=None,
+    key_file: str | os.PathLike[str] | None = None,
     cluster: str | None = None,
     encrypt: bool = True,
-    tls_ca=None,
-    tls_cert=None,
-    tls_key=None,
-    labels=None,
+    tls_ca: str | os.PathLike[str] | None = None,
+    tls_cert: str | os.PathLike[str] | None = None,
+    tls_key: str | os.PathLike[str] | None = None,
+    labels: Mapping[str, str] | Iterable[str] | None = None,
 ) -> None:
     """Run a worker agent in this process; blocks and executes work until interrupted.
 

@@ -10,7 +10,7 @@ import threading
 import types
 import weakref
 from multiprocessing import TimeoutError
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable, Generic, TypeVar
 
 from ._shared import _report_callback_error
 from .exceptions import (
@@ -20,11 +20,19 @@ from .exceptions import (
 if TYPE_CHECKING:
     from ._shared import _Shared
 
+_T = TypeVar("_T")
+_I = TypeVar("_I", bound="IMapIterator[Any]")
 
-class ApplyResult:
+
+class ApplyResult(Generic[_T]):
     """Handle of one ``apply_async`` call (``multiprocessing.pool.AsyncResult``)."""
 
-    def __init__(self, shared: _Shared, callback=None, error_callback=None):
+    def __init__(
+        self,
+        shared: _Shared,
+        callback: Callable[[_T], object] | None = None,
+        error_callback: Callable[[BaseException], object] | None = None,
+    ) -> None:
         self._shared = shared
         self._event = threading.Event()
         self._job = shared.client.new_job()
@@ -45,13 +53,13 @@ class ApplyResult:
     def wait(self, timeout: float | None = None) -> None:
         self._event.wait(timeout)
 
-    def get(self, timeout: float | None = None):
+    def get(self, timeout: float | None = None) -> _T:
         self.wait(timeout)
         if not self.ready():
             raise TimeoutError
         if self._success:
-            return self._value
-        raise self._value
+            return self._value  # type: ignore[return-value]
+        raise self._value  # type: ignore[misc]
 
     def _finish(self) -> None:
         self._event.set()
@@ -85,10 +93,17 @@ class ApplyResult:
 AsyncResult = ApplyResult
 
 
-class MapResult(ApplyResult):
+class MapResult(ApplyResult[list[_T]]):
     """Handle of a ``map_async``/``starmap_async`` call: one list, in order."""
 
-    def __init__(self, shared, chunksize: int, length: int, callback, error_callback):
+    def __init__(
+        self,
+        shared: _Shared,
+        chunksize: int,
+        length: int,
+        callback: Callable[[list[_T]], object] | None,
+        error_callback: Callable[[BaseException], object] | None,
+    ) -> None:
         super().__init__(shared, callback, error_callback)
         self._success = True
         self._value = [None] * length
@@ -282,7 +297,7 @@ def _cancelled() -> BaseException:
     return concurrent.futures.CancelledError()
 
 
-class IMapIterator:
+class IMapIterator(Generic[_T]):
     """Results of ``imap``, in input order, as they become available.
 
     The input is consumed lazily by a feeder thread that keeps a bounded
@@ -293,18 +308,18 @@ class IMapIterator:
 
     _ordered = True
 
-    def __init__(self, shared: _Shared, max_in_flight: int):
+    def __init__(self, shared: _Shared, max_in_flight: int) -> None:
         self._imap = imap = _IMapJob(shared, max_in_flight, self._ordered)
         weakref.finalize(self, imap._abandon)
 
-    def __iter__(self):
+    def __iter__(self: _I) -> _I:
         return self
 
-    def next(self, timeout: float | None = None):
-        return self._imap.next(timeout)
+    def next(self, timeout: float | None = None) -> _T:
+        return self._imap.next(timeout)  # type: ignore[no-any-return]
 
-    def __next__(self):
-        return self._imap.next()
+    def __next__(self) -> _T:
+        return self._imap.next()  # type: ignore[no-any-return]
 
     # The number of items of the input, when it has a length (so that
     # ``tqdm(pool.imap(f, xs))`` knows its total); None otherwise.
@@ -319,7 +334,7 @@ class IMapIterator:
         return True  # an iterator is true, whatever its length
 
 
-class IMapUnorderedIterator(IMapIterator):
+class IMapUnorderedIterator(IMapIterator[_T]):
     """Results of ``imap_unordered``, in completion order."""
 
     _ordered = False

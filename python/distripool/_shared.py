@@ -156,6 +156,7 @@ class _Shared:
         # Executors of an embedded pool share this machine: large arguments
         # and their results travel in shared memory.
         self.buffers = _memfds.SharedBuffers() if owns_orchestrator and _memfds.available() else None
+        self.sharer = None  # a pool's _inherited.Sharer, when its initargs need one
         self.max_message_size = max_message_size or _native.DEFAULT_MAX_FRAME
         self.probe_lock = threading.Lock()
         # What the probe runs in an executor (tests put a refusal here).
@@ -273,3 +274,5 @@ class _Shared:
             self.orchestrator.close()
         if self.buffers is not None:
             self.buffers.close()
+        if self.sharer is not None:
+            self.sharer.close()

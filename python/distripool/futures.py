@@ -16,13 +16,21 @@ import multiprocessing
 import threading
 import time
 import weakref
+from collections.abc import Iterable, Iterator
 from multiprocessing.pool import MaybeEncodingError, RemoteTraceback
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from ._executor import ExceptionParts
 from ._orchestrator import Orchestrator
 from .pool import APPLY, STARMAP, ApplyResult, Pool, _feed, _IMapJob, _task, check_buffersize
 
 __all__ = ["ProcessPoolExecutor", "Executor"]
+
+_T = TypeVar("_T")
+if TYPE_CHECKING:
+    from typing import ParamSpec
+
+    _P = ParamSpec("_P")
 
 
 class _Future(cf.Future):
@@ -121,16 +129,16 @@ class ProcessPoolExecutor(cf.Executor):
     def __init__(
         self,
         max_workers: int | None = None,
-        mp_context=None,
-        initializer=None,
-        initargs=(),
+        mp_context: Any = None,
+        initializer: Callable[..., object] | None = None,
+        initargs: Iterable[Any] = (),
         *,
         max_tasks_per_child: int | None = None,
         orchestrator: Orchestrator | None = None,
         max_crashes: int = 3,
         task_timeout: float | None = None,
         max_message_size: int | None = None,
-    ):
+    ) -> None:
         if max_workers is not None and max_workers <= 0:
             raise ValueError("max_workers must be greater than 0")
         if initializer is not None and not callable(initializer):
@@ -155,7 +163,7 @@ class ProcessPoolExecutor(cf.Executor):
         self._futures: weakref.WeakSet[_Future] = weakref.WeakSet()
         self._maps: weakref.WeakSet[_IMapJob] = weakref.WeakSet()
 
-    def submit(self, fn, /, *args, **kwargs) -> cf.Future:
+    def submit(self, fn: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs) -> cf.Future[_T]:
         """Schedule ``fn(*args, **kwargs)``; return its future."""
         with self._shutdown_lock:
             if self._shutdown:
@@ -179,7 +187,14 @@ class ProcessPoolExecutor(cf.Executor):
             self._futures.add(future)
             return future
 
-    def map(self, fn, *iterables, timeout: float | None = None, chunksize: int = 1, buffersize=None):
+    def map(
+        self,
+        fn: Callable[..., _T],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+        buffersize: int | None = None,
+    ) -> Iterator[_T]:
         """Like ``map(fn, *iterables)``, run in parallel; results in order.
 
         The inputs are read at once, as the standard library does, unless

@@ -22,9 +22,12 @@ import os
 import threading
 import warnings
 import weakref
+from collections.abc import Iterable, Mapping
 from multiprocessing.pool import ThreadPool
+from types import TracebackType
+from typing import Any, Callable, TypeVar
 
-from . import _envelope, _functions, _main
+from . import _envelope, _functions, _inherited, _main
 from ._config import process_cpus
 from ._executor import APPLY, MAP, STARMAP, Authkey
 from ._orchestrator import Orchestrator, default_orchestrator
@@ -54,6 +57,10 @@ __all__ = [
 
 
 _live_pools: weakref.WeakSet = weakref.WeakSet()
+
+_T = TypeVar("_T")
+_S = TypeVar("_S")
+_P = TypeVar("_P", bound="Pool")
 
 
 class Pool:
@@ -88,16 +95,16 @@ class Pool:
     def __init__(
         self,
         processes: int | None = None,
-        initializer=None,
-        initargs=(),
+        initializer: Callable[..., object] | None = None,
+        initargs: Iterable[Any] = (),
         maxtasksperchild: int | None = None,
-        context=None,
+        context: Any = None,
         *,
         orchestrator: Orchestrator | None = None,
         max_crashes: int = 3,
         task_timeout: float | None = None,
         max_message_size: int | None = None,
-    ):
+    ) -> None:
         self._state = None  # so that __del__ works if the checks below raise
         _main.check_not_loading("a Pool")
         if task_timeout is not None and not (isinstance(task_timeout, (int, float)) and task_timeout > 0):
@@ -130,6 +137,7 @@ class Pool:
         # limit, and this process's multiprocessing authkey, which executors
         # take on for the pool's tasks (so that Manager() proxies connect).
         init = (initializer, tuple(initargs)) if initializer is not None else None
+        self._popen = None if init is None else self._inheriting(*init)
         self._authkey = Authkey(bytes(multiprocessing.current_process().authkey))
         self._settings = (os.urandom(8).hex(), init, maxtasksperchild)
         self._state = RUN
@@ -145,6 +153,32 @@ class Pool:
 
     # -- helpers -----------------------------------------------------------
 
+    def _inheriting(self, initializer, initargs):
+        """How the initargs pickle, as for processes this pool spawns:
+        multiprocessing's queues, locks and shared memory reach embedded
+        executors as they reach a spawned child (see ``_inherited``), and are
+        refused, by name, on an orchestrator. Checked now, as the standard
+        pool's processes take their initargs as they start."""
+        init = (initializer, initargs)
+        if not self._shared.owns_orchestrator:
+            refusing = _inherited.Refusing()
+            try:
+                _functions.dumps_inherited(init, refusing)
+            except _inherited.CannotTravel:
+                for i, arg in enumerate(initargs):
+                    try:
+                        _functions.dumps_inherited(arg, refusing)
+                    except _inherited.CannotTravel:
+                        raise _inherited.remote_error(i, arg) from None
+                raise _inherited.remote_error(None, initializer) from None
+            return None
+        sharer = _inherited.Sharer()
+        _functions.dumps_inherited(init, sharer)
+        if not sharer.used:
+            return None
+        self._shared.sharer = sharer
+        return sharer
+
     def _check_running(self) -> None:
         if self._state != RUN:
             raise ValueError("Pool not running")
@@ -157,7 +191,10 @@ class Pool:
     def _function_blob(self, func) -> bytes:
         if not callable(func):
             raise TypeError(f"{type(func).__name__!r} object is not callable")
-        return _functions.dumps((self._authkey, func, *self._settings))
+        blob = (self._authkey, func, *self._settings)
+        if self._popen is None:
+            return _functions.dumps(blob)
+        return _functions.dumps_inherited(blob, self._popen)
 
     @staticmethod
     def _check_chunksize(chunksize) -> None:
@@ -166,7 +203,7 @@ class Pool:
 
     # -- apply -------------------------------------------------------------
 
-    def apply(self, func, args=(), kwds={}):
+    def apply(self, func: Callable[..., _T], args: Iterable[Any] = (), kwds: Mapping[str, Any] = {}) -> _T:
         """Call ``func(*args, **kwds)`` in an executor and return its result."""
         self._check_running()
         blob = self._function_blob(func)
@@ -191,10 +228,17 @@ class Pool:
             status, data, buffers, buffers.take((job, 0)) if buffers is not None else None
         )
         if success:
-            return value
+            return value  # type: ignore[no-any-return]
         raise value
 
-    def apply_async(self, func, args=(), kwds={}, callback=None, error_callback=None) -> ApplyResult:
+    def apply_async(
+        self,
+        func: Callable[..., _T],
+        args: Iterable[Any] = (),
+        kwds: Mapping[str, Any] = {},
+        callback: Callable[[_T], object] | None = None,
+        error_callback: Callable[[BaseException], object] | None = None,
+    ) -> ApplyResult[_T]:
         """Like :meth:`apply`, but return an :class:`AsyncResult` at once."""
         self._check_running()
         blob = self._function_blob(func)
@@ -209,21 +253,45 @@ class Pool:
 
     # -- map ---------------------------------------------------------------
 
-    def map(self, func, iterable, chunksize=None):
+    def map(self, func: Callable[[_S], _T], iterable: Iterable[_S], chunksize: int | None = None) -> list[_T]:
         """Apply ``func`` to every item; return the results in order."""
         return self._map_async(func, iterable, MAP, chunksize).get()
 
-    def starmap(self, func, iterable, chunksize=None):
+    def starmap(
+        self, func: Callable[..., _T], iterable: Iterable[Iterable[Any]], chunksize: int | None = None
+    ) -> list[_T]:
         """Like :meth:`map`, calling ``func(*item)`` for each argument tuple."""
         return self._map_async(func, iterable, STARMAP, chunksize).get()
 
-    def map_async(self, func, iterable, chunksize=None, callback=None, error_callback=None) -> MapResult:
+    def map_async(
+        self,
+        func: Callable[[_S], _T],
+        iterable: Iterable[_S],
+        chunksize: int | None = None,
+        callback: Callable[[list[_T]], object] | None = None,
+        error_callback: Callable[[BaseException], object] | None = None,
+    ) -> MapResult[_T]:
         return self._map_async(func, iterable, MAP, chunksize, callback, error_callback)
 
-    def starmap_async(self, func, iterable, chunksize=None, callback=None, error_callback=None) -> MapResult:
+    def starmap_async(
+        self,
+        func: Callable[..., _T],
+        iterable: Iterable[Iterable[Any]],
+        chunksize: int | None = None,
+        callback: Callable[[list[_T]], object] | None = None,
+        error_callback: Callable[[BaseException], object] | None = None,
+    ) -> MapResult[_T]:
         return self._map_async(func, iterable, STARMAP, chunksize, callback, error_callback)
 
-    def _map_async(self, func, iterable, mode, chunksize=None, callback=None, error_callback=None):
+    def _map_async(
+        self,
+        func: Callable[..., _T],
+        iterable: Iterable[Any],
+        mode: int,
+        chunksize: int | None = None,
+        callback: Callable[[list[_T]], object] | None = None,
+        error_callback: Callable[[BaseException], object] | None = None,
+    ) -> MapResult[_T]:
         self._check_running()
         self._check_chunksize(chunksize)
         if not hasattr(iterable, "__len__"):
@@ -258,7 +326,13 @@ class Pool:
 
     # -- imap --------------------------------------------------------------
 
-    def imap(self, func, iterable, chunksize=1, buffersize=None):
+    def imap(
+        self,
+        func: Callable[[_S], _T],
+        iterable: Iterable[_S],
+        chunksize: int = 1,
+        buffersize: int | None = None,
+    ) -> IMapIterator[_T]:
         """Lazy :meth:`map`: an iterator over the results, in order.
 
         At most ``buffersize`` chunks (default: 4 per executor, at least 16)
@@ -266,11 +340,24 @@ class Pool:
         further ahead than that."""
         return self._imap(IMapIterator, func, iterable, chunksize, buffersize)
 
-    def imap_unordered(self, func, iterable, chunksize=1, buffersize=None):
+    def imap_unordered(
+        self,
+        func: Callable[[_S], _T],
+        iterable: Iterable[_S],
+        chunksize: int = 1,
+        buffersize: int | None = None,
+    ) -> IMapIterator[_T]:
         """Like :meth:`imap`, yielding results as they finish."""
         return self._imap(IMapUnorderedIterator, func, iterable, chunksize, buffersize)
 
-    def _imap(self, cls, func, iterable, chunksize, buffersize):
+    def _imap(
+        self,
+        cls: Any,
+        func: Callable[..., _T],
+        iterable: Iterable[Any],
+        chunksize: int,
+        buffersize: int | None,
+    ) -> Any:
         self._check_running()
         check_buffersize(buffersize)
         if chunksize < 1:
@@ -325,14 +412,19 @@ class Pool:
         if self._result_thread is not threading.current_thread():
             self._result_thread.join()
 
-    def __enter__(self):
+    def __enter__(self: _P) -> _P:
         self._check_running()
         return self
 
-    def __exit__(self, exc_type, exc_val, exc_tb):
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> None:
         self.terminate()
 
-    def __reduce__(self):
+    def __reduce__(self) -> Any:
         raise NotImplementedError("pool objects cannot be passed between processes or pickled")
 
     def __del__(self, _warn=warnings.warn, RUN=RUN):
