@@ -2,15 +2,23 @@
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 
-.PHONY: run install build-dev system-deps lint stubtest test test-rust test-python bench fmt fuzz-smoke fuzz
+.PHONY: run install wheel build-dev system-deps lint stubtest test test-rust test-python test-versions bench fmt fuzz-smoke fuzz
 
 ## run: install the package and run the quick-start example on this machine
 run: install
 	$(PYTHON) examples/quickstart.py
 
-## install: build the release extension and install the package
-install:
-	$(PIP) install --quiet .
+## install: build the wheel (cargo shows its progress) and install it
+install: wheel
+	$(PIP) install --quiet --force-reinstall --no-deps target/wheels/distripool-*-abi3-*.whl
+	$(PIP) install --quiet target/wheels/distripool-*-abi3-*.whl
+
+## wheel: build the one abi3 wheel, for every Python from 3.9 on, into target/wheels
+wheel:
+	$(PIP) install --quiet 'maturin>=1.9.4,<2'
+	rm -f target/wheels/distripool-*.whl
+	@echo "building the Rust extension (a few minutes the first time)"
+	$(PYTHON) -m maturin build --release --out target/wheels
 
 ## build-dev: editable install with test dependencies (rebuilds the extension)
 build-dev:
@@ -41,13 +49,18 @@ system-deps:
 	bash tools/system-deps.sh
 
 ## test: install what the tests need, build everything, run every test
-test: system-deps build-dev stubtest test-rust test-python
+test: system-deps build-dev stubtest test-rust test-python test-versions
 
 test-rust:
 	cargo test --workspace --exclude distripool-python
 
 test-python:
 	$(PYTHON) -m pytest -q
+
+## test-versions: the wheel in a fresh venv of Python 3.9, 3.10, 3.12 and 3.13,
+## without Rust on PATH: the quick-start and a smoke subset of the tests
+test-versions: wheel
+	bash tools/test-versions.sh
 
 ## bench: distripool against its peers in one run (loky, Ray and Dask are
 ## installed into target/bench-venv), then the Rust-only benchmarks
