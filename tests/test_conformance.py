@@ -568,10 +568,10 @@ def use_inherited(queue, *rest):
 
 
 def touch_inherited(i):
-    _, lock, counter, array, semaphore, event = INHERITED
+    _, lock, counter, plain, array, semaphore, event = INHERITED
     logging.getLogger(LOGGER).info("item %d", i)
     with lock:
-        counter.value += 1
+        plain.value += 1
     with counter.get_lock():  # the Value's own RLock
         counter.value += 1
     array[i] = i * i
@@ -594,7 +594,15 @@ def test_multiprocessing_objects_in_initargs(make, context):
     worker cannot inherit them: the error names the object and points to
     ``Manager()``."""
     ctx = multiprocessing if context == "default" else multiprocessing.get_context(context)
-    initargs = (ctx.Queue(), ctx.Lock(), ctx.Value("i", 0), ctx.Array("i", 8), ctx.Semaphore(2), ctx.Event())
+    initargs = (
+        ctx.Queue(),
+        ctx.Lock(),
+        ctx.Value("i", 0),
+        ctx.Value("i", 0, lock=False),
+        ctx.Array("i", 8),
+        ctx.Semaphore(2),
+        ctx.Event(),
+    )
     if make.kind == "distripool-remote":
         with pytest.raises(
             RuntimeError, match=r"initargs\[0\] is a multiprocessing\.queues\.Queue.*Manager\(\)"
@@ -603,7 +611,7 @@ def test_multiprocessing_objects_in_initargs(make, context):
         with pytest.raises(RuntimeError, match=r"initargs\[1\] is a multiprocessing\.connection\.Connection"):
             make(2, initializer=use_inherited, initargs=(None, multiprocessing.Pipe()[0]))
         return
-    queue, _, counter, array, _, event = initargs
+    queue, _, counter, plain, array, _, event = initargs
     pool = make(2, initializer=use_inherited, initargs=initargs)
     result = pool.map_async(touch_inherited, range(8), chunksize=1)
     event.set()
@@ -611,7 +619,7 @@ def test_multiprocessing_objects_in_initargs(make, context):
     assert sorted(queue.get(timeout=30).getMessage() for _ in range(8)) == sorted(
         f"item {i}" for i in range(8)
     )
-    assert counter.value == 16
+    assert (counter.value, plain.value) == (8, 8)
     assert list(array) == [i * i for i in range(8)]
 
 
