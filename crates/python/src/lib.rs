@@ -121,6 +121,19 @@ struct Orchestrator {
     inner: Mutex<Option<distripool_runtime::Orchestrator>>,
 }
 
+impl Orchestrator {
+    /// Run `f` on the orchestrator (None once closed) without the GIL. The
+    /// lock is taken after the GIL is released, never while holding it and
+    /// waiting: a thread that holds the lock never needs the GIL.
+    fn with<R: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&distripool_runtime::Orchestrator) -> R + Send,
+    ) -> Option<R> {
+        py.detach(|| self.inner.lock().expect("orchestrator lock").as_ref().map(f))
+    }
+}
+
 #[pymethods]
 impl Orchestrator {
     #[new]
@@ -209,24 +222,33 @@ impl Orchestrator {
     /// tasks done, queued and running.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
-        let guard = self.inner.lock().expect("orchestrator lock");
-        if let Some(o) = guard.as_ref() {
-            let snap = py.detach(|| o.snapshot()).map_err(to_py)?;
+        let read = self.with(py, |o| {
+            let s = o.stats();
+            let size = |c: &std::sync::atomic::AtomicUsize| c.load(Ordering::Relaxed) as u64;
+            let count = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+            let counters = [
+                ("workers_left", count(&s.workers_left)),
+                ("workers", size(&s.workers)),
+                ("slots", size(&s.slots)),
+                ("auth_failures", size(&s.auth_failures)),
+                ("handshake_failures", size(&s.handshake_failures)),
+                ("tasks_done", count(&s.tasks_done)),
+                ("crashes", count(&s.crashes)),
+                ("workers_lost", count(&s.workers_lost)),
+                ("bytes_sent", count(&s.bytes_sent)),
+                ("bytes_received", count(&s.bytes_received)),
+            ];
+            (o.snapshot(), counters)
+        });
+        if let Some((snap, counters)) = read {
+            let snap = snap.map_err(to_py)?;
             let (queued, running) =
                 snap.clients.iter().fold((0, 0), |(q, r), c| (q + c.queued, r + c.running));
             d.set_item("tasks_queued", queued)?;
             d.set_item("tasks_running", running)?;
-            d.set_item("workers_left", o.stats().workers_left.load(Ordering::Relaxed))?;
-            let s = o.stats();
-            d.set_item("workers", s.workers.load(Ordering::Relaxed))?;
-            d.set_item("slots", s.slots.load(Ordering::Relaxed))?;
-            d.set_item("auth_failures", s.auth_failures.load(Ordering::Relaxed))?;
-            d.set_item("handshake_failures", s.handshake_failures.load(Ordering::Relaxed))?;
-            d.set_item("tasks_done", s.tasks_done.load(Ordering::Relaxed))?;
-            d.set_item("crashes", s.crashes.load(Ordering::Relaxed))?;
-            d.set_item("workers_lost", s.workers_lost.load(Ordering::Relaxed))?;
-            d.set_item("bytes_sent", s.bytes_sent.load(Ordering::Relaxed))?;
-            d.set_item("bytes_received", s.bytes_received.load(Ordering::Relaxed))?;
+            for (name, value) in counters {
+                d.set_item(name, value)?;
+            }
         }
         Ok(d)
     }
@@ -234,10 +256,8 @@ impl Orchestrator {
     /// One dict per connected worker, in the order they joined.
     fn workers_info<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let out = PyList::empty(py);
-        let guard = self.inner.lock().expect("orchestrator lock");
-        let Some(o) = guard.as_ref() else { return Ok(out) };
-        let snap = py.detach(|| o.snapshot()).map_err(to_py)?;
-        for w in snap.workers {
+        let Some(snap) = self.with(py, |o| o.snapshot()) else { return Ok(out) };
+        for w in snap.map_err(to_py)?.workers {
             let d = PyDict::new(py);
             d.set_item("id", w.id.0)?;
             d.set_item("name", w.name)?;
@@ -269,9 +289,8 @@ impl Orchestrator {
     fn events<'py>(&self, py: Python<'py>, since: u64) -> PyResult<Bound<'py, PyList>> {
         use distripool_runtime::orchestrator::EventKind as K;
         let out = PyList::empty(py);
-        let guard = self.inner.lock().expect("orchestrator lock");
-        let Some(o) = guard.as_ref() else { return Ok(out) };
-        let events = py.detach(|| o.events(since)).map_err(to_py)?;
+        let Some(events) = self.with(py, |o| o.events(since)) else { return Ok(out) };
+        let events = events.map_err(to_py)?;
         let (now, wall) = (std::time::Instant::now(), std::time::SystemTime::now());
         for e in events {
             let d = PyDict::new(py);
@@ -302,6 +321,10 @@ impl Orchestrator {
                     d.set_item("index", index)?;
                     d.set_item("reason", reason)?;
                 }
+                K::ConnectionRefused { peer, reason } => {
+                    d.set_item("peer", peer)?;
+                    d.set_item("reason", reason)?;
+                }
             }
             out.append(d)?;
         }
@@ -311,9 +334,7 @@ impl Orchestrator {
     /// Ask a worker to finish what it holds, take nothing new and leave.
     /// False if no worker with that id is connected.
     fn drain(&self, py: Python<'_>, worker: u64) -> PyResult<bool> {
-        let guard = self.inner.lock().expect("orchestrator lock");
-        let o = guard.as_ref().ok_or_else(|| to_py(Error::Closed))?;
-        py.detach(|| o.drain(WorkerId(worker))).map_err(to_py)
+        self.with(py, |o| o.drain(WorkerId(worker))).ok_or_else(|| to_py(Error::Closed))?.map_err(to_py)
     }
 
     /// Stop everything and free the ports. Safe to call twice.
