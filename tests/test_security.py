@@ -406,6 +406,22 @@ def test_keygen_writes_a_private_random_key(tmp_path):
     assert again.returncode == 2, "an existing key file is never overwritten"
 
 
+def test_the_command_says_its_version_and_protocol():
+    import subprocess
+    import sys
+
+    import distripool
+
+    out = subprocess.run(
+        [sys.executable, "-m", "distripool", "--version"], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert (
+        out.stdout.strip()
+        == f"distripool {distripool.__version__} (wire protocol {distripool._native.PROTOCOL_VERSION})"
+    )
+
+
 def test_a_worker_of_another_cluster_is_refused_before_any_key_is_used(spawn_worker):
     key = os.urandom(16).hex().encode()
     orch = Orchestrator("127.0.0.1:0", authkey=key, cluster="blue")

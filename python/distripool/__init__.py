@@ -48,6 +48,7 @@ _EXPORTS = {
     "AuthenticationError": ".exceptions",
     "ProtocolVersionError": ".exceptions",
     "ExecutorStartError": ".exceptions",
+    "NoWorkersError": ".exceptions",
     "TimeoutError": ".exceptions",
     "MaybeEncodingError": ".exceptions",
     "RemoteTraceback": ".exceptions",
@@ -66,6 +67,7 @@ if TYPE_CHECKING:  # "X as X": re-exported, for type checkers
     from .exceptions import DistripoolError as DistripoolError
     from .exceptions import ExecutorStartError as ExecutorStartError
     from .exceptions import MaybeEncodingError as MaybeEncodingError
+    from .exceptions import NoWorkersError as NoWorkersError
     from .exceptions import OrchestratorClosedError as OrchestratorClosedError
     from .exceptions import PoolTerminatedError as PoolTerminatedError
     from .exceptions import ProtocolVersionError as ProtocolVersionError

@@ -64,6 +64,9 @@ class Orchestrator:
             resolve_timing(),
         )
         _live.add(self)
+        from ._watch import Watch
+
+        self._watch: Watch | None = Watch(self)
 
     @classmethod
     def _embedded(
@@ -77,6 +80,7 @@ class Orchestrator:
             [], os.urandom(32), max_crashes, max_message_size, timing=resolve_timing()
         )
         self._native.start_local_agent(processes, sys.executable, EXECUTOR_MODULE, executor_env())
+        self._watch = None  # its own agent is always there
         _live.add(self)
         return self
 
@@ -166,6 +170,8 @@ class Orchestrator:
         with _default_lock:
             if _default is self:
                 _default = None
+        if self._watch is not None:
+            self._watch.stop()
         self._native.close()
 
     def __enter__(self: _O) -> _O:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import collections
 import threading
-import types
 import weakref
 from multiprocessing import TimeoutError
 from typing import TYPE_CHECKING, Any, Callable, Generic, TypeVar
@@ -86,8 +85,6 @@ class ApplyResult(Generic[_T]):
         if not self._event.is_set():
             self._success, self._value = False, exc
             self._event.set()
-
-    __class_getitem__ = classmethod(types.GenericAlias)
 
 
 AsyncResult = ApplyResult

@@ -227,6 +227,19 @@ class _Shared:
             if not self.cache:
                 self.idle.notify_all()
 
+    def fail_waiting(self, exc_factory) -> None:
+        """Take back the pending tasks no worker has started and fail their
+        results with ``exc_factory()`` (the pool goes on)."""
+        for job in list(self.cache):
+            try:
+                self.client.withdraw(job)
+            except Exception:  # noqa: BLE001 - closed meanwhile: nothing to take back
+                pass
+            r = self.cache.get(job)
+            if r is not None:
+                r._abort(exc_factory())
+                self.job_done(job)
+
     def fail_pending(self, exc_factory) -> None:
         for job in list(self.cache):
             r = self.cache.get(job)

@@ -64,6 +64,13 @@ def main(argv: list[str] | None = None) -> int:
         prog="distripool",
         description="Distributed multiprocessing.Pool: worker agents and key management.",
     )
+    from . import __version__
+
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"distripool {__version__} (wire protocol {_native.PROTOCOL_VERSION})",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     w = sub.add_parser(

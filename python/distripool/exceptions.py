@@ -73,3 +73,10 @@ class ExecutorStartError(DistripoolError, RuntimeError):
     """Raised by a worker whose executors cannot start at all (five in a row
     died before they were up, or none could be spawned): it stops instead of
     joining again, since every session would end the same way."""
+
+
+class NoWorkersError(DistripoolError, builtins.TimeoutError):
+    """Raised by a pool made with ``wait_for_workers=timeout`` when no worker
+    has been connected for that long: when the pool is made, or for the
+    tasks it has pending. The message says where workers must connect and
+    which connections were refused, and why."""

@@ -41,6 +41,7 @@ from ._results import (  # noqa: F401  (AsyncResult is public, as in multiproces
 )
 from ._shared import _POLL, CLOSE, RUN, TERMINATE, _decode, _plain_task, _Shared, _task, _Waiting  # noqa: F401
 from .exceptions import (
+    NoWorkersError,
     OrchestratorClosedError,
     PoolTerminatedError,
 )
@@ -90,6 +91,12 @@ class Pool:
         task_timeout: seconds a task (one chunk) may run; past that its
             executor is killed and the task fails with
             :class:`~distripool.TaskTimeoutError`, without a retry.
+        wait_for_workers: with an orchestrator, seconds to wait for a worker:
+            the pool raises :class:`~distripool.NoWorkersError` if none is
+            connected by then, and its pending tasks fail with it whenever no
+            worker has been connected for that long. Without it, tasks wait
+            for workers as long as it takes, and the ``distripool`` logger
+            says every minute that they wait, and why.
     """
 
     def __init__(
@@ -104,6 +111,7 @@ class Pool:
         max_crashes: int = 3,
         task_timeout: float | None = None,
         max_message_size: int | None = None,
+        wait_for_workers: float | None = None,
     ) -> None:
         self._state = None  # so that __del__ works if the checks below raise
         _main.check_not_loading("a Pool")
@@ -113,6 +121,12 @@ class Pool:
             )
         if processes is not None and processes < 1:
             raise ValueError("Number of processes must be at least 1")
+        if wait_for_workers is not None and not (
+            isinstance(wait_for_workers, (int, float)) and wait_for_workers > 0
+        ):
+            raise ValueError(
+                f"wait_for_workers must be a positive number of seconds or None, not {wait_for_workers!r}"
+            )
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
         if maxtasksperchild is not None and (not isinstance(maxtasksperchild, int) or maxtasksperchild <= 0):
@@ -130,6 +144,12 @@ class Pool:
         else:
             self._processes = None
         self._orchestrator = orchestrator
+        watch = orchestrator._watch
+        if wait_for_workers is not None and watch is not None:
+            if not orchestrator.wait_for_workers(1, timeout=wait_for_workers):
+                raise NoWorkersError(
+                    f"no worker connected within {wait_for_workers:g} s (wait_for_workers): {watch.diagnosis()}"
+                )
         self._shared = _Shared(
             orchestrator._open_client(), orchestrator, owns, task_timeout, max_message_size if owns else None
         )
@@ -145,6 +165,8 @@ class Pool:
             target=self._shared.handle_results, name="distripool-results", daemon=True
         )
         self._result_thread.start()
+        if wait_for_workers is not None and watch is not None:
+            watch.fail_after(self._shared, wait_for_workers)
         if self._shared.buffers is not None:
             # Ask now whether executors can open our memfds, so that the
             # first large task need not go inline while the probe runs.

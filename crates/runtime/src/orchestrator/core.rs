@@ -66,6 +66,11 @@ pub(crate) enum Input {
     ClientClosed {
         client: ClientId,
     },
+    /// The intake refused an agent's handshake, for `reason`.
+    Refused {
+        peer: String,
+        reason: String,
+    },
 }
 
 struct TaskMeta {
@@ -236,6 +241,9 @@ impl Core {
                     self.meta.insert(task, TaskMeta { client, job, index, fn_id, timeout_ms });
                     self.sched.submit(task, client.group(), payload);
                 }
+            }
+            Input::Refused { peer, reason } => {
+                self.events.push(self.now, EventKind::ConnectionRefused { peer, reason });
             }
             Input::ClientClosed { client } => {
                 if self.clients.remove(&client).is_some() {

@@ -488,6 +488,23 @@ fn a_lost_agent_and_a_failed_task_are_events() {
 }
 
 #[test]
+fn a_refused_connection_is_an_event_and_nothing_else() {
+    let mut h = Harness::new();
+    h.input(Input::Refused {
+        peer: "10.0.0.9:4242".into(),
+        reason: "authentication failed: keys differ".into(),
+    });
+    let events = h.core.events_since(0);
+    assert!(matches!(
+        &events[..],
+        [e] if matches!(&e.kind, EventKind::ConnectionRefused { peer, reason }
+            if peer == "10.0.0.9:4242" && reason.contains("keys differ"))
+    ));
+    assert!(h.sent().is_empty());
+    assert!(h.delivered().is_empty());
+}
+
+#[test]
 fn what_a_function_needs_goes_first_once_per_agent_and_leaves_after_it() {
     let mut h = Harness::new();
     h.join(7, 1);

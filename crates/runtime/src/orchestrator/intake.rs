@@ -11,6 +11,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
+use super::core::Input;
 use super::handle::{Event, Stats};
 use super::session::serve_session;
 use crate::conn::{server_handshake, tune_tcp};
@@ -86,20 +87,29 @@ pub(super) async fn accept_loop(listener: TcpListener, intake: Intake, next_id: 
     }
 }
 
-fn note_handshake_failure(stats: &Stats, peer: &str, e: &Error) {
-    match e {
+fn note_handshake_failure(intake: &Intake, peer: &str, e: &Error) {
+    let stats = &intake.stats;
+    let refused = match e {
         Error::Handshake(h) if h.is_auth_failure() => {
             stats.auth_failures.fetch_add(1, Ordering::Relaxed);
             tracing::warn!("rejected agent {peer}: {e}");
+            true
         }
         Error::Handshake(h @ distripool_protocol::HandshakeError::VersionMismatch { .. }) => {
             stats.handshake_failures.fetch_add(1, Ordering::Relaxed);
             tracing::warn!("rejected agent {peer}: {h}");
+            true
         }
         _ => {
             stats.handshake_failures.fetch_add(1, Ordering::Relaxed);
             tracing::info!("handshake with {peer} failed: {e}");
+            false
         }
+    };
+    if refused {
+        // For the driver's diagnosis of a pool that waits for workers.
+        let _ =
+            intake.events.send(Event::Core(Input::Refused { peer: peer.to_string(), reason: e.to_string() }));
     }
 }
 
@@ -134,7 +144,7 @@ impl Intake {
         let (stream, keys) = match outcome {
             Ok(ok) => ok,
             Err(e) => {
-                note_handshake_failure(&self.stats, &peer, &e);
+                note_handshake_failure(&self, &peer, &e);
                 return;
             }
         };
@@ -151,7 +161,7 @@ impl Intake {
         worker: WorkerId,
     ) {
         if let Err(e) = server_handshake(&mut stream, &self.key, &self.binding, worker.0).await {
-            note_handshake_failure(&self.stats, "local", &e);
+            note_handshake_failure(&self, "local", &e);
             return;
         }
         serve_session(stream, "local".into(), worker, None, self).await;

@@ -104,6 +104,12 @@ pub enum EventKind {
         index: u32,
         reason: String,
     },
+    /// An agent's handshake was refused: a wrong key or cluster name, another
+    /// protocol version. (Connections that merely fail are only counted.)
+    ConnectionRefused {
+        peer: String,
+        reason: String,
+    },
 }
 
 impl EventKind {
@@ -115,6 +121,7 @@ impl EventKind {
             EventKind::WorkerLost { .. } => "worker_lost",
             EventKind::TaskRetried { .. } => "task_retried",
             EventKind::TaskFailed { .. } => "task_failed",
+            EventKind::ConnectionRefused { .. } => "connection_refused",
         }
     }
 }
