@@ -167,6 +167,18 @@ def orchestrator():
     orch.close()
 
 
+@pytest.fixture
+def keyed():
+    """``(orchestrator, key)``: an orchestrator on a free loopback port with a
+    random key, closed after the test."""
+    from distripool import Orchestrator
+
+    key = os.urandom(16).hex().encode()
+    orch = Orchestrator("127.0.0.1:0", authkey=key)
+    yield orch, key
+    orch.close()
+
+
 @pytest.fixture(scope="session")
 def remote_orchestrator(tmp_path_factory):
     """An orchestrator with one remote worker (2 executors, over TCP), shared by

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import time
 
@@ -12,7 +11,7 @@ import pytest
 
 import distripool
 from conftest import wait_until
-from distripool import NoWorkersError, Orchestrator, Pool, _watch
+from distripool import NoWorkersError, Pool, _watch
 from workloads import pid_after
 
 
@@ -22,14 +21,6 @@ def messages(caplog) -> list[str]:
 
 def seen(caplog, text: str) -> bool:
     return any(text in m for m in messages(caplog))
-
-
-@pytest.fixture
-def keyed():
-    key = os.urandom(16).hex().encode()
-    orch = Orchestrator("127.0.0.1:0", authkey=key)
-    yield orch, key
-    orch.close()
 
 
 def square(x):

@@ -285,7 +285,8 @@ def make_worker(
     tls_cert: str | os.PathLike[str] | None = None,
     tls_key: str | os.PathLike[str] | None = None,
     labels: Mapping[str, str] | Iterable[str] | None = None,
-) -> None:
+    idle_timeout: float | None = None,
+) -> str:
     """Run a worker agent in this process; blocks and executes work until interrupted.
 
     The agent dials the orchestrator at ``addresses`` (``"host:port"`` or a
@@ -295,8 +296,14 @@ def make_worker(
     cgroup's CPU quota). ``cluster``, ``encrypt`` and the TLS
     files must match the orchestrator's (see :func:`make_orchestrator`).
     ``labels`` (a dict, or ``"key=value"`` strings) are shown by the
-    orchestrator's :meth:`Orchestrator.workers_info`. The agent returns when
-    the orchestrator drains it.
+    orchestrator's :meth:`Orchestrator.workers_info`.
+
+    It returns ``"drained"`` once it has finished the tasks it held and
+    left: the orchestrator drained it, or the process got SIGTERM (what
+    Slurm and Kubernetes send before SIGKILL; nothing is lost and nothing
+    counts as a crash). With ``idle_timeout``, it returns ``"idle"`` after
+    that many seconds with nothing to do: no task held, or no orchestrator
+    to be reached.
 
     Raises:
         KeyboardInterrupt: on Ctrl-C, after stopping the executors.
@@ -311,7 +318,9 @@ def make_worker(
     key = resolve_key(authkey, key_file)
     tls = resolve_tls(tls_ca, tls_cert, tls_key)
     pairs = normalize_labels(labels)
-    _native.run_agent(
+    if idle_timeout is not None and not (isinstance(idle_timeout, (int, float)) and idle_timeout > 0):
+        raise ValueError(f"idle_timeout must be a positive number of seconds or None, not {idle_timeout!r}")
+    return _native.run_agent(
         addrs,
         key,
         processes,
@@ -323,6 +332,7 @@ def make_worker(
         tls=tls,
         timing=resolve_timing(),
         labels=pairs,
+        idle_timeout=None if idle_timeout is None else float(idle_timeout),
     )
 
 

@@ -15,12 +15,30 @@ Run a worker agent on this machine. It connects to the orchestrator that a
 program started with distripool.make_orchestrator(), authenticates with the
 shared key, and runs the tasks of that program's pools on PROCESSES local
 executor processes. It keeps retrying until the orchestrator is up, reconnects
-when it goes away, and runs until interrupted (Ctrl-C).
+when it goes away, and runs until interrupted (Ctrl-C), drained by the
+orchestrator, or sent SIGTERM (it finishes the tasks it holds, then leaves).
+
+exit status: 0 drained or SIGTERM (nothing lost), 3 idle (--idle-timeout),
+1 a fatal local error (an unreadable key file, executors that cannot start),
+2 bad arguments, 130 Ctrl-C.
 
 example:
   distripool keygen cluster.key        # once; copy the file to every machine
   distripool worker --connect 10.0.0.5:1337 --authkey-file cluster.key
 """
+
+
+EXIT_IDLE = 3
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
+    return value
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
@@ -30,7 +48,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     addrs = [a for item in args.connect for a in item.split(",") if a]
     normalize_addresses(addrs)
     try:
-        make_worker(
+        why = make_worker(
             addrs,
             processes=args.processes,
             key_file=args.authkey_file,
@@ -40,10 +58,14 @@ def _cmd_worker(args: argparse.Namespace) -> int:
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
             labels=args.labels,
+            idle_timeout=args.idle_timeout,
         )
     except KeyboardInterrupt:
         print("distripool worker: interrupted, executors stopped", file=sys.stderr)
         return 130
+    if why == "idle":
+        print(f"distripool worker: nothing to do for {args.idle_timeout:g} s, leaving", file=sys.stderr)
+        return EXIT_IDLE
     return 0
 
 
@@ -93,6 +115,13 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         metavar="N",
         help="executor processes to run (default: the CPUs this process may use, its affinity within its cgroup quota)",
+    )
+    w.add_argument(
+        "--idle-timeout",
+        type=_seconds,
+        default=None,
+        metavar="S",
+        help="leave (exit status 3) after S seconds with nothing to do: no task, or no orchestrator to reach",
     )
     w.add_argument(
         "--authkey-file",

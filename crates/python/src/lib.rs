@@ -17,7 +17,7 @@ use distripool_protocol::HandshakeError;
 use distripool_runtime::executor::ExecutorSpec;
 use distripool_runtime::orchestrator::FailureKind;
 use distripool_runtime::{
-    AgentConfig, Error, JobId, OrchestratorConfig, Outcome, Security, Timing, TlsFiles, WorkerId,
+    AgentConfig, AgentExit, Error, JobId, OrchestratorConfig, Outcome, Security, Timing, TlsFiles, WorkerId,
 };
 use pyo3::exceptions::{PyConnectionError, PyOSError, PyRuntimeError, PyTimeoutError, PyValueError};
 use pyo3::prelude::*;
@@ -193,6 +193,8 @@ impl Orchestrator {
             // The orchestrator's own.
             timing: Timing::default(),
             labels: Vec::new(),
+            idle_timeout: None,
+            leave: None,
         };
         orch.start_local_agent(config).map_err(to_py)
     }
@@ -458,11 +460,14 @@ impl Client {
     }
 }
 
-/// Serve orchestrators as a worker agent until interrupted (Ctrl-C).
+/// Serve orchestrators as a worker agent until interrupted (Ctrl-C: the
+/// tasks it holds go elsewhere), drained, told to leave by SIGTERM (it
+/// finishes what it holds first), or idle for `idle_timeout` seconds.
+/// Returns why: "drained" or "idle".
 #[pyfunction]
 #[pyo3(signature = (
     connect, key, processes, python, module, env, max_frame = None, cluster = None, encrypt = true, tls = None,
-    timing = None, labels = Vec::new()
+    timing = None, labels = Vec::new(), idle_timeout = None
 ))]
 #[allow(clippy::too_many_arguments)]
 fn run_agent(
@@ -479,8 +484,13 @@ fn run_agent(
     tls: Option<(PathBuf, PathBuf, PathBuf)>,
     timing: Option<Vec<(String, f64)>>,
     labels: Vec<(String, String)>,
-) -> PyResult<()> {
+    idle_timeout: Option<f64>,
+) -> PyResult<&'static str> {
     let max_frame = max_frame.unwrap_or(distripool_runtime::DEFAULT_MAX_FRAME);
+    // make_worker checks that it is positive.
+    let idle_timeout = idle_timeout.map(Duration::try_from_secs_f64).transpose();
+    let idle_timeout = idle_timeout.map_err(|e| PyValueError::new_err(format!("idle_timeout: {e}")))?;
+    let (leave_tx, leave_rx) = tokio::sync::watch::channel(false);
     let config = AgentConfig {
         connect,
         security: security(key, cluster, encrypt, tls),
@@ -488,6 +498,8 @@ fn run_agent(
         executor: ExecutorSpec { python, module, env, max_frame },
         timing: self::timing(timing)?,
         labels,
+        idle_timeout,
+        leave: Some(leave_rx),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -495,6 +507,17 @@ fn run_agent(
         .enable_all()
         .build()
         .map_err(|e| PyOSError::new_err(e.to_string()))?;
+    // SIGTERM (what Slurm and Kubernetes send before SIGKILL): drain, then exit.
+    let mut term = {
+        let _guard = rt.enter();
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(|e| PyOSError::new_err(format!("cannot handle SIGTERM: {e}")))?
+    };
+    rt.spawn(async move {
+        if term.recv().await.is_some() {
+            let _ = leave_tx.send(true);
+        }
+    });
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let handle = rt.spawn(distripool_runtime::run_agent(config, stop_rx));
     loop {
@@ -516,7 +539,10 @@ fn run_agent(
     }
     let result = py.detach(|| rt.block_on(handle));
     match result {
-        Ok(r) => r.map_err(to_py),
+        Ok(r) => r.map_err(to_py).map(|exit| match exit {
+            AgentExit::Idle => "idle",
+            AgentExit::Drained | AgentExit::Stopped => "drained",
+        }),
         Err(e) => Err(PyRuntimeError::new_err(format!("agent crashed: {e}"))),
     }
 }

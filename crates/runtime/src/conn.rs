@@ -44,6 +44,8 @@ pub enum SessionEnd {
     Drained,
     /// This side is shutting down.
     Stopped,
+    /// The agent held nothing for its idle timeout, and said goodbye.
+    Idle(Duration),
 }
 
 impl SessionEnd {
@@ -66,6 +68,7 @@ impl std::fmt::Display for SessionEnd {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             SessionEnd::Closed => f.write_str("connection closed"),
+            SessionEnd::Idle(d) => write!(f, "idle for {d:?}"),
             SessionEnd::Silent(d) => write!(f, "no word from the peer for {d:?}"),
             SessionEnd::Connection(e) => write!(f, "connection error: {e}"),
             SessionEnd::Send(e) => write!(f, "cannot send: {e}"),

@@ -23,7 +23,7 @@ pub mod orchestrator;
 pub mod security;
 pub mod timing;
 
-pub use agent::{run_agent, AgentConfig};
+pub use agent::{run_agent, AgentConfig, AgentExit};
 pub use conn::SessionEnd;
 pub use distripool_protocol::{DEFAULT_MAX_FRAME, PROTOCOL_VERSION};
 pub use ids::{ClientId, FnId, JobId, TaskId, WorkerId};

@@ -59,6 +59,8 @@ impl AgentThread {
             executor: spec,
             timing: Default::default(),
             labels: Vec::new(),
+            idle_timeout: None,
+            leave: None,
         };
         let thread = std::thread::spawn(move || {
             let rt =

@@ -124,6 +124,15 @@ where
         Ok(s) => s,
         Err(end) => return end,
     };
+    s.set_idle_limit(config.idle_timeout, Instant::now());
+    let mut leave = config.leave.clone();
+    if leave.as_ref().is_some_and(|l| *l.borrow()) {
+        if let Err(end) =
+            s.leave("the worker is leaving".into(), SessionEnd::Drained, Instant::now(), &mut comm)
+        {
+            return end;
+        }
+    }
 
     // One timer for the session, moved only when a deadline earlier than the
     // one it is set for appears; when it fires early (the task it was set for
@@ -164,6 +173,10 @@ where
                 comm.send(Outgoing::new(FromAgent::Goodbye { reason: "the worker is stopping".into() }));
                 Err(SessionEnd::Stopped)
             }
+            _ = super::changed(&mut leave) => {
+                // SIGTERM, say: finish what is held first.
+                s.leave("the worker was asked to leave (SIGTERM)".into(), SessionEnd::Drained, Instant::now(), &mut comm)
+            }
         };
         if let Err(end) = step {
             break end;
@@ -184,7 +197,7 @@ where
     })
     .await;
     drop(leaving);
-    if matches!(end, SessionEnd::Drained | SessionEnd::Stopped) {
+    if matches!(end, SessionEnd::Drained | SessionEnd::Stopped | SessionEnd::Idle(_)) {
         // Let the goodbye out before the connection closes: the writer ends
         // once it has sent everything queued.
         let _ = tokio::time::timeout(timing.heartbeat * 2, &mut writer.0).await;

@@ -48,11 +48,29 @@ pub struct AgentConfig {
     pub timing: Timing,
     /// `key=value` labels the orchestrator shows for this worker.
     pub labels: Vec<(String, String)>,
+    /// Leave after this long with nothing to do (no task held, or no
+    /// orchestrator to be had): a launcher's idle timeout.
+    pub idle_timeout: Option<Duration>,
+    /// When this becomes true, take no new task, finish what is held, say
+    /// goodbye and stop (what SIGTERM does to a worker).
+    pub leave: Option<watch::Receiver<bool>>,
+}
+
+/// Why [`run_agent`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentExit {
+    /// Told to stop (`stop` became true).
+    Stopped,
+    /// It finished what it held and left: the orchestrator drained it, or
+    /// `leave` became true.
+    Drained,
+    /// Nothing to do for its idle timeout.
+    Idle,
 }
 
 /// Serve orchestrators until `stop` becomes true. Connection and
 /// authentication failures are logged and retried; they never end the agent.
-pub async fn run_agent(config: AgentConfig, mut stop: watch::Receiver<bool>) -> Result<()> {
+pub async fn run_agent(config: AgentConfig, mut stop: watch::Receiver<bool>) -> Result<AgentExit> {
     if config.connect.is_empty() {
         return Err(Error::Config("no orchestrator address to connect to".into()));
     }
@@ -62,7 +80,19 @@ pub async fn run_agent(config: AgentConfig, mut stop: watch::Receiver<bool>) -> 
     let binding = config.security.binding();
     let mut backoff = timing.backoff_start;
     let mut target = 0usize;
+    // With nothing to do since then (no session, or one that held nothing).
+    let mut idle_since = tokio::time::Instant::now();
+    let mut leave = config.leave.clone();
     loop {
+        if leave.as_ref().is_some_and(|l| *l.borrow()) {
+            return Ok(AgentExit::Drained); // asked to leave between sessions
+        }
+        if let Some(limit) = config.idle_timeout {
+            if idle_since.elapsed() >= limit {
+                tracing::info!("no orchestrator to work for in {limit:?}; stopping (idle timeout)");
+                return Ok(AgentExit::Idle);
+            }
+        }
         let addr = &config.connect[target % config.connect.len()];
         target += 1;
         let attempt = async {
@@ -85,18 +115,24 @@ pub async fn run_agent(config: AgentConfig, mut stop: watch::Receiver<bool>) -> 
         };
         let outcome = tokio::select! {
             r = attempt => r,
-            _ = stop.changed() => return Ok(()),
+            _ = stop.changed() => return Ok(AgentExit::Stopped),
+            _ = changed(&mut leave) => return Ok(AgentExit::Drained),
         };
         match outcome {
             Ok((stream, session, keys)) => {
                 tracing::info!("connected to orchestrator {addr} (session {session})");
                 backoff = timing.backoff_start;
                 let end = run_session(stream, &config, binding.sealed.then_some(keys), &mut stop).await;
+                idle_since = tokio::time::Instant::now();
                 match end {
-                    SessionEnd::Stopped if *stop.borrow() => return Ok(()),
+                    SessionEnd::Stopped if *stop.borrow() => return Ok(AgentExit::Stopped),
                     SessionEnd::Drained => {
-                        tracing::info!("drained by orchestrator {addr}; stopping");
-                        return Ok(());
+                        tracing::info!("drained ({addr} knows); stopping");
+                        return Ok(AgentExit::Drained);
+                    }
+                    SessionEnd::Idle(limit) => {
+                        tracing::info!("nothing to do for {limit:?}; stopping (idle timeout)");
+                        return Ok(AgentExit::Idle);
                     }
                     _ => {}
                 }
@@ -126,8 +162,21 @@ pub async fn run_agent(config: AgentConfig, mut stop: watch::Receiver<bool>) -> 
         let jitter = Duration::from_millis(u64::from(crate::random_bytes::<1>()[0]) % 100);
         tokio::select! {
             _ = tokio::time::sleep(backoff + jitter) => {}
-            _ = stop.changed() => return Ok(()),
+            _ = stop.changed() => return Ok(AgentExit::Stopped),
+            _ = changed(&mut leave) => return Ok(AgentExit::Drained),
         }
         backoff = (backoff * 2).min(timing.backoff_max);
+    }
+}
+
+/// Resolves when `rx` changes; never without one.
+pub(crate) async fn changed(rx: &mut Option<watch::Receiver<bool>>) {
+    match rx {
+        Some(rx) => {
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await // its sender is gone: it never will
+            }
+        }
+        None => std::future::pending().await,
     }
 }

@@ -100,8 +100,15 @@ pub(crate) struct Session {
     generations: Generation,
     /// The capacity last announced to the orchestrator.
     advertised: usize,
-    /// The orchestrator asked for a drain: leave once nothing is held.
+    /// The orchestrator asked for a drain, or this side is leaving: leave
+    /// once nothing is held.
     draining: bool,
+    /// This side leaves, saying this, and ending so (see [`Session::leave`]).
+    leaving: Option<(String, SessionEnd)>,
+    /// Leave after holding nothing for this long (a launcher's idle timeout).
+    idle_limit: Option<Duration>,
+    /// Since when nothing has been held.
+    idle_since: Option<Instant>,
 }
 
 impl Session {
@@ -116,6 +123,9 @@ impl Session {
             generations: Generation(0),
             advertised: processes * DEPTH,
             draining: false,
+            leaving: None,
+            idle_limit: None,
+            idle_since: None,
         };
         for slot in 0..processes {
             let (pid, generation) = s.start_executor(slot, comm)?;
@@ -138,26 +148,58 @@ impl Session {
         self.queue.len() + self.slots.iter().map(|s| s.inflight.len()).sum::<usize>()
     }
 
-    /// The earliest moment a running task goes past its time limit, or runs
-    /// long enough to show that its slot holds too many tasks. Call
-    /// [`on_timer`](Self::on_timer) then.
     /// Slots whose executor holds no task: when the session ends, these may
     /// leave in their own time (see `driver::run_session`).
     pub(crate) fn idle_slots(&self) -> Vec<usize> {
         (0..self.slots.len()).filter(|&i| self.slots[i].inflight.is_empty()).collect()
     }
 
+    /// The earliest moment a running task goes past its time limit, runs
+    /// long enough to show that its slot holds too many tasks, or the
+    /// session has been idle for its idle limit. Call
+    /// [`on_timer`](Self::on_timer) then.
     pub(crate) fn next_deadline(&self) -> Option<Instant> {
-        self.slots
-            .iter()
-            .filter_map(|s| {
-                let (i, q) = s.inflight.front()?;
-                let started = i.started?;
-                let review = (s.depth() > DEPTH).then(|| started + QUEUE_BUDGET);
-                let limit = q.timeout.map(|t| started + t);
-                [review, limit].into_iter().flatten().min()
-            })
-            .min()
+        let tasks = self.slots.iter().filter_map(|s| {
+            let (i, q) = s.inflight.front()?;
+            let started = i.started?;
+            let review = (s.depth() > DEPTH).then(|| started + QUEUE_BUDGET);
+            let limit = q.timeout.map(|t| started + t);
+            [review, limit].into_iter().flatten().min()
+        });
+        tasks.chain(self.idle_deadline()).min()
+    }
+
+    /// When an idle session leaves: its idle limit after it last held a task.
+    fn idle_deadline(&self) -> Option<Instant> {
+        if self.leaving.is_some() {
+            return None;
+        }
+        Some(self.idle_since? + self.idle_limit?)
+    }
+
+    /// Leave on this side's initiative (a SIGTERM, the idle limit): take no
+    /// new task, finish what is held, then say goodbye with `reason` and end
+    /// with `end`. The first call decides.
+    pub(crate) fn leave(
+        &mut self,
+        reason: String,
+        end: SessionEnd,
+        now: Instant,
+        comm: &mut impl AgentComm,
+    ) -> Step {
+        if self.leaving.is_none() {
+            self.leaving = Some((reason, end));
+            self.draining = true;
+            self.advertised = 0;
+            comm.send(Outgoing::new(FromAgent::Capacity { tasks: 0 }));
+        }
+        self.feed(now, comm)
+    }
+
+    /// Leave once nothing has been held for `limit`.
+    pub(crate) fn set_idle_limit(&mut self, limit: Option<Duration>, now: Instant) {
+        self.idle_limit = limit;
+        self.idle_since = (self.held() == 0).then_some(now);
     }
 
     /// A message from the orchestrator.
@@ -303,6 +345,12 @@ impl Session {
     /// The moment [`next_deadline`](Self::next_deadline) named has come (or
     /// passed).
     pub(crate) fn on_timer(&mut self, now: Instant, comm: &mut impl AgentComm) -> Step {
+        if let (Some(at), Some(limit)) = (self.idle_deadline(), self.idle_limit) {
+            if now >= at {
+                let reason = format!("idle for {} s", limit.as_secs_f64());
+                return self.leave(reason, SessionEnd::Idle(limit), now, comm);
+            }
+        }
         self.review_depths(now, comm);
         self.expire_timeouts(now, comm)?;
         self.feed(now, comm)
@@ -310,6 +358,9 @@ impl Session {
 
     /// Tell the orchestrator how many tasks to send, when that changes.
     fn announce_capacity(&mut self, comm: &mut impl AgentComm) {
+        if self.leaving.is_some() {
+            return; // it said 0 once
+        }
         let want: usize = self.slots.iter().map(Slot::depth).sum();
         if want != self.advertised {
             self.advertised = want;
@@ -397,9 +448,16 @@ impl Session {
     /// nothing any more says goodbye and ends.
     fn feed(&mut self, now: Instant, comm: &mut impl AgentComm) -> Step {
         self.fill(now, comm)?;
-        if self.draining && self.held() == 0 {
-            comm.send(Outgoing::new(FromAgent::Goodbye { reason: "drained".into() }));
-            return Err(SessionEnd::Drained);
+        let held = self.held();
+        if self.draining && held == 0 {
+            let (reason, end) = self.leaving.take().unwrap_or(("drained".into(), SessionEnd::Drained));
+            comm.send(Outgoing::new(FromAgent::Goodbye { reason }));
+            return Err(end);
+        }
+        if held > 0 {
+            self.idle_since = None;
+        } else if self.idle_since.is_none() {
+            self.idle_since = Some(now);
         }
         Ok(())
     }

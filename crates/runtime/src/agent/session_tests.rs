@@ -371,3 +371,52 @@ fn what_a_function_needs_reaches_each_executor_once_before_it() {
     h.message(ToAgent::Task { task: 4, attempt: 1, fn_id: 52, timeout_ms: 0 }, 2).unwrap();
     assert_eq!(h.exec(), [s(1, "function 50"), s(1, "function 52 needs [FnId(50)]"), s(1, "task 4")]);
 }
+
+#[test]
+fn leaving_finishes_what_is_held_then_says_goodbye() {
+    let mut h = Harness::new(1);
+    h.task(1, 0, 0);
+    h.task(2, 0, 0);
+    assert_eq!(h.exec(), [s(0, "function 9"), s(0, "task 1"), s(0, "task 2")]);
+    let now = h.at(10);
+    h.s.leave("SIGTERM".into(), SessionEnd::Drained, now, &mut h.comm).unwrap();
+    assert_eq!(h.sent(), [FromAgent::Capacity { tasks: 0 }], "no new task, please");
+    // A task the orchestrator sent before it heard that still runs.
+    h.task(3, 0, 11);
+    h.result(0, 1, 1, 20);
+    h.result(0, 1, 2, 30);
+    assert_eq!(h.exec(), [s(0, "task 3")]);
+    assert_eq!(
+        h.sent(),
+        [FromAgent::Result { task: 1, attempt: 1 }, FromAgent::Result { task: 2, attempt: 1 }]
+    );
+    let end = h.exec_event(
+        ExecEvent::Result { slot: 0, generation: Generation(1), task: TaskId(3), payload: Bytes::new() },
+        40,
+    );
+    assert_eq!(end, Err(SessionEnd::Drained));
+    assert_eq!(
+        h.sent(),
+        [FromAgent::Result { task: 3, attempt: 1 }, FromAgent::Goodbye { reason: "SIGTERM".into() }]
+    );
+}
+
+#[test]
+fn an_idle_session_leaves_after_its_idle_limit_and_work_resets_it() {
+    let mut h = Harness::new(1);
+    let limit = Duration::from_secs(60);
+    h.s.set_idle_limit(Some(limit), h.at(0));
+    assert_eq!(h.s.next_deadline(), Some(h.at(60_000)));
+    h.task(1, 0, 30_000);
+    assert_eq!(h.exec(), [s(0, "function 9"), s(0, "task 1")]);
+    assert_eq!(h.s.next_deadline(), None, "busy: no idle deadline");
+    h.result(0, 1, 1, 50_000);
+    assert_eq!(h.sent(), [FromAgent::Result { task: 1, attempt: 1 }]);
+    assert_eq!(h.s.next_deadline(), Some(h.at(110_000)), "idle again since the result");
+    h.timer(109_999).unwrap();
+    assert_eq!(h.timer(110_000), Err(SessionEnd::Idle(limit)));
+    assert_eq!(
+        h.sent(),
+        [FromAgent::Capacity { tasks: 0 }, FromAgent::Goodbye { reason: "idle for 60 s".into() }]
+    );
+}

@@ -1,0 +1,69 @@
+"""How a launched worker ends: SIGTERM drains it, ``--idle-timeout`` lets it
+go when there is nothing to do, and its exit status says which."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from conftest import free_port, wait_until
+from distripool import Pool
+from workloads import slow_square
+
+
+def test_sigterm_mid_map_drains_the_worker_nothing_lost_nothing_retried(keyed, spawn_worker):
+    orch, key = keyed
+    leaving = spawn_worker(orch.addresses[0], key=key)
+    staying = spawn_worker(orch.addresses[0], key=key)
+    assert orch.wait_for_workers(2, timeout=60)
+    with Pool(orchestrator=orch) as pool:
+        result = pool.map_async(slow_square, range(200), chunksize=1)
+        wait_until(
+            lambda: any(w["pid"] == leaving.pid and w["tasks_running"] for w in orch.workers_info()),
+            60,
+            "the worker to hold tasks",
+        )
+        leaving.proc.send_signal(signal.SIGTERM)
+        assert result.get(timeout=120) == [x * x for x in range(200)]
+    assert leaving.proc.wait(60) == 0, leaving.log()
+    assert staying.proc.poll() is None
+    events = orch.events()
+    kinds = [e["kind"] for e in events]
+    assert "task_retried" not in kinds and "worker_lost" not in kinds, events
+    left = [e for e in events if e["kind"] == "worker_left"]
+    assert len(left) == 1 and "SIGTERM" in left[0]["reason"], events
+    stats = orch.stats()
+    assert (stats["crashes"], stats["workers_left"]) == (0, 1), stats
+
+
+def test_an_idle_worker_leaves_with_status_3(keyed, spawn_worker):
+    orch, key = keyed
+    worker = spawn_worker(orch.addresses[0], key=key, extra=["--idle-timeout", "1.5"])
+    assert orch.wait_for_workers(1, timeout=60)
+    with Pool(orchestrator=orch) as pool:
+        assert pool.map(slow_square, range(4)) == [0, 1, 4, 9]
+    assert worker.proc.wait(60) == 3, worker.log()
+    assert "nothing to do for 1.5 s, leaving" in worker.log()
+    wait_until(lambda: orch.workers == 0, 30, "the orchestrator to see it leave")
+    left = [e for e in orch.events() if e["kind"] == "worker_left"]
+    assert left and "idle for 1.5 s" in left[0]["reason"], orch.events()
+
+
+def test_a_worker_with_no_orchestrator_to_reach_leaves_when_idle(spawn_worker):
+    worker = spawn_worker(f"127.0.0.1:{free_port()}", key=b"k" * 32, extra=["--idle-timeout", "1"])
+    assert worker.proc.wait(60) == 3, worker.log()
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "soon", "inf"])
+def test_a_bad_idle_timeout_is_refused(value):
+    out = subprocess.run(
+        [sys.executable, "-m", "distripool", "worker", "--connect", "127.0.0.1:1", "--idle-timeout", value],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2
+    assert "--idle-timeout" in out.stderr and "seconds" in out.stderr
