@@ -48,6 +48,21 @@ def test_workers_info_shows_labels_host_pid_cpus_and_counts(orch, spawn_worker):
     assert stats["workers"] == 1 and stats["workers_lost"] == stats["workers_left"] == 0
 
 
+def test_a_worker_in_a_slurm_job_labels_itself_from_its_environment(orch, spawn_worker, monkeypatch):
+    """``srun distripool worker ...`` inside an allocation: the job id and
+    node come from Slurm's variables; a label given explicitly wins."""
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURMD_NODENAME", "node07")
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    monkeypatch.delenv("SLURM_ARRAY_TASK_ID", raising=False)
+    monkeypatch.delenv("SLURM_STEP_ID", raising=False)
+    w = spawn_worker(orch.addresses[0], key=b"workers-info-key", extra=["--label", "slurm_node=renamed"])
+    assert orch.wait_for_workers(1, timeout=60), w.log()
+    [info] = orch.workers_info()
+    assert info["labels"] == {"slurm_node": "renamed", "slurm_job_id": "4242", "slurm_procid": "3"}
+
+
 def test_a_worker_runs_one_executor_per_cpu_it_may_use(orch, spawn_worker):
     """Not one per CPU of the machine: a worker started on one CPU (``taskset``,
     a Slurm step, a container) runs one executor."""

@@ -177,6 +177,31 @@ def normalize_labels(labels) -> list[tuple[str, str]]:
     return out
 
 
+# What a worker started by Slurm (sbatch, srun) says about itself, from the
+# environment Slurm gives it: label -> variable.
+SLURM_LABELS = {
+    "slurm_job_id": "SLURM_JOB_ID",
+    "slurm_array_job_id": "SLURM_ARRAY_JOB_ID",
+    "slurm_array_task_id": "SLURM_ARRAY_TASK_ID",
+    "slurm_step_id": "SLURM_STEP_ID",
+    "slurm_node": "SLURMD_NODENAME",
+    "slurm_procid": "SLURM_PROCID",
+}
+
+
+def with_environment_labels(pairs: list[tuple[str, str]], environ=None) -> list[tuple[str, str]]:
+    """``pairs`` and, inside a Slurm job, the job's own labels (those given
+    explicitly win)."""
+    environ = os.environ if environ is None else environ
+    given = {k for k, _ in pairs}
+    extra = [
+        (label, environ[var])
+        for label, var in SLURM_LABELS.items()
+        if label not in given and environ.get(var) and len(environ[var].encode()) <= MAX_LABEL
+    ]
+    return (pairs + extra)[: max(MAX_LABELS, len(pairs))]
+
+
 def resolve_timing() -> list[tuple[str, float]] | None:
     """Time limits from ``$DISTRIPOOL_TIMING``, e.g. ``"heartbeat=0.2,silence=2"``
     (seconds); ``None`` keeps the defaults (1 s heartbeat, 10 s silence limit,

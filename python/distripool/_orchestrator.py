@@ -20,6 +20,7 @@ from ._config import (
     resolve_key,
     resolve_timing,
     resolve_tls,
+    with_environment_labels,
 )
 
 EXECUTOR_MODULE = "distripool._executor"
@@ -317,7 +318,7 @@ def make_worker(
         raise ValueError("Number of processes must be at least 1")
     key = resolve_key(authkey, key_file)
     tls = resolve_tls(tls_ca, tls_cert, tls_key)
-    pairs = normalize_labels(labels)
+    pairs = with_environment_labels(normalize_labels(labels))
     if idle_timeout is not None and not (isinstance(idle_timeout, (int, float)) and idle_timeout > 0):
         raise ValueError(f"idle_timeout must be a positive number of seconds or None, not {idle_timeout!r}")
     return _native.run_agent(
