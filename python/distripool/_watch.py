@@ -111,14 +111,15 @@ class Watch:
         for event in self._native.events(self._since):
             self._since = event["seq"] + 1
             self._log(event)
-        stats = dict(self._native.stats())
-        if stats.get("workers", 0) > 0:
+        # The worker count is a counter; the queue needs the core's snapshot,
+        # asked for only once no worker has been there for a while.
+        if self._native.workers > 0:
             self._no_workers_since = self._reported_at = None
             return
         if self._no_workers_since is None:
             self._no_workers_since = now
         alone = now - self._no_workers_since
-        queued = stats.get("tasks_queued", 0)
+        queued = self._native.stats().get("tasks_queued", 0) if alone >= WAITING_S else 0
         if (
             queued
             and alone >= WAITING_S
