@@ -11,7 +11,16 @@ import pytest
 
 from conftest import free_port, wait_until
 from distripool import Pool
-from workloads import slow_square
+from workloads import nap_square, slow_square
+
+
+def _left_once_cleanly(orch, why: str) -> None:
+    """One worker left, saying ``why``; no task was retried, none lost."""
+    events = orch.events()
+    kinds = [e["kind"] for e in events]
+    assert "task_retried" not in kinds and "worker_lost" not in kinds, events
+    left = [e for e in events if e["kind"] == "worker_left"]
+    assert len(left) == 1 and why in left[0]["reason"], events
 
 
 def test_sigterm_mid_map_drains_the_worker_nothing_lost_nothing_retried(keyed, spawn_worker):
@@ -30,11 +39,7 @@ def test_sigterm_mid_map_drains_the_worker_nothing_lost_nothing_retried(keyed, s
         assert result.get(timeout=120) == [x * x for x in range(200)]
     assert leaving.proc.wait(60) == 0, leaving.log()
     assert staying.proc.poll() is None
-    events = orch.events()
-    kinds = [e["kind"] for e in events]
-    assert "task_retried" not in kinds and "worker_lost" not in kinds, events
-    left = [e for e in events if e["kind"] == "worker_left"]
-    assert len(left) == 1 and "SIGTERM" in left[0]["reason"], events
+    _left_once_cleanly(orch, "SIGTERM")
     stats = orch.stats()
     assert (stats["crashes"], stats["workers_left"]) == (0, 1), stats
 
@@ -57,13 +62,39 @@ def test_a_worker_with_no_orchestrator_to_reach_leaves_when_idle(spawn_worker):
     assert worker.proc.wait(60) == 3, worker.log()
 
 
+def test_a_worker_leaves_before_its_time_limit_with_nothing_lost(keyed, spawn_worker):
+    orch, key = keyed
+    limited = spawn_worker(orch.addresses[0], key=key, processes=1, extra=["--time-limit", "3"])
+    staying = spawn_worker(orch.addresses[0], key=key, processes=1)
+    assert orch.wait_for_workers(2, timeout=60)
+    with Pool(orchestrator=orch) as pool:
+        assert pool.map(nap_square, range(40), chunksize=1) == [x * x for x in range(40)]
+    assert limited.proc.wait(60) == 4, limited.log()
+    assert "time limit reached, leaving" in limited.log()
+    assert staying.proc.poll() is None
+    _left_once_cleanly(orch, "time limit is near")
+    done = {w["pid"]: w["tasks_done"] for w in orch.workers_info()}
+    assert done[staying.pid] < 40, "the limited worker ran tasks too"
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("5", 300), ("01:30", 90), ("2:03:04", 7384), ("1-00:00:10", 86410), ("UNLIMITED", None), ("", None)],
+)
+def test_slurm_time_left_is_read_as_slurm_writes_it(text, seconds):
+    from distripool._config import parse_slurm_duration
+
+    assert parse_slurm_duration(text) == seconds
+
+
+@pytest.mark.parametrize("option", ["--idle-timeout", "--time-limit"])
 @pytest.mark.parametrize("value", ["0", "-1", "soon", "inf"])
-def test_a_bad_idle_timeout_is_refused(value):
+def test_a_bad_idle_timeout_or_time_limit_is_refused(option, value):
     out = subprocess.run(
-        [sys.executable, "-m", "distripool", "worker", "--connect", "127.0.0.1:1", "--idle-timeout", value],
+        [sys.executable, "-m", "distripool", "worker", "--connect", "127.0.0.1:1", option, value],
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert out.returncode == 2
-    assert "--idle-timeout" in out.stderr and "seconds" in out.stderr
+    assert option in out.stderr and "seconds" in out.stderr

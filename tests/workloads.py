@@ -92,3 +92,12 @@ def pid_after(seconds):
     executor of a pool gets some of a map's tasks)."""
     time.sleep(seconds)
     return os.getpid()
+
+
+def nap_square(x):
+    """A task of 250 ms: long enough for a worker's time limit to be judged
+    from it."""
+    import time
+
+    time.sleep(0.25)
+    return x * x

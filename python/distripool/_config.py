@@ -202,6 +202,55 @@ def with_environment_labels(pairs: list[tuple[str, str]], environ=None) -> list[
     return (pairs + extra)[: max(MAX_LABELS, len(pairs))]
 
 
+# A worker in a Slurm job leaves this long before the job's end: time for
+# its goodbye, for idle executors to exit, and for clocks that differ.
+SLURM_END_MARGIN = 15.0
+
+
+def parse_slurm_duration(text: str) -> float | None:
+    """Seconds in Slurm's ``[D-]HH:MM:SS`` / ``MM:SS`` / ``MM`` form
+    (``squeue -o %L``); None for ``UNLIMITED``, ``NOT_SET`` and the like."""
+    text = text.strip()
+    days, _, rest = text.rpartition("-")
+    parts = rest.split(":")
+    if not rest or len(parts) > 3 or not all(p.isdigit() for p in parts) or days and not days.isdigit():
+        return None
+    values = [int(p) for p in parts]
+    if len(values) == 1:
+        values = [0, values[0], 0]  # minutes
+    elif len(values) == 2:
+        values = [0, *values]
+    h, m, sec = values
+    return ((int(days or 0) * 24 + h) * 60 + m) * 60 + sec
+
+
+def slurm_time_left(environ=None) -> float | None:
+    """Inside a Slurm job: seconds until the job's end (from
+    ``$SLURM_JOB_END_TIME``, else ``squeue``); None outside one, for a job
+    without a limit, or when Slurm cannot say."""
+    import subprocess
+    import time
+
+    environ = os.environ if environ is None else environ
+    job = environ.get("SLURM_JOB_ID")
+    if not job:
+        return None
+    end = environ.get("SLURM_JOB_END_TIME", "")
+    if end.isdigit() and int(end) > 0:
+        return int(end) - time.time()
+    try:
+        out = subprocess.run(
+            ["squeue", "--noheader", "--jobs", job, "--format", "%L"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return parse_slurm_duration(out)
+
+
 def resolve_timing() -> list[tuple[str, float]] | None:
     """Time limits from ``$DISTRIPOOL_TIMING``, e.g. ``"heartbeat=0.2,silence=2"``
     (seconds); ``None`` keeps the defaults (1 s heartbeat, 10 s silence limit,

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 from . import _main, _native
 from ._config import (
     DEFAULT_PORTS,
+    SLURM_END_MARGIN,
     executor_env,
     normalize_addresses,
     normalize_labels,
@@ -20,6 +21,7 @@ from ._config import (
     resolve_key,
     resolve_timing,
     resolve_tls,
+    slurm_time_left,
     with_environment_labels,
 )
 
@@ -287,6 +289,7 @@ def make_worker(
     tls_key: str | os.PathLike[str] | None = None,
     labels: Mapping[str, str] | Iterable[str] | None = None,
     idle_timeout: float | None = None,
+    time_limit: float | None = None,
 ) -> str:
     """Run a worker agent in this process; blocks and executes work until interrupted.
 
@@ -304,7 +307,12 @@ def make_worker(
     Slurm and Kubernetes send before SIGKILL; nothing is lost and nothing
     counts as a crash). With ``idle_timeout``, it returns ``"idle"`` after
     that many seconds with nothing to do: no task held, or no orchestrator
-    to be reached.
+    to be reached. With ``time_limit``, or inside a Slurm job with a time
+    limit (which it then leaves 15 s before the job's end), it returns
+    ``"time-limit"``: from the moment the tasks it holds, judged by how long
+    recent tasks took, would no longer finish in time, it takes no new task,
+    finishes what it holds and leaves; what it still holds at the limit goes
+    to other workers, not lost and not counted as a crash.
 
     Raises:
         KeyboardInterrupt: on Ctrl-C, after stopping the executors.
@@ -319,8 +327,13 @@ def make_worker(
     key = resolve_key(authkey, key_file)
     tls = resolve_tls(tls_ca, tls_cert, tls_key)
     pairs = with_environment_labels(normalize_labels(labels))
-    if idle_timeout is not None and not (isinstance(idle_timeout, (int, float)) and idle_timeout > 0):
-        raise ValueError(f"idle_timeout must be a positive number of seconds or None, not {idle_timeout!r}")
+    for name, value in (("idle_timeout", idle_timeout), ("time_limit", time_limit)):
+        if value is not None and not (isinstance(value, (int, float)) and 0 < value < float("inf")):
+            raise ValueError(f"{name} must be a positive number of seconds or None, not {value!r}")
+    left = slurm_time_left()
+    if left is not None:
+        left = max(left - SLURM_END_MARGIN, 0.0)
+        time_limit = left if time_limit is None else min(time_limit, left)
     return _native.run_agent(
         addrs,
         key,
@@ -334,6 +347,7 @@ def make_worker(
         timing=resolve_timing(),
         labels=pairs,
         idle_timeout=None if idle_timeout is None else float(idle_timeout),
+        time_limit=None if time_limit is None else float(time_limit),
     )
 
 

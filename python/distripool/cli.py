@@ -19,8 +19,9 @@ when it goes away, and runs until interrupted (Ctrl-C), drained by the
 orchestrator, or sent SIGTERM (it finishes the tasks it holds, then leaves).
 
 exit status: 0 drained or SIGTERM (nothing lost), 3 idle (--idle-timeout),
-1 a fatal local error (an unreadable key file, executors that cannot start),
-2 bad arguments, 130 Ctrl-C.
+4 time limit (--time-limit, or the end of the Slurm job it runs in), 1 a fatal
+local error (an unreadable key file, executors that cannot start), 2 bad
+arguments, 130 Ctrl-C.
 
 example:
   distripool keygen cluster.key        # once; copy the file to every machine
@@ -29,6 +30,7 @@ example:
 
 
 EXIT_IDLE = 3
+EXIT_TIME_LIMIT = 4
 
 
 def _seconds(text: str) -> float:
@@ -59,6 +61,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
             tls_key=args.tls_key,
             labels=args.labels,
             idle_timeout=args.idle_timeout,
+            time_limit=args.time_limit,
         )
     except KeyboardInterrupt:
         print("distripool worker: interrupted, executors stopped", file=sys.stderr)
@@ -66,6 +69,9 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     if why == "idle":
         print(f"distripool worker: nothing to do for {args.idle_timeout:g} s, leaving", file=sys.stderr)
         return EXIT_IDLE
+    if why == "time-limit":
+        print("distripool worker: time limit reached, leaving", file=sys.stderr)
+        return EXIT_TIME_LIMIT
     return 0
 
 
@@ -122,6 +128,14 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         metavar="S",
         help="leave (exit status 3) after S seconds with nothing to do: no task, or no orchestrator to reach",
+    )
+    w.add_argument(
+        "--time-limit",
+        type=_seconds,
+        default=None,
+        metavar="S",
+        help="be gone S seconds from now (exit status 4): take no task that would not finish by then, "
+        "judged from recent tasks, and finish the ones held. In a Slurm job, its end does the same",
     )
     w.add_argument(
         "--authkey-file",

@@ -4,6 +4,7 @@
 //! at this boundary, and every blocking wait releases the GIL.
 
 mod memfd;
+mod worker;
 
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -17,7 +18,7 @@ use distripool_protocol::HandshakeError;
 use distripool_runtime::executor::ExecutorSpec;
 use distripool_runtime::orchestrator::FailureKind;
 use distripool_runtime::{
-    AgentConfig, AgentExit, Error, JobId, OrchestratorConfig, Outcome, Security, Timing, TlsFiles, WorkerId,
+    AgentConfig, Error, JobId, OrchestratorConfig, Outcome, Security, Timing, TlsFiles, WorkerId,
 };
 use pyo3::exceptions::{PyConnectionError, PyOSError, PyRuntimeError, PyTimeoutError, PyValueError};
 use pyo3::prelude::*;
@@ -194,6 +195,7 @@ impl Orchestrator {
             timing: Timing::default(),
             labels: Vec::new(),
             idle_timeout: None,
+            time_limit: None,
             leave: None,
         };
         orch.start_local_agent(config).map_err(to_py)
@@ -460,100 +462,6 @@ impl Client {
     }
 }
 
-/// Serve orchestrators as a worker agent until interrupted (Ctrl-C: the
-/// tasks it holds go elsewhere), drained, told to leave by SIGTERM (it
-/// finishes what it holds first), or idle for `idle_timeout` seconds.
-/// Returns why: "drained" or "idle".
-#[pyfunction]
-#[pyo3(signature = (
-    connect, key, processes, python, module, env, max_frame = None, cluster = None, encrypt = true, tls = None,
-    timing = None, labels = Vec::new(), idle_timeout = None
-))]
-#[allow(clippy::too_many_arguments)]
-fn run_agent(
-    py: Python<'_>,
-    connect: Vec<String>,
-    key: Vec<u8>,
-    processes: usize,
-    python: String,
-    module: String,
-    env: Vec<(String, String)>,
-    max_frame: Option<usize>,
-    cluster: Option<String>,
-    encrypt: bool,
-    tls: Option<(PathBuf, PathBuf, PathBuf)>,
-    timing: Option<Vec<(String, f64)>>,
-    labels: Vec<(String, String)>,
-    idle_timeout: Option<f64>,
-) -> PyResult<&'static str> {
-    let max_frame = max_frame.unwrap_or(distripool_runtime::DEFAULT_MAX_FRAME);
-    // make_worker checks that it is positive.
-    let idle_timeout = idle_timeout.map(Duration::try_from_secs_f64).transpose();
-    let idle_timeout = idle_timeout.map_err(|e| PyValueError::new_err(format!("idle_timeout: {e}")))?;
-    let (leave_tx, leave_rx) = tokio::sync::watch::channel(false);
-    let config = AgentConfig {
-        connect,
-        security: security(key, cluster, encrypt, tls),
-        processes,
-        executor: ExecutorSpec { python, module, env, max_frame },
-        timing: self::timing(timing)?,
-        labels,
-        idle_timeout,
-        leave: Some(leave_rx),
-    };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .thread_name("distripool-agent")
-        .enable_all()
-        .build()
-        .map_err(|e| PyOSError::new_err(e.to_string()))?;
-    // SIGTERM (what Slurm and Kubernetes send before SIGKILL): drain, then exit.
-    let mut term = {
-        let _guard = rt.enter();
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .map_err(|e| PyOSError::new_err(format!("cannot handle SIGTERM: {e}")))?
-    };
-    rt.spawn(async move {
-        if term.recv().await.is_some() {
-            let _ = leave_tx.send(true);
-        }
-    });
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let handle = rt.spawn(distripool_runtime::run_agent(config, stop_rx));
-    loop {
-        let done = py.detach(|| {
-            std::thread::sleep(Duration::from_millis(50));
-            handle.is_finished()
-        });
-        if done {
-            break;
-        }
-        if let Err(e) = py.check_signals() {
-            let _ = stop_tx.send(true);
-            py.detach(|| {
-                let _ = rt.block_on(handle);
-                rt.shutdown_timeout(Duration::from_secs(2));
-            });
-            return Err(e);
-        }
-    }
-    let result = py.detach(|| rt.block_on(handle));
-    match result {
-        Ok(r) => r.map_err(to_py).map(|exit| match exit {
-            AgentExit::Idle => "idle",
-            AgentExit::Drained | AgentExit::Stopped => "drained",
-        }),
-        Err(e) => Err(PyRuntimeError::new_err(format!("agent crashed: {e}"))),
-    }
-}
-
-/// CPUs this process may use: its affinity mask, capped by its cgroup's CPU
-/// quota. What a worker runs executors for by default.
-#[pyfunction]
-fn usable_cpus() -> u32 {
-    distripool_runtime::agent::usable_cpus()
-}
-
 /// Send the core's log records to stderr, filtered like `RUST_LOG`
 /// (for example `info` or `distripool_runtime=debug`).
 #[pyfunction]
@@ -571,9 +479,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Orchestrator>()?;
     m.add_class::<Client>()?;
     m.add_class::<Blob>()?;
-    m.add_function(wrap_pyfunction!(run_agent, m)?)?;
+    m.add_function(wrap_pyfunction!(worker::run_agent, m)?)?;
     m.add_function(wrap_pyfunction!(enable_logging, m)?)?;
-    m.add_function(wrap_pyfunction!(usable_cpus, m)?)?;
+    m.add_function(wrap_pyfunction!(worker::usable_cpus, m)?)?;
     m.add_function(wrap_pyfunction!(memfd::read_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(memfd::write_buffer, m)?)?;
     m.add_class::<memfd::SharedMapping>()?;

@@ -46,6 +46,9 @@ pub enum SessionEnd {
     Stopped,
     /// The agent held nothing for its idle timeout, and said goodbye.
     Idle(Duration),
+    /// The agent's time limit came (its held tasks finished, or went
+    /// elsewhere with its goodbye).
+    TimeLimit,
 }
 
 impl SessionEnd {
@@ -69,6 +72,7 @@ impl std::fmt::Display for SessionEnd {
         match self {
             SessionEnd::Closed => f.write_str("connection closed"),
             SessionEnd::Idle(d) => write!(f, "idle for {d:?}"),
+            SessionEnd::TimeLimit => f.write_str("time limit reached"),
             SessionEnd::Silent(d) => write!(f, "no word from the peer for {d:?}"),
             SessionEnd::Connection(e) => write!(f, "connection error: {e}"),
             SessionEnd::Send(e) => write!(f, "cannot send: {e}"),

@@ -60,6 +60,7 @@ impl AgentThread {
             timing: Default::default(),
             labels: Vec::new(),
             idle_timeout: None,
+            time_limit: None,
             leave: None,
         };
         let thread = std::thread::spawn(move || {

@@ -125,6 +125,7 @@ where
         Err(end) => return end,
     };
     s.set_idle_limit(config.idle_timeout, Instant::now());
+    s.set_time_limit(config.time_limit);
     let mut leave = config.leave.clone();
     if leave.as_ref().is_some_and(|l| *l.borrow()) {
         if let Err(end) =
@@ -197,7 +198,8 @@ where
     })
     .await;
     drop(leaving);
-    if matches!(end, SessionEnd::Drained | SessionEnd::Stopped | SessionEnd::Idle(_)) {
+    if matches!(end, SessionEnd::Drained | SessionEnd::Stopped | SessionEnd::Idle(_) | SessionEnd::TimeLimit)
+    {
         // Let the goodbye out before the connection closes: the writer ends
         // once it has sent everything queued.
         let _ = tokio::time::timeout(timing.heartbeat * 2, &mut writer.0).await;

@@ -51,6 +51,11 @@ pub struct AgentConfig {
     /// Leave after this long with nothing to do (no task held, or no
     /// orchestrator to be had): a launcher's idle timeout.
     pub idle_timeout: Option<Duration>,
+    /// Be gone by then: take no task that would not finish before it
+    /// (judged from recent task durations), finish what is held and leave;
+    /// at that moment, leave with whatever is still held (a launcher's time
+    /// limit, the end of a Slurm job).
+    pub time_limit: Option<std::time::Instant>,
     /// When this becomes true, take no new task, finish what is held, say
     /// goodbye and stop (what SIGTERM does to a worker).
     pub leave: Option<watch::Receiver<bool>>,
@@ -66,6 +71,8 @@ pub enum AgentExit {
     Drained,
     /// Nothing to do for its idle timeout.
     Idle,
+    /// Its time limit came.
+    TimeLimit,
 }
 
 /// Serve orchestrators until `stop` becomes true. Connection and
@@ -86,6 +93,10 @@ pub async fn run_agent(config: AgentConfig, mut stop: watch::Receiver<bool>) -> 
     loop {
         if leave.as_ref().is_some_and(|l| *l.borrow()) {
             return Ok(AgentExit::Drained); // asked to leave between sessions
+        }
+        if config.time_limit.is_some_and(|at| std::time::Instant::now() >= at) {
+            tracing::info!("time limit reached; stopping");
+            return Ok(AgentExit::TimeLimit);
         }
         if let Some(limit) = config.idle_timeout {
             if idle_since.elapsed() >= limit {
@@ -115,6 +126,7 @@ pub async fn run_agent(config: AgentConfig, mut stop: watch::Receiver<bool>) -> 
         };
         let outcome = tokio::select! {
             r = attempt => r,
+            () = until(config.time_limit) => return Ok(AgentExit::TimeLimit),
             _ = stop.changed() => return Ok(AgentExit::Stopped),
             _ = changed(&mut leave) => return Ok(AgentExit::Drained),
         };
@@ -129,6 +141,10 @@ pub async fn run_agent(config: AgentConfig, mut stop: watch::Receiver<bool>) -> 
                     SessionEnd::Drained => {
                         tracing::info!("drained ({addr} knows); stopping");
                         return Ok(AgentExit::Drained);
+                    }
+                    SessionEnd::TimeLimit => {
+                        tracing::info!("time limit reached ({addr} knows); stopping");
+                        return Ok(AgentExit::TimeLimit);
                     }
                     SessionEnd::Idle(limit) => {
                         tracing::info!("nothing to do for {limit:?}; stopping (idle timeout)");
@@ -162,10 +178,19 @@ pub async fn run_agent(config: AgentConfig, mut stop: watch::Receiver<bool>) -> 
         let jitter = Duration::from_millis(u64::from(crate::random_bytes::<1>()[0]) % 100);
         tokio::select! {
             _ = tokio::time::sleep(backoff + jitter) => {}
+            () = until(config.time_limit) => return Ok(AgentExit::TimeLimit),
             _ = stop.changed() => return Ok(AgentExit::Stopped),
             _ = changed(&mut leave) => return Ok(AgentExit::Drained),
         }
         backoff = (backoff * 2).min(timing.backoff_max);
+    }
+}
+
+/// Resolves at `at`; never without it.
+async fn until(at: Option<std::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -24,6 +24,9 @@ pub const DEEP: usize = 32;
 /// another while another executor is free, and the work left queued at the
 /// end of a map stays under about this long per executor.
 pub(crate) const QUEUE_BUDGET: Duration = Duration::from_millis(2);
+/// Recent task durations the time limit judges by (see
+/// [`Session::set_time_limit`]).
+const RECENT: usize = 16;
 /// Executors of one slot that may die in a row before they are ready, before
 /// the session gives up (a broken Python installation, say).
 pub(crate) const MAX_START_FAILURES: u32 = 5;
@@ -109,6 +112,10 @@ pub(crate) struct Session {
     idle_limit: Option<Duration>,
     /// Since when nothing has been held.
     idle_since: Option<Instant>,
+    /// Be gone by then (a launcher's time limit, a job's end).
+    time_limit: Option<Instant>,
+    /// How long the most recent tasks ran, newest last.
+    recent: VecDeque<Duration>,
 }
 
 impl Session {
@@ -126,6 +133,8 @@ impl Session {
             leaving: None,
             idle_limit: None,
             idle_since: None,
+            time_limit: None,
+            recent: VecDeque::with_capacity(RECENT),
         };
         for slot in 0..processes {
             let (pid, generation) = s.start_executor(slot, comm)?;
@@ -166,7 +175,29 @@ impl Session {
             let limit = q.timeout.map(|t| started + t);
             [review, limit].into_iter().flatten().min()
         });
-        tasks.chain(self.idle_deadline()).min()
+        tasks.chain(self.idle_deadline()).chain(self.time_limit_deadline()).min()
+    }
+
+    /// Be gone by `at`: from the moment a slot's tasks, judged by the
+    /// longest of the recent ones, would no longer all finish before it,
+    /// take no new task and finish what is held; at `at`, say goodbye with
+    /// whatever is still held (it goes elsewhere, not lost) and end with
+    /// [`SessionEnd::TimeLimit`].
+    pub(crate) fn set_time_limit(&mut self, at: Option<Instant>) {
+        self.time_limit = at;
+    }
+
+    /// When to stop taking tasks so that the held ones finish by the time
+    /// limit (once leaving: the limit itself).
+    fn time_limit_deadline(&self) -> Option<Instant> {
+        let at = self.time_limit?;
+        if self.leaving.is_some() {
+            return Some(at);
+        }
+        let longest = self.recent.iter().max().copied().unwrap_or_default();
+        let depth = self.slots.iter().map(Slot::depth).max().unwrap_or(DEPTH);
+        let needed = longest.saturating_mul(depth as u32);
+        Some(at.checked_sub(needed).unwrap_or(at).min(at))
     }
 
     /// When an idle session leaves: its idle limit after it last held a task.
@@ -287,6 +318,10 @@ impl Session {
                 if let Some(t0) = done.started {
                     let took = now.saturating_duration_since(t0);
                     s.typical_task = Some(s.typical_task.map_or(took, |avg| (avg * 3 + took) / 4));
+                    if self.recent.len() == RECENT {
+                        self.recent.pop_front();
+                    }
+                    self.recent.push_back(took);
                 }
                 if let Some((next, _)) = s.inflight.front_mut() {
                     next.started = Some(now);
@@ -345,6 +380,19 @@ impl Session {
     /// The moment [`next_deadline`](Self::next_deadline) named has come (or
     /// passed).
     pub(crate) fn on_timer(&mut self, now: Instant, comm: &mut impl AgentComm) -> Step {
+        if let Some(limit) = self.time_limit {
+            if now >= limit {
+                // Out of time: what is still held goes elsewhere.
+                self.leaving = None;
+                let reason = "its time limit came with tasks held".to_string();
+                comm.send(Outgoing::new(FromAgent::Goodbye { reason }));
+                return Err(SessionEnd::TimeLimit);
+            }
+            if self.time_limit_deadline().is_some_and(|at| now >= at) {
+                let reason = "its time limit is near".to_string();
+                return self.leave(reason, SessionEnd::TimeLimit, now, comm);
+            }
+        }
         if let (Some(at), Some(limit)) = (self.idle_deadline(), self.idle_limit) {
             if now >= at {
                 let reason = format!("idle for {} s", limit.as_secs_f64());

@@ -420,3 +420,51 @@ fn an_idle_session_leaves_after_its_idle_limit_and_work_resets_it() {
         [FromAgent::Capacity { tasks: 0 }, FromAgent::Goodbye { reason: "idle for 60 s".into() }]
     );
 }
+
+#[test]
+fn near_its_time_limit_a_session_takes_no_task_that_would_not_finish_and_leaves() {
+    let mut h = Harness::new(1);
+    h.s.set_time_limit(Some(h.at(100_000)));
+    assert_eq!(h.s.next_deadline(), Some(h.at(100_000)), "no task seen yet: the limit itself");
+    h.task(1, 0, 0);
+    h.task(2, 0, 0);
+    assert_eq!(h.exec(), [s(0, "function 9"), s(0, "task 1"), s(0, "task 2")]);
+    // Tasks of 10 s: two held per executor must start by 80 s.
+    h.result(0, 1, 1, 10_000);
+    assert_eq!(h.sent(), [FromAgent::Result { task: 1, attempt: 1 }]);
+    assert_eq!(h.s.next_deadline(), Some(h.at(80_000)));
+    h.task(3, 0, 10_000);
+    assert_eq!(h.exec(), [s(0, "task 3")]);
+    h.timer(79_999).unwrap();
+    assert_eq!(h.sent(), []);
+    h.timer(80_000).unwrap();
+    assert_eq!(h.sent(), [FromAgent::Capacity { tasks: 0 }], "no new task, please");
+    // What it holds still finishes, then it leaves, nothing lost.
+    h.result(0, 1, 2, 85_000);
+    let end = h.exec_event(
+        ExecEvent::Result { slot: 0, generation: Generation(1), task: TaskId(3), payload: Bytes::new() },
+        95_000,
+    );
+    assert_eq!(end, Err(SessionEnd::TimeLimit));
+    assert_eq!(
+        h.sent(),
+        [
+            FromAgent::Result { task: 2, attempt: 1 },
+            FromAgent::Result { task: 3, attempt: 1 },
+            FromAgent::Goodbye { reason: "its time limit is near".into() }
+        ]
+    );
+}
+
+#[test]
+fn at_its_time_limit_a_session_leaves_with_what_it_still_holds() {
+    let mut h = Harness::new(1);
+    h.s.set_time_limit(Some(h.at(5_000)));
+    h.task(1, 0, 0);
+    assert_eq!(h.exec(), [s(0, "function 9"), s(0, "task 1")]);
+    assert_eq!(h.s.next_deadline(), Some(h.at(5_000)));
+    h.timer(4_999).unwrap();
+    // The task runs on at the limit: the goodbye hands it back.
+    assert_eq!(h.timer(5_000), Err(SessionEnd::TimeLimit));
+    assert_eq!(h.sent(), [FromAgent::Goodbye { reason: "its time limit came with tasks held".into() }]);
+}
