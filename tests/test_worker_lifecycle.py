@@ -98,3 +98,15 @@ def test_a_bad_idle_timeout_or_time_limit_is_refused(option, value):
     )
     assert out.returncode == 2
     assert option in out.stderr and "seconds" in out.stderr
+
+
+def test_a_worker_without_a_key_is_told_so_once_and_keeps_retrying(keyed, spawn_worker):
+    orch, _ = keyed
+    worker = spawn_worker(orch.addresses[0], key=None, extra=["--idle-timeout", "3"])
+    assert worker.proc.wait(60) == 3, worker.log()
+    log = worker.log()
+    assert log.count("this worker has no key set, and the orchestrator requires one") == 1, log
+    assert "keys differ" not in log
+    refused = [e for e in orch.events() if e["kind"] == "connection_refused"]
+    assert len(refused) >= 2, "it retried"
+    assert all("the worker has no key set" in e["reason"] for e in refused), refused

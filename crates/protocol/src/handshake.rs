@@ -82,12 +82,18 @@ pub enum Role {
 /// an unauthenticated peer could use).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RejectReason {
-    Version { supported: u32 },
+    Version {
+        supported: u32,
+    },
     Role,
     Auth,
     Malformed,
     Cluster,
-    Sealing { orchestrator_seals: bool },
+    Sealing {
+        orchestrator_seals: bool,
+    },
+    /// The agent has no key, and the orchestrator's proof needs one.
+    NoKey,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -117,6 +123,15 @@ pub enum HandshakeError {
     PeerFailedAuth,
     #[error("the peer refused our authentication key (the keys differ)")]
     RejectedAuth,
+    #[error(
+        "this worker has no key set, and the orchestrator requires one: give it the orchestrator's key \
+         with --authkey-file, DISTRIPOOL_AUTHKEY or DISTRIPOOL_AUTHKEY_FILE"
+    )]
+    NoKey,
+    #[error("the orchestrator has no key set, and this worker has one: start both with the same key")]
+    PeerHasNoKey,
+    #[error("the worker has no key set; give it this orchestrator's key")]
+    RejectedNoKey,
     #[error("the peer refused the handshake: {0:?}")]
     Rejected(RejectReason),
     #[error("unexpected handshake message")]
@@ -141,9 +156,11 @@ impl HandshakeError {
             HandshakeError::SealingMismatch { orchestrator, .. } => {
                 RejectReason::Sealing { orchestrator_seals: *orchestrator }
             }
-            HandshakeError::PeerFailedAuth => RejectReason::Auth,
+            HandshakeError::PeerFailedAuth | HandshakeError::PeerHasNoKey => RejectReason::Auth,
+            HandshakeError::NoKey => RejectReason::NoKey,
             HandshakeError::BadMagic | HandshakeError::Unexpected => RejectReason::Malformed,
             HandshakeError::RejectedAuth
+            | HandshakeError::RejectedNoKey
             | HandshakeError::Rejected(_)
             | HandshakeError::RejectedCluster { .. } => return None,
         };
@@ -152,13 +169,21 @@ impl HandshakeError {
 
     /// True when the shared keys differ, as opposed to a protocol mismatch.
     pub fn is_auth_failure(&self) -> bool {
-        matches!(self, HandshakeError::PeerFailedAuth | HandshakeError::RejectedAuth)
+        matches!(
+            self,
+            HandshakeError::PeerFailedAuth
+                | HandshakeError::RejectedAuth
+                | HandshakeError::NoKey
+                | HandshakeError::PeerHasNoKey
+                | HandshakeError::RejectedNoKey
+        )
     }
 }
 
 fn rejected(reason: RejectReason, ours: &Binding) -> HandshakeError {
     match reason {
         RejectReason::Auth => HandshakeError::RejectedAuth,
+        RejectReason::NoKey => HandshakeError::RejectedNoKey,
         RejectReason::Cluster => HandshakeError::RejectedCluster { ours: ours.cluster.clone() },
         RejectReason::Sealing { orchestrator_seals } => {
             HandshakeError::SealingMismatch { agent: ours.sealed, orchestrator: orchestrator_seals }
@@ -222,6 +247,15 @@ impl ClientHandshake {
                 }
                 let expected = proof(&self.key, Role::Orchestrator, &self.transcript, &self.nonce, &nonce);
                 if !verify(&expected, &theirs) {
+                    // Say which side lacks a key, when one does: that is
+                    // the usual mistake, and "the keys differ" hides it.
+                    if self.key.is_empty() {
+                        return Err(HandshakeError::NoKey);
+                    }
+                    let keyless = proof(b"", Role::Orchestrator, &self.transcript, &self.nonce, &nonce);
+                    if verify(&keyless, &theirs) {
+                        return Err(HandshakeError::PeerHasNoKey);
+                    }
                     return Err(HandshakeError::PeerFailedAuth);
                 }
                 self.server_nonce = Some(nonce);
@@ -366,6 +400,17 @@ mod tests {
         assert_eq!(server, Err(HandshakeError::RejectedAuth));
         assert!(client.unwrap_err().is_auth_failure());
         assert!(server.unwrap_err().is_auth_failure());
+    }
+
+    #[test]
+    fn a_side_without_a_key_is_named_as_such() {
+        let (client, server) = run(b"", b"secret");
+        assert_eq!(client, Err(HandshakeError::NoKey));
+        assert_eq!(server, Err(HandshakeError::RejectedNoKey));
+        let (client, server) = run(b"secret", b"");
+        assert_eq!(client, Err(HandshakeError::PeerHasNoKey));
+        assert_eq!(server, Err(HandshakeError::RejectedAuth));
+        assert_eq!(run(b"", b"").0, Ok(42), "no key on either side is allowed (loopback)");
     }
 
     #[test]

@@ -26,6 +26,7 @@ mod session;
 
 use std::time::Duration;
 
+use distripool_protocol::HandshakeError;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
@@ -90,6 +91,7 @@ pub async fn run_agent(config: AgentConfig, mut stop: watch::Receiver<bool>) -> 
     // With nothing to do since then (no session, or one that held nothing).
     let mut idle_since = tokio::time::Instant::now();
     let mut leave = config.leave.clone();
+    let mut refusals = Refusals::default();
     loop {
         if leave.as_ref().is_some_and(|l| *l.borrow()) {
             return Ok(AgentExit::Drained); // asked to leave between sessions
@@ -133,6 +135,7 @@ pub async fn run_agent(config: AgentConfig, mut stop: watch::Receiver<bool>) -> 
         match outcome {
             Ok((stream, session, keys)) => {
                 tracing::info!("connected to orchestrator {addr} (session {session})");
+                refusals = Refusals::default();
                 backoff = timing.backoff_start;
                 let end = run_session(stream, &config, binding.sealed.then_some(keys), &mut stop).await;
                 idle_since = tokio::time::Instant::now();
@@ -161,13 +164,17 @@ pub async fn run_agent(config: AgentConfig, mut stop: watch::Receiver<bool>) -> 
                 tracing::warn!("session with {addr} ended: {end}; reconnecting");
             }
             Err(Error::Handshake(e)) if e.is_auth_failure() => {
-                tracing::error!(
-                    "authentication with orchestrator {addr} failed: {e}; check that both sides use the same key \
-                     (--authkey-file, DISTRIPOOL_AUTHKEY or DISTRIPOOL_AUTHKEY_FILE); retrying"
-                );
+                let advice = if matches!(e, HandshakeError::NoKey | HandshakeError::PeerHasNoKey) {
+                    String::new()
+                } else {
+                    "; check that both sides use the same key (--authkey-file, DISTRIPOOL_AUTHKEY or \
+                     DISTRIPOOL_AUTHKEY_FILE)"
+                        .into()
+                };
+                refusals.note(format!("authentication with orchestrator {addr} failed: {e}{advice}"));
             }
             Err(e @ (Error::Handshake(_) | Error::Tls(_))) => {
-                tracing::error!("cannot join orchestrator {addr}: {e}; retrying");
+                refusals.note(format!("cannot join orchestrator {addr}: {e}"));
             }
             Err(Error::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => tracing::warn!(
                 "orchestrator {addr} closed the connection during the handshake (it may be busy with many \
@@ -183,6 +190,36 @@ pub async fn run_agent(config: AgentConfig, mut stop: watch::Receiver<bool>) -> 
             _ = changed(&mut leave) => return Ok(AgentExit::Drained),
         }
         backoff = (backoff * 2).min(timing.backoff_max);
+    }
+}
+
+/// Refused handshakes are retried (a rogue peer on the port must not be able
+/// to stop a worker), but logged loudly only the first time for each cause,
+/// then once a minute with a count.
+#[derive(Default)]
+struct Refusals {
+    last: Option<(String, std::time::Instant, u32)>,
+}
+
+impl Refusals {
+    const REMIND: Duration = Duration::from_secs(60);
+
+    fn note(&mut self, what: String) {
+        match &mut self.last {
+            Some((last, since, n)) if *last == what => {
+                *n += 1;
+                if since.elapsed() >= Self::REMIND {
+                    tracing::warn!("still refused ({n} times so far): {what}; retrying");
+                    *since = std::time::Instant::now();
+                } else {
+                    tracing::debug!("refused again: {what}");
+                }
+            }
+            _ => {
+                tracing::error!("{what}; retrying with backoff");
+                self.last = Some((what, std::time::Instant::now(), 1));
+            }
+        }
     }
 }
 
