@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # System tools the tests use: iproute2 (hosts made of network namespaces),
 # iptables (a silent firewall that cuts links), openssl (the TLS tests'
-# certificates). Installed with apt-get when missing and run as root;
+# certificates), slurm-wlm and munge (a one-node Slurm the launcher tests
+# start themselves), openssh-server and -client (SSH hosts in namespaces). Installed with apt-get when missing and run as root;
 # otherwise says what is missing (the tests that need it then fail under CI,
 # and are skipped elsewhere).
 set -euo pipefail
@@ -9,10 +10,16 @@ missing=()
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 command -v iptables >/dev/null 2>&1 || missing+=(iptables)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+command -v sbatch >/dev/null 2>&1 && [ -x /usr/sbin/slurmctld ] && [ -x /usr/sbin/slurmd ] || missing+=(slurm-wlm)
+[ -x /usr/sbin/munged ] || missing+=(munge)
+[ -x /usr/sbin/sshd ] || missing+=(openssh-server)
+command -v ssh >/dev/null 2>&1 || missing+=(openssh-client)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "installing ${missing[*]}" >&2
     export DEBIAN_FRONTEND=noninteractive
+    # A package manager stopped half-way (a killed install) blocks apt-get.
+    dpkg --configure -a >/dev/null 2>&1 || true
     apt-get update -qq
     apt-get install -y -qq "${missing[@]}" >/dev/null
 else

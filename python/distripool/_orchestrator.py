@@ -36,6 +36,21 @@ _live: weakref.WeakSet[Orchestrator] = weakref.WeakSet()
 _O = TypeVar("_O", bound="Orchestrator")
 
 
+class JoinSettings:
+    """What a worker needs to join an orchestrator, besides its address."""
+
+    __slots__ = ("key", "cluster", "encrypt", "tls")
+
+    def __init__(self, key: bytes, cluster: str, encrypt: bool, tls: bool):
+        self.key = key
+        self.cluster = cluster
+        self.encrypt = encrypt
+        self.tls = tls
+
+    def __repr__(self):  # never the key
+        return f"<JoinSettings cluster={self.cluster!r} encrypt={self.encrypt} tls={self.tls}>"
+
+
 class Orchestrator:
     """Accepts worker agents and schedules the tasks of the pools that use it.
 
@@ -56,9 +71,10 @@ class Orchestrator:
     ) -> None:
         _main.check_not_loading("an Orchestrator")
         _check_limits(max_crashes, max_message_size)
+        key = resolve_key(authkey)
         self._native = _native.Orchestrator(
             normalize_addresses(addresses),
-            resolve_key(authkey),
+            key,
             max_crashes,
             max_message_size,
             resolve_cluster(cluster),
@@ -66,6 +82,8 @@ class Orchestrator:
             tls,
             resolve_timing(),
         )
+        # What a launcher (distripool.deploy) hands the workers it starts.
+        self._join = JoinSettings(key, resolve_cluster(cluster), bool(encrypt), tls is not None)
         _live.add(self)
         from ._watch import Watch
 
@@ -83,6 +101,7 @@ class Orchestrator:
             [], os.urandom(32), max_crashes, max_message_size, timing=resolve_timing()
         )
         self._native.start_local_agent(processes, sys.executable, EXECUTOR_MODULE, executor_env())
+        self._join = None
         self._watch = None  # its own agent is always there
         _live.add(self)
         return self
