@@ -49,11 +49,15 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     _native.enable_logging(os.environ.get("DISTRIPOOL_LOG", "info"))
     addrs = [a for item in args.connect for a in item.split(",") if a]
     normalize_addresses(addrs)
+    key, key_file = None, args.authkey_file
+    if key_file == "-":
+        key, key_file = _key_from_stdin(), None
     try:
         why = make_worker(
             addrs,
             processes=args.processes,
-            key_file=args.authkey_file,
+            authkey=key,
+            key_file=key_file,
             cluster=args.cluster,
             encrypt=args.encrypt,
             tls_ca=args.tls_ca,
@@ -73,6 +77,29 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         print("distripool worker: time limit reached, leaving", file=sys.stderr)
         return EXIT_TIME_LIMIT
     return 0
+
+
+def _key_from_stdin() -> bytes:
+    """The key as the first line of standard input (what an SSH launcher
+    sends); the worker then leaves, as on SIGTERM, when its standard input
+    closes: the session that started it is gone."""
+    import signal
+    import threading
+
+    key = sys.stdin.buffer.readline().strip()
+    if not key:
+        raise ValueError("--authkey-file -: no key on the first line of standard input")
+
+    def leave_at_eof():
+        try:
+            while sys.stdin.buffer.read1(1 << 16):
+                pass
+        except (OSError, ValueError):
+            pass
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=leave_at_eof, name="distripool-stdin", daemon=True).start()
+    return key
 
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
@@ -142,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         metavar="FILE",
         default=None,
         help="file holding the shared key (default: $DISTRIPOOL_AUTHKEY, then "
-        "$DISTRIPOOL_AUTHKEY_FILE); must not be readable by other users",
+        "$DISTRIPOOL_AUTHKEY_FILE); must not be readable by other users. '-' reads it from the first "
+        "line of standard input, and the worker leaves when standard input closes (as SSH launchers use it)",
     )
     w.add_argument(
         "--cluster",

@@ -22,5 +22,6 @@ on SSH's standard input, never on a command line.
 
 from ._cluster import LaunchError
 from ._slurm import SlurmCluster
+from ._ssh import SSHCluster
 
-__all__ = ["LaunchError", "SlurmCluster"]
+__all__ = ["LaunchError", "SSHCluster", "SlurmCluster"]

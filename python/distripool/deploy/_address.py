@@ -53,8 +53,8 @@ def _wildcard(host: str) -> bool:
 
 
 def choose_connect(listening: Sequence[str], toward: str, what: str) -> list[str]:
-    """The addresses workers at ``toward`` (a host name or address; ``what``
-    names it in messages) dial to reach an orchestrator listening on
+    """The addresses workers at ``toward`` (a host name or address; ``what``,
+    like ``"host n1"``, names it in messages) dial to reach an orchestrator listening on
     ``listening``.
 
     Raises:
@@ -81,14 +81,15 @@ def choose_connect(listening: Sequence[str], toward: str, what: str) -> list[str
             out.append(addr)
     if not out:
         raise ValueError(
-            f"the orchestrator listens only on {', '.join(listening)}, which {what} {toward} ({ip}) cannot "
+            f"the orchestrator listens only on {', '.join(listening)}, which {what} ({ip}) cannot "
             "reach: make it on all interfaces (addresses='0.0.0.0:PORT', with a key), or pass connect="
         )
+    named = what if ip in what else f"{what} ({ip})"
     if local:
-        why = f"{what} {toward} is this host"
+        why = f"{named} is this host"
     else:
         on = f"interface {dev}" if dev else "the interface"
-        why = f"this host's address on {on}, which routes to {what} {toward} ({ip})"
+        why = f"this host's address on {on}, which routes to {named}"
     log.info("workers will dial %s: %s", ", ".join(out), why)
     return out
 

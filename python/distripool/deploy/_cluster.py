@@ -192,6 +192,12 @@ class Launch:
     def row(self, unit: Unit) -> dict[str, Any]:
         return {}
 
+    def explain(self, error: str) -> str:
+        """``error``, with what to do about it when that is known."""
+        if "No module named distripool" in error:
+            return f"{error} (install distripool for that Python, or pass python= the one that has it)"
+        return error
+
     def unit_of(self, labels: Mapping[str, str]) -> str | None:
         return labels.get(self.unit_label)
 
@@ -209,7 +215,7 @@ class Launch:
         )
         self.thread.start()
 
-    def scale(self, n: int) -> None:
+    def scale(self, n: int, raise_errors: bool = True) -> None:
         check_count("n", n)
         with self.lock:
             self.check_open()
@@ -217,7 +223,7 @@ class Launch:
             self.target = n
             self.paused.clear()
             self.failures.clear()
-            self.converge(time.time(), raise_errors=True)
+            self.converge(time.time(), raise_errors=raise_errors)
         self.wake.set()
 
     def adapt(self, minimum: int, maximum: int) -> None:
@@ -317,7 +323,7 @@ class Launch:
         unit.reason = reason
         if unit.stopped or unit.draining or unit.ever_connected:
             return
-        unit.error = unit.error or last_error(self.read_log(unit)) or ""
+        unit.error = unit.error or self.explain(last_error(self.read_log(unit)))
         n = self.failures[unit.where] = self.failures.get(unit.where, 0) + 1
         where = f" on {unit.where}" if unit.where else ""
         log.error(
@@ -340,8 +346,9 @@ class Launch:
         active = [u for u in self.units.values() if u.active]
         missing = self.target - len(active)
         started = 0
+        refused: set[str] = set()  # places that refused in this round
         while missing > 0 and started < BURST:
-            where = self.next_place()
+            where = self.next_place(refused)
             if where is None:
                 break
             try:
@@ -349,11 +356,12 @@ class Launch:
             except LaunchError as exc:
                 if raise_errors:
                     raise
+                refused.add(where)
                 n = self.failures[where] = self.failures.get(where, 0) + 1
-                log.error("cannot start a %s: %s", self.kind, exc)
+                log.error("cannot start a %s%s: %s", self.kind, f" on {where}" if where else "", exc)
                 if n >= MAX_FAILURES:
                     self.paused[where] = str(exc)
-                break
+                continue
             self.units[unit.name] = unit
             log.info("started %s %s%s", self.kind, unit.name, f" on {where}" if where else "")
             missing -= 1
@@ -361,8 +369,8 @@ class Launch:
         if missing < 0:
             self.shrink(active, -missing)
 
-    def next_place(self) -> str | None:
-        places = [p for p in self.places() if p not in self.paused]
+    def next_place(self, refused: set[str]) -> str | None:
+        places = [p for p in self.places() if p not in self.paused and p not in refused]
         if not places:
             return None
         load = {p: 0 for p in places}
@@ -504,15 +512,18 @@ def last_error(text: str) -> str:
     error or warning, else its last line."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     for line in reversed(lines):
-        if " ERROR " in line or " WARN " in line or "Error" in line or "error:" in line:
+        if any(m in line for m in (" ERROR ", " WARN ", "Error", "error:", "not available")):
             return _without_time(line)
     return _without_time(lines[-1]) if lines else ""
 
 
 def _without_time(line: str) -> str:
     head, sep, rest = line.partition(" ")
-    if sep and head[:4].isdigit() and "T" in head:  # the core's time stamp
-        return rest.strip()
+    if sep and head[:4].isdigit() and "T" in head:  # the core's time stamp and level
+        level, sep, message = rest.strip().partition(" ")
+        return (
+            message.strip() if sep and level in ("TRACE", "DEBUG", "INFO", "WARN", "ERROR") else rest.strip()
+        )
     return line
 
 
@@ -528,72 +539,3 @@ def _run(ref: weakref.ref) -> None:
         del state
         wake.wait(TICK)
         wake.clear()
-
-
-class Cluster:
-    """Shared by the launchers: a public object around its state."""
-
-    _state: Launch
-
-    def _setup(self, state: Launch) -> None:
-        self._state = state
-        # Also at exit (finalize's own atexit hook), and when collected.
-        self._finalizer = weakref.finalize(self, state.close)
-        state.start_thread()
-
-    @property
-    def orchestrator(self) -> Orchestrator:
-        """The orchestrator the workers join."""
-        return self._state.orchestrator
-
-    def scale(self, n: int) -> None:
-        """Keep ``n`` workers: start more, or let some go (one not yet
-        connected is stopped; a connected one drains, finishing what it
-        holds). Ends adaptive scaling.
-
-        Raises:
-            LaunchError: the engine refused to start one.
-        """
-        self._state.scale(n)
-
-    def adapt(self, minimum: int = 0, maximum: int = 0) -> None:
-        """Follow the orchestrator's queue: as many workers as its queued and
-        running tasks fill (``processes`` each), from ``minimum`` to
-        ``maximum``. More start at once; fewer only after the demand has
-        been lower for a few seconds, by draining."""
-        self._state.adapt(minimum, maximum)
-
-    def status(self) -> list[dict[str, Any]]:
-        """One dict per job or host started: its ``state`` (``submitted``,
-        ``queued``, ``running``, ``connected``, ``draining``, ``gone``), the
-        scheduler's ``reason`` (while queued; why it ended, once gone), the
-        ``error`` its worker logged when it has run for a minute without
-        connecting or ended before it did, its ``worker`` id while
-        connected, its ``age`` in seconds and its ``log`` file."""
-        return self._state.status()
-
-    def logs(self) -> dict[str, str]:
-        """The workers' stderr, by job or host."""
-        return self._state.logs()
-
-    def close(self) -> None:
-        """Stop every job and process this started and wait until the engine
-        lists none; close the orchestrator if this made it. Idempotent; also
-        runs at exit and when the object is garbage-collected."""
-        self._finalizer()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __repr__(self):
-        s = self._state
-        if s.closed:
-            return f"<{type(self).__name__} closed>"
-        with s.lock:
-            n = sum(u.active for u in s.units.values())
-            conn = sum(u.connected for u in s.units.values())
-        mode = f"adapt{s.adaptive}" if s.adaptive else f"target={s.target}"
-        return f"<{type(self).__name__} {mode} {s.kind}s={n} connected={conn}>"

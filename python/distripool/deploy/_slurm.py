@@ -15,7 +15,8 @@ from typing import Any
 from .._config import parse_slurm_duration
 from ..exceptions import DistripoolError
 from ._address import check_connect, choose_connect
-from ._cluster import Cluster, Launch, LaunchError, Unit, check_count, check_env
+from ._cluster import Launch, LaunchError, Unit, check_count, check_env
+from ._public import Cluster
 
 log = logging.getLogger("distripool.deploy")
 
@@ -175,7 +176,7 @@ class SlurmLaunch(Launch):
         argv = ["sinfo", "--noheader", "--Node", "--format=%o"]
         if self.partition:
             argv.append(f"--partition={self.partition}")
-        toward, what = None, "node"
+        toward = None
         try:
             out = run_engine(argv)
             addrs = [a for a in out.stdout.split() if a]
@@ -185,8 +186,11 @@ class SlurmLaunch(Launch):
         if toward is None:
             import socket
 
-            toward, what = socket.gethostname(), "this host (sinfo lists no node)"
-        return choose_connect(self.orchestrator.addresses, toward, what)
+            toward = socket.gethostname()
+            return choose_connect(
+                self.orchestrator.addresses, toward, f"this host {toward} (sinfo lists no node)"
+            )
+        return choose_connect(self.orchestrator.addresses, toward, f"node {toward} of the partition")
 
     def job_script(self) -> str:
         lines = [
