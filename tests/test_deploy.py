@@ -39,7 +39,13 @@ def test_bad_memory_is_refused(memory):
 
 @pytest.mark.parametrize(
     ("walltime", "text"),
-    [(60, "00:01:00"), (90, "00:02:00"), ("01:30:00", "01:30:00"), ("2-00:00:00", "2-00:00:00"), ("45", "00:45:00")],
+    [
+        (60, "00:01:00"),
+        (90, "00:02:00"),
+        ("01:30:00", "01:30:00"),
+        ("2-00:00:00", "2-00:00:00"),
+        ("45", "00:45:00"),
+    ],
 )
 def test_walltime_becomes_slurm_s_form(walltime, text):
     assert format_walltime(walltime) == text
