@@ -228,16 +228,34 @@ def _use_main(main):
 
 
 def _load(fn_id, blobs, mains):
-    """The function ``fn_id``, with the driver's main module it needs."""
+    """The function ``fn_id``, with what it needs: the driver's main module,
+    and its own modules (see ``_modules``), made importable first."""
     blob, needs = blobs[fn_id]
     main = None
     for need in needs:
-        main = mains.get(need)
-        if main is None:
-            from distripool import _main
-
-            main = mains[need] = _main.MainModule(pickle.loads(blobs[need][0]))
+        loaded = mains.get(need)
+        if loaded is None:
+            loaded = mains[need] = _need(pickle.loads(blobs[need][0]))
+        if loaded is not _MODULES:
+            main = loaded
     return _Function(blob, main)
+
+
+_MODULES = object()  # what a need that brought modules is remembered as
+
+
+def _need(obj):
+    from distripool import _main
+
+    if isinstance(obj, _main.MainSource):
+        return _main.MainModule(obj)
+    from distripool import _modules
+
+    if isinstance(obj, _modules.Upload):
+        _modules.unpack(obj)
+    else:
+        _modules.install(obj)
+    return _MODULES
 
 
 def _run(entry, payload, initialized, task):

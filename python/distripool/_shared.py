@@ -151,6 +151,7 @@ class _Shared:
         owns_orchestrator: bool,
         task_timeout=None,
         max_message_size=None,
+        ship_modules: bool = True,
     ):
         self.client = client
         # Executors of an embedded pool share this machine: large arguments
@@ -165,7 +166,10 @@ class _Shared:
         # What executors load before every function of this pool: the
         # driver's main module, if it has a file.
         main = _main.driver_blob()
-        self.needs = [main] if main is not None else []
+        self.main_needs = [main] if main is not None else []
+        # Executors on an orchestrator get the driver's own modules too,
+        # unless the pool says not to.
+        self.ship_modules = ship_modules and not owns_orchestrator
         self.orchestrator = orchestrator
         self.owns_orchestrator = owns_orchestrator
         self.cache: dict[int, object] = {}
@@ -173,9 +177,20 @@ class _Shared:
         self.stopping = False
         self.shutdown_done = False
 
+    @property
+    def needs(self) -> list:
+        """What executors load before a function of this pool: the driver's
+        main module and (see ``_modules``) its own modules."""
+        uploads = self.orchestrator._uploads_needed()
+        if not self.ship_modules:
+            return self.main_needs + uploads
+        from . import _modules
+
+        return self.main_needs + _modules.shipped() + uploads
+
     def submit(self, job: int, blob: bytes, tasks, needs=None) -> None:
         """Queue ``tasks`` calling the function ``blob``; executors load
-        ``needs`` (by default the driver's main module) before it."""
+        ``needs`` (by default :attr:`needs`) before it."""
         self.client.submit(job, blob, tasks, self.task_timeout, self.needs if needs is None else needs)
 
     def dumps(self, task, job: int, index: int) -> bytes:

@@ -138,6 +138,7 @@ class ProcessPoolExecutor(cf.Executor):
         max_crashes: int = 3,
         task_timeout: float | None = None,
         max_message_size: int | None = None,
+        ship_modules: bool = True,
     ) -> None:
         if max_workers is not None and max_workers <= 0:
             raise ValueError("max_workers must be greater than 0")
@@ -157,6 +158,7 @@ class ProcessPoolExecutor(cf.Executor):
             max_crashes=max_crashes,
             task_timeout=task_timeout,
             max_message_size=max_message_size,
+            ship_modules=ship_modules,
         )
         self._shutdown_lock = threading.Lock()
         self._shutdown = False

@@ -97,6 +97,10 @@ class Pool:
             worker has been connected for that long. Without it, tasks wait
             for workers as long as it takes, and the ``distripool`` logger
             says every minute that they wait, and why.
+        ship_modules: on an orchestrator, send the driver's own modules
+            (imported from files outside site-packages and the standard
+            library) to workers that cannot import them (default). False
+            sends only the functions.
     """
 
     def __init__(
@@ -112,6 +116,7 @@ class Pool:
         task_timeout: float | None = None,
         max_message_size: int | None = None,
         wait_for_workers: float | None = None,
+        ship_modules: bool = True,
     ) -> None:
         self._state = None  # so that __del__ works if the checks below raise
         _main.check_not_loading("a Pool")
@@ -151,7 +156,12 @@ class Pool:
                     f"no worker connected within {wait_for_workers:g} s (wait_for_workers): {watch.diagnosis()}"
                 )
         self._shared = _Shared(
-            orchestrator._open_client(), orchestrator, owns, task_timeout, max_message_size if owns else None
+            orchestrator._open_client(),
+            orchestrator,
+            owns,
+            task_timeout,
+            max_message_size if owns else None,
+            bool(ship_modules),
         )
         # Travels with every function: which pool, its initializer, its task
         # limit, and this process's multiprocessing authkey, which executors
