@@ -25,7 +25,7 @@ def mypy_strict(*paths: str) -> subprocess.CompletedProcess:
 def test_public_api_and_examples_pass_mypy_strict():
     done = mypy_strict("tests/typecheck/public_api.py", "examples")
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "Success: no issues found in 2 source files" in done.stdout
+    assert "Success: no issues found in 3 source files" in done.stdout
 
 
 def test_a_wrong_type_is_caught(tmp_path):

@@ -110,3 +110,15 @@ def test_a_worker_without_a_key_is_told_so_once_and_keeps_retrying(keyed, spawn_
     refused = [e for e in orch.events() if e["kind"] == "connection_refused"]
     assert len(refused) >= 2, "it retried"
     assert all("the worker has no key set" in e["reason"] for e in refused), refused
+
+
+def test_the_ready_file_exists_while_the_worker_is_connected(keyed, spawn_worker, tmp_path):
+    orch, key = keyed
+    ready = tmp_path / "ready"
+    worker = spawn_worker(orch.addresses[0], key=key, extra=["--ready-file", str(ready)])
+    assert orch.wait_for_workers(1, timeout=60)
+    wait_until(ready.exists, 30, "the ready file")
+    assert ready.read_text().startswith("connected to ")
+    orch.close()
+    wait_until(lambda: not ready.exists(), 30, "the ready file to go when the orchestrator does")
+    assert worker.proc.poll() is None, "the worker keeps retrying"

@@ -82,6 +82,7 @@ class Orchestrator:
             tls,
             resolve_timing(),
         )
+        self._uploads: dict[str, Any] = {}  # name -> _native.Blob of an Upload
         # What a launcher (distripool.deploy) hands the workers it starts.
         self._join = JoinSettings(key, resolve_cluster(cluster), bool(encrypt), tls is not None)
         _live.add(self)
@@ -102,6 +103,7 @@ class Orchestrator:
         )
         self._native.start_local_agent(processes, sys.executable, EXECUTOR_MODULE, executor_env())
         self._join = None
+        self._uploads = {}
         self._watch = None  # its own agent is always there
         _live.add(self)
         return self
@@ -167,6 +169,31 @@ class Orchestrator:
         if self.closed:
             raise ValueError("orchestrator is closed")
         return self._native.drain(worker)
+
+    def upload(self, path: str | os.PathLike[str]) -> None:
+        """Put the file or directory ``path`` next to every worker: each
+        gets it once, before its first task of any pool on this
+        orchestrator, in a directory of its own that becomes its executors'
+        working directory and the first entry of their ``sys.path`` (so an
+        uploaded ``.py`` file or package is importable, and data files open
+        by their relative names). Uploading the same name again replaces
+        it. Workers remove the directory when they stop.
+
+        Raises:
+            FileNotFoundError: ``path`` does not exist.
+            ValueError: the orchestrator is closed, or ``path`` is larger than 512 MiB.
+        """
+        if self.closed:
+            raise ValueError("orchestrator is closed")
+        import pickle
+
+        from . import _modules
+
+        up = _modules.pack(path)
+        self._uploads[up.name] = _native.Blob(pickle.dumps(up, protocol=5))
+
+    def _uploads_needed(self) -> list:
+        return list(self._uploads.values())
 
     def wait_for_workers(self, n: int = 1, timeout: float | None = None) -> bool:
         """Block until at least ``n`` workers are connected; False on timeout."""
@@ -309,6 +336,7 @@ def make_worker(
     labels: Mapping[str, str] | Iterable[str] | None = None,
     idle_timeout: float | None = None,
     time_limit: float | None = None,
+    ready_file: str | os.PathLike[str] | None = None,
 ) -> str:
     """Run a worker agent in this process; blocks and executes work until interrupted.
 
@@ -332,6 +360,8 @@ def make_worker(
     recent tasks took, would no longer finish in time, it takes no new task,
     finishes what it holds and leaves; what it still holds at the limit goes
     to other workers, not lost and not counted as a crash.
+    ``ready_file`` exists while the worker is connected (a readiness
+    check's file, in Kubernetes).
 
     Raises:
         KeyboardInterrupt: on Ctrl-C, after stopping the executors.
@@ -353,21 +383,26 @@ def make_worker(
     if left is not None:
         left = max(left - SLURM_END_MARGIN, 0.0)
         time_limit = left if time_limit is None else min(time_limit, left)
-    return _native.run_agent(
-        addrs,
-        key,
-        processes,
-        sys.executable,
-        EXECUTOR_MODULE,
-        executor_env(),
-        cluster=resolve_cluster(cluster),
-        encrypt=bool(encrypt),
-        tls=tls,
-        timing=resolve_timing(),
-        labels=pairs,
-        idle_timeout=None if idle_timeout is None else float(idle_timeout),
-        time_limit=None if time_limit is None else float(time_limit),
-    )
+    import tempfile
+
+    # The worker's own directory (uploads land there), removed when it stops.
+    with tempfile.TemporaryDirectory(prefix="distripool-worker-") as work_dir:
+        return _native.run_agent(
+            addrs,
+            key,
+            processes,
+            sys.executable,
+            EXECUTOR_MODULE,
+            [*executor_env(), ("DISTRIPOOL_WORK_DIR", work_dir)],
+            cluster=resolve_cluster(cluster),
+            encrypt=bool(encrypt),
+            tls=tls,
+            timing=resolve_timing(),
+            labels=pairs,
+            idle_timeout=None if idle_timeout is None else float(idle_timeout),
+            time_limit=None if time_limit is None else float(time_limit),
+            ready_file=None if ready_file is None else os.fspath(ready_file),
+        )
 
 
 def _close_all():

@@ -66,6 +66,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
             labels=args.labels,
             idle_timeout=args.idle_timeout,
             time_limit=args.time_limit,
+            ready_file=args.ready_file,
         )
     except KeyboardInterrupt:
         print("distripool worker: interrupted, executors stopped", file=sys.stderr)
@@ -117,7 +118,8 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="distripool",
-        description="Distributed multiprocessing.Pool: worker agents and key management.",
+        description="Distributed multiprocessing.Pool: worker agents, launchers (Slurm, SSH, "
+        "Kubernetes) and key management.",
     )
     from . import __version__
 
@@ -165,6 +167,12 @@ def main(argv: list[str] | None = None) -> int:
         "judged from recent tasks, and finish the ones held. In a Slurm job, its end does the same",
     )
     w.add_argument(
+        "--ready-file",
+        metavar="FILE",
+        default=None,
+        help="a file that exists while the worker is connected to an orchestrator (for a readiness check)",
+    )
+    w.add_argument(
         "--authkey-file",
         metavar="FILE",
         default=None,
@@ -203,6 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     tls.add_argument("--tls-cert", metavar="FILE", help="PEM file of this worker's certificate (chain)")
     tls.add_argument("--tls-key", metavar="FILE", help="PEM file of this worker's private key (mode 600)")
     w.set_defaults(func=_cmd_worker)
+
+    from .deploy._cli import add_commands
+
+    add_commands(sub)
 
     k = sub.add_parser("keygen", help="write a new random key to PATH (mode 600), or print it")
     k.add_argument("path", nargs="?", metavar="PATH", help="file to create; '-' or nothing prints the key")

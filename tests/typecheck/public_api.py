@@ -154,3 +154,24 @@ def errors() -> None:
         assert isinstance(exc, Exception)
     assert issubclass(RemoteTraceback, Exception)
     assert distripool.__version__
+
+
+def launchers() -> None:
+    from distripool.deploy import LaunchError, SlurmCluster, SSHCluster, kubernetes_manifest
+
+    with SlurmCluster(2, processes=4, memory="4GB", walltime="01:00:00", skip_directives=["--mem"]) as slurm:
+        assert_type(slurm.job_script(), str)
+        assert_type(slurm.dry_run(), str)
+        slurm.adapt(minimum=0, maximum=8)
+        rows: list[dict[str, Any]] = slurm.status()
+        logs: dict[str, str] = slurm.logs()
+        del rows, logs
+        assert_type(slurm.orchestrator, Orchestrator)
+    ssh = SSHCluster(["node1", "node2"], processes=2, ssh_options=["-p", "2222"])
+    ssh.scale(4)
+    ssh.close()
+    assert_type(kubernetes_manifest("10.0.0.5:1337", image="app:1", key=b"k", cpu="2"), str)
+    assert issubclass(LaunchError, RuntimeError)
+    orchestrator = make_orchestrator()
+    orchestrator.upload("data")
+    Pool(orchestrator=orchestrator, ship_modules=False).close()

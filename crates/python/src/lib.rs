@@ -196,6 +196,7 @@ impl Orchestrator {
             labels: Vec::new(),
             idle_timeout: None,
             time_limit: None,
+            ready_file: None,
             leave: None,
         };
         orch.start_local_agent(config).map_err(to_py)

@@ -18,7 +18,7 @@ use crate::{security, to_py};
 #[pyfunction]
 #[pyo3(signature = (
     connect, key, processes, python, module, env, max_frame = None, cluster = None, encrypt = true, tls = None,
-    timing = None, labels = Vec::new(), idle_timeout = None, time_limit = None
+    timing = None, labels = Vec::new(), idle_timeout = None, time_limit = None, ready_file = None
 ))]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn run_agent(
@@ -37,6 +37,7 @@ pub(crate) fn run_agent(
     labels: Vec<(String, String)>,
     idle_timeout: Option<f64>,
     time_limit: Option<f64>,
+    ready_file: Option<PathBuf>,
 ) -> PyResult<&'static str> {
     let max_frame = max_frame.unwrap_or(distripool_runtime::DEFAULT_MAX_FRAME);
     // make_worker checks that it is positive.
@@ -55,6 +56,7 @@ pub(crate) fn run_agent(
         idle_timeout,
         time_limit,
         leave: Some(leave_rx),
+        ready_file,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)

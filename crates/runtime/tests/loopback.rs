@@ -61,6 +61,7 @@ impl AgentThread {
             labels: Vec::new(),
             idle_timeout: None,
             time_limit: None,
+            ready_file: None,
             leave: None,
         };
         let thread = std::thread::spawn(move || {

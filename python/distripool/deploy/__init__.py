@@ -21,7 +21,8 @@ on SSH's standard input, never on a command line.
 """
 
 from ._cluster import LaunchError
+from ._kubernetes import kubernetes_manifest
 from ._slurm import SlurmCluster
 from ._ssh import SSHCluster
 
-__all__ = ["LaunchError", "SSHCluster", "SlurmCluster"]
+__all__ = ["LaunchError", "SSHCluster", "SlurmCluster", "kubernetes_manifest"]

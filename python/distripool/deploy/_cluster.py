@@ -68,10 +68,37 @@ class Unit:
         return self.state != "gone" and not self.draining and not self.stopped
 
 
+class Elsewhere:
+    """An orchestrator in another process (the shell commands launch for
+    one): what its workers need to join it, and nothing it would know."""
+
+    closed = False
+
+    def __init__(self, key: bytes, cluster: str, encrypt: bool):
+        from .._orchestrator import JoinSettings
+
+        self._join = JoinSettings(key, cluster, encrypt, False)
+        self.addresses: list[str] = []
+
+    def workers_info(self) -> list:
+        return []
+
+    def stats(self) -> dict:
+        return {}
+
+    def drain(self, worker: int) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+
 def resolve_orchestrator(orchestrator: Orchestrator | None) -> tuple[Orchestrator, bool]:
     """The orchestrator to launch for, and whether the launcher made it (and
     closes it): the one given, else the default, else a new one on all
     interfaces with a random key, which becomes the default."""
+    if isinstance(orchestrator, Elsewhere):
+        return orchestrator, False  # type: ignore[return-value]
     if orchestrator is not None:
         if not isinstance(orchestrator, Orchestrator):
             raise TypeError(

@@ -4,10 +4,12 @@ so that collecting the object stops what it started."""
 from __future__ import annotations
 
 import weakref
-from typing import Any
+from typing import Any, TypeVar
 
 from .._orchestrator import Orchestrator
 from ._cluster import Launch
+
+_C = TypeVar("_C", bound="Cluster")
 
 
 class Cluster:
@@ -62,7 +64,7 @@ class Cluster:
         runs at exit and when the object is garbage-collected."""
         self._finalizer()
 
-    def __enter__(self):
+    def __enter__(self: _C) -> _C:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -60,6 +60,9 @@ pub struct AgentConfig {
     /// When this becomes true, take no new task, finish what is held, say
     /// goodbye and stop (what SIGTERM does to a worker).
     pub leave: Option<watch::Receiver<bool>>,
+    /// A file that exists while a session is up (a readiness check's, in
+    /// Kubernetes): made when the agent joins, removed when it leaves.
+    pub ready_file: Option<std::path::PathBuf>,
 }
 
 /// Why [`run_agent`] returned.
@@ -137,7 +140,9 @@ pub async fn run_agent(config: AgentConfig, mut stop: watch::Receiver<bool>) -> 
                 tracing::info!("connected to orchestrator {addr} (session {session})");
                 refusals = Refusals::default();
                 backoff = timing.backoff_start;
+                let ready = ReadyFile::made(config.ready_file.as_deref(), addr);
                 let end = run_session(stream, &config, binding.sealed.then_some(keys), &mut stop).await;
+                drop(ready);
                 idle_since = tokio::time::Instant::now();
                 match end {
                     SessionEnd::Stopped if *stop.borrow() => return Ok(AgentExit::Stopped),
@@ -190,6 +195,30 @@ pub async fn run_agent(config: AgentConfig, mut stop: watch::Receiver<bool>) -> 
             _ = changed(&mut leave) => return Ok(AgentExit::Drained),
         }
         backoff = (backoff * 2).min(timing.backoff_max);
+    }
+}
+
+/// The ready file, while it exists; removed when dropped.
+struct ReadyFile(Option<std::path::PathBuf>);
+
+impl ReadyFile {
+    fn made(path: Option<&std::path::Path>, addr: &str) -> Self {
+        let Some(path) = path else { return Self(None) };
+        match std::fs::write(path, format!("connected to {addr}\n")) {
+            Ok(()) => Self(Some(path.to_owned())),
+            Err(e) => {
+                tracing::warn!("cannot write the ready file {}: {e}", path.display());
+                Self(None)
+            }
+        }
+    }
+}
+
+impl Drop for ReadyFile {
+    fn drop(&mut self) {
+        if let Some(path) = &self.0 {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 
