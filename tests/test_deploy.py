@@ -171,3 +171,15 @@ def test_the_error_a_worker_logged_is_found_in_its_log():
         "/usr/bin/python3: No module named distripool"
     )
     assert last_error("") == ""
+
+
+@pytest.mark.parametrize("command", ["slurm", "ssh", "kubernetes"])
+def test_each_launcher_command_has_help_with_examples(command):
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "distripool", command, "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert "examples:" in out.stdout and f"distripool {command} " in out.stdout

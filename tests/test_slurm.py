@@ -192,3 +192,31 @@ def test_elastic_map_while_adapt_goes_0_4_1_0_is_exact_and_retries_nothing(
     assert (peak, middle) == (4, 1)
     assert retried == [] and stats["workers_lost"] == 0 and stats["crashes"] == 0, events
     assert stats["workers_left"] == len(cluster.status()) >= 4
+
+
+def test_the_slurm_command_runs_jobs_for_an_orchestrator_elsewhere(slurm, orch, tmp_path):
+    key_file = tmp_path / "cluster.key"
+    key_file.write_bytes(orch._join.key)
+    key_file.chmod(0o600)
+    port = orch.addresses[0].rpartition(":")[2]
+    argv = [sys.executable, "-m", "distripool", "slurm", "--jobs", "1", "--connect", f"127.0.0.1:{port}"]
+    argv += ["--authkey-file", str(key_file), "--log-dir", str(tmp_path), "--env", f"PYTHONPATH={TESTS}"]
+    script = subprocess.run([*argv, "--script"], capture_output=True, text=True, timeout=60)
+    assert script.returncode == 0 and script.stdout.startswith("#!/usr/bin/env bash"), script.stderr
+    assert orch._join.key.decode() not in script.stdout
+    dry = subprocess.run([*argv, "--dry-run"], capture_output=True, text=True, timeout=60)
+    assert dry.returncode == 0 and "to start" in dry.stdout, dry.stderr
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as cli:
+        try:
+            assert orch.wait_for_workers(1, timeout=60)
+            with Pool(orchestrator=orch) as pool:
+                assert pool.map(tiny, range(20)) == [x * 3 for x in range(20)]
+            assert orch.drain(orch.workers_info()[0]["id"])
+            out, err = cli.communicate(timeout=60)
+        finally:
+            if cli.poll() is None:
+                cli.kill()
+    print(out)
+    assert cli.returncode == 0, err
+    assert out.splitlines()[0].split() == ["JOB", "NODE", "STATE", "AGE", "DETAIL"]
+    assert " gone " in out.splitlines()[-1] and "drained" in out.splitlines()[-1], out

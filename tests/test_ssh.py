@@ -159,3 +159,39 @@ def test_a_host_that_cannot_reach_the_orchestrator_shows_it_in_status(hosts):
     assert row["state"] == "running", row
     assert "not available" in row["error"] and "retrying" in row["error"], row
     assert "its worker has not connected" in seen["stderr"]
+
+
+COMMAND = (
+    PRELUDE
+    + r"""
+import subprocess, tempfile
+from distripool import Orchestrator
+orch = Orchestrator(("0.0.0.0:0",), authkey="c" * 32)
+port = orch.addresses[0].rpartition(":")[2]
+key_file = os.path.join(tempfile.mkdtemp(), "key")
+with open(key_file, "w") as f:
+    f.write("c" * 32)
+os.chmod(key_file, 0o600)
+mine = hosts[0].rsplit(".", 1)[0] + ".1"
+argv = [sys.executable, "-m", "distripool", "ssh", *hosts, "--connect", f"{mine}:{port}", "--authkey-file", key_file,
+        "--python", sys.executable, "--processes", "1", "--env", "PYTHONPATH=" + os.environ["PYTHONPATH"]]
+argv += ["--ssh-option=" + o for o in options]
+cli = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+assert orch.wait_for_workers(1, timeout=60), cli.stderr.read() if cli.poll() is not None else "no worker"
+with Pool(orchestrator=orch) as pool:
+    squares = [sq for _, sq in pool.map(where, range(10))]
+orch.drain(orch.workers_info()[0]["id"])
+out, err = cli.communicate(timeout=60)
+print(json.dumps({"squares": squares, "out": out, "err": err, "rc": cli.returncode}))
+"""
+)
+
+
+def test_the_ssh_command_starts_workers_for_an_orchestrator_elsewhere(hosts):
+    seen = run(hosts, COMMAND, list(hosts.hosts.values())[:1])
+    print(seen["out"])
+    assert seen["rc"] == 0, seen["err"]
+    assert seen["squares"] == [x * x for x in range(10)]
+    lines = seen["out"].splitlines()
+    assert lines[0].split() == ["NAME", "HOST", "STATE", "AGE", "DETAIL"], lines
+    assert " gone " in lines[-1], lines

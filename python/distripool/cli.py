@@ -77,6 +77,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     if why == "time-limit":
         print("distripool worker: time limit reached, leaving", file=sys.stderr)
         return EXIT_TIME_LIMIT
+    print("distripool worker: drained (by the orchestrator, or SIGTERM), leaving", file=sys.stderr)
     return 0
 
 
@@ -87,15 +88,23 @@ def _key_from_stdin() -> bytes:
     import signal
     import threading
 
-    key = sys.stdin.buffer.readline().strip()
+    line = b""
+    while not line.endswith(b"\n"):  # unbuffered: nothing past the line is taken
+        chunk = os.read(0, 1)
+        if not chunk:
+            break
+        line += chunk
+    key = line.strip()
     if not key:
         raise ValueError("--authkey-file -: no key on the first line of standard input")
 
     def leave_at_eof():
+        # The descriptor, not sys.stdin: a daemon thread blocked inside the
+        # buffered reader would hold its lock when the interpreter exits.
         try:
-            while sys.stdin.buffer.read1(1 << 16):
+            while os.read(0, 1 << 16):
                 pass
-        except (OSError, ValueError):
+        except OSError:
             pass
         os.kill(os.getpid(), signal.SIGTERM)
 

@@ -326,8 +326,8 @@ class Launch:
                 unit.ever_connected = True
                 unit.error = ""
                 self.failures.pop(unit.where, None)
-                if w.get("state") in ("draining", "leaving"):
-                    unit.draining = True
+                if w.get("state") in ("draining", "leaving") and not unit.draining:
+                    self.let_go(unit)
             elif unit.state == "running" and unit.running_since and now - unit.running_since >= CONNECT_GRACE:
                 if not unit.ever_connected:
                     found = last_error(self.read_log(unit))
@@ -341,10 +341,27 @@ class Launch:
                         )
                     unit.error = found or "its worker has not connected and logged no error"
 
+    def exit_reason(self, unit: Unit, otherwise: str) -> str:
+        """Why a unit's worker ended, when it said so as it left (the last
+        ``distripool worker:`` line of its log); else ``otherwise``."""
+        for line in reversed(self.read_log(unit).splitlines()):
+            if line.startswith("distripool worker: "):
+                return line[len("distripool worker: ") :].strip()
+        return otherwise
+
+    def let_go(self, unit: Unit) -> None:
+        """Someone else (the orchestrator's owner, an operator's SIGTERM)
+        drained ``unit``: one worker fewer is wanted, not a replacement."""
+        unit.draining = True
+        if self.adaptive is None:
+            self.target = max(0, self.target - 1)
+
     def ended(self, unit: Unit, reason: str) -> None:
         """The engine says ``unit`` is gone."""
         if unit.state == "gone":
             return
+        if reason.startswith("drained") and not (unit.draining or unit.stopped):
+            self.let_go(unit)
         unit.state = "gone"
         unit.connected = False
         unit.reason = reason

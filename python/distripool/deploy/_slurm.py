@@ -261,7 +261,12 @@ class SlurmLaunch(Launch):
             row = listed.get(u.name)
             if row is None:
                 if u.state != "submitted" or time.time() - u.started > 30:
-                    self.ended(u, "cancelled" if u.stopped else self.exit_reason(u))
+                    self.ended(
+                        u,
+                        "cancelled"
+                        if u.stopped
+                        else self.exit_reason(u, "ended (no longer listed by squeue)"),
+                    )
                 continue
             state, reason, node = row
             u.where = node if node and node != "(null)" else u.where
@@ -276,14 +281,6 @@ class SlurmLaunch(Launch):
                 u.state = "running"
                 if not u.stopped:
                     u.reason = "" if state == "RUNNING" else state.lower()
-
-    def exit_reason(self, unit: Unit) -> str:
-        """Why a job that squeue no longer lists ended: what its worker said
-        last, when it said why it left."""
-        for line in reversed(self.read_log(unit).splitlines()):
-            if line.startswith("distripool worker: "):
-                return line[len("distripool worker: ") :].strip()
-        return "ended (no longer listed by squeue)"
 
     def stop(self, units: list[Unit]) -> None:
         ids = [u.name for u in units if u.state != "gone"]

@@ -144,6 +144,8 @@ class SSHLaunch(Launch):
                 self.ended(u, "stopped")
             elif rc == 255:
                 self.ended(u, "ssh failed (status 255)")
+            elif rc in (0, 3, 4):  # it left, and said why
+                self.ended(u, self.exit_reason(u, f"the worker exited with status {rc}"))
             else:
                 self.ended(u, f"the worker exited with status {rc}")
 
