@@ -149,6 +149,21 @@ def test_a_driver_that_exits_without_close_leaves_no_job(slurm, tmp_path):
     assert not listed & set(jobs), slurm.jobs()
 
 
+def test_a_cluster_nobody_holds_is_collected_and_its_jobs_cancelled(slurm, orch, tmp_path):
+    import gc
+    import weakref
+
+    def start():
+        cluster = SlurmCluster(jobs=1, env=ENV, orchestrator=orch, log_dir=tmp_path)
+        assert orch.wait_for_workers(1, timeout=60), cluster.logs()
+        return weakref.ref(cluster), f"distripool-{cluster._state.id}"
+
+    ref, name = start()
+    gc.collect()
+    assert ref() is None
+    assert [line for line in slurm.jobs() if line.endswith(name)] == []
+
+
 @pytest.mark.timeout(300)
 def test_the_walltime_loses_nothing(slurm, orch, tmp_path):
     # 160 tasks of 0.5 s on one executor: 80 s, more than a 1-minute job.

@@ -274,8 +274,18 @@ class Launch:
         lo, hi = self.adaptive
         stats = self.orchestrator.stats()
         tasks = stats.get("tasks_queued", 0) + stats.get("tasks_running", 0)
-        per = self.processes or 1
+        per = self.processes or self.slots_per_worker()
         return max(lo, min(hi, math.ceil(tasks / per)))
+
+    def slots_per_worker(self) -> int:
+        """Executors per worker, as the connected ones report them (for
+        workers started without ``processes``); 1 before any connects."""
+        ours = [u.worker for u in self.units.values() if u.connected]
+        try:
+            slots = [w["slots"] for w in self.orchestrator.workers_info() if w["id"] in ours]
+        except Exception:  # noqa: BLE001 - closed under us
+            slots = []
+        return max(1, sum(slots) // len(slots)) if slots else 1
 
     def tick(self) -> None:
         now = time.time()
