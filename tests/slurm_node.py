@@ -175,6 +175,13 @@ class SlurmNode:
     def stop(self) -> None:
         if any(p.poll() is None for p in self.procs):
             self.run("scancel", "--full", f"--user={os.geteuid()}")
+            # Until every job has ended: slurmd's job steps outlive it otherwise.
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                out = self.run("squeue", "--noheader", "--format=%i")
+                if out.returncode != 0 or not out.stdout.strip():
+                    break
+                time.sleep(0.2)  # Slurm ending its jobs: nothing to wait on but squeue
         for p in reversed(self.procs):
             if p.poll() is None:
                 p.terminate()
