@@ -72,6 +72,8 @@ class Blob:
 
 @final
 class Client:
+    @property
+    def id(self) -> int: ...
     def new_job(self) -> int: ...
     def submit(
         self,

@@ -82,6 +82,9 @@ class ApplyResult(Generic[_T]):
                 _report_callback_error(kind)
 
     def _abort(self, exc: BaseException) -> None:
+        bar = getattr(self, "_bar", None)
+        if bar is not None:
+            bar.close()
         if not self._event.is_set():
             self._success, self._value = False, exc
             self._event.set()
@@ -104,6 +107,7 @@ class MapResult(ApplyResult[list[_T]]):
         super().__init__(shared, callback, error_callback)
         self._success = True
         self._value = [None] * length
+        self._length = length
         self._chunksize = chunksize
         if chunksize <= 0:
             self._number_left = 0
@@ -111,9 +115,17 @@ class MapResult(ApplyResult[list[_T]]):
         else:
             self._number_left = length // chunksize + bool(length % chunksize)
 
+    _bar = None  # a _progress.Bar, with progress=...
+    _length = 0
+
     def _set(self, index: int, item) -> None:
         self._number_left -= 1
         success, result = item
+        if self._bar is not None:
+            start = index * self._chunksize
+            self._bar.advance(min(self._chunksize, self._length - start), failed=not success)
+            if self._number_left == 0:
+                self._bar.close()
         if success and self._success:
             self._value[index * self._chunksize : (index + 1) * self._chunksize] = result
         elif not success and self._success:
@@ -184,7 +196,14 @@ class _IMapJob:
         self._items.append(item)
         self._cond.notify()
 
+    _bar = None  # a _progress.Bar, with progress=...
+    _chunksize = 1
+
     def _set(self, index: int, item) -> None:
+        if self._bar is not None:
+            success, value = item
+            n = len(value) if success and isinstance(value, list) else self._chunksize
+            self._bar.advance(n, failed=not success)
         with self._cond:
             if not self._abandoned:
                 self._accept(index, item)
@@ -211,6 +230,8 @@ class _IMapJob:
     def _maybe_done(self) -> None:
         # Caller holds self._cond. job_done may be called more than once.
         if self._complete():
+            if self._bar is not None:
+                self._bar.close()
             self._shared.job_done(self._job)
 
     def _set_length(self, length: int) -> None:
@@ -282,6 +303,8 @@ class _IMapJob:
         self._permits.release()
 
     def _abort(self, exc: BaseException) -> None:
+        if self._bar is not None:
+            self._bar.close()
         with self._cond:
             self._items.append((False, exc))
             self._length = 0

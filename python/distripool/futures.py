@@ -20,9 +20,10 @@ from collections.abc import Iterable, Iterator
 from multiprocessing.pool import MaybeEncodingError, RemoteTraceback
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
+from . import _progress
 from ._executor import ExceptionParts
 from ._orchestrator import Orchestrator
-from .pool import APPLY, STARMAP, ApplyResult, Pool, _feed, _IMapJob, _task, check_buffersize
+from .pool import APPLY, STARMAP, ApplyResult, Pool, _desc, _feed, _IMapJob, _task, check_buffersize
 
 __all__ = ["ProcessPoolExecutor", "Executor"]
 
@@ -196,6 +197,7 @@ class ProcessPoolExecutor(cf.Executor):
         timeout: float | None = None,
         chunksize: int = 1,
         buffersize: int | None = None,
+        progress: bool | str | None = False,
     ) -> Iterator[_T]:
         """Like ``map(fn, *iterables)``, run in parallel; results in order.
 
@@ -204,9 +206,11 @@ class ProcessPoolExecutor(cf.Executor):
         are submitted and not yet yielded, and the inputs are read as the
         results are. Iterating the result raises ``TimeoutError`` if a
         result is not ready within ``timeout`` seconds of this call, and
-        re-raises a task's exception at its position.
+        re-raises a task's exception at its position. ``progress=True``
+        shows a bar of the items done (see :meth:`distripool.Pool.map`).
         """
         check_buffersize(buffersize)
+        _progress.check(progress)
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
         end_time = None if timeout is None else timeout + time.monotonic()
@@ -214,12 +218,14 @@ class ProcessPoolExecutor(cf.Executor):
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             if buffersize is not None:
-                return self._lazy_map(fn, iterables, end_time, chunksize, buffersize)
+                return self._lazy_map(fn, iterables, end_time, chunksize, buffersize, progress)
             items = list(zip(*iterables))
             pool = self._pool
             blob = pool._function_blob(fn)
             shared = pool._shared
             it = _IMapJob(shared, len(items) + 1, ordered=True)
+            it._chunksize = chunksize
+            it._bar = _progress.make(progress, len(items), _desc(fn), shared, it._job)
             chunks = [items[i : i + chunksize] for i in range(0, len(items), chunksize)]
             tasks = []
             unpicklable = None
@@ -244,7 +250,7 @@ class ProcessPoolExecutor(cf.Executor):
             self._maps.add(it)
         return _results(it, len(items), end_time, shared)
 
-    def _lazy_map(self, fn, iterables, end_time, chunksize, buffersize):
+    def _lazy_map(self, fn, iterables, end_time, chunksize, buffersize, progress=False):
         """``map`` with a ``buffersize``: a feeder reads the inputs as the
         results are yielded. Call with the shutdown lock held."""
         pool = self._pool
@@ -252,6 +258,8 @@ class ProcessPoolExecutor(cf.Executor):
         shared = pool._shared
         it = _IMapJob(shared, buffersize, ordered=True)
         it._buffered = True
+        it._chunksize = chunksize
+        it._bar = _progress.make(progress, None, _desc(fn), shared, it._job)
         feeder = threading.Thread(
             target=_feed,
             args=(shared, it, blob, zip(*iterables), chunksize, STARMAP),

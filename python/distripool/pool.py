@@ -25,9 +25,9 @@ import weakref
 from collections.abc import Iterable, Mapping
 from multiprocessing.pool import ThreadPool
 from types import TracebackType
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, TypeVar, Union
 
-from . import _envelope, _functions, _inherited, _main
+from . import _envelope, _functions, _inherited, _main, _progress
 from ._config import process_cpus
 from ._executor import APPLY, MAP, STARMAP, Authkey
 from ._orchestrator import Orchestrator, default_orchestrator
@@ -61,6 +61,15 @@ _live_pools: weakref.WeakSet = weakref.WeakSet()
 
 _T = TypeVar("_T")
 _S = TypeVar("_S")
+# progress=: False or None (no bar), True, or a style: "tqdm", "rich", "notebook", "plain".
+Progress = Union[bool, str, None]
+
+
+def _desc(func: Any) -> str:
+    """A bar's label: the function's name."""
+    return getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or "map"
+
+
 _P = TypeVar("_P", bound="Pool")
 
 
@@ -285,15 +294,32 @@ class Pool:
 
     # -- map ---------------------------------------------------------------
 
-    def map(self, func: Callable[[_S], _T], iterable: Iterable[_S], chunksize: int | None = None) -> list[_T]:
-        """Apply ``func`` to every item; return the results in order."""
-        return self._map_async(func, iterable, MAP, chunksize).get()
+    def map(
+        self,
+        func: Callable[[_S], _T],
+        iterable: Iterable[_S],
+        chunksize: int | None = None,
+        *,
+        progress: Progress = False,
+    ) -> list[_T]:
+        """Apply ``func`` to every item; return the results in order.
+
+        ``progress=True`` shows a bar of the items done (tqdm when installed,
+        else a line on stderr), with the tasks retried and the items failed;
+        ``"rich"`` and ``"notebook"`` pick those. The same holds for every
+        map and imap method."""
+        return self._map_async(func, iterable, MAP, chunksize, progress=progress).get()
 
     def starmap(
-        self, func: Callable[..., _T], iterable: Iterable[Iterable[Any]], chunksize: int | None = None
+        self,
+        func: Callable[..., _T],
+        iterable: Iterable[Iterable[Any]],
+        chunksize: int | None = None,
+        *,
+        progress: Progress = False,
     ) -> list[_T]:
         """Like :meth:`map`, calling ``func(*item)`` for each argument tuple."""
-        return self._map_async(func, iterable, STARMAP, chunksize).get()
+        return self._map_async(func, iterable, STARMAP, chunksize, progress=progress).get()
 
     def map_async(
         self,
@@ -302,8 +328,10 @@ class Pool:
         chunksize: int | None = None,
         callback: Callable[[list[_T]], object] | None = None,
         error_callback: Callable[[BaseException], object] | None = None,
+        *,
+        progress: Progress = False,
     ) -> MapResult[_T]:
-        return self._map_async(func, iterable, MAP, chunksize, callback, error_callback)
+        return self._map_async(func, iterable, MAP, chunksize, callback, error_callback, progress)
 
     def starmap_async(
         self,
@@ -312,8 +340,10 @@ class Pool:
         chunksize: int | None = None,
         callback: Callable[[list[_T]], object] | None = None,
         error_callback: Callable[[BaseException], object] | None = None,
+        *,
+        progress: Progress = False,
     ) -> MapResult[_T]:
-        return self._map_async(func, iterable, STARMAP, chunksize, callback, error_callback)
+        return self._map_async(func, iterable, STARMAP, chunksize, callback, error_callback, progress)
 
     def _map_async(
         self,
@@ -323,9 +353,11 @@ class Pool:
         chunksize: int | None = None,
         callback: Callable[[list[_T]], object] | None = None,
         error_callback: Callable[[BaseException], object] | None = None,
+        progress: Progress = False,
     ) -> MapResult[_T]:
         self._check_running()
         self._check_chunksize(chunksize)
+        _progress.check(progress)
         if not hasattr(iterable, "__len__"):
             iterable = list(iterable)
         n = len(iterable)
@@ -338,6 +370,7 @@ class Pool:
         blob = self._function_blob(func) if n else b""
         result = MapResult(self._shared, chunksize, n, callback, error_callback)
         if n:
+            result._bar = _progress.make(progress, n, _desc(func), self._shared, result._job)
             items = list(iterable) if not isinstance(iterable, list) else iterable
             job, dumps = result._job, self._shared.dumps
             # Only short chunks have their large top-level bytes wrapped, and
@@ -364,13 +397,15 @@ class Pool:
         iterable: Iterable[_S],
         chunksize: int = 1,
         buffersize: int | None = None,
+        *,
+        progress: Progress = False,
     ) -> IMapIterator[_T]:
         """Lazy :meth:`map`: an iterator over the results, in order.
 
         At most ``buffersize`` chunks (default: 4 per executor, at least 16)
         are submitted and not yet handed to the caller; the input is read no
         further ahead than that."""
-        return self._imap(IMapIterator, func, iterable, chunksize, buffersize)
+        return self._imap(IMapIterator, func, iterable, chunksize, buffersize, progress)
 
     def imap_unordered(
         self,
@@ -378,9 +413,11 @@ class Pool:
         iterable: Iterable[_S],
         chunksize: int = 1,
         buffersize: int | None = None,
+        *,
+        progress: Progress = False,
     ) -> IMapIterator[_T]:
         """Like :meth:`imap`, yielding results as they finish."""
-        return self._imap(IMapUnorderedIterator, func, iterable, chunksize, buffersize)
+        return self._imap(IMapUnorderedIterator, func, iterable, chunksize, buffersize, progress)
 
     def _imap(
         self,
@@ -389,17 +426,22 @@ class Pool:
         iterable: Iterable[Any],
         chunksize: int,
         buffersize: int | None,
+        progress: Progress = False,
     ) -> Any:
         self._check_running()
         check_buffersize(buffersize)
         if chunksize < 1:
             raise ValueError(f"Chunksize must be 1+, not {chunksize:n}")
+        _progress.check(progress)
         blob = self._function_blob(func)
         it = cls(self._shared, buffersize or max(16, 4 * self._slots()))
         try:
             it._items_total = len(iterable)
         except TypeError:
             pass  # a generator or other input without a length
+        job = it._imap
+        job._chunksize = chunksize
+        job._bar = _progress.make(progress, it._items_total, _desc(func), self._shared, job._job)
         feeder = threading.Thread(
             target=_feed,
             args=(self._shared, it._imap, blob, iter(iterable), chunksize),

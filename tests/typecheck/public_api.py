@@ -175,3 +175,12 @@ def launchers() -> None:
     orchestrator = make_orchestrator()
     orchestrator.upload("data")
     Pool(orchestrator=orchestrator, ship_modules=False).close()
+
+
+def progress_bars() -> None:
+    with Pool() as pool:
+        assert_type(pool.map(square, [1, 2], progress=True), list[int])
+        assert_type(pool.imap(square, [1, 2], progress="plain"), IMapIterator[int])
+        pool.starmap_async(pow, [(2, 3)], progress="tqdm").get()
+    with ProcessPoolExecutor() as ex:
+        list(ex.map(square, [1], progress="rich"))

@@ -384,6 +384,12 @@ struct Client {
 
 #[pymethods]
 impl Client {
+    /// This client's number, as the orchestrator's events name it.
+    #[getter]
+    fn id(&self) -> u64 {
+        self.inner.id().0
+    }
+
     fn new_job(&self) -> u64 {
         self.inner.new_job().0
     }
