@@ -21,6 +21,7 @@ import pytest
 import distripool
 from conftest import TESTS, alive, wait_until
 from distripool import MaybeEncodingError, Pool, WorkerLostError
+from workloads import crash_once
 
 ACTIONS = ["error", "exit", "os_exit", "segfault"]
 
@@ -333,3 +334,16 @@ def test_task_timeout_kills_the_executor_and_fails_the_task():
         assert isinstance(info.value, TimeoutError)
         assert p.map(sleep_for, [0.0, 0.1]) == [0.0, 0.1]
         del pid
+
+
+def test_a_crash_is_charged_to_the_task_that_crashed_not_one_before_it(tmp_path):
+    with Pool(1) as p:
+        p.map(identity, range(3))
+        seq = p._shared.orchestrator.events()[-1]["seq"] + 1
+        # Both reach the one executor together: the quick one's result is
+        # held back for batching while the next, of another function, runs.
+        quick = p.apply_async(identity, (5,))
+        crash = p.starmap_async(crash_once, [(str(tmp_path / "marker"), 7)], chunksize=1)
+        assert (quick.get(60), crash.get(60)) == (5, [7])
+        retried = [e for e in p._shared.orchestrator.events(seq) if e["kind"] == "task_retried"]
+    assert [(e["job"], e["index"]) for e in retried] == [(crash._job, 0)], retried

@@ -8,25 +8,13 @@ import re
 import pytest
 
 from distripool import Pool, ProcessPoolExecutor
-from workloads import identity
+from workloads import crash_once, identity
 
 
 def fail_on_13(x):
     if x == 13:
         raise ValueError("13 is unlucky")
     return x
-
-
-def crash_once(marker, x):
-    """Kill the executor the first time any executor runs it (only one
-    can create the marker); return ``x`` after that."""
-    import os
-
-    try:
-        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-    except FileExistsError:
-        return x
-    os._exit(3)
 
 
 def final_line(err: str) -> str:

@@ -101,3 +101,15 @@ def nap_square(x):
 
     time.sleep(0.25)
     return x * x
+
+
+def crash_once(marker, x):
+    """Kill the executor the first time any executor runs it (only one
+    can create the marker); return ``x`` after that."""
+    import os
+
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return x
+    os._exit(3)

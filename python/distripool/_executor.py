@@ -420,6 +420,10 @@ def serve(sock, max_frame):
             entry = loaded.get(b)
             task.mapped = task.reply = None
             if entry is None:
+                # A function not run here yet may kill this process: results
+                # held back for batching must be out first, or the agent
+                # would blame the task whose result was lost.
+                link.flush()
                 current = None  # loading may change __main__ and the authkey
                 try:
                     entry = loaded[b] = _load(b, blobs, mains)
