@@ -197,7 +197,7 @@ impl Session {
         let longest = self.recent.iter().max().copied().unwrap_or_default();
         let depth = self.slots.iter().map(Slot::depth).max().unwrap_or(DEPTH);
         let needed = longest.saturating_mul(depth as u32);
-        Some(at.checked_sub(needed).unwrap_or(at).min(at))
+        Some(at.checked_sub(needed).unwrap_or(at))
     }
 
     /// When an idle session leaves: its idle limit after it last held a task.
@@ -318,10 +318,13 @@ impl Session {
                 if let Some(t0) = done.started {
                     let took = now.saturating_duration_since(t0);
                     s.typical_task = Some(s.typical_task.map_or(took, |avg| (avg * 3 + took) / 4));
-                    if self.recent.len() == RECENT {
-                        self.recent.pop_front();
+                    // Only a time limit reads them: nothing is paid per task without one.
+                    if self.time_limit.is_some() {
+                        if self.recent.len() == RECENT {
+                            self.recent.pop_front();
+                        }
+                        self.recent.push_back(took);
                     }
-                    self.recent.push_back(took);
                 }
                 if let Some((next, _)) = s.inflight.front_mut() {
                     next.started = Some(now);
@@ -383,7 +386,6 @@ impl Session {
         if let Some(limit) = self.time_limit {
             if now >= limit {
                 // Out of time: what is still held goes elsewhere.
-                self.leaving = None;
                 let reason = "its time limit came with tasks held".to_string();
                 comm.send(Outgoing::new(FromAgent::Goodbye { reason }));
                 return Err(SessionEnd::TimeLimit);
