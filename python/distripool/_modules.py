@@ -126,51 +126,29 @@ def _source_of(top: str, module) -> ModuleSource | None:
     return ModuleSource(top, files)
 
 
-class Shipper:
-    """The driver's own modules as blobs, recomputed when ``sys.modules``
-    grows; one per process."""
-
-    def __init__(self):
-        self.seen = -1
-        self.blobs: dict[str, object] = {}  # top-level name -> _native.Blob, or None
-        self.current: list = []
-
-    def needs(self) -> list:
-        n = len(sys.modules)
-        if n != self.seen:
-            self.seen = n
-            self.current = self._compute()
-        return self.current
-
-    def _compute(self) -> list:
-        import pickle
-
-        from distripool import _native
-
-        tops = {name.partition(".")[0] for name in list(sys.modules)}
-        out = []
-        for top in sorted(tops):
-            if top in ("__main__", "__mp_main__") or top.startswith("distripool"):
-                continue
-            if top not in self.blobs:
-                module = sys.modules.get(top)
-                src = None if module is None else _source_of(top, module)
-                self.blobs[top] = None if src is None else _native.Blob(pickle.dumps(src, protocol=5))
-            blob = self.blobs[top]
-            if blob is not None:
-                out.append(blob)
-        return out
-
-
-_shipper: Shipper | None = None
+# Each top-level module's blob, made once per process (None: not sent).
+_blobs: dict[str, object] = {}
 
 
 def shipped() -> list:
-    """The blobs of the driver's own modules, for ``submit(needs=...)``."""
-    global _shipper
-    if _shipper is None:
-        _shipper = Shipper()
-    return _shipper.needs()
+    """The blobs of the driver's own modules, for ``submit(needs=...)``.
+    Pools ask again only when ``sys.modules`` has grown."""
+    import pickle
+
+    from distripool import _native
+
+    out = []
+    for top in sorted({name.partition(".")[0] for name in list(sys.modules)}):
+        if top in ("__main__", "__mp_main__") or top.startswith("distripool"):
+            continue
+        if top not in _blobs:
+            module = sys.modules.get(top)
+            src = None if module is None else _source_of(top, module)
+            _blobs[top] = None if src is None else _native.Blob(pickle.dumps(src, protocol=5))
+        blob = _blobs[top]
+        if blob is not None:
+            out.append(blob)
+    return out
 
 
 # -- worker side -----------------------------------------------------------

@@ -83,6 +83,7 @@ class Orchestrator:
             resolve_timing(),
         )
         self._uploads: dict[str, Any] = {}  # name -> _native.Blob of an Upload
+        self._uploads_version = 0
         # What a launcher (distripool.deploy) hands the workers it starts.
         self._join = JoinSettings(key, resolve_cluster(cluster), bool(encrypt), tls is not None)
         _live.add(self)
@@ -104,6 +105,7 @@ class Orchestrator:
         self._native.start_local_agent(processes, sys.executable, EXECUTOR_MODULE, executor_env())
         self._join = None
         self._uploads = {}
+        self._uploads_version = 0
         self._watch = None  # its own agent is always there
         _live.add(self)
         return self
@@ -191,9 +193,7 @@ class Orchestrator:
 
         up = _modules.pack(path)
         self._uploads[up.name] = _native.Blob(pickle.dumps(up, protocol=5))
-
-    def _uploads_needed(self) -> list:
-        return list(self._uploads.values())
+        self._uploads_version += 1
 
     def wait_for_workers(self, n: int = 1, timeout: float | None = None) -> bool:
         """Block until at least ``n`` workers are connected; False on timeout."""

@@ -170,6 +170,8 @@ class _Shared:
         # Executors on an orchestrator get the driver's own modules too,
         # unless the pool says not to.
         self.ship_modules = ship_modules and not owns_orchestrator
+        self._needs_key: tuple | None = None
+        self._needs: list = []
         self.orchestrator = orchestrator
         self.owns_orchestrator = owns_orchestrator
         self.cache: dict[int, object] = {}
@@ -180,13 +182,17 @@ class _Shared:
     @property
     def needs(self) -> list:
         """What executors load before a function of this pool: the driver's
-        main module and (see ``_modules``) its own modules."""
-        uploads = self.orchestrator._uploads_needed()
-        if not self.ship_modules:
-            return self.main_needs + uploads
-        from . import _modules
+        main module, its own modules (see ``_modules``) and the
+        orchestrator's uploads. Made again only when one of them may have
+        changed: a submit pays a comparison."""
+        key = (len(sys.modules) if self.ship_modules else 0, self.orchestrator._uploads_version)
+        if key != self._needs_key:
+            from . import _modules
 
-        return self.main_needs + _modules.shipped() + uploads
+            shipped = _modules.shipped() if self.ship_modules else []
+            self._needs = self.main_needs + shipped + list(self.orchestrator._uploads.values())
+            self._needs_key = key
+        return self._needs
 
     def submit(self, job: int, blob: bytes, tasks, needs=None) -> None:
         """Queue ``tasks`` calling the function ``blob``; executors load
