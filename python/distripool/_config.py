@@ -111,6 +111,12 @@ def process_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def split_addresses(items: list[str]) -> list[str]:
+    """``--connect`` values as given on a command line: repeated, or
+    separated by commas."""
+    return [a for item in items for a in item.split(",") if a]
+
+
 def normalize_addresses(addresses) -> list[str]:
     """Accept ``"host:port"`` or a tuple/list of them."""
     if isinstance(addresses, str):

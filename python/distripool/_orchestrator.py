@@ -295,10 +295,16 @@ def make_orchestrator(
         encrypt=encrypt,
         tls=tls,
     )
+    become_default(orch)
+    return orch
+
+
+def become_default(orch: Orchestrator) -> None:
+    """Make ``orch`` the default for ``Pool()``, unless another open one is."""
+    global _default
     with _default_lock:
         if _default is None or _default.closed:
             _default = orch
-    return orch
 
 
 MIN_MESSAGE_SIZE = 4096

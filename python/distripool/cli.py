@@ -7,7 +7,7 @@ import os
 import sys
 
 from . import _native
-from ._config import normalize_addresses
+from ._config import normalize_addresses, split_addresses
 from .exceptions import DistripoolError
 
 WORKER_HELP = """\
@@ -47,7 +47,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     from ._orchestrator import make_worker
 
     _native.enable_logging(os.environ.get("DISTRIPOOL_LOG", "info"))
-    addrs = [a for item in args.connect for a in item.split(",") if a]
+    addrs = split_addresses(args.connect)
     normalize_addresses(addrs)
     key, key_file = None, args.authkey_file
     if key_file == "-":

@@ -8,6 +8,8 @@ import argparse
 import sys
 import time
 
+from .._config import split_addresses
+
 SLURM_HELP = """\
 Submit N Slurm jobs, each running one worker for the orchestrator at
 --connect, and print their status until they have all ended; Ctrl-C cancels
@@ -129,7 +131,7 @@ def _cmd_slurm(args) -> int:
         skip_directives=args.skip_directive,
         python=args.python,
         env=_env(args.env),
-        connect=[a for item in args.connect for a in item.split(",") if a],
+        connect=split_addresses(args.connect),
         orchestrator=_elsewhere(args),
         log_dir=args.log_dir,
     )
@@ -159,7 +161,7 @@ def _cmd_ssh(args) -> int:
         processes=args.processes,
         python=args.python,
         env=_env(args.env),
-        connect=[a for item in args.connect for a in item.split(",") if a],
+        connect=split_addresses(args.connect),
         orchestrator=_elsewhere(args),
         ssh_options=args.ssh_option,
     )
@@ -173,7 +175,7 @@ def _cmd_kubernetes(args) -> int:
     key = read_key_file(args.authkey_file) if args.authkey_file else None
     sys.stdout.write(
         kubernetes_manifest(
-            [a for item in args.connect for a in item.split(",") if a],
+            split_addresses(args.connect),
             image=args.image,
             key=key,
             existing_secret=args.existing_secret,

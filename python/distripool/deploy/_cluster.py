@@ -2,7 +2,7 @@
 it started (a Slurm job, an SSH process), scaling to a number or to the
 orchestrator's queue, status rows, and stopping everything it started.
 
-A launcher is a thin public object around a ``_Launch`` state: the
+A launcher is a thin public object (``_public.Cluster``) around a ``Launch`` state: the
 background thread and the exit hook hold only the state, so that the public
 object can be garbage-collected, and collecting it stops what it started.
 """
@@ -16,10 +16,10 @@ import secrets
 import threading
 import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
-from .._orchestrator import Orchestrator, default_orchestrator
+from .._orchestrator import Orchestrator, become_default, default_orchestrator
 from ..exceptions import DistripoolError
 
 log = logging.getLogger("distripool.deploy")
@@ -110,12 +110,8 @@ def resolve_orchestrator(orchestrator: Orchestrator | None) -> tuple[Orchestrato
     found = default_orchestrator()
     if found is not None:
         return found, False
-    from .. import _orchestrator
-
     orch = Orchestrator(("0.0.0.0:0",), os.urandom(32).hex())
-    with _orchestrator._default_lock:
-        if _orchestrator._default is None or _orchestrator._default.closed:
-            _orchestrator._default = orch
+    become_default(orch)
     log.info("started an orchestrator for the workers at %s", ", ".join(orch.addresses))
     return orch, True
 
@@ -172,7 +168,6 @@ class Launch:
         self,
         *,
         processes: int | None,
-        connect: str | Sequence[str] | None,
         orchestrator: Orchestrator | None,
     ):
         if processes is not None:
@@ -190,13 +185,12 @@ class Launch:
         self.orchestrator, self.owns = resolve_orchestrator(orchestrator)
         try:
             check_joinable(self.orchestrator)
-            self.join = self.orchestrator._join
-            self.connect_given = connect
         except BaseException:
             self.close_orchestrator()
             raise
+        self.join = self.orchestrator._join
+        self.infos: dict[int, dict[str, Any]] = {}  # the orchestrator's workers, as of the last look
         self.wake = threading.Event()
-        self.thread: threading.Thread | None = None
 
     # -- for subclasses ----------------------------------------------------
 
@@ -237,10 +231,9 @@ class Launch:
         return out
 
     def start_thread(self) -> None:
-        self.thread = threading.Thread(
+        threading.Thread(
             target=_run, args=(weakref.ref(self),), name="distripool-deploy", daemon=True
-        )
-        self.thread.start()
+        ).start()
 
     def scale(self, n: int, raise_errors: bool = True) -> None:
         check_count("n", n)
@@ -280,11 +273,11 @@ class Launch:
     def slots_per_worker(self) -> int:
         """Executors per worker, as the connected ones report them (for
         workers started without ``processes``); 1 before any connects."""
-        ours = [u.worker for u in self.units.values() if u.connected]
-        try:
-            slots = [w["slots"] for w in self.orchestrator.workers_info() if w["id"] in ours]
-        except Exception:  # noqa: BLE001 - closed under us
-            slots = []
+        slots = [
+            self.infos[u.worker]["slots"]
+            for u in self.units.values()
+            if u.connected and u.worker in self.infos
+        ]
         return max(1, sum(slots) // len(slots)) if slots else 1
 
     def tick(self) -> None:
@@ -314,11 +307,11 @@ class Launch:
     def match_workers(self, now: float) -> None:
         """Which units have a connected worker, and what the others logged."""
         try:
-            infos = self.orchestrator.workers_info()
+            self.infos = {w["id"]: w for w in self.orchestrator.workers_info()}
         except Exception:  # noqa: BLE001 - closed under us
-            infos = []
+            self.infos = {}
         seen: dict[str, dict[str, Any]] = {}
-        for w in infos:
+        for w in self.infos.values():
             labels = w.get("labels") or {}
             if labels.get("distripool_launch") != self.id:
                 continue
@@ -378,7 +371,6 @@ class Launch:
         if unit.stopped or unit.draining or unit.ever_connected:
             return
         unit.error = unit.error or self.explain(last_error(self.read_log(unit)))
-        n = self.failures[unit.where] = self.failures.get(unit.where, 0) + 1
         where = f" on {unit.where}" if unit.where else ""
         log.error(
             "%s %s%s ended before its worker connected (%s)%s",
@@ -388,11 +380,19 @@ class Launch:
             reason,
             f": {unit.error}" if unit.error else "",
         )
+        self.failed(unit.where, f"ended before their worker connected; the last: {unit.error or reason}")
+
+    def failed(self, where: str, why: str) -> None:
+        """One more unit at ``where`` that never worked; after
+        ``MAX_FAILURES`` in a row, no more are started there."""
+        n = self.failures[where] = self.failures.get(where, 0) + 1
         if n >= MAX_FAILURES:
-            why = f"{n} {self.kind}s in a row ended before their worker connected; the last: {unit.error or reason}"
-            self.paused[unit.where] = why
+            self.paused[where] = f"{n} {self.kind}s in a row {why}"
             log.error(
-                "starting no more %ss%s: %s; call scale() or adapt() to try again", self.kind, where, why
+                "starting no more %ss%s: %s; call scale() or adapt() to try again",
+                self.kind,
+                f" on {where}" if where else "",
+                self.paused[where],
             )
 
     def converge(self, now: float, raise_errors: bool) -> None:
@@ -411,10 +411,8 @@ class Launch:
                 if raise_errors:
                     raise
                 refused.add(where)
-                n = self.failures[where] = self.failures.get(where, 0) + 1
                 log.error("cannot start a %s%s: %s", self.kind, f" on {where}" if where else "", exc)
-                if n >= MAX_FAILURES:
-                    self.paused[where] = str(exc)
+                self.failed(where, f"could not be started; the last: {exc}")
                 continue
             self.units[unit.name] = unit
             log.info("started %s %s%s", self.kind, unit.name, f" on {where}" if where else "")
@@ -437,14 +435,10 @@ class Launch:
         """Let ``n`` units go: not yet connected first (nothing to lose), then
         idle workers, then busy ones; a connected worker drains (it finishes
         what it holds), the others are stopped."""
-        busy = {}
-        try:
-            busy = {w["id"]: w["tasks_running"] for w in self.orchestrator.workers_info()}
-        except Exception:  # noqa: BLE001
-            pass
 
         def order(u: Unit):
-            return (u.connected, busy.get(u.worker, 0), -u.started)
+            held = self.infos.get(u.worker, {}).get("tasks_running", 0) if u.worker is not None else 0
+            return (u.connected, held, -u.started)
 
         victims = sorted(active, key=order)[:n]
         stop = [u for u in victims if not u.connected]

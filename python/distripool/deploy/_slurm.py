@@ -9,6 +9,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -153,7 +154,7 @@ class SlurmLaunch(Launch):
         self.python = python or sys.executable
         self.env = check_env(env)
         self.log_dir = os.path.abspath(os.path.expanduser(log_dir or "~/.distripool/slurm"))
-        super().__init__(processes=processes, connect=connect, orchestrator=orchestrator)
+        super().__init__(processes=processes, orchestrator=orchestrator)
         try:
             os.makedirs(self.log_dir, mode=0o700, exist_ok=True)
             self.name = f"distripool-{self.id}"
@@ -211,7 +212,7 @@ class SlurmLaunch(Launch):
         header = [f"#SBATCH {d}" for d in lines if not any(s in d for s in self.skip)]
         header += [d if d.startswith("#") else f"#SBATCH {d}" for d in self.directives]
         argv = [self.python, "-m", "distripool", "worker"]
-        for a in getattr(self, "connect", ["HOST:PORT"]):
+        for a in self.connect:
             argv += ["--connect", a]
         argv += ["--processes", str(self.processes), "--authkey-file", self.key_path]
         argv += ["--cluster", self.join.cluster]
@@ -255,8 +256,6 @@ class SlurmLaunch(Launch):
             parts = line.strip().split("|")
             if len(parts) == 4:
                 listed[parts[0]] = parts[1:]
-        import time
-
         for u in units:
             row = listed.get(u.name)
             if row is None:

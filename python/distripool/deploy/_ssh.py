@@ -56,7 +56,7 @@ class SSHLaunch(Launch):
             raise TypeError(f"python must be a str, not {type(python).__name__}")
         self.python = python or "python3"
         self.env = check_env(env)
-        super().__init__(processes=processes, connect=connect, orchestrator=orchestrator)
+        super().__init__(processes=processes, orchestrator=orchestrator)
         self.log_dir = tempfile.mkdtemp(prefix="distripool-ssh-")
         self.counter = 0
         self.connect_by_host: dict[str, list[str]] = {}
