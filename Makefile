@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 
-.PHONY: run install wheel build-dev system-deps lint stubtest test test-rust test-python test-versions bench fmt fuzz-smoke fuzz
+.PHONY: run install wheel build-dev system-deps lint stubtest test test-rust test-python test-versions bench fmt fuzz-smoke fuzz screenshots
 
 ## run: install the package and run the quick-start example on this machine
 run: install
@@ -57,6 +57,10 @@ test-rust:
 test-python:
 	$(PYTHON) -m pytest -q
 
+## screenshots: take the dashboard's screenshots in docs/images again
+screenshots:
+	DISTRIPOOL_SCREENSHOTS=docs/images $(PYTHON) -m pytest -q tests/test_dashboard_browser.py -k chromium
+
 ## test-versions: the wheel in a fresh venv of Python 3.9, 3.10, 3.12 and 3.13,
 ## without Rust on PATH: the quick-start and a smoke subset of the tests
 test-versions: wheel
@@ -75,6 +79,7 @@ $(BENCH_VENV)/.installed: bench/requirements.txt
 bench: $(BENCH_VENV)/.installed
 	$(BENCH_PY) -m pip install --quiet .
 	$(BENCH_PY) bench/bench.py
+	$(BENCH_PY) bench/dashboard_cost.py
 	cargo run --release --quiet -p distripool-runtime --example seal_cost
 	cargo run --release --quiet -p distripool-runtime --example orchestrator_bench
 

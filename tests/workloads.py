@@ -113,3 +113,36 @@ def crash_once(marker, x):
     except FileExistsError:
         return x
     os._exit(3)
+
+
+def crash_first(marker, x):
+    """``x``; with a ``marker`` path, first kill the executor once (see
+    :func:`crash_once`)."""
+    if marker is None:
+        return x
+    return crash_once(marker, x)
+
+
+def raise_on_multiples_of_ten(x):
+    if x % 10 == 0:
+        raise ValueError(f"{x} is a multiple of ten")
+    return x
+
+
+def gated(gate, x):
+    """``x``: after 2 ms for ``x`` below 40, after 0.3 s below 180, and for
+    the others once the file ``gate`` exists (a map that runs for a while,
+    then holds still until a test lets it finish). The first ones take long
+    enough that their results are sent at once, not held back to go with
+    the next."""
+    import os
+    import time
+
+    if x < 40:
+        time.sleep(0.002)
+    elif x < 180:
+        time.sleep(0.3)
+    deadline = time.monotonic() + 120
+    while x >= 180 and not os.path.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return x

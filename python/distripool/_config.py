@@ -283,6 +283,48 @@ def resolve_timing() -> list[tuple[str, float]] | None:
     return out
 
 
+DEFAULT_DASHBOARD = "127.0.0.1:8787"
+
+
+def resolve_dashboard(dashboard) -> tuple[str | None, bool]:
+    """The dashboard's ``host:port``, or None for none, and whether it came
+    from ``$DISTRIPOOL_DASHBOARD`` (used when ``dashboard`` is None).
+
+    ``True`` is ``127.0.0.1:8787``; an int is that port on 127.0.0.1;
+    ``False`` turns it off even when the variable is set.
+
+    Raises:
+        ValueError: not an address, a port or a bool.
+    """
+    from_env = False
+    if dashboard is None:
+        dashboard = os.environ.get("DISTRIPOOL_DASHBOARD", "").strip() or None
+        if dashboard is None:
+            return None, False
+        from_env = True
+        if dashboard.lower() in ("1", "true", "yes", "on"):
+            dashboard = True
+        elif dashboard.lower() in ("0", "false", "no", "off"):
+            return None, False
+        elif dashboard.isdigit():
+            dashboard = int(dashboard)
+    if dashboard is False:
+        return None, False
+    if dashboard is True:
+        return DEFAULT_DASHBOARD, from_env
+    if isinstance(dashboard, int) and 0 <= dashboard <= 65535:
+        return f"127.0.0.1:{dashboard}", from_env
+    if isinstance(dashboard, str):
+        where = "DISTRIPOOL_DASHBOARD" if from_env else "dashboard"
+        try:
+            return normalize_addresses(dashboard)[0], from_env
+        except ValueError:
+            raise ValueError(
+                f"{where} must be 'host:port' (e.g. '127.0.0.1:8787'), a port, True or False, not {dashboard!r}"
+            ) from None
+    raise ValueError(f"dashboard must be 'host:port', a port, True or False, not {dashboard!r}")
+
+
 EXECUTOR_HEAP_SLACK = 256 << 20
 
 

@@ -18,6 +18,7 @@ from ._config import (
     normalize_addresses,
     normalize_labels,
     resolve_cluster,
+    resolve_dashboard,
     resolve_key,
     resolve_timing,
     resolve_tls,
@@ -68,19 +69,25 @@ class Orchestrator:
         cluster: str | None = None,
         encrypt: bool = True,
         tls: tuple[str, str, str] | None = None,
+        dashboard: str | int | bool | None = None,
     ) -> None:
         _main.check_not_loading("an Orchestrator")
         _check_limits(max_crashes, max_message_size)
         key = resolve_key(authkey)
-        self._native = _native.Orchestrator(
-            normalize_addresses(addresses),
-            key,
-            max_crashes,
-            max_message_size,
-            resolve_cluster(cluster),
-            bool(encrypt),
-            tls,
-            resolve_timing(),
+        listen = normalize_addresses(addresses)
+        self._native = _with_dashboard(
+            dashboard,
+            lambda where: _native.Orchestrator(
+                listen,
+                key,
+                max_crashes,
+                max_message_size,
+                resolve_cluster(cluster),
+                bool(encrypt),
+                tls,
+                resolve_timing(),
+                where,
+            ),
         )
         self._uploads: dict[str, Any] = {}  # name -> _native.Blob of an Upload
         self._uploads_version = 0
@@ -93,14 +100,22 @@ class Orchestrator:
 
     @classmethod
     def _embedded(
-        cls, processes: int, max_crashes: int = 3, max_message_size: int | None = None
+        cls,
+        processes: int,
+        max_crashes: int = 3,
+        max_message_size: int | None = None,
+        dashboard: str | int | bool | None = None,
     ) -> Orchestrator:
         """A private orchestrator with ``processes`` local executors and no port."""
         _main.check_not_loading("a Pool")
         _check_limits(max_crashes, max_message_size)
         self = cls.__new__(cls)
-        self._native = _native.Orchestrator(
-            [], os.urandom(32), max_crashes, max_message_size, timing=resolve_timing()
+        key, timing = os.urandom(32), resolve_timing()
+        self._native = _with_dashboard(
+            dashboard,
+            lambda where: _native.Orchestrator(
+                [], key, max_crashes, max_message_size, timing=timing, dashboard=where
+            ),
         )
         self._native.start_local_agent(processes, sys.executable, EXECUTOR_MODULE, executor_env())
         self._join = None
@@ -120,6 +135,14 @@ class Orchestrator:
         return self._native.closed
 
     @property
+    def dashboard_url(self) -> str | None:
+        """The URL of this orchestrator's dashboard (with ``?token=...`` on an
+        address other than loopback), or None if it has none. Its
+        ``metrics`` page (the same URL, ``metrics`` in place of the query)
+        serves Prometheus."""
+        return self._native.dashboard_url
+
+    @property
     def workers(self) -> int:
         """Number of worker agents connected now."""
         return self._native.workers
@@ -131,8 +154,10 @@ class Orchestrator:
 
     def stats(self) -> dict[str, int]:
         """Counters: ``workers``, ``slots``, ``auth_failures``,
-        ``handshake_failures``, ``tasks_done``, ``tasks_queued``,
-        ``tasks_running``, ``crashes``, ``workers_lost`` (gone without a
+        ``handshake_failures``, ``tasks_submitted``, ``tasks_done`` (tasks
+        that returned a value or an exception), ``tasks_failed`` (raised, or
+        given up), ``tasks_retried``, ``tasks_queued``, ``tasks_running``,
+        ``crashes``, ``workers_lost`` (gone without a
         word), ``workers_left`` (drained or stopped, saying so), ``bytes_sent``
         and ``bytes_received`` (message bytes to and from workers, before
         encryption). Empty once closed."""
@@ -148,7 +173,9 @@ class Orchestrator:
         (``distripool worker --label``); ``slots`` (executors); ``state``
         (``"connected"``, ``"draining"`` or ``"leaving"``); ``tasks_running``
         (held now, running or prefetched), ``tasks_done`` and ``crashes``;
-        ``connected_for`` and ``last_heard`` in seconds. Empty once closed.
+        ``connected_for`` and ``last_heard`` in seconds; ``executors_cpu``
+        (CPUs busy) and ``executors_memory`` (resident bytes) of its
+        executors while a dashboard is on, else None. Empty once closed.
         """
         return list(self._native.workers_info())
 
@@ -245,6 +272,7 @@ def make_orchestrator(
     tls_ca: str | os.PathLike[str] | None = None,
     tls_cert: str | os.PathLike[str] | None = None,
     tls_key: str | os.PathLike[str] | None = None,
+    dashboard: str | int | bool | None = None,
 ) -> Orchestrator:
     """Start an orchestrator that worker agents can connect to.
 
@@ -269,6 +297,12 @@ def make_orchestrator(
             ``$DISTRIPOOL_TLS_CERT``, ``$DISTRIPOOL_TLS_KEY``). Workers must
             present a certificate signed by the CA. With TLS a key is
             optional; if set, workers must hold it too.
+        dashboard: ``"host:port"`` to serve the dashboard, its JSON API and
+            Prometheus ``/metrics`` on (``True``: ``127.0.0.1:8787``; a
+            port: that port on 127.0.0.1); default ``$DISTRIPOOL_DASHBOARD``,
+            else none. Its URL is logged and kept in
+            :attr:`Orchestrator.dashboard_url`. On an address other than
+            loopback, requests need the token that URL carries.
 
     Returns:
         The :class:`Orchestrator`. The first one made (while open) is also the
@@ -278,7 +312,8 @@ def make_orchestrator(
         ValueError: a non-loopback address without a key or TLS, a bad
             address, or an incomplete set of TLS files.
         PermissionError: a key file readable by other users.
-        OSError: an address is already in use.
+        OSError: an address (of the workers' or the dashboard's) is
+            already in use.
     """
     global _default
     key = resolve_key(authkey)
@@ -294,6 +329,7 @@ def make_orchestrator(
         cluster=cluster,
         encrypt=encrypt,
         tls=tls,
+        dashboard=dashboard,
     )
     become_default(orch)
     return orch
@@ -308,6 +344,30 @@ def become_default(orch: Orchestrator) -> None:
 
 
 MIN_MESSAGE_SIZE = 4096
+
+
+def _with_dashboard(dashboard, start):
+    """``start(address)``: a native orchestrator with its dashboard on
+    ``address`` (None: none), as ``dashboard`` or ``$DISTRIPOOL_DASHBOARD``
+    ask. An address from the variable that is in use (another program, or
+    another orchestrator of this one) gives way to a free port on the same
+    host; an address passed explicitly raises. The URL is logged once."""
+    import errno
+
+    from ._watch import _ensure_visible, log
+
+    address, from_env = resolve_dashboard(dashboard)
+    try:
+        native = start(address)
+    except OSError as e:
+        if not (from_env and e.errno == errno.EADDRINUSE and address is not None):
+            raise
+        native = start(address.rpartition(":")[0] + ":0")
+        log.warning("DISTRIPOOL_DASHBOARD: %s is in use, so this dashboard took another port", address)
+    if native.dashboard_url is not None:
+        _ensure_visible()
+        log.info("dashboard at %s", native.dashboard_url)
+    return native
 
 
 def _check_limits(max_crashes: int, max_message_size: int | None) -> None:

@@ -76,6 +76,14 @@ def _decode(status: int, data, buffers=None, ticket=None) -> tuple[bool, object]
     return False, exc
 
 
+def _failure_text(exc) -> str:
+    """What a dashboard shows of a task's exception: the remote traceback,
+    which ends with the exception itself."""
+    if isinstance(exc.__cause__, RemoteTraceback):
+        return str(exc.__cause__).strip().strip('"').strip()
+    return "".join(traceback.format_exception_only(type(exc), exc)).strip()
+
+
 def _no_shared_memory(pid, fd, inode):
     raise DistripoolError("the task's result points at shared memory, which this pool does not use")
 
@@ -174,6 +182,8 @@ class _Shared:
         self._needs: list = []
         self.orchestrator = orchestrator
         self.owns_orchestrator = owns_orchestrator
+        # A dashboard watches the orchestrator: describe each job to it.
+        self.observed = orchestrator.dashboard_url is not None
         self.cache: dict[int, object] = {}
         self.idle = threading.Condition(threading.Lock())
         self.stopping = False
@@ -198,6 +208,28 @@ class _Shared:
         """Queue ``tasks`` calling the function ``blob``; executors load
         ``needs`` (by default :attr:`needs`) before it."""
         self.client.submit(job, blob, tasks, self.task_timeout, self.needs if needs is None else needs)
+
+    def describe(self, job: int, kind: str, func, items: int | None) -> None:
+        """Tell the orchestrator's dashboard what ``job`` is (nothing
+        happens without one)."""
+        if self.observed:
+            name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
+            self.client.describe(job, kind, str(name), items)
+
+    def decode(self, job: int, index: int, status: int, data) -> tuple[bool, object]:
+        """One completion as ``(success, value_or_exception)``; a task whose
+        function raised is counted by the orchestrator (and its traceback
+        shown by the dashboard, if there is one)."""
+        buffers = self.buffers
+        ticket = buffers.take((job, index)) if buffers is not None else None
+        item = _decode(status, data, buffers, ticket)
+        if not item[0] and status == _native.STATUS_DONE:
+            text = _failure_text(item[1]) if self.observed else ""
+            try:
+                self.client.raised(job, index, text)
+            except OrchestratorClosedError:
+                pass
+        return item
 
     def dumps(self, task, job: int, index: int) -> bytes:
         """The payload of task ``(job, index)``: large buffers out of band, in
@@ -289,10 +321,9 @@ class _Shared:
             del batch
 
     def _deliver(self, batch, cache) -> None:
-        buffers = self.buffers
+        decode = self.decode
         for job, index, status, data in batch:
-            ticket = buffers.take((job, index)) if buffers is not None else None
-            item = _decode(status, data, buffers, ticket)
+            item = decode(job, index, status, data)
             r = cache.get(job)
             if r is not None:
                 r._set(index, item)

@@ -1,4 +1,5 @@
-"""The ``distripool`` command: run a worker agent, or make a key."""
+"""The ``distripool`` command: run a worker agent, launch workers, show an
+orchestrator's status, or make a key."""
 
 from __future__ import annotations
 
@@ -224,6 +225,10 @@ def main(argv: list[str] | None = None) -> int:
     from .deploy._cli import add_commands
 
     add_commands(sub)
+
+    from ._status import add_command as add_status
+
+    add_status(sub)
 
     k = sub.add_parser("keygen", help="write a new random key to PATH (mode 600), or print it")
     k.add_argument("path", nargs="?", metavar="PATH", help="file to create; '-' or nothing prints the key")

@@ -125,6 +125,8 @@ class ProcessPoolExecutor(cf.Executor):
         max_crashes: how many times a task may kill its executor before it fails.
         task_timeout: seconds a task may run before its executor is killed and
             its future fails with :class:`~distripool.TaskTimeoutError`.
+        dashboard: for the embedded default, a dashboard on this
+            ``"host:port"`` (see :class:`distripool.Pool`).
     """
 
     def __init__(
@@ -140,6 +142,7 @@ class ProcessPoolExecutor(cf.Executor):
         task_timeout: float | None = None,
         max_message_size: int | None = None,
         ship_modules: bool = True,
+        dashboard: str | int | bool | None = None,
     ) -> None:
         if max_workers is not None and max_workers <= 0:
             raise ValueError("max_workers must be greater than 0")
@@ -160,6 +163,7 @@ class ProcessPoolExecutor(cf.Executor):
             task_timeout=task_timeout,
             max_message_size=max_message_size,
             ship_modules=ship_modules,
+            dashboard=dashboard,
         )
         self._shutdown_lock = threading.Lock()
         self._shutdown = False
@@ -186,6 +190,7 @@ class ProcessPoolExecutor(cf.Executor):
             except BaseException:
                 pool._shared.job_done(result._job)
                 raise
+            pool._shared.describe(result._job, "submit", fn, 1)
             pool._shared.submit(result._job, blob, [(0, payload)])
             self._futures.add(future)
             return future
@@ -242,6 +247,7 @@ class ProcessPoolExecutor(cf.Executor):
                 shared.job_done(it._job)
                 raise
             if tasks:
+                shared.describe(it._job, "map", fn, len(items))
                 shared.submit(it._job, blob, tasks)
             if unpicklable is not None:
                 it._set_input_error(len(tasks), unpicklable)
@@ -260,6 +266,7 @@ class ProcessPoolExecutor(cf.Executor):
         it._buffered = True
         it._chunksize = chunksize
         it._bar = _progress.make(progress, None, _desc(fn), shared, it._job)
+        shared.describe(it._job, "map", fn, None)
         feeder = threading.Thread(
             target=_feed,
             args=(shared, it, blob, zip(*iterables), chunksize, STARMAP),

@@ -110,6 +110,11 @@ class Pool:
             (imported from files outside site-packages and the standard
             library) to workers that cannot import them (default). False
             sends only the functions.
+        dashboard: for the embedded default, serve a dashboard, its JSON
+            API and Prometheus ``/metrics`` on this ``"host:port"`` (``True``:
+            ``127.0.0.1:8787``; default ``$DISTRIPOOL_DASHBOARD``, else
+            none) while the pool lives. An orchestrator has its own (see
+            :func:`~distripool.make_orchestrator`).
     """
 
     def __init__(
@@ -126,6 +131,7 @@ class Pool:
         max_message_size: int | None = None,
         wait_for_workers: float | None = None,
         ship_modules: bool = True,
+        dashboard: str | int | bool | None = None,
     ) -> None:
         self._state = None  # so that __del__ works if the checks below raise
         _main.check_not_loading("a Pool")
@@ -151,10 +157,15 @@ class Pool:
             )
         if orchestrator is None:
             orchestrator = default_orchestrator()
+        if orchestrator is not None and dashboard not in (None, False):
+            raise ValueError(
+                "dashboard= is for the embedded default; this pool runs on an orchestrator, "
+                "which has its own: make_orchestrator(..., dashboard=...)"
+            )
         owns = orchestrator is None
         if owns:
             self._processes = processes or process_cpus()
-            orchestrator = Orchestrator._embedded(self._processes, max_crashes, max_message_size)
+            orchestrator = Orchestrator._embedded(self._processes, max_crashes, max_message_size, dashboard)
         else:
             self._processes = None
         self._orchestrator = orchestrator
@@ -256,6 +267,7 @@ class Pool:
         # orchestrator rather than through the result thread.
         shared.cache[job] = _Waiting
         try:
+            shared.describe(job, "apply", func, 1)
             client.expect(job)
             shared.submit(job, blob, [(0, payload)])
             try:
@@ -264,10 +276,7 @@ class Pool:
                 raise PoolTerminatedError("the pool was terminated") from None
         finally:
             shared.job_done(job)
-        buffers = shared.buffers
-        success, value = _decode(
-            status, data, buffers, buffers.take((job, 0)) if buffers is not None else None
-        )
+        success, value = shared.decode(job, index, status, data)
         if success:
             return value  # type: ignore[no-any-return]
         raise value
@@ -289,6 +298,7 @@ class Pool:
         except BaseException:
             self._shared.job_done(result._job)
             raise
+        self._shared.describe(result._job, "apply", func, 1)
         self._shared.submit(result._job, blob, [(0, payload)])
         return result
 
@@ -386,6 +396,7 @@ class Pool:
                 self._shared.forget(job)
                 self._shared.job_done(job)
                 raise
+            self._shared.describe(job, "starmap" if mode == STARMAP else "map", func, n)
             self._shared.submit(job, blob, tasks)
         return result
 
@@ -442,6 +453,8 @@ class Pool:
         job = it._imap
         job._chunksize = chunksize
         job._bar = _progress.make(progress, it._items_total, _desc(func), self._shared, job._job)
+        kind = "imap_unordered" if cls is IMapUnorderedIterator else "imap"
+        self._shared.describe(job._job, kind, func, it._items_total)
         feeder = threading.Thread(
             target=_feed,
             args=(self._shared, it._imap, blob, iter(iterable), chunksize),

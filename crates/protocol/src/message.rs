@@ -10,7 +10,9 @@ pub enum ToAgent {
     /// the orchestrator accepts, which bounds what executors may send back,
     /// and the session's heartbeat and silence limit, which the agent adopts
     /// so that both sides agree on them.
-    Limits { max_frame: u64, heartbeat_ms: u64, silence_ms: u64 },
+    /// With `usage_ms` above 0, the agent reports its executors' CPU and
+    /// memory ([`FromAgent::Usage`]) that often (a dashboard is watching).
+    Limits { max_frame: u64, heartbeat_ms: u64, silence_ms: u64, usage_ms: u64 },
     /// Keep this pickled function under `fn_id`; payload: the function.
     /// Sent once per agent before the first task that needs it. `needs`
     /// names blobs sent before it (with `needs` empty) that executors load
@@ -37,8 +39,9 @@ pub enum FromAgent {
     /// The agent is ready to run `slots` tasks at once.
     Ready { slots: u32, labels: Labels },
     /// A task finished (successfully or with a Python exception); payload:
-    /// the pickled outcome.
-    Result { task: u64, attempt: u32 },
+    /// the pickled outcome. `micros`: how long the executor had it at the
+    /// front of its queue (its running time, as the agent saw it).
+    Result { task: u64, attempt: u32, micros: u64 },
     /// The executor running this attempt died before it produced a result.
     Crashed { task: u64, attempt: u32, reason: String },
     /// This attempt ran past its timeout; its executor was killed.
@@ -52,6 +55,10 @@ pub enum FromAgent {
     /// still held were not started, or are abandoned by it, and go elsewhere
     /// without counting as lost. The connection closes after this.
     Goodbye { reason: String },
+    /// What the agent's executors use now (see [`ToAgent::Limits`]):
+    /// `cpu_milli` thousandths of a CPU over the last interval (1000: one
+    /// CPU busy), `memory` resident bytes, summed over `executors`.
+    Usage { executors: u32, cpu_milli: u32, memory: u64 },
 }
 
 /// What an agent says about itself when it joins, so that an operator (or a

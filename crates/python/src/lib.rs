@@ -139,7 +139,8 @@ impl Orchestrator {
 impl Orchestrator {
     #[new]
     #[pyo3(signature = (
-        listen, key, max_crashes = 3, max_frame = None, cluster = None, encrypt = true, tls = None, timing = None
+        listen, key, max_crashes = 3, max_frame = None, cluster = None, encrypt = true, tls = None, timing = None,
+        dashboard = None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -152,10 +153,12 @@ impl Orchestrator {
         encrypt: bool,
         tls: Option<(PathBuf, PathBuf, PathBuf)>,
         timing: Option<Vec<(String, f64)>>,
+        dashboard: Option<String>,
     ) -> PyResult<Self> {
         let security = security(key, cluster, encrypt, tls);
         let timing = self::timing(timing)?;
-        let mut config = OrchestratorConfig { listen, security, max_crashes, timing, ..Default::default() };
+        let mut config =
+            OrchestratorConfig { listen, security, max_crashes, timing, dashboard, ..Default::default() };
         if let Some(m) = max_frame {
             config.max_frame = m;
         }
@@ -168,6 +171,20 @@ impl Orchestrator {
     fn addresses(&self) -> Vec<String> {
         let guard = self.inner.lock().expect("orchestrator lock");
         guard.as_ref().map(|o| o.local_addrs().iter().map(|a| a.to_string()).collect()).unwrap_or_default()
+    }
+
+    /// The dashboard's URL (with its token, where one is needed), or None.
+    #[getter]
+    fn dashboard_url(&self) -> Option<String> {
+        let guard = self.inner.lock().expect("orchestrator lock");
+        guard.as_ref()?.dashboard().map(|d| d.url().to_string())
+    }
+
+    /// The dashboard's token, on an address other than loopback.
+    #[getter]
+    fn dashboard_token(&self) -> Option<String> {
+        let guard = self.inner.lock().expect("orchestrator lock");
+        guard.as_ref()?.dashboard()?.token().map(str::to_string)
     }
 
     #[getter]
@@ -238,19 +255,20 @@ impl Orchestrator {
                 ("auth_failures", size(&s.auth_failures)),
                 ("handshake_failures", size(&s.handshake_failures)),
                 ("tasks_done", count(&s.tasks_done)),
+                ("tasks_submitted", count(&s.tasks_submitted)),
+                ("tasks_retried", count(&s.tasks_retried)),
+                ("tasks_failed", count(&s.tasks_failed) + count(&s.tasks_raised)),
                 ("crashes", count(&s.crashes)),
                 ("workers_lost", count(&s.workers_lost)),
                 ("bytes_sent", count(&s.bytes_sent)),
                 ("bytes_received", count(&s.bytes_received)),
             ];
-            (o.snapshot(), counters)
+            (o.metrics(), counters)
         });
-        if let Some((snap, counters)) = read {
-            let snap = snap.map_err(to_py)?;
-            let (queued, running) =
-                snap.clients.iter().fold((0, 0), |(q, r), c| (q + c.queued, r + c.running));
-            d.set_item("tasks_queued", queued)?;
-            d.set_item("tasks_running", running)?;
+        if let Some((metrics, counters)) = read {
+            let m = metrics.map_err(to_py)?;
+            d.set_item("tasks_queued", m.tasks_queued)?;
+            d.set_item("tasks_running", m.tasks_running)?;
             for (name, value) in counters {
                 d.set_item(name, value)?;
             }
@@ -282,6 +300,8 @@ impl Orchestrator {
             d.set_item("crashes", w.crashes)?;
             d.set_item("connected_for", w.connected_for.as_secs_f64())?;
             d.set_item("last_heard", w.last_heard.as_secs_f64())?;
+            d.set_item("executors_cpu", w.usage.map(|u| u.cpu))?;
+            d.set_item("executors_memory", w.usage.map(|u| u.memory))?;
             out.append(d)?;
         }
         Ok(out)
@@ -461,6 +481,19 @@ impl Client {
     /// indexes (those tasks will never complete).
     fn withdraw(&self, py: Python<'_>, job: u64) -> PyResult<Vec<u32>> {
         py.detach(|| self.inner.withdraw(JobId(job))).map_err(to_py)
+    }
+
+    /// Say what `job` is, for the orchestrator's dashboard: `kind` (`map`,
+    /// `apply`, ...), the function's `name`, its number of `items` if known.
+    #[pyo3(signature = (job, kind, name, items = None))]
+    fn describe(&self, job: u64, kind: String, name: String, items: Option<u64>) -> PyResult<()> {
+        self.inner.describe(JobId(job), kind, name, items).map_err(to_py)
+    }
+
+    /// Task `index` of `job` returned an exception that its function raised;
+    /// `text` is its traceback (or empty).
+    fn raised(&self, job: u64, index: u32, text: String) -> PyResult<()> {
+        self.inner.raised(JobId(job), index, text).map_err(to_py)
     }
 
     /// Cancel this client's tasks; no more completions will arrive.

@@ -79,7 +79,7 @@ async fn fake_agent(addr: String, slots: u32) {
             frame = reader.read_frame() => {
                 let Ok(Some(frame)) = frame else { return };
                 if let Ok(ToAgent::Task { task, attempt, .. }) = frame.message::<ToAgent>() {
-                    writer.write(&FromAgent::Result { task, attempt }, b"").await.expect("result");
+                    writer.write(&FromAgent::Result { task, attempt, micros: 0 }, b"").await.expect("result");
                 }
                 // Answer everything already read before flushing once.
                 if reader.has_buffered_frame() {

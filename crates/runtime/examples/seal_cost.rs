@@ -34,7 +34,7 @@ async fn run(sealed: bool, frames: usize, payload: usize) -> Duration {
     let writer = tokio::spawn(async move {
         let mut w = FrameWriter::new(client, MAX_FRAME).with_sealer(sealer);
         for task in 0..frames as u64 {
-            w.write(&FromAgent::Result { task, attempt: 1 }, &body).await.unwrap();
+            w.write(&FromAgent::Result { task, attempt: 1, micros: 0 }, &body).await.unwrap();
         }
         w.flush().await.unwrap();
     });

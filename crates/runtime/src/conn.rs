@@ -559,7 +559,8 @@ mod tests {
         w.flush().await.unwrap();
         let big = vec![5u8; 3 * RECORD_MAX];
         w.push_sealed(
-            &frame::encode_prefix(&FromAgent::Result { task: 1, attempt: 1 }, big.len(), 1 << 24).unwrap(),
+            &frame::encode_prefix(&FromAgent::Result { task: 1, attempt: 1, micros: 0 }, big.len(), 1 << 24)
+                .unwrap(),
         )
         .await
         .unwrap();

@@ -16,6 +16,7 @@
 
 pub mod agent;
 pub mod conn;
+pub mod dashboard;
 pub mod executor;
 pub mod ids;
 pub mod mailbox;

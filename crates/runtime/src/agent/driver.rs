@@ -8,6 +8,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, watch};
 
 use super::session::{AgentComm, Session};
+use super::usage::UsageMeter;
 use super::AgentConfig;
 use crate::conn::{write_batches, AbortOnDrop, FrameReader, FrameWriter, Outgoing, SessionEnd};
 use crate::executor::{self, ExecEvent, ExecIn, ExecutorHandle, ExecutorSpec};
@@ -90,9 +91,11 @@ where
     // larger than its frame cap must fail in the executor, not on the wire,
     // and both sides keep the orchestrator's heartbeat and silence limit.
     let mut spec = config.executor.clone();
+    let usage_every;
     match tokio::time::timeout(timing.silence, reader.read_frame()).await {
         Ok(Ok(Some(f))) => match f.message::<ToAgent>() {
-            Ok(ToAgent::Limits { max_frame, heartbeat_ms, silence_ms }) => {
+            Ok(ToAgent::Limits { max_frame, heartbeat_ms, silence_ms, usage_ms }) => {
+                usage_every = (usage_ms > 0).then(|| Duration::from_millis(usage_ms));
                 spec.max_frame = spec.max_frame.min(usize::try_from(max_frame).unwrap_or(usize::MAX));
                 let (heartbeat, silence) =
                     (Duration::from_millis(heartbeat_ms), Duration::from_millis(silence_ms));
@@ -140,6 +143,12 @@ where
     // is done), it is set again. Not a timer per pass of the loop.
     let timer = tokio::time::sleep_until(far_future());
     tokio::pin!(timer);
+    // The executors' CPU and memory, when the orchestrator asked for them.
+    let mut usage = usage_every.map(|every| {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        (tick, UsageMeter::new(Instant::now()))
+    });
     let mut armed: Option<Instant> = None;
     let end = loop {
         if let Some(deadline) = s.next_deadline() {
@@ -166,6 +175,13 @@ where
                 Ok(Err(e)) => SessionEnd::Send(e.to_string()),
                 Err(e) => SessionEnd::Send(e.to_string()),
             },
+            _ = async { usage.as_mut().expect("checked").0.tick().await }, if usage.is_some() => {
+                let meter = &mut usage.as_mut().expect("checked").1;
+                let pids = comm.handles.iter().flatten().map(|h| h.pid);
+                let (executors, cpu_milli, memory) = meter.read(pids, Instant::now());
+                comm.send(Outgoing::new(FromAgent::Usage { executors, cpu_milli, memory }));
+                Ok(())
+            }
             () = timer.as_mut(), if armed.is_some() => {
                 armed = None;
                 s.on_timer(Instant::now(), &mut comm)
@@ -215,7 +231,7 @@ fn far_future() -> tokio::time::Instant {
     tokio::time::Instant::now() + Duration::from_secs(86_400)
 }
 
-fn hostname() -> String {
+pub(crate) fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "unknown".into())

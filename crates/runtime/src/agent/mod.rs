@@ -23,6 +23,7 @@
 
 mod driver;
 mod session;
+mod usage;
 
 use std::time::Duration;
 
@@ -30,6 +31,7 @@ use distripool_protocol::HandshakeError;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
+pub(crate) use driver::hostname;
 pub use driver::{run_session, usable_cpus, EXIT_GRACE};
 pub use session::{DEEP, DEPTH};
 

@@ -308,15 +308,16 @@ impl Session {
                         done.task
                     )));
                 }
+                let took = done.started.map(|t0| now.saturating_duration_since(t0));
                 if !done.cancelled {
+                    let micros = took.map_or(0, |t| t.as_micros().min(u64::MAX as u128) as u64);
                     comm.send(Outgoing::with_payload(
-                        FromAgent::Result { task: task.0, attempt: done.attempt },
+                        FromAgent::Result { task: task.0, attempt: done.attempt, micros },
                         payload,
                     ));
                 }
                 // Learn how long this slot's tasks take, then start the next.
-                if let Some(t0) = done.started {
-                    let took = now.saturating_duration_since(t0);
+                if let Some(took) = took {
                     s.typical_task = Some(s.typical_task.map_or(took, |avg| (avg * 3 + took) / 4));
                     // Only a time limit reads them: nothing is paid per task without one.
                     if self.time_limit.is_some() {

@@ -141,7 +141,7 @@ fn tasks_go_one_to_each_executor_then_a_second_each() {
     );
     assert_eq!(h.s.held(), 5, "the fifth waits in the agent");
     h.result(0, 1, 1, 50);
-    assert_eq!(h.sent(), [FromAgent::Result { task: 1, attempt: 1 }]);
+    assert_eq!(h.sent(), [FromAgent::Result { task: 1, attempt: 1, micros: 50000 }]);
     assert_eq!(h.exec(), [s(0, "task 5")]);
 }
 
@@ -230,7 +230,7 @@ fn the_time_limit_counts_from_when_the_task_starts_not_when_it_arrives() {
     h.exec();
     assert_eq!(h.s.next_deadline(), None, "task 2 waits behind task 1");
     h.result(0, 1, 1, 500);
-    assert_eq!(h.sent(), [FromAgent::Result { task: 1, attempt: 1 }]);
+    assert_eq!(h.sent(), [FromAgent::Result { task: 1, attempt: 1, micros: 500000 }]);
     assert_eq!(h.s.next_deadline(), Some(h.at(600)));
 }
 
@@ -244,7 +244,7 @@ fn short_tasks_deepen_the_queue_and_a_long_one_shallows_it_at_once() {
     // Tasks of 0 ms each: the slot may hold DEEP.
     h.result(0, 1, 1, 0);
     let sent = h.sent();
-    assert_eq!(sent[0], FromAgent::Result { task: 1, attempt: 1 });
+    assert_eq!(sent[0], FromAgent::Result { task: 1, attempt: 1, micros: 0 });
     assert_eq!(sent[1], FromAgent::Capacity { tasks: DEEP as u32 });
     assert_eq!(h.exec().len(), DEEP - 1, "topped up to DEEP");
     // Task 2 runs long: at the budget the slot goes back to DEPTH.
@@ -286,8 +286,9 @@ fn pings_are_answered_and_a_second_limits_is_refused() {
     let mut h = Harness::new(1);
     h.message(ToAgent::Ping { seq: 4 }, 0).unwrap();
     assert_eq!(h.sent(), [FromAgent::Pong { seq: 4 }]);
-    let end =
-        h.message(ToAgent::Limits { max_frame: 1, heartbeat_ms: 1000, silence_ms: 10000 }, 0).unwrap_err();
+    let end = h
+        .message(ToAgent::Limits { max_frame: 1, heartbeat_ms: 1000, silence_ms: 10000, usage_ms: 0 }, 0)
+        .unwrap_err();
     assert!(matches!(end, SessionEnd::Protocol(_)));
 }
 
@@ -299,7 +300,7 @@ fn a_retiring_executor_is_replaced_without_a_crash() {
     h.exec();
     h.exec_event(ExecEvent::Retiring { slot: 0, generation: Generation(1) }, 1).unwrap();
     h.result(0, 1, 1, 2);
-    assert_eq!(h.sent(), [FromAgent::Result { task: 1, attempt: 1 }]);
+    assert_eq!(h.sent(), [FromAgent::Result { task: 1, attempt: 1, micros: 2000 }]);
     h.task(3, 0, 3);
     assert!(h.exec().is_empty(), "a retiring executor gets nothing new");
     h.exec_event(ExecEvent::Exited { slot: 0, generation: Generation(1), reason: "exit 0".into() }, 4)
@@ -388,7 +389,10 @@ fn leaving_finishes_what_is_held_then_says_goodbye() {
     assert_eq!(h.exec(), [s(0, "task 3")]);
     assert_eq!(
         h.sent(),
-        [FromAgent::Result { task: 1, attempt: 1 }, FromAgent::Result { task: 2, attempt: 1 }]
+        [
+            FromAgent::Result { task: 1, attempt: 1, micros: 20000 },
+            FromAgent::Result { task: 2, attempt: 1, micros: 10000 }
+        ]
     );
     let end = h.exec_event(
         ExecEvent::Result { slot: 0, generation: Generation(1), task: TaskId(3), payload: Bytes::new() },
@@ -397,7 +401,10 @@ fn leaving_finishes_what_is_held_then_says_goodbye() {
     assert_eq!(end, Err(SessionEnd::Drained));
     assert_eq!(
         h.sent(),
-        [FromAgent::Result { task: 3, attempt: 1 }, FromAgent::Goodbye { reason: "SIGTERM".into() }]
+        [
+            FromAgent::Result { task: 3, attempt: 1, micros: 10000 },
+            FromAgent::Goodbye { reason: "SIGTERM".into() }
+        ]
     );
 }
 
@@ -411,7 +418,7 @@ fn an_idle_session_leaves_after_its_idle_limit_and_work_resets_it() {
     assert_eq!(h.exec(), [s(0, "function 9"), s(0, "task 1")]);
     assert_eq!(h.s.next_deadline(), None, "busy: no idle deadline");
     h.result(0, 1, 1, 50_000);
-    assert_eq!(h.sent(), [FromAgent::Result { task: 1, attempt: 1 }]);
+    assert_eq!(h.sent(), [FromAgent::Result { task: 1, attempt: 1, micros: 20000000 }]);
     assert_eq!(h.s.next_deadline(), Some(h.at(110_000)), "idle again since the result");
     h.timer(109_999).unwrap();
     assert_eq!(h.timer(110_000), Err(SessionEnd::Idle(limit)));
@@ -431,7 +438,7 @@ fn near_its_time_limit_a_session_takes_no_task_that_would_not_finish_and_leaves(
     assert_eq!(h.exec(), [s(0, "function 9"), s(0, "task 1"), s(0, "task 2")]);
     // Tasks of 10 s: two held per executor must start by 80 s.
     h.result(0, 1, 1, 10_000);
-    assert_eq!(h.sent(), [FromAgent::Result { task: 1, attempt: 1 }]);
+    assert_eq!(h.sent(), [FromAgent::Result { task: 1, attempt: 1, micros: 10000000 }]);
     assert_eq!(h.s.next_deadline(), Some(h.at(80_000)));
     h.task(3, 0, 10_000);
     assert_eq!(h.exec(), [s(0, "task 3")]);
@@ -449,8 +456,8 @@ fn near_its_time_limit_a_session_takes_no_task_that_would_not_finish_and_leaves(
     assert_eq!(
         h.sent(),
         [
-            FromAgent::Result { task: 2, attempt: 1 },
-            FromAgent::Result { task: 3, attempt: 1 },
+            FromAgent::Result { task: 2, attempt: 1, micros: 75000000 },
+            FromAgent::Result { task: 3, attempt: 1, micros: 10000000 },
             FromAgent::Goodbye { reason: "its time limit is near".into() }
         ]
     );

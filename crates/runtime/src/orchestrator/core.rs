@@ -13,7 +13,8 @@ use bytes::Bytes;
 use distripool_protocol::{FromAgent, Labels, ToAgent};
 use distripool_scheduler::{Command, Config as SchedulerConfig, FailureKind, IdMap, IdSet, Scheduler};
 
-use super::snapshot::{ClientInfo, EventKind, EventLog, Snapshot, WorkerInfo, WorkerState};
+use super::observe::{Histogram, JobInfo, Observer, TaskError};
+use super::snapshot::{ClientInfo, EventKind, EventLog, Snapshot, Usage, WorkerInfo, WorkerState};
 use super::Stats;
 use crate::agent::DEPTH;
 use crate::conn::{Outgoing, SessionEnd};
@@ -71,6 +72,36 @@ pub(crate) enum Input {
         peer: String,
         reason: String,
     },
+    /// What a job is, for a dashboard (sent before its first submit, and
+    /// only while one watches).
+    Describe {
+        client: ClientId,
+        job: JobId,
+        kind: String,
+        name: String,
+        items: Option<u64>,
+    },
+    /// A task's outcome, delivered as done, was an exception the function
+    /// raised; `text` is its traceback (empty while nobody watches).
+    Raised {
+        client: ClientId,
+        job: JobId,
+        index: u32,
+        text: String,
+    },
+}
+
+/// What `/metrics` needs of the core beyond the [`Stats`] counters.
+#[derive(Debug, Clone, Default)]
+pub struct CoreMetrics {
+    /// Executors running a task (a worker holding at least as many tasks as
+    /// it has executors has them all busy), and the others.
+    pub executors_busy: usize,
+    pub executors_idle: usize,
+    pub tasks_queued: usize,
+    pub tasks_running: usize,
+    /// Running times of the tasks that returned (empty without an observer).
+    pub durations: Histogram,
 }
 
 struct TaskMeta {
@@ -98,6 +129,8 @@ struct AgentLink {
     crashes: u64,
     /// Why it said it was leaving.
     goodbye: Option<String>,
+    /// Its executors' CPU and memory, as last reported.
+    usage: Option<Usage>,
 }
 
 struct FnEntry {
@@ -122,12 +155,16 @@ pub(crate) struct Core {
     next_task: u64,
     stats: Arc<Stats>,
     events: EventLog,
+    /// Present while a dashboard watches: task times, jobs.
+    observer: Option<Box<Observer>>,
     /// The time of the input being handled.
     now: Instant,
 }
 
 impl Core {
-    pub(crate) fn new(max_crashes: u32, stats: Arc<Stats>, now: Instant) -> Self {
+    /// With `observe`, the core also keeps what a dashboard shows (see
+    /// [`Observer`]).
+    pub(crate) fn new(max_crashes: u32, stats: Arc<Stats>, now: Instant, observe: bool) -> Self {
         Self {
             sched: Scheduler::new(SchedulerConfig { max_crashes, max_losses: 10 }),
             agents: IdMap::default(),
@@ -140,6 +177,7 @@ impl Core {
             next_task: 1,
             stats,
             events: EventLog::default(),
+            observer: observe.then(Box::default),
             now,
         }
     }
@@ -185,6 +223,7 @@ impl Core {
                         tasks_done: 0,
                         crashes: 0,
                         goodbye: None,
+                        usage: None,
                     },
                 );
                 self.stats.workers.fetch_add(1, Ordering::Relaxed);
@@ -233,6 +272,10 @@ impl Core {
                 let entry =
                     self.fns.entry(fn_id).or_insert(FnEntry { bytes: function, needs: need_ids, refs: 0 });
                 entry.refs += tasks.len();
+                self.stats.tasks_submitted.fetch_add(tasks.len() as u64, Ordering::Relaxed);
+                if let Some(o) = &mut self.observer {
+                    o.submitted(client, job, tasks.len());
+                }
                 self.meta.reserve(tasks.len());
                 self.sched.reserve(tasks.len());
                 for (index, payload) in tasks {
@@ -245,6 +288,17 @@ impl Core {
             Input::Refused { peer, reason } => {
                 self.events.push(self.now, EventKind::ConnectionRefused { peer, reason });
             }
+            Input::Describe { client, job, kind, name, items } => {
+                if let Some(o) = &mut self.observer {
+                    o.describe(client, job, kind, name, items, now);
+                }
+            }
+            Input::Raised { client, job, index, text } => {
+                self.stats.tasks_raised.fetch_add(1, Ordering::Relaxed);
+                if let Some(o) = &mut self.observer {
+                    o.raised(client, job, TaskError { index, text });
+                }
+            }
             Input::ClientClosed { client } => {
                 if self.clients.remove(&client).is_some() {
                     self.sched.cancel_group(client.group());
@@ -255,6 +309,7 @@ impl Core {
                     for t in gone {
                         if let Some(m) = self.meta.remove(&t) {
                             self.release_function(m.fn_id);
+                            self.observe_end(&m, None);
                         }
                     }
                 }
@@ -274,6 +329,7 @@ impl Core {
             if self.sched.withdraw(t) {
                 let m = self.meta.remove(&t).expect("withdrawn task has metadata");
                 self.release_function(m.fn_id);
+                self.observe_end(&m, None);
                 withdrawn.push(m.index);
             }
         }
@@ -318,6 +374,7 @@ impl Core {
                 crashes: l.crashes,
                 connected_for: now.saturating_duration_since(l.joined),
                 last_heard: now.saturating_duration_since(l.last_heard),
+                usage: l.usage,
             })
             .collect();
         workers.sort_by_key(|w| w.id);
@@ -337,6 +394,27 @@ impl Core {
         Snapshot { workers, clients }
     }
 
+    /// What `/metrics` needs besides the counters: O(workers), not O(tasks).
+    pub(crate) fn metrics(&self) -> CoreMetrics {
+        let mut m = CoreMetrics::default();
+        for (&id, l) in &self.agents {
+            let busy = self.sched.worker_load(id).unwrap_or(0).min(l.slots);
+            m.executors_busy += busy;
+            m.executors_idle += l.slots - busy;
+        }
+        m.tasks_queued = self.sched.queued();
+        m.tasks_running = self.sched.pending() - m.tasks_queued;
+        if let Some(o) = &self.observer {
+            m.durations = o.durations.clone();
+        }
+        m
+    }
+
+    /// The jobs a dashboard shows, oldest first (none without an observer).
+    pub(crate) fn jobs(&self, now: Instant) -> Vec<JobInfo> {
+        self.observer.as_ref().map_or_else(Vec::new, |o| o.jobs(now))
+    }
+
     /// The events numbered `since` and after that are still kept.
     pub(crate) fn events_since(&self, since: u64) -> Vec<super::snapshot::Event> {
         self.events.since(since)
@@ -348,10 +426,13 @@ impl Core {
         };
         link.last_heard = self.now;
         match msg {
-            FromAgent::Result { task, attempt } => {
+            FromAgent::Result { task, attempt, micros } => {
                 if self.sched.task_finished(worker, TaskId(task), attempt, payload) {
                     link.tasks_done += 1;
                     self.stats.tasks_done.fetch_add(1, Ordering::Relaxed);
+                    if let Some(o) = &mut self.observer {
+                        o.task_ran(micros);
+                    }
                 }
             }
             FromAgent::Crashed { task, attempt, reason } => {
@@ -360,8 +441,12 @@ impl Core {
                 let reason = format!("{reason} on worker {}", link.name);
                 let task = TaskId(task);
                 if self.sched.task_crashed(worker, task, attempt, &reason) && self.sched.is_pending(task) {
+                    self.stats.tasks_retried.fetch_add(1, Ordering::Relaxed);
                     if let Some(m) = self.meta.get(&task) {
                         let (client, job, index) = (m.client, m.job, m.index);
+                        if let Some(o) = &mut self.observer {
+                            o.retried(client, job);
+                        }
                         self.events.push(self.now, EventKind::TaskRetried { client, job, index, reason });
                     }
                 }
@@ -381,6 +466,9 @@ impl Core {
                 link.goodbye = Some(reason);
                 // What it held goes elsewhere now, without counting as a loss.
                 self.sched.worker_left(worker);
+            }
+            FromAgent::Usage { executors, cpu_milli, memory } => {
+                link.usage = Some(Usage { executors, cpu: f64::from(cpu_milli) / 1000.0, memory });
             }
             FromAgent::Ready { .. } | FromAgent::Pong { .. } => {}
         }
@@ -442,6 +530,7 @@ impl Core {
                             failure.reasons.join("; ")
                         ),
                     };
+                    self.stats.tasks_failed.fetch_add(1, Ordering::Relaxed);
                     if let Some(m) = self.meta.get(&task) {
                         let (client, job, index) = (m.client, m.job, m.index);
                         let event = EventKind::TaskFailed { client, job, index, reason: reason.clone() };
@@ -453,6 +542,7 @@ impl Core {
                     for t in &tasks {
                         if let Some(meta) = self.meta.remove(t) {
                             self.release_function(meta.fn_id);
+                            self.observe_end(&meta, None);
                         }
                     }
                     if let Some(link) = self.agents.get_mut(&worker) {
@@ -473,11 +563,24 @@ impl Core {
             return;
         };
         self.release_function(meta.fn_id);
+        if self.observer.is_some() {
+            let ended = match &outcome {
+                Outcome::Done(_) => Ok(()),
+                Outcome::Failed { reason, .. } => Err(TaskError { index: meta.index, text: reason.clone() }),
+            };
+            self.observe_end(&meta, Some(ended));
+        }
         if let Some(outbox) = self.clients.get_mut(&meta.client) {
             if outbox.is_empty() {
                 self.dirty_clients.push(meta.client);
             }
             outbox.push(Completion { job: meta.job, index: meta.index, outcome });
+        }
+    }
+
+    fn observe_end(&mut self, meta: &TaskMeta, outcome: Option<Result<(), TaskError>>) {
+        if let Some(o) = &mut self.observer {
+            o.ended(meta.client, meta.job, outcome, self.now);
         }
     }
 

@@ -35,7 +35,7 @@ impl Harness {
         let stats = Arc::new(Stats::default());
         let t0 = Instant::now();
         let mut h =
-            Self { core: Core::new(3, stats.clone(), t0), comm: Recorder::default(), stats, t0, ms: 0 };
+            Self { core: Core::new(3, stats.clone(), t0, true), comm: Recorder::default(), stats, t0, ms: 0 };
         h.input(Input::ClientOpened { client: CLIENT });
         h
     }
@@ -124,7 +124,7 @@ impl Harness {
             for (w, m) in frames {
                 match m {
                     ToAgent::Task { task, attempt, .. } => {
-                        self.agent_says(w, FromAgent::Result { task, attempt }, b"r")
+                        self.agent_says(w, FromAgent::Result { task, attempt, micros: 0 }, b"r")
                     }
                     ToAgent::Forget { fn_id } => forgotten.push(fn_id),
                     ToAgent::Function { .. } => {}
@@ -179,7 +179,7 @@ fn an_agent_gets_the_function_once_and_up_to_its_capacity_of_tasks() {
     assert!(matches!(sent[0], (7, ToAgent::Function { .. })));
     assert_eq!(sent.len(), 1 + DEPTH, "one slot holds {DEPTH} tasks");
     let ToAgent::Task { task, attempt, .. } = sent[1].1 else { panic!("{sent:?}") };
-    h.agent_says(7, FromAgent::Result { task, attempt }, b"r0");
+    h.agent_says(7, FromAgent::Result { task, attempt, micros: 0 }, b"r0");
     let d = h.delivered();
     assert_eq!((d[0].0, d[0].1, done(&d[0].2)), (1, 0, &b"r0"[..]));
     // The next task goes without its function: the agent has it.
@@ -228,8 +228,8 @@ fn the_tasks_of_an_agent_that_goes_silent_go_to_another_with_the_function() {
     assert_eq!(h.stats.workers_lost.load(Ordering::Relaxed), 1);
     // A late result of the lost agent's attempt is not delivered twice.
     let (_, task, attempt) = first[0];
-    h.agent_says(7, FromAgent::Result { task, attempt }, b"late");
-    h.agent_says(8, FromAgent::Result { task, attempt: attempt + 1 }, b"r");
+    h.agent_says(7, FromAgent::Result { task, attempt, micros: 0 }, b"late");
+    h.agent_says(8, FromAgent::Result { task, attempt: attempt + 1, micros: 0 }, b"r");
     let d = h.delivered();
     assert_eq!(d.len(), 1);
     assert_eq!(done(&d[0].2), b"r");
@@ -286,11 +286,11 @@ fn withdraw_takes_back_exactly_the_tasks_no_agent_holds() {
     assert_eq!(h.core.withdraw(CLIENT, JobId(1)), vec![2, 3, 4]);
     assert_eq!(h.core.withdraw(CLIENT, JobId(1)), Vec::<u32>::new(), "nothing twice");
     for &(_, task, attempt) in &held {
-        h.agent_says(7, FromAgent::Result { task, attempt }, b"r");
+        h.agent_says(7, FromAgent::Result { task, attempt, micros: 0 }, b"r");
     }
     // The other job's task was behind the withdrawn ones; it runs now.
     let (_, task, attempt) = h.tasks_sent()[0];
-    h.agent_says(7, FromAgent::Result { task, attempt }, b"r");
+    h.agent_says(7, FromAgent::Result { task, attempt, micros: 0 }, b"r");
     let jobs: Vec<(u64, u32)> = h.delivered().iter().map(|d| (d.0, d.1)).collect();
     assert_eq!(jobs, [(1, 0), (1, 1), (2, 0)]);
 }
@@ -310,7 +310,7 @@ fn a_closing_client_stops_its_running_tasks_and_gets_nothing_more() {
     expected.sort_unstable();
     assert_eq!(tasks, expected);
     let (_, task, attempt) = held[0];
-    h.agent_says(7, FromAgent::Result { task, attempt }, b"late");
+    h.agent_says(7, FromAgent::Result { task, attempt, micros: 0 }, b"late");
     assert!(h.delivered().is_empty());
     // The agent is free for other clients at once.
     h.input(Input::ClientOpened { client: ClientId(101) });
@@ -345,7 +345,7 @@ fn idle_functions_are_evicted_oldest_first_and_each_agent_told_once() {
             }
         }
         let (task, attempt) = task.expect("a task was sent");
-        h.agent_says(7, FromAgent::Result { task, attempt }, b"r");
+        h.agent_says(7, FromAgent::Result { task, attempt, micros: 0 }, b"r");
     }
     let last = h.sent();
     forgotten.extend(last.iter().filter_map(|(_, m)| match m {
@@ -363,7 +363,7 @@ fn idle_functions_are_evicted_oldest_first_and_each_agent_told_once() {
 fn messages_of_an_agent_that_never_joined_change_nothing() {
     let mut h = Harness::new();
     h.agent_says(5, FromAgent::Capacity { tasks: 100 }, b"");
-    h.agent_says(5, FromAgent::Result { task: 1, attempt: 1 }, b"r");
+    h.agent_says(5, FromAgent::Result { task: 1, attempt: 1, micros: 0 }, b"r");
     h.input(Input::AgentLeft { worker: WorkerId(5), end: SessionEnd::Closed });
     h.submit(1, b"f", 1);
     assert!(h.sent().is_empty());
@@ -387,7 +387,7 @@ fn a_drained_agent_finishes_what_it_holds_gets_nothing_new_and_leaves_without_a_
     // It asks for more; a draining agent gets nothing new.
     h.agent_says(7, FromAgent::Capacity { tasks: 32 }, b"");
     for &(_, task, attempt) in &held {
-        h.agent_says(7, FromAgent::Result { task, attempt }, b"r");
+        h.agent_says(7, FromAgent::Result { task, attempt, micros: 0 }, b"r");
     }
     assert!(h.sent().is_empty());
     assert_eq!(h.delivered().len(), 2);
@@ -438,7 +438,7 @@ fn the_snapshot_shows_workers_with_their_labels_and_each_clients_tasks() {
     let sent = h.tasks_sent();
     assert_eq!(sent.len(), 4);
     h.ms = 2000;
-    h.agent_says(7, FromAgent::Result { task: sent[0].1, attempt: 1 }, b"r");
+    h.agent_says(7, FromAgent::Result { task: sent[0].1, attempt: 1, micros: 0 }, b"r");
     h.delivered();
     h.tasks_sent();
     h.agent_says(7, FromAgent::Crashed { task: sent[1].1, attempt: 1, reason: "signal 9".into() }, b"");
@@ -546,4 +546,82 @@ fn what_a_function_needs_goes_first_once_per_agent_and_leaves_after_it() {
     let main_at = at(main_id).expect("the need was evicted");
     assert!(at(super::super::function_id(b"f").0 ^ 1).is_some_and(|i| i < main_at), "{forgotten:?}");
     assert!(at(super::super::function_id(b"g").0 ^ 1).is_some_and(|i| i < main_at), "{forgotten:?}");
+}
+
+#[test]
+fn a_watched_core_counts_each_described_job_and_the_metrics_need_no_task_walk() {
+    let mut h = Harness::new();
+    h.join(7, 2);
+    h.input(Input::Describe {
+        client: CLIENT,
+        job: JobId(1),
+        kind: "map".into(),
+        name: "square".into(),
+        items: Some(40),
+    });
+    h.submit(1, b"f", 4);
+    let sent = h.tasks_sent();
+    assert_eq!(sent.len(), 4, "two executors, two tasks each");
+    let m = h.core.metrics();
+    assert_eq!((m.executors_busy, m.executors_idle, m.tasks_queued, m.tasks_running), (2, 0, 0, 4));
+    // One returns, one crashes once (and is retried), one raises.
+    h.agent_says(7, FromAgent::Result { task: sent[0].1, attempt: 1, micros: 1500 }, b"r");
+    h.agent_says(7, FromAgent::Crashed { task: sent[1].1, attempt: 1, reason: "signal 9".into() }, b"");
+    h.agent_says(7, FromAgent::Result { task: sent[2].1, attempt: 1, micros: 80 }, b"e");
+    h.input(Input::Raised { client: CLIENT, job: JobId(1), index: 2, text: "ValueError: 2".into() });
+    h.agent_says(7, FromAgent::Usage { executors: 2, cpu_milli: 1500, memory: 3 << 20 }, b"");
+    assert_eq!(h.delivered().len(), 2);
+    let retry = h.tasks_sent();
+    assert_eq!(retry, [(7, sent[1].1, 2)]);
+
+    let jobs = h.core.jobs(h.now());
+    assert_eq!(jobs.len(), 1);
+    let j = &jobs[0];
+    assert_eq!((j.kind.as_str(), j.name.as_str(), j.items), ("map", "square", Some(40)));
+    assert_eq!((j.tasks, j.done, j.failed, j.retried, j.pending), (4, 1, 1, 1, 2));
+    assert_eq!(j.errors, [TaskError { index: 2, text: "ValueError: 2".into() }]);
+    let s = &h.stats;
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+    assert_eq!((load(&s.tasks_submitted), load(&s.tasks_retried), load(&s.tasks_raised)), (4, 1, 1));
+    let m = h.core.metrics();
+    assert_eq!(m.durations.count, 2);
+    assert!((m.durations.sum - 0.00158).abs() < 1e-9, "{}", m.durations.sum);
+    let usage = h.core.snapshot(h.now()).workers[0].usage.expect("reported");
+    assert_eq!((usage.executors, usage.cpu, usage.memory), (2, 1.5, 3 << 20));
+
+    // The rest finish; the job is done, with its time.
+    h.agent_says(7, FromAgent::Result { task: sent[3].1, attempt: 1, micros: 10 }, b"r");
+    h.agent_says(7, FromAgent::Result { task: sent[1].1, attempt: 2, micros: 10 }, b"r");
+    assert_eq!(h.delivered().len(), 2);
+    let j = &h.core.jobs(h.now())[0];
+    assert_eq!((j.done, j.failed, j.pending), (3, 1, 0));
+    assert!(j.elapsed.is_some());
+}
+
+#[test]
+fn an_unwatched_core_keeps_no_jobs_and_no_times_but_counts() {
+    let stats = Arc::new(Stats::default());
+    let mut core = Core::new(3, stats.clone(), Instant::now(), false);
+    let now = Instant::now();
+    core.handle(Input::ClientOpened { client: CLIENT }, now);
+    core.handle(
+        Input::Describe { client: CLIENT, job: JobId(1), kind: "map".into(), name: "f".into(), items: None },
+        now,
+    );
+    core.handle(
+        Input::Submit {
+            client: CLIENT,
+            job: JobId(1),
+            fn_id: FnId(1),
+            function: Bytes::from_static(b"f"),
+            needs: Vec::new(),
+            tasks: vec![(0, Bytes::new())],
+            timeout_ms: 0,
+        },
+        now,
+    );
+    assert!(core.jobs(now).is_empty());
+    assert_eq!(core.metrics().durations.count, 0);
+    assert_eq!(core.metrics().tasks_queued, 1);
+    assert_eq!(stats.tasks_submitted.load(Ordering::Relaxed), 1);
 }

@@ -13,8 +13,9 @@ use sha2::{Digest, Sha256};
 use tokio::net::TcpSocket;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::core::{Comm, Core, Input};
+use super::core::{Comm, Core, CoreMetrics, Input};
 use super::intake::{accept_loop, Intake};
+use super::observe::JobInfo;
 use super::snapshot::{Event as ClusterEvent, Snapshot};
 use crate::agent::{run_session, AgentConfig, EXIT_GRACE};
 use crate::conn::{client_handshake, Outgoing, SessionEnd};
@@ -37,6 +38,8 @@ pub struct OrchestratorConfig {
     pub max_frame: usize,
     pub max_crashes: u32,
     pub timing: Timing,
+    /// `host:port` of the dashboard and `/metrics` (off when `None`).
+    pub dashboard: Option<String>,
 }
 
 impl Default for OrchestratorConfig {
@@ -47,6 +50,7 @@ impl Default for OrchestratorConfig {
             max_frame: DEFAULT_MAX_FRAME,
             max_crashes: 3,
             timing: Timing::default(),
+            dashboard: None,
         }
     }
 }
@@ -58,7 +62,19 @@ pub struct Stats {
     pub slots: AtomicUsize,
     pub auth_failures: AtomicUsize,
     pub handshake_failures: AtomicUsize,
+    /// Tasks that returned (a value, or an exception the function raised).
     pub tasks_done: AtomicU64,
+    /// Tasks queued by clients.
+    pub tasks_submitted: AtomicU64,
+    /// Tasks run again after their executor died.
+    pub tasks_retried: AtomicU64,
+    /// Tasks given up: too many crashes or losses, or out of time.
+    pub tasks_failed: AtomicU64,
+    /// Tasks whose function raised, as their pools report it.
+    pub tasks_raised: AtomicU64,
+    /// Connections refused before they became a worker, by
+    /// [`Refusal`](super::observe::Refusal) (in the order of `Refusal::ALL`).
+    pub refused: [AtomicU64; 9],
     pub crashes: AtomicU64,
     /// Workers that left or were declared lost.
     pub workers_lost: AtomicU64,
@@ -100,6 +116,12 @@ pub(super) enum Event {
     Events {
         since: u64,
         reply: oneshot::Sender<Vec<ClusterEvent>>,
+    },
+    Metrics {
+        reply: oneshot::Sender<CoreMetrics>,
+    },
+    Jobs {
+        reply: oneshot::Sender<Vec<JobInfo>>,
     },
 }
 
@@ -150,6 +172,12 @@ impl ChannelComm {
             }
             Event::Events { since, reply } => {
                 let _ = reply.send(core.events_since(since));
+            }
+            Event::Metrics { reply } => {
+                let _ = reply.send(core.metrics());
+            }
+            Event::Jobs { reply } => {
+                let _ = reply.send(core.jobs(now));
             }
             Event::Core(input) => {
                 match &input {
@@ -205,6 +233,7 @@ pub struct Orchestrator {
     stop: watch::Sender<bool>,
     /// The agents running in this process, which close waits for.
     local_agents: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    dashboard: Option<crate::dashboard::Dashboard>,
 }
 
 impl Orchestrator {
@@ -233,6 +262,7 @@ impl Orchestrator {
         let (events, rx) = mpsc::unbounded_channel();
         let (stop, _) = watch::channel(false);
 
+        let observe = config.dashboard.is_some();
         let mut bound = Vec::new();
         for addr in &addrs {
             let listener = runtime.block_on(async {
@@ -251,11 +281,20 @@ impl Orchestrator {
                 timing: config.timing,
                 events: events.clone(),
                 stats: stats.clone(),
+                usage: observe,
             };
             runtime.spawn(accept_loop(listener, intake, next_id.clone()));
         }
+        let dashboard = match &config.dashboard {
+            Some(addr) => {
+                let core = CoreLink { events: events.clone(), stats: stats.clone() };
+                let key = &config.security.key;
+                Some(runtime.block_on(crate::dashboard::Dashboard::start(addr, key, core))?)
+            }
+            None => None,
+        };
 
-        runtime.spawn(run_core(Core::new(config.max_crashes, stats.clone(), Instant::now()), rx));
+        runtime.spawn(run_core(Core::new(config.max_crashes, stats.clone(), Instant::now(), observe), rx));
         Ok(Self {
             runtime: Some(runtime),
             events,
@@ -267,7 +306,14 @@ impl Orchestrator {
             next_id,
             stop,
             local_agents: Default::default(),
+            dashboard,
         })
+    }
+
+    /// The dashboard's address and the URL to open (with its token, when
+    /// one is needed), if it was asked for.
+    pub fn dashboard(&self) -> Option<&crate::dashboard::Dashboard> {
+        self.dashboard.as_ref()
     }
 
     /// The addresses actually bound (port 0 resolved).
@@ -296,6 +342,12 @@ impl Orchestrator {
     /// Workers, clients and their tasks as they are now.
     pub fn snapshot(&self) -> Result<Snapshot> {
         self.ask(|reply| Event::Snapshot { reply })
+    }
+
+    /// Executors busy and idle, tasks queued and running, task times: what
+    /// the core counts beyond [`Stats`], without walking the tasks.
+    pub fn metrics(&self) -> Result<CoreMetrics> {
+        self.ask(|reply| Event::Metrics { reply })
     }
 
     /// The events numbered `since` and after that are still kept (the
@@ -350,6 +402,7 @@ impl Orchestrator {
             timing: self.timing,
             events: self.events.clone(),
             stats: self.stats.clone(),
+            usage: self.dashboard.is_some(),
         };
         rt.spawn(intake.serve_local(orch_end, worker));
         let mut stop = self.stop.subscribe();
@@ -498,6 +551,21 @@ impl Client {
         rx.blocking_recv().map_err(|_| Error::Closed)
     }
 
+    /// Say what `job` is, for a dashboard: its `kind` (`map`, `apply`, ...),
+    /// the function's `name` and its number of `items`, if known. Call it
+    /// before the job's first submit; it costs nothing to skip.
+    pub fn describe(&self, job: JobId, kind: String, name: String, items: Option<u64>) -> Result<()> {
+        let describe = Input::Describe { client: self.id, job, kind, name, items };
+        self.events.send(Event::Core(describe)).map_err(|_| Error::Closed)
+    }
+
+    /// Task `index` of `job` returned an exception its function raised,
+    /// with this traceback (counted in the metrics, shown by a dashboard).
+    pub fn raised(&self, job: JobId, index: u32, text: String) -> Result<()> {
+        let raised = Input::Raised { client: self.id, job, index, text };
+        self.events.send(Event::Core(raised)).map_err(|_| Error::Closed)
+    }
+
     /// Cancel everything this client submitted and detach it.
     pub fn close(&self) {
         let _ = self.events.send(Event::Core(Input::ClientClosed { client: self.id }));
@@ -507,6 +575,38 @@ impl Client {
 impl Drop for Client {
     fn drop(&mut self) {
         self.close();
+    }
+}
+
+/// What the dashboard holds of the orchestrator: the way to ask its core,
+/// and its counters.
+#[derive(Clone)]
+pub struct CoreLink {
+    events: mpsc::UnboundedSender<Event>,
+    pub stats: Arc<Stats>,
+}
+
+impl CoreLink {
+    async fn ask<T>(&self, ev: impl FnOnce(oneshot::Sender<T>) -> Event) -> Result<T> {
+        let (reply, rx) = oneshot::channel();
+        self.events.send(ev(reply)).map_err(|_| Error::Closed)?;
+        rx.await.map_err(|_| Error::Closed)
+    }
+
+    pub async fn snapshot(&self) -> Result<Snapshot> {
+        self.ask(|reply| Event::Snapshot { reply }).await
+    }
+
+    pub async fn metrics(&self) -> Result<CoreMetrics> {
+        self.ask(|reply| Event::Metrics { reply }).await
+    }
+
+    pub async fn jobs(&self) -> Result<Vec<JobInfo>> {
+        self.ask(|reply| Event::Jobs { reply }).await
+    }
+
+    pub async fn events(&self, since: u64) -> Result<Vec<ClusterEvent>> {
+        self.ask(|reply| Event::Events { since, reply }).await
     }
 }
 

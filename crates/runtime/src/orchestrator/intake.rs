@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 
 use super::core::Input;
 use super::handle::{Event, Stats};
+use super::observe::Refusal;
 use super::session::serve_session;
 use crate::conn::{server_handshake, tune_tcp};
 use crate::ids::WorkerId;
@@ -78,6 +79,7 @@ pub(super) async fn accept_loop(listener: TcpListener, intake: Intake, next_id: 
             if let Some(handle) = p.tasks.remove(&oldest) {
                 handle.abort();
                 intake.stats.handshake_failures.fetch_add(1, Ordering::Relaxed);
+                intake.stats.refused[Refusal::Overload as usize].fetch_add(1, Ordering::Relaxed);
             }
         }
         // Forget ids that finished their handshake long ago.
@@ -89,6 +91,7 @@ pub(super) async fn accept_loop(listener: TcpListener, intake: Intake, next_id: 
 
 fn note_handshake_failure(intake: &Intake, peer: &str, e: &Error) {
     let stats = &intake.stats;
+    stats.refused[Refusal::of(e) as usize].fetch_add(1, Ordering::Relaxed);
     let refused = match e {
         Error::Handshake(h) if h.is_auth_failure() => {
             stats.auth_failures.fetch_add(1, Ordering::Relaxed);
@@ -125,6 +128,9 @@ pub(super) struct Intake {
     pub(super) timing: Timing,
     pub(super) events: mpsc::UnboundedSender<Event>,
     pub(super) stats: Arc<Stats>,
+    /// Ask agents to report their executors' CPU and memory (a dashboard
+    /// shows them).
+    pub(super) usage: bool,
 }
 
 impl Intake {

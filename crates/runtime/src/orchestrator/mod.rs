@@ -19,13 +19,17 @@
 //! | `intake.rs` | accepting connections and authenticating them |
 //! | `session.rs` | one authenticated agent: its reader and writer |
 //! | `snapshot.rs` | what the core shows: workers, clients, events |
+//! | `observe.rs` | what it keeps while a dashboard watches: task times, jobs |
 
 mod core;
 mod handle;
 mod intake;
+pub mod observe;
 mod session;
 pub mod snapshot;
 
+pub use core::CoreMetrics;
 pub use distripool_scheduler::FailureKind;
-pub use handle::{function_id, Blob, Client, Orchestrator, OrchestratorConfig, Stats};
-pub use snapshot::{ClientInfo, Event, EventKind, Snapshot, WorkerInfo, WorkerState};
+pub use handle::{function_id, Blob, Client, CoreLink, Orchestrator, OrchestratorConfig, Stats};
+pub use observe::{Histogram, JobInfo, Refusal, TaskError};
+pub use snapshot::{ClientInfo, Event, EventKind, Snapshot, Usage, WorkerInfo, WorkerState};

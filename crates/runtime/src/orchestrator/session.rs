@@ -13,6 +13,9 @@ use super::intake::Intake;
 use crate::conn::{write_batches, AbortOnDrop, FrameReader, FrameWriter, Outgoing, SessionEnd};
 use crate::ids::WorkerId;
 
+/// How often agents report their executors' CPU and memory, when asked to.
+const USAGE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Messages one event may carry to the core.
 const MAX_MESSAGES: usize = 1024;
 
@@ -23,7 +26,7 @@ pub(super) async fn serve_session<S: AsyncRead + AsyncWrite + Send + 'static>(
     keys: Option<SessionKeys>,
     intake: Intake,
 ) {
-    let Intake { max_frame, events, stats, timing, .. } = intake;
+    let Intake { max_frame, events, stats, timing, usage, .. } = intake;
     let silence = timing.silence;
     let (rd, wr) = tokio::io::split(stream);
     let (sealer, opener) = match keys {
@@ -64,6 +67,7 @@ pub(super) async fn serve_session<S: AsyncRead + AsyncWrite + Send + 'static>(
         max_frame: max_frame as u64,
         heartbeat_ms: timing.heartbeat.as_millis() as u64,
         silence_ms: silence.as_millis() as u64,
+        usage_ms: if usage { USAGE_EVERY.as_millis() as u64 } else { 0 },
     };
     let _ = tx.send(vec![Outgoing::new(limits)]);
     if events.send(Event::AgentJoined { worker, peer: peer.clone(), slots, labels, tx }).is_err() {

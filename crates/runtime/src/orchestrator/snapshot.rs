@@ -52,6 +52,18 @@ pub struct WorkerInfo {
     /// Time since the last frame that reached the core (results, or the
     /// heartbeat answers of an idle agent).
     pub last_heard: Duration,
+    /// Its executors' CPU and memory, when a dashboard asked for them.
+    pub usage: Option<Usage>,
+}
+
+/// What a worker's executors use, summed over them, as it last reported.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Usage {
+    pub executors: u32,
+    /// CPUs busy over the last interval (1.0: one CPU all the time).
+    pub cpu: f64,
+    /// Resident memory, in bytes.
+    pub memory: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
