@@ -14,6 +14,7 @@ Reported: medians, the spread, and the ratio on/off (goal: at least 0.95).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 import statistics
@@ -121,6 +122,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--items", type=int, default=20000)
     args = ap.parse_args()
+    logging.getLogger("distripool").setLevel(logging.WARNING)  # the table alone
     n, rounds = args.items, args.rounds
     print(
         f"\ndashboard cost: map(tiny, range({n}), chunksize=1), {args.processes} executors, "
