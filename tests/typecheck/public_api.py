@@ -135,8 +135,12 @@ def clusters() -> None:
         del info, events
         assert_type(orchestrator.wait_for_workers(1, timeout=5.0), bool)
         assert_type(orchestrator.drain(1), bool)
-    direct = Orchestrator(["127.0.0.1:0"], b"key", tls=None)
+    direct = Orchestrator(["127.0.0.1:0"], b"key", tls=None, dashboard="127.0.0.1:0")
+    assert_type(direct.dashboard_url, "str | None")
     direct.close()
+    make_orchestrator("127.0.0.1:0", dashboard=True).close()
+    Pool(2, dashboard=8787).close()
+    ProcessPoolExecutor(2, dashboard="127.0.0.1:0").shutdown()
     make_worker("127.0.0.1:1337", processes=2, authkey=b"key", labels={"rack": "a"})
     make_worker(["127.0.0.1:1337"], key_file="key.txt", labels=["rack=a"])
 
