@@ -132,9 +132,7 @@ def raise_on_multiples_of_ten(x):
 def gated(gate, x):
     """``x``: after 2 ms for ``x`` below 40, after 0.3 s below 180, and for
     the others once the file ``gate`` exists (a map that runs for a while,
-    then holds still until a test lets it finish). The first ones take long
-    enough that their results are sent at once, not held back to go with
-    the next."""
+    then holds still until a test lets it finish)."""
     import os
     import time
 
