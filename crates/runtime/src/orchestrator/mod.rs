@@ -14,13 +14,15 @@
 //!
 //! | file | what it does |
 //! |---|---|
-//! | `handle.rs` | [`Orchestrator`] and [`Client`], the API; the task that drives the core |
+//! | `handle.rs` | [`Orchestrator`], the API; the task that drives the core |
+//! | `client.rs` | [`Client`]: a pool's connection, submitting and receiving |
 //! | `core.rs` | the state machine: inputs in, frames and completions out |
 //! | `intake.rs` | accepting connections and authenticating them |
 //! | `session.rs` | one authenticated agent: its reader and writer |
 //! | `snapshot.rs` | what the core shows: workers, clients, events |
 //! | `observe.rs` | what it keeps while a dashboard watches: task times, jobs |
 
+mod client;
 mod core;
 mod handle;
 mod intake;
@@ -28,8 +30,9 @@ pub mod observe;
 mod session;
 pub mod snapshot;
 
+pub use client::{function_id, Blob, Client};
 pub use core::CoreMetrics;
 pub use distripool_scheduler::FailureKind;
-pub use handle::{function_id, Blob, Client, CoreLink, Orchestrator, OrchestratorConfig, Stats};
+pub use handle::{CoreLink, Orchestrator, OrchestratorConfig, Stats};
 pub use observe::{Histogram, JobInfo, Refusal, TaskError};
 pub use snapshot::{ClientInfo, Event, EventKind, Snapshot, Usage, WorkerInfo, WorkerState};

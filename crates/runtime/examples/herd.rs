@@ -1,0 +1,214 @@
+//! Many agents at once: a herd of 1 000 connecting in the same instant, and
+//! 10 000 connected together, against one orchestrator in this process.
+//! The agents are the stand-ins of `orchestrator_bench` (sealed loopback TCP,
+//! in child processes); a thousand connections at once overflow the
+//! orchestrator's list of pending handshakes, which drops the oldest, and
+//! those agents retry with backoff as real ones do.
+//!
+//! ```text
+//! cargo run --release -p distripool-runtime --example herd [HERD] [MANY]
+//! ```
+//!
+//! 1. Herd: HERD agents (1 000) start at once; the time from the first TCP
+//!    connection to the last, the time until all have joined, the
+//!    handshakes shed and retried, the orchestrator's CPU and peak memory.
+//! 2. Many: MANY agents (10 000) of no slots (they only heartbeat) join;
+//!    the orchestrator's memory; then its CPU per task for a million tasks
+//!    through 16 agents of 16 slots, alone and beside the MANY idle ones;
+//!    and through MANY agents of one slot each, all given tasks.
+//!
+//! Each side needs a file descriptor per agent: the processes raise their
+//! soft limit to the hard one (`ulimit -Hn`), and MANY must fit under it.
+
+#[path = "common/stand_in.rs"]
+mod stand_in;
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use distripool_runtime::{Orchestrator, Timing};
+use stand_in::{
+    cpu_time, push_tasks, raise_fd_limit, read_connected, rss_bytes, run_agents, spawn_agents,
+    start_orchestrator, wait_for_workers,
+};
+
+const TASKS: u32 = 1_000_000;
+/// Agents started in one child process (one runtime thread each).
+const PER_PROCESS: usize = 2_500;
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / 1048576.0
+}
+
+/// The largest resident memory seen while `f` runs, sampled every 5 ms.
+fn peak_rss<T>(f: impl FnOnce() -> T) -> (T, u64) {
+    let peak = Arc::new(Mutex::new(rss_bytes()));
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (peak, done) = (peak.clone(), done.clone());
+        std::thread::spawn(move || {
+            while !done.load(Ordering::Relaxed) {
+                let now = rss_bytes();
+                let mut p = peak.lock().unwrap();
+                *p = (*p).max(now);
+                drop(p);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+    let out = f();
+    done.store(true, Ordering::Relaxed);
+    sampler.join().unwrap();
+    let p = *peak.lock().unwrap();
+    (out, p)
+}
+
+fn herd(n: usize) {
+    let orch = start_orchestrator();
+    let addr = orch.local_addrs()[0].to_string();
+    let before = rss_bytes();
+    let cpu0 = cpu_time();
+    let ((joined, mut child), peak) = peak_rss(|| {
+        let child = spawn_agents(&addr, n, 1);
+        (wait_for_workers(&orch, n, Duration::from_secs(60)), child)
+    });
+    let cpu = cpu_time() - cpu0;
+    let connected = read_connected(&mut child);
+    let stats = orch.stats();
+    let shed =
+        stats.refused[distripool_runtime::orchestrator::Refusal::Overload as usize].load(Ordering::Relaxed);
+    let failed = stats.handshake_failures.load(Ordering::Relaxed);
+    std::thread::sleep(3 * Timing::default().heartbeat);
+    let after = rss_bytes();
+    println!("\nherd: {n} stand-in agents started at once (another process, sealed TCP)\n");
+    println!("| figure | measured | goal |");
+    println!("|---|---:|---:|");
+    println!(
+        "| first TCP connections made, first to last | {:.0} ms | ≤ 100 ms |",
+        connected.as_secs_f64() * 1e3
+    );
+    println!("| all {n} joined after | {:.2} s | ≤ 15 s |", joined.as_secs_f64());
+    println!("| handshakes shed (past 256 pending), retried by their agents | {shed} | none lost for good |");
+    println!("| handshakes failed in all (shed included) | {failed} | |");
+    println!("| orchestrator CPU until all joined | {:.0} ms | |", cpu.as_secs_f64() * 1e3);
+    println!(
+        "| orchestrator resident memory: before, peak, after | {:.1} / {:.1} / {:.1} MiB | |",
+        mib(before),
+        mib(peak),
+        mib(after)
+    );
+    drop(orch);
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Start `n` agents of `slots` slots in processes of PER_PROCESS.
+fn spawn_many(orch: &Orchestrator, n: usize, slots: usize) -> Vec<std::process::Child> {
+    let addr = orch.local_addrs()[0].to_string();
+    (0..n.div_ceil(PER_PROCESS))
+        .map(|i| spawn_agents(&addr, PER_PROCESS.min(n - i * PER_PROCESS), slots))
+        .collect()
+}
+
+fn stop(children: Vec<std::process::Child>) {
+    for mut c in children {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+fn per_task(cpu: Duration) -> f64 {
+    cpu.as_secs_f64() * 1e6 / f64::from(TASKS)
+}
+
+fn many(n: usize) {
+    println!("\n{n} agents at once\n");
+    println!("| figure | measured | goal |");
+    println!("|---|---:|---:|");
+    // The reference: 16 agents alone.
+    let (alone_wall, alone) = {
+        let orch = start_orchestrator();
+        let busy = spawn_many(&orch, 16, 16);
+        wait_for_workers(&orch, 16, Duration::from_secs(60));
+        let m = push_tasks(&orch, TASKS);
+        stop(busy);
+        m
+    };
+    println!(
+        "| CPU per task, 16 agents × 16 slots | {:.2} µs ({:.0} k tasks/s) | |",
+        per_task(alone),
+        f64::from(TASKS) / alone_wall.as_secs_f64() / 1e3
+    );
+
+    let orch = start_orchestrator();
+    let before = rss_bytes();
+    let idle = spawn_many(&orch, n, 0);
+    let joined = wait_for_workers(&orch, n, Duration::from_secs(300));
+    std::thread::sleep(3 * Timing::default().heartbeat);
+    let with_idle = rss_bytes();
+    println!("| {n} idle agents (no slots) joined after | {:.1} s | |", joined.as_secs_f64());
+    println!(
+        "| orchestrator resident memory with {n} connected | {:.1} MiB (+{:.1} MiB, {:.1} KiB each) | < 300 MB |",
+        mib(with_idle),
+        mib(with_idle - before),
+        (with_idle - before) as f64 / n as f64 / 1024.0
+    );
+    // What the idle ones cost while nothing runs: heartbeats alone.
+    let cpu0 = cpu_time();
+    std::thread::sleep(Duration::from_secs(3));
+    let idle_cpu = (cpu_time() - cpu0).as_secs_f64() / 3.0;
+    println!("| orchestrator CPU for {n} idle agents (heartbeats) | {:.1} % of a core | |", idle_cpu * 100.0);
+    let busy = spawn_many(&orch, 16, 16);
+    wait_for_workers(&orch, n + 16, Duration::from_secs(60));
+    let (wall, beside) = push_tasks(&orch, TASKS);
+    println!(
+        "| CPU per task, the same 16 beside {n} idle | {:.2} µs ({:.0} k tasks/s; {:.2}× alone) | ≤ 2× |",
+        per_task(beside),
+        f64::from(TASKS) / wall.as_secs_f64() / 1e3,
+        beside.as_secs_f64() / alone.as_secs_f64()
+    );
+    stop(busy);
+    stop(idle);
+    drop(orch);
+
+    let orch = start_orchestrator();
+    let all = spawn_many(&orch, n, 1);
+    wait_for_workers(&orch, n, Duration::from_secs(300));
+    let (wall, spread) = push_tasks(&orch, TASKS);
+    println!(
+        "| CPU per task, {n} agents × 1 slot, all given tasks | {:.2} µs ({:.0} k tasks/s; {:.2}× 16 agents) | ≤ 2× |",
+        per_task(spread),
+        f64::from(TASKS) / wall.as_secs_f64() / 1e3,
+        spread.as_secs_f64() / alone.as_secs_f64()
+    );
+    println!("| peak resident memory of this process | {:.1} MiB | < 300 MB |", mib(peak_of_process()));
+    stop(all);
+}
+
+/// The process's peak resident memory so far (`VmHWM`).
+fn peak_of_process() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--agents") {
+        run_agents(args[2].clone(), args[3].parse().unwrap(), args[4].parse().unwrap());
+        return;
+    }
+    let limit = raise_fd_limit();
+    let herd_size = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(1_000);
+    let many_size: usize = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(10_000);
+    assert!(
+        (many_size as u64 + 64) < limit,
+        "{many_size} agents need as many file descriptors, and the limit is {limit}: raise it (ulimit -n)"
+    );
+    herd(herd_size);
+    many(many_size);
+}
