@@ -103,11 +103,16 @@ impl Collector for Values {
             let d = &c.durations;
             m.encode_histogram::<NoLabelSet>(d.sum, d.count, &d.buckets(), None)?;
         }
-        counter(&mut enc, "distripool_bytes_sent", "Message bytes sent to network workers.", self.sent)?;
+        counter(
+            &mut enc,
+            "distripool_bytes_sent",
+            "Message bytes sent to workers, before encryption.",
+            self.sent,
+        )?;
         counter(
             &mut enc,
             "distripool_bytes_received",
-            "Message bytes received from network workers.",
+            "Message bytes received from workers, before encryption.",
             self.received,
         )?;
         let mut m = enc.encode_descriptor(
