@@ -371,20 +371,3 @@ def test_default_executors_are_the_cpus_this_process_may_run_on():
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "1", done.stdout + done.stderr
-
-
-def test_a_quick_result_does_not_wait_for_the_long_task_after_it(tmp_path):
-    # One executor gets both tasks at once: the quick one's result, which it
-    # may hold back to send with the next, goes out while the long one runs.
-    from workloads import wait_for_file_unless_zero
-
-    gate = tmp_path / "gate"
-    with Pool(1) as pool:
-        pool.map(wait_for_file_unless_zero, [(str(gate), 0)] * 8)  # loaded and quick
-        done = pool._orchestrator.stats()["tasks_done"]
-        both = pool.map_async(wait_for_file_unless_zero, [(str(gate), 0), (str(gate), 1)], chunksize=1)
-        try:
-            wait_until(lambda: pool._orchestrator.stats()["tasks_done"] > done, 20, "the quick task's result")
-        finally:
-            gate.touch()
-        assert both.get(timeout=60) == [0, 1]

@@ -144,16 +144,3 @@ def gated(gate, x):
     while x >= 180 and not os.path.exists(gate) and time.monotonic() < deadline:
         time.sleep(0.01)
     return x
-
-
-def wait_for_file_unless_zero(args):
-    """``x`` of ``(path, x)``: at once for 0, else once the file ``path``
-    exists (at most two minutes)."""
-    import os
-    import time
-
-    path, x = args
-    deadline = time.monotonic() + 120
-    while x and not os.path.exists(path) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return x

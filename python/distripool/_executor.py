@@ -304,33 +304,14 @@ class _Task:
 # tasks. A task that ran longer than this, or a result this large, is sent at once.
 HOLD_SECONDS = 0.0005
 HOLD_BYTES = 1 << 16
-# A held result goes out after this long at the latest (plus a switch of the
-# GIL), even while the next task runs: a quick task's result never waits for
-# a long one that follows it.
-HOLD_LIMIT = 0.002
 # A frame body at least this large is read straight into its own buffer.
 DIRECT_READ = 1 << 20
 # After this many seconds without a task, kept mappings of reply memfds go.
 IDLE_RELEASE = 1.0
 
 
-class _NoLockType:
-    """The lock of a link whose results were never held: no thread shares it."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-_NoLock = _NoLockType()
-
-
 class _Link:
-    """The socket to the agent: frames in from a buffer, results out in
-    batches. Sends are made under a lock, since held results may go out from
-    the thread that bounds how long they wait (see :meth:`_start_hold`)."""
+    """The socket to the agent: frames in from a buffer, results out in batches."""
 
     def __init__(self, sock):
         self.sock = sock
@@ -338,8 +319,6 @@ class _Link:
         self.pos = 0
         self.out = []
         self.out_bytes = 0
-        self.lock = _NoLock
-        self.holding = None  # a threading.Event once something was held
 
     def frame(self):
         """The next ``(kind, a, b, payload)``, or None when the agent is gone.
@@ -394,65 +373,31 @@ class _Link:
 
     def send(self, kind, a, data=b"", hold=False):
         """Send one frame; ``data`` is bytes or a list of parts."""
-        with self.lock:
-            if type(data) is list:
-                if len(data) > 1:
-                    length = sum(memoryview(p).nbytes for p in data)
-                    self._flush()
-                    self.sock.sendall(HEADER.pack(BODY_HEADER + length, kind, a, 0))
-                    for part in data:
-                        self.sock.sendall(part)
-                    return
-                data = data[0]
-            header = HEADER.pack(BODY_HEADER + len(data), kind, a, 0)
-            if len(data) >= HOLD_BYTES:
-                self._flush()
-                self.sock.sendall(header)
-                self.sock.sendall(data)
+        if type(data) is list:
+            if len(data) > 1:
+                length = sum(memoryview(p).nbytes for p in data)
+                self.flush()
+                self.sock.sendall(HEADER.pack(BODY_HEADER + length, kind, a, 0))
+                for part in data:
+                    self.sock.sendall(part)
                 return
-            first = not self.out
-            self.out.append(header + data)
-            self.out_bytes += len(header) + len(data)
-            if not hold or self.out_bytes >= HOLD_BYTES:
-                self._flush()
-                return
-        if first:
-            # The first result held since the last send starts the clock.
-            if self.holding is None:
-                self._start_hold()
-            self.holding.set()
+            data = data[0]
+        header = HEADER.pack(BODY_HEADER + len(data), kind, a, 0)
+        if len(data) >= HOLD_BYTES:
+            self.flush()
+            self.sock.sendall(header)
+            self.sock.sendall(data)
+            return
+        self.out.append(header + data)
+        self.out_bytes += len(header) + len(data)
+        if not hold or self.out_bytes >= HOLD_BYTES:
+            self.flush()
 
     def flush(self):
-        with self.lock:
-            self._flush()
-
-    def _flush(self):
         if self.out:
             self.sock.sendall(b"".join(self.out))
             self.out.clear()
             self.out_bytes = 0
-
-    def _start_hold(self):
-        """The first time a result is held: a thread that sends what is held
-        once it has waited HOLD_LIMIT, should the task now running take
-        longer. Executors whose results are never held never start it."""
-        import threading
-
-        self.lock = threading.Lock()
-        self.holding = threading.Event()
-
-        def bound_the_wait():
-            while True:
-                self.holding.wait()
-                time.sleep(HOLD_LIMIT)
-                with self.lock:
-                    self.holding.clear()
-                    try:
-                        self._flush()
-                    except OSError:
-                        return  # the agent is gone; the main loop finds out
-
-        threading.Thread(target=bound_the_wait, name="distripool-hold", daemon=True).start()
 
 
 def serve(sock, max_frame):

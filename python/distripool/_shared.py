@@ -29,6 +29,7 @@ from .exceptions import (
 RUN, CLOSE, TERMINATE = "RUN", "CLOSE", "TERMINATE"
 # How long the result thread waits for completions before checking for shutdown.
 _POLL = 0.05
+_STATUS_DONE = _native.STATUS_DONE
 
 
 def _task(mode, items):
@@ -218,18 +219,23 @@ class _Shared:
 
     def decode(self, job: int, index: int, status: int, data) -> tuple[bool, object]:
         """One completion as ``(success, value_or_exception)``; a task whose
-        function raised is counted by the orchestrator (and its traceback
-        shown by the dashboard, if there is one)."""
+        function raised is counted by the orchestrator (see :meth:`raised`)."""
         buffers = self.buffers
         ticket = buffers.take((job, index)) if buffers is not None else None
         item = _decode(status, data, buffers, ticket)
         if not item[0] and status == _native.STATUS_DONE:
-            text = _failure_text(item[1]) if self.observed else ""
-            try:
-                self.client.raised(job, index, text)
-            except OrchestratorClosedError:
-                pass
+            self.raised(job, index, item[1])
         return item
+
+    def raised(self, job: int, index: int, exc) -> None:
+        """Tell the orchestrator that task ``(job, index)`` raised ``exc``:
+        it counts it, and its dashboard, if there is one, shows the
+        traceback."""
+        text = _failure_text(exc) if self.observed else ""
+        try:
+            self.client.raised(job, index, text)
+        except OrchestratorClosedError:
+            pass
 
     def dumps(self, task, job: int, index: int) -> bytes:
         """The payload of task ``(job, index)``: large buffers out of band, in
@@ -321,9 +327,13 @@ class _Shared:
             del batch
 
     def _deliver(self, batch, cache) -> None:
-        decode = self.decode
+        # decode(), inlined: this loop runs once per task.
+        buffers = self.buffers
         for job, index, status, data in batch:
-            item = decode(job, index, status, data)
+            ticket = buffers.take((job, index)) if buffers is not None else None
+            item = _decode(status, data, buffers, ticket)
+            if not item[0] and status == _STATUS_DONE:
+                self.raised(job, index, item[1])
             r = cache.get(job)
             if r is not None:
                 r._set(index, item)
