@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 
-.PHONY: run install wheel build-dev system-deps lint stubtest test test-rust test-python test-versions bench fmt fuzz-smoke fuzz screenshots
+.PHONY: run install wheel build-dev system-deps lint stubtest test test-rust test-python test-versions bench fmt fuzz-smoke fuzz screenshots soak
 
 ## run: install the package and run the quick-start example on this machine
 run: install
@@ -56,6 +56,11 @@ test-rust:
 
 test-python:
 	$(PYTHON) -m pytest -q
+
+## soak: the heavy reliability runs, not in CI (docs/reliability.md): a herd of
+## 1 000 agents, 10 000 connected
+soak:
+	cargo run --release --quiet -p distripool-runtime --example herd
 
 ## screenshots: take the dashboard's screenshots in docs/images again
 screenshots:

@@ -34,6 +34,8 @@ use stand_in::{
 };
 
 const TASKS: u32 = 1_000_000;
+/// How long the idle agents heartbeat before their memory is read again.
+const IDLE_SECONDS: u64 = 60;
 /// Agents started in one child process (one runtime thread each).
 const PER_PROCESS: usize = 2_500;
 
@@ -148,11 +150,20 @@ fn many(n: usize) {
     std::thread::sleep(3 * Timing::default().heartbeat);
     let with_idle = rss_bytes();
     println!("| {n} idle agents (no slots) joined after | {:.1} s | |", joined.as_secs_f64());
+    let mb = |b: u64| b as f64 / 1e6;
     println!(
-        "| orchestrator resident memory with {n} connected | {:.1} MiB (+{:.1} MiB, {:.1} KiB each) | < 300 MB |",
-        mib(with_idle),
-        mib(with_idle - before),
+        "| orchestrator resident memory with {n} connected | {:.0} MB (+{:.0} MB, {:.1} KiB each) | < 300 MB |",
+        mb(with_idle),
+        mb(with_idle - before),
         (with_idle - before) as f64 / n as f64 / 1024.0
+    );
+    // Heartbeats go on; what they leave behind shows after a while.
+    std::thread::sleep(Duration::from_secs(IDLE_SECONDS));
+    let later = rss_bytes();
+    println!(
+        "| the same, {IDLE_SECONDS} s of heartbeats later | {:.0} MB ({:.1} KiB each) | < 300 MB |",
+        mb(later),
+        (later - before) as f64 / n as f64 / 1024.0
     );
     // What the idle ones cost while nothing runs: heartbeats alone.
     let cpu0 = cpu_time();

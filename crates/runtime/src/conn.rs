@@ -84,6 +84,10 @@ impl std::fmt::Display for SessionEnd {
     }
 }
 
+/// A reader's buffer of frames, and of sealed records (two of the largest).
+const READ_BUFFER: usize = 64 * 1024;
+const RAW_BUFFER: usize = 2 * (RECORD_PREFIX + RECORD_MAX + TAG_LEN);
+
 pub struct FrameReader<R> {
     inner: R,
     /// Plaintext frames (opened records, on a sealed connection).
@@ -106,7 +110,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub fn new(inner: R, max_frame: usize) -> Self {
         Self {
             inner,
-            buf: BytesMut::with_capacity(64 * 1024),
+            buf: BytesMut::with_capacity(READ_BUFFER),
             raw: BytesMut::new(),
             decoder: FrameDecoder::new(max_frame),
             opener: None,
@@ -136,7 +140,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// Open (decrypt and verify) every record read from now on.
     pub fn with_opener(mut self, opener: Option<Opener>) -> Self {
         if opener.is_some() {
-            self.raw = BytesMut::with_capacity(2 * (RECORD_PREFIX + RECORD_MAX + TAG_LEN));
+            self.raw = BytesMut::with_capacity(RAW_BUFFER);
         }
         self.opener = opener;
         self
@@ -194,8 +198,18 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             if self.open_received()? {
                 continue;
             }
+            // A buffer read empty starts again at the front of its memory:
+            // else a long stream of small frames (heartbeats) would walk
+            // through all of it, and every connection would come to keep all
+            // its pages resident, however little it receives at once.
+            if self.buf.is_empty() && self.buf.capacity() < READ_BUFFER {
+                self.buf.reserve(READ_BUFFER);
+            }
             if self.opener.is_some() {
                 let want = Opener::missing(&self.raw)?;
+                if self.raw.is_empty() && self.raw.capacity() < RAW_BUFFER {
+                    self.raw.reserve(RAW_BUFFER);
+                }
                 self.raw.reserve(want.max(RECORD_PREFIX + RECORD_MAX + TAG_LEN));
             } else {
                 // The length prefix is checked against the cap, but not
@@ -535,63 +549,5 @@ impl<T> Drop for AbortOnDrop<T> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use distripool_protocol::FromAgent;
-
-    fn keys() -> (Sealer, Opener) {
-        let (c, s) = ([1u8; 32], [2u8; 32]);
-        (
-            SessionKeys::for_agent(b"k", &c, &s, b"").send,
-            SessionKeys::for_orchestrator(b"k", &c, &s, b"").recv,
-        )
-    }
-
-    #[tokio::test]
-    async fn look_ahead_sees_whole_frames_only() {
-        let (sealer, opener) = keys();
-        let (a, b) = tokio::io::duplex(1 << 22);
-        let mut w = FrameWriter::new(a, 1 << 24).with_sealer(Some(sealer));
-        let mut r = FrameReader::new(b, 1 << 24).with_opener(Some(opener));
-        // A small frame, then the first records of a large one, all flushed:
-        // after the small frame, nothing whole is at hand.
-        w.write(&FromAgent::Pong { seq: 1 }, b"").await.unwrap();
-        w.flush().await.unwrap();
-        let big = vec![5u8; 3 * RECORD_MAX];
-        w.push_sealed(
-            &frame::encode_prefix(&FromAgent::Result { task: 1, attempt: 1, micros: 0 }, big.len(), 1 << 24)
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-        w.push_sealed(&big[..2 * RECORD_MAX]).await.unwrap();
-        w.flush().await.unwrap();
-        let first = r.read_frame().await.unwrap().unwrap();
-        assert_eq!(first.message::<FromAgent>().unwrap(), FromAgent::Pong { seq: 1 });
-        assert!(!r.has_buffered_frame(), "half a frame is not a frame");
-        w.push_sealed(&big[2 * RECORD_MAX..]).await.unwrap();
-        w.flush().await.unwrap();
-        let second = r.read_frame().await.unwrap().unwrap();
-        assert_eq!(second.payload.len(), big.len());
-    }
-
-    #[tokio::test]
-    async fn a_forged_record_seen_while_looking_ahead_fails_the_next_read() {
-        let (mut sealer, opener) = keys();
-        let (mut a, b) = tokio::io::duplex(1 << 20);
-        let mut r = FrameReader::new(b, 1 << 20).with_opener(Some(opener));
-        let mut record = vec![0u8; RECORD_PREFIX];
-        record.extend_from_slice(&frame::encode(&FromAgent::Pong { seq: 1 }, b"", 1 << 20).unwrap());
-        sealer.seal_record(&mut record).unwrap();
-        let mut forged = record.clone();
-        let last = forged.len() - 1;
-        forged[last] ^= 1;
-        a.write_all(&record).await.unwrap();
-        a.write_all(&forged).await.unwrap();
-        r.read_frame().await.unwrap().unwrap();
-        // The second record fails to open; look-ahead must report it, not hide it.
-        tokio::task::yield_now().await;
-        assert!(r.has_buffered_frame());
-        assert!(matches!(r.read_frame().await, Err(Error::Cipher(_))));
-    }
-}
+#[path = "conn_tests.rs"]
+mod tests;

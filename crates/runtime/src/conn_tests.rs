@@ -1,0 +1,80 @@
+//! Frames and sealed records through the reader and writer.
+
+use super::*;
+use distripool_protocol::FromAgent;
+
+fn keys() -> (Sealer, Opener) {
+    let (c, s) = ([1u8; 32], [2u8; 32]);
+    (SessionKeys::for_agent(b"k", &c, &s, b"").send, SessionKeys::for_orchestrator(b"k", &c, &s, b"").recv)
+}
+
+#[tokio::test]
+async fn look_ahead_sees_whole_frames_only() {
+    let (sealer, opener) = keys();
+    let (a, b) = tokio::io::duplex(1 << 22);
+    let mut w = FrameWriter::new(a, 1 << 24).with_sealer(Some(sealer));
+    let mut r = FrameReader::new(b, 1 << 24).with_opener(Some(opener));
+    // A small frame, then the first records of a large one, all flushed:
+    // after the small frame, nothing whole is at hand.
+    w.write(&FromAgent::Pong { seq: 1 }, b"").await.unwrap();
+    w.flush().await.unwrap();
+    let big = vec![5u8; 3 * RECORD_MAX];
+    w.push_sealed(
+        &frame::encode_prefix(&FromAgent::Result { task: 1, attempt: 1, micros: 0 }, big.len(), 1 << 24)
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    w.push_sealed(&big[..2 * RECORD_MAX]).await.unwrap();
+    w.flush().await.unwrap();
+    let first = r.read_frame().await.unwrap().unwrap();
+    assert_eq!(first.message::<FromAgent>().unwrap(), FromAgent::Pong { seq: 1 });
+    assert!(!r.has_buffered_frame(), "half a frame is not a frame");
+    w.push_sealed(&big[2 * RECORD_MAX..]).await.unwrap();
+    w.flush().await.unwrap();
+    let second = r.read_frame().await.unwrap().unwrap();
+    assert_eq!(second.payload.len(), big.len());
+}
+
+#[tokio::test]
+async fn a_forged_record_seen_while_looking_ahead_fails_the_next_read() {
+    let (mut sealer, opener) = keys();
+    let (mut a, b) = tokio::io::duplex(1 << 20);
+    let mut r = FrameReader::new(b, 1 << 20).with_opener(Some(opener));
+    let mut record = vec![0u8; RECORD_PREFIX];
+    record.extend_from_slice(&frame::encode(&FromAgent::Pong { seq: 1 }, b"", 1 << 20).unwrap());
+    sealer.seal_record(&mut record).unwrap();
+    let mut forged = record.clone();
+    let last = forged.len() - 1;
+    forged[last] ^= 1;
+    a.write_all(&record).await.unwrap();
+    a.write_all(&forged).await.unwrap();
+    r.read_frame().await.unwrap().unwrap();
+    // The second record fails to open; look-ahead must report it, not hide it.
+    tokio::task::yield_now().await;
+    assert!(r.has_buffered_frame());
+    assert!(matches!(r.read_frame().await, Err(Error::Cipher(_))));
+}
+
+#[tokio::test]
+async fn a_stream_of_small_frames_reuses_the_front_of_the_read_buffers() {
+    // Heartbeats, one at a time, for as long as it takes to walk through the
+    // buffers twice over: where they are written must not walk, or every
+    // connection comes to keep all of its buffers' pages resident.
+    let (sealer, opener) = keys();
+    let (a, b) = tokio::io::duplex(1 << 20);
+    let mut w = FrameWriter::new(a, 1 << 20).with_sealer(Some(sealer));
+    let mut r = FrameReader::new(b, 1 << 20).with_opener(Some(opener));
+    let (mut buf_at, mut raw_at) = (Vec::new(), Vec::new());
+    for seq in 0..(2 * RAW_BUFFER / 32) as u64 {
+        w.write(&FromAgent::Pong { seq }, b"").await.unwrap();
+        w.flush().await.unwrap();
+        let f = r.read_frame().await.unwrap().unwrap();
+        assert_eq!(f.message::<FromAgent>().unwrap(), FromAgent::Pong { seq });
+        buf_at.push(r.buf.as_ptr() as usize);
+        raw_at.push(r.raw.as_ptr() as usize);
+    }
+    let span = |at: &[usize]| at.iter().max().unwrap() - at.iter().min().unwrap();
+    assert!(span(&raw_at) < 4096, "sealed records walked {} bytes into their buffer", span(&raw_at));
+    assert!(span(&buf_at) < 4096, "frames walked {} bytes into their buffer", span(&buf_at));
+}
