@@ -128,3 +128,35 @@ def test_killed_driver_takes_its_executors_along():
             proc.wait()
         proc.stdout.close()
         proc.stderr.close()
+
+
+@pytest.mark.parametrize("where", ["embedded", "remote"])
+def test_sigterm_to_the_driver_leaves_no_executor_and_the_worker_goes_on(tmp_path, where, spawn_worker):
+    # SIGTERM (a batch system's, a `kill`), unlike Ctrl-C, runs no Python
+    # handler: the driver is simply gone. Its executors, local or on a
+    # worker, busy with endless tasks, go with it; a worker stays, for the
+    # next driver.
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    args = [str(marks)]
+    worker = None
+    if where == "remote":
+        address = f"127.0.0.1:{free_port()}"
+        worker = spawn_worker(address, processes=2)
+        args.append(address)
+    proc = _start(BLOCKED_DRIVER, *args)
+    try:
+        pids = [int(p) for p in proc.stdout.readline().split()]
+        assert pids, proc.stderr.read()
+        wait_until(lambda: len(os.listdir(marks)) >= 2, 30, "tasks to start")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == -signal.SIGTERM
+        wait_until(lambda: not any(alive(p) for p in pids), 30, "executors to exit")
+        if worker is not None:
+            assert worker.proc.poll() is None, worker.log()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()

@@ -329,7 +329,11 @@ class Launch:
                 unit.ever_connected = True
                 unit.error = ""
                 self.failures.pop(unit.where, None)
-                if w.get("state") in ("draining", "leaving") and not unit.draining:
+                # Drained through the orchestrator (by its owner, say): one
+                # fewer is wanted. A worker that leaves on its own account
+                # (its time limit, SIGTERM) is judged when it has ended, by
+                # the reason it logged (see ended()).
+                if w.get("state") == "draining" and not unit.draining:
                     self.let_go(unit)
             elif unit.state == "running" and unit.running_since and now - unit.running_since >= CONNECT_GRACE:
                 if not unit.ever_connected:
