@@ -17,6 +17,7 @@ import argparse
 import logging
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -54,6 +55,9 @@ class Browser:
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
                 stdin=subprocess.DEVNULL,
+                # The command may be a script that starts the browser as a
+                # child: a session of its own, ended whole by its group.
+                start_new_session=True,
             )
         else:
             self.thread = threading.Thread(target=self._poll, args=(url,), daemon=True)
@@ -68,7 +72,7 @@ class Browser:
     def close(self) -> None:
         self.stop.set()
         if self.proc is not None:
-            self.proc.terminate()
+            os.killpg(self.proc.pid, signal.SIGTERM)
             self.proc.wait(30)
             self.profile.cleanup()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 from pathlib import Path
@@ -31,23 +32,32 @@ def _chromium(url: str, *args: str, budget_ms: int) -> subprocess.CompletedProce
     """Load ``url`` in a fresh headless Chromium, letting its scripts run for
     ``budget_ms`` of virtual time (requests in flight hold that time still)."""
     exe = require(CHROMIUM, "headless Chromium (chromium-headless-shell)")
+    argv = [
+        exe,
+        "--no-sandbox",  # the tests run as root
+        "--disable-gpu",
+        "--hide-scrollbars",
+        "--window-size=1280,860",
+        f"--virtual-time-budget={budget_ms}",
+        *args,
+        url,
+    ]
     with tempfile.TemporaryDirectory(prefix="distripool-chromium-") as profile:
-        return subprocess.run(
-            [
-                exe,
-                "--no-sandbox",  # the tests run as root
-                "--disable-gpu",
-                "--hide-scrollbars",
-                f"--user-data-dir={profile}",
-                "--window-size=1280,860",
-                f"--virtual-time-budget={budget_ms}",
-                *args,
-                url,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=90,
+        argv.insert(1, f"--user-data-dir={profile}")
+        # Debian's command is a shell script that starts the browser as its
+        # child, which starts more: a session of their own, so that a
+        # browser that hangs is ended whole, by the group of the process
+        # started here.
+        proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
         )
+        try:
+            out, err = proc.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+        return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
 
 def dom(url: str, budget_ms: int = 3000) -> str:
