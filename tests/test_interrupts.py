@@ -144,19 +144,16 @@ def test_sigterm_to_the_driver_leaves_no_executor_and_the_worker_goes_on(tmp_pat
         address = f"127.0.0.1:{free_port()}"
         worker = spawn_worker(address, processes=2)
         args.append(address)
-    proc = _start(BLOCKED_DRIVER, *args)
-    try:
-        pids = [int(p) for p in proc.stdout.readline().split()]
-        assert pids, proc.stderr.read()
-        wait_until(lambda: len(os.listdir(marks)) >= 2, 30, "tasks to start")
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == -signal.SIGTERM
-        wait_until(lambda: not any(alive(p) for p in pids), 30, "executors to exit")
-        if worker is not None:
-            assert worker.proc.poll() is None, worker.log()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
+    with _start(BLOCKED_DRIVER, *args) as proc:
+        try:
+            pids = [int(p) for p in proc.stdout.readline().split()]
+            assert pids, proc.stderr.read()
+            wait_until(lambda: len(os.listdir(marks)) >= 2, 30, "tasks to start")
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == -signal.SIGTERM
+            wait_until(lambda: not any(alive(p) for p in pids), 30, "executors to exit")
+            if worker is not None:
+                assert worker.proc.poll() is None, worker.log()
+        finally:
+            if proc.poll() is None:
+                proc.kill()

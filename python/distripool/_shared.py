@@ -77,6 +77,11 @@ def _decode(status: int, data, buffers=None, ticket=None) -> tuple[bool, object]
     return False, exc
 
 
+def _desc(func) -> str:
+    """A job's label (a progress bar's, the dashboard's): the function's name."""
+    return getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or "map"
+
+
 def _failure_text(exc) -> str:
     """What a dashboard shows of a task's exception: the remote traceback,
     which ends with the exception itself."""
@@ -214,8 +219,7 @@ class _Shared:
         """Tell the orchestrator's dashboard what ``job`` is (nothing
         happens without one)."""
         if self.observed:
-            name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
-            self.client.describe(job, kind, str(name), items)
+            self.client.describe(job, kind, _desc(func), items)
 
     def decode(self, job: int, index: int, status: int, data) -> tuple[bool, object]:
         """One completion as ``(success, value_or_exception)``; a task whose
@@ -223,7 +227,7 @@ class _Shared:
         buffers = self.buffers
         ticket = buffers.take((job, index)) if buffers is not None else None
         item = _decode(status, data, buffers, ticket)
-        if not item[0] and status == _native.STATUS_DONE:
+        if not item[0] and status == _STATUS_DONE:
             self.raised(job, index, item[1])
         return item
 

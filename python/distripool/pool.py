@@ -39,7 +39,7 @@ from ._results import (  # noqa: F401  (AsyncResult is public, as in multiproces
     MapResult,
     _IMapJob,
 )
-from ._shared import _POLL, CLOSE, RUN, TERMINATE, _decode, _plain_task, _Shared, _task, _Waiting  # noqa: F401
+from ._shared import _POLL, CLOSE, RUN, TERMINATE, _decode, _desc, _plain_task, _Shared, _task, _Waiting  # noqa: F401
 from .exceptions import (
     NoWorkersError,
     OrchestratorClosedError,
@@ -63,11 +63,6 @@ _T = TypeVar("_T")
 _S = TypeVar("_S")
 # progress=: False or None (no bar), True, or a style: "tqdm", "rich", "notebook", "plain".
 Progress = Union[bool, str, None]
-
-
-def _desc(func: Any) -> str:
-    """A bar's label: the function's name."""
-    return getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or "map"
 
 
 _P = TypeVar("_P", bound="Pool")

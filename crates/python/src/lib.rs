@@ -91,6 +91,35 @@ fn to_py(e: Error) -> PyErr {
     }
 }
 
+/// A JSON value of the runtime's (a worker, an event) as Python objects.
+fn from_json<'py>(py: Python<'py>, v: &serde_json::Value) -> PyResult<Bound<'py, PyAny>> {
+    use serde_json::Value as V;
+    Ok(match v {
+        V::Null => py.None().into_bound(py),
+        V::Bool(b) => b.into_pyobject(py)?.to_owned().into_any(),
+        V::Number(n) => match (n.as_u64(), n.as_i64()) {
+            (Some(u), _) => u.into_pyobject(py)?.into_any(),
+            (None, Some(i)) => i.into_pyobject(py)?.into_any(),
+            _ => n.as_f64().unwrap_or(f64::NAN).into_pyobject(py)?.into_any(),
+        },
+        V::String(s) => s.into_pyobject(py)?.into_any(),
+        V::Array(items) => {
+            let l = PyList::empty(py);
+            for x in items {
+                l.append(from_json(py, x)?)?;
+            }
+            l.into_any()
+        }
+        V::Object(map) => {
+            let d = PyDict::new(py);
+            for (k, x) in map {
+                d.set_item(k, from_json(py, x)?)?;
+            }
+            d.into_any()
+        }
+    })
+}
+
 /// Today's timing with the values named in `values` (seconds) changed.
 fn timing(values: Option<Vec<(String, f64)>>) -> PyResult<Timing> {
     let mut t = Timing::default();
@@ -178,13 +207,6 @@ impl Orchestrator {
     fn dashboard_url(&self) -> Option<String> {
         let guard = self.inner.lock().expect("orchestrator lock");
         guard.as_ref()?.dashboard().map(|d| d.url().to_string())
-    }
-
-    /// The dashboard's token, on an address other than loopback.
-    #[getter]
-    fn dashboard_token(&self) -> Option<String> {
-        let guard = self.inner.lock().expect("orchestrator lock");
-        guard.as_ref()?.dashboard()?.token().map(str::to_string)
     }
 
     #[getter]
@@ -276,82 +298,27 @@ impl Orchestrator {
         Ok(d)
     }
 
-    /// One dict per connected worker, in the order they joined.
+    /// One dict per connected worker, in the order they joined (the keys of
+    /// the dashboard's `api/v1/workers`).
     fn workers_info<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let out = PyList::empty(py);
         let Some(snap) = self.with(py, |o| o.snapshot()) else { return Ok(out) };
         for w in snap.map_err(to_py)?.workers {
-            let d = PyDict::new(py);
-            d.set_item("id", w.id.0)?;
-            d.set_item("name", w.name)?;
-            d.set_item("address", w.peer)?;
-            d.set_item("host", w.labels.host)?;
-            d.set_item("pid", w.labels.pid)?;
-            d.set_item("cpus", w.labels.cpus)?;
-            let labels = PyDict::new(py);
-            for (k, v) in w.labels.extra {
-                labels.set_item(k, v)?;
-            }
-            d.set_item("labels", labels)?;
-            d.set_item("slots", w.slots)?;
-            d.set_item("state", w.state.as_str())?;
-            d.set_item("tasks_running", w.running)?;
-            d.set_item("tasks_done", w.tasks_done)?;
-            d.set_item("crashes", w.crashes)?;
-            d.set_item("connected_for", w.connected_for.as_secs_f64())?;
-            d.set_item("last_heard", w.last_heard.as_secs_f64())?;
-            d.set_item("executors_cpu", w.usage.map(|u| u.cpu))?;
-            d.set_item("executors_memory", w.usage.map(|u| u.memory))?;
-            out.append(d)?;
+            out.append(from_json(py, &distripool_runtime::dashboard::worker_value(&w))?)?;
         }
         Ok(out)
     }
 
     /// The events numbered `since` and after that are still kept, oldest
     /// first, as dicts with `seq`, `time` (seconds since the epoch), `kind`
-    /// and the event's own fields.
+    /// and the event's own fields (as the dashboard's `api/v1/events`).
     #[pyo3(signature = (since = 0))]
     fn events<'py>(&self, py: Python<'py>, since: u64) -> PyResult<Bound<'py, PyList>> {
-        use distripool_runtime::orchestrator::EventKind as K;
         let out = PyList::empty(py);
         let Some(events) = self.with(py, |o| o.events(since)) else { return Ok(out) };
-        let events = events.map_err(to_py)?;
         let (now, wall) = (std::time::Instant::now(), std::time::SystemTime::now());
-        for e in events {
-            let d = PyDict::new(py);
-            d.set_item("seq", e.seq)?;
-            let at = wall - now.saturating_duration_since(e.at);
-            d.set_item("time", at.duration_since(std::time::UNIX_EPOCH).map_or(0.0, |t| t.as_secs_f64()))?;
-            d.set_item("kind", e.kind.name())?;
-            match e.kind {
-                K::WorkerJoined { worker, name } | K::WorkerDraining { worker, name } => {
-                    d.set_item("worker", worker.0)?;
-                    d.set_item("name", name)?;
-                }
-                K::WorkerLeft { worker, name, reason } => {
-                    d.set_item("worker", worker.0)?;
-                    d.set_item("name", name)?;
-                    d.set_item("reason", reason)?;
-                }
-                K::WorkerLost { worker, name, reason, tasks } => {
-                    d.set_item("worker", worker.0)?;
-                    d.set_item("name", name)?;
-                    d.set_item("reason", reason)?;
-                    d.set_item("tasks", tasks)?;
-                }
-                K::TaskRetried { client, job, index, reason }
-                | K::TaskFailed { client, job, index, reason } => {
-                    d.set_item("client", client.0)?;
-                    d.set_item("job", job.0)?;
-                    d.set_item("index", index)?;
-                    d.set_item("reason", reason)?;
-                }
-                K::ConnectionRefused { peer, reason } => {
-                    d.set_item("peer", peer)?;
-                    d.set_item("reason", reason)?;
-                }
-            }
-            out.append(d)?;
+        for e in events.map_err(to_py)? {
+            out.append(from_json(py, &distripool_runtime::dashboard::event_value(&e, now, wall))?)?;
         }
         Ok(out)
     }

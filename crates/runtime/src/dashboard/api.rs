@@ -78,7 +78,8 @@ async fn overview_value(s: &Shared) -> Result<Value> {
     }))
 }
 
-fn worker_value(w: &WorkerInfo) -> Value {
+/// One worker as the API and `Orchestrator.workers_info()` show it.
+pub fn worker_value(w: &WorkerInfo) -> Value {
     let labels: Map<String, Value> = w.labels.extra.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
     json!({
         "id": w.id.0,
@@ -137,8 +138,9 @@ async fn jobs_value(s: &Shared) -> Result<Value> {
     Ok(Value::Array(s.core.jobs().await?.iter().rev().map(job_value).collect()))
 }
 
-/// One event as the Python API gives it: `seq`, `time`, `kind` and its own fields.
-pub(super) fn event_value(e: &Event, now: Instant, wall: SystemTime) -> Value {
+/// One event as the API and `Orchestrator.events()` show it: `seq`,
+/// `time`, `kind` and its own fields.
+pub fn event_value(e: &Event, now: Instant, wall: SystemTime) -> Value {
     let mut v = json!({"seq": e.seq, "time": unix(e.at, now, wall), "kind": e.kind.name()});
     let fields = match &e.kind {
         EventKind::WorkerJoined { worker, name } | EventKind::WorkerDraining { worker, name } => {

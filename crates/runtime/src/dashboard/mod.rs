@@ -15,6 +15,8 @@
 
 mod access;
 mod api;
+
+pub use api::{event_value, worker_value};
 mod history;
 mod metrics;
 
@@ -30,12 +32,10 @@ use axum::Router;
 use crate::orchestrator::CoreLink;
 use crate::{resolve, Error, Result};
 
-/// A running dashboard: where it listens and the URL to open.
+/// A running dashboard: the URL to open.
 #[derive(Debug, Clone)]
 pub struct Dashboard {
-    addr: SocketAddr,
     url: String,
-    token: Option<String>,
 }
 
 /// What every request handler reads.
@@ -82,24 +82,13 @@ impl Dashboard {
                 tracing::error!("the dashboard on {addr} stopped: {e}");
             }
         });
-        let url = url_of(addr, token.as_deref());
-        Ok(Self { addr, url, token })
-    }
-
-    /// The address bound (port 0 resolved).
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
+        Ok(Self { url: url_of(addr, token.as_deref()) })
     }
 
     /// The URL to open: this host's name for an address that is every
     /// interface, and the token in the query when one is required.
     pub fn url(&self) -> &str {
         &self.url
-    }
-
-    /// The token requests need, on an address other than loopback.
-    pub fn token(&self) -> Option<&str> {
-        self.token.as_deref()
     }
 }
 

@@ -331,9 +331,7 @@ impl Orchestrator {
         if self.is_closed() {
             return Err(Error::Closed);
         }
-        let (reply, rx) = oneshot::channel();
-        self.events.send(ev(reply)).map_err(|_| Error::Closed)?;
-        rx.blocking_recv().map_err(|_| Error::Closed)
+        request(&self.events, ev)?.blocking_recv().map_err(|_| Error::Closed)
     }
 
     /// Workers, clients and their tasks as they are now.
@@ -447,6 +445,16 @@ impl Drop for Orchestrator {
     }
 }
 
+/// Put a question to the core task; the receiver gets its answer.
+fn request<T>(
+    events: &mpsc::UnboundedSender<Event>,
+    ev: impl FnOnce(oneshot::Sender<T>) -> Event,
+) -> Result<oneshot::Receiver<T>> {
+    let (reply, rx) = oneshot::channel();
+    events.send(ev(reply)).map_err(|_| Error::Closed)?;
+    Ok(rx)
+}
+
 /// What the dashboard holds of the orchestrator: the way to ask its core,
 /// and its counters.
 #[derive(Clone)]
@@ -457,9 +465,7 @@ pub struct CoreLink {
 
 impl CoreLink {
     async fn ask<T>(&self, ev: impl FnOnce(oneshot::Sender<T>) -> Event) -> Result<T> {
-        let (reply, rx) = oneshot::channel();
-        self.events.send(ev(reply)).map_err(|_| Error::Closed)?;
-        rx.await.map_err(|_| Error::Closed)
+        request(&self.events, ev)?.await.map_err(|_| Error::Closed)
     }
 
     pub async fn snapshot(&self) -> Result<Snapshot> {

@@ -23,16 +23,13 @@ const ERROR_CHARS: usize = 8192;
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Histogram {
     /// One count per bucket, plus one for the times above the last bound.
-    pub counts: Vec<u64>,
+    pub counts: [u64; DURATION_BUCKETS.len() + 1],
     pub sum: f64,
     pub count: u64,
 }
 
 impl Histogram {
     fn observe(&mut self, seconds: f64) {
-        if self.counts.is_empty() {
-            self.counts = vec![0; DURATION_BUCKETS.len() + 1];
-        }
         let i = DURATION_BUCKETS.partition_point(|&b| b < seconds);
         self.counts[i] += 1;
         self.sum += seconds;
@@ -43,21 +40,7 @@ impl Histogram {
     /// `+Inf`: what the metrics encoder takes (it adds them up itself).
     pub fn buckets(&self) -> Vec<(f64, u64)> {
         let bounds = DURATION_BUCKETS.iter().copied().chain([f64::INFINITY]);
-        bounds.enumerate().map(|(i, b)| (b, self.counts.get(i).copied().unwrap_or(0))).collect()
-    }
-
-    /// `(upper bound, observations at or below it)` for every bucket, the
-    /// last one `+Inf`: the form Prometheus exposes.
-    pub fn cumulative(&self) -> Vec<(f64, u64)> {
-        let mut total = 0;
-        let bounds = DURATION_BUCKETS.iter().copied().chain([f64::INFINITY]);
-        bounds
-            .enumerate()
-            .map(|(i, b)| {
-                total += self.counts.get(i).copied().unwrap_or(0);
-                (b, total)
-            })
-            .collect()
+        bounds.zip(self.counts).collect()
     }
 }
 
@@ -318,7 +301,16 @@ mod tests {
         for s in [0.00005, 0.0001, 0.003, 1000.0] {
             h.observe(s);
         }
-        let c = h.cumulative();
+        // At or below each bound, as Prometheus shows them.
+        let mut total = 0;
+        let c: Vec<(f64, u64)> = h
+            .buckets()
+            .into_iter()
+            .map(|(b, n)| {
+                total += n;
+                (b, total)
+            })
+            .collect();
         assert_eq!(c.len(), DURATION_BUCKETS.len() + 1);
         assert_eq!(c[0], (0.0001, 2), "a bound is inclusive");
         assert_eq!(c[5], (0.005, 3));
