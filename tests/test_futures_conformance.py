@@ -157,9 +157,15 @@ def executors(ex) -> int:
 def test_cancel_a_queued_future(make, tmp_path):
     ex = make(1)
     gate = str(tmp_path / "gate")
-    blockers = [ex.submit(wait_for_file, gate, str(tmp_path / f"started{i}")) for i in range(executors(ex))]
+    blockers = [
+        ex.submit(wait_for_file, gate, str(tmp_path / f"started{i}"), str(tmp_path / f"late{i}"))
+        for i in range(executors(ex))
+    ]
+    # Busy for 0.2 s: long enough that a worker whose earlier tasks were short
+    # has gone back to holding one task per executor beside the running one
+    # (it does after 2 ms), so that the tasks below stay queued.
     wait_until(
-        lambda: all(os.path.exists(str(tmp_path / f"started{i}")) for i in range(len(blockers))),
+        lambda: all(os.path.exists(str(tmp_path / f"late{i}")) for i in range(len(blockers))),
         60,
         "every executor to be busy",
     )
