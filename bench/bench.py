@@ -72,6 +72,25 @@ def nap(x, seconds=0.01):
     return x
 
 
+def make_bytes(mib):
+    """A result the task creates: ``mib`` MiB of bytes."""
+    return b"\x07" * (mib << 20)
+
+
+def make_array(mib):
+    """A result the task creates: a NumPy array of ``mib`` MiB."""
+    import numpy
+
+    return numpy.full(mib << 20, 7, dtype=numpy.uint8)
+
+
+def read_fully(buf) -> int:
+    """Read every byte of a result (its nonzero words), as a caller would."""
+    import numpy
+
+    return int(numpy.count_nonzero(numpy.frombuffer(buf, dtype=numpy.uint64)))
+
+
 def first_byte(blob, i):
     return blob[i % len(blob)]
 
@@ -111,8 +130,18 @@ class ExecutorAsPool(PeerPool):
     def apply(self, fn, args):
         return self.ex.submit(fn, *args).result()
 
+    def apply_async(self, fn, args):
+        return Got(self.ex.submit(fn, *args))
+
     def close(self):
         self.ex.shutdown(wait=True)
+
+
+class Got:
+    """A future as an ``AsyncResult``: ``get`` is ``result``."""
+
+    def __init__(self, future):
+        self.get = future.result
 
 
 def process_pool_executor(n):
@@ -141,6 +170,9 @@ class RayPool(PeerPool):
 
     def apply(self, fn, args):
         return self.pool.apply(fn, args)
+
+    def apply_async(self, fn, args):
+        return self.pool.apply_async(fn, args)
 
     def close(self):
         self.pool.terminate()
@@ -173,6 +205,9 @@ class DaskPool(PeerPool):
 
     def apply(self, fn, args):
         return self.client.submit(fn, *args, pure=False).result()
+
+    def apply_async(self, fn, args):
+        return Got(self.client.submit(fn, *args, pure=False))
 
     def close(self):
         self.client.close()
@@ -227,16 +262,18 @@ SIZES = {
     "map_default": 200_000,
     "map_chunk1": 20_000,
     "apply_latency": 2_000,
+    "async_get": 2_000,
+    "async_get_p90": 2_000,
     "cpu_bound": 100,
 }
-SLOW = {"map_chunk1": 2_000, "apply_latency": 200}
+SLOW = {"map_chunk1": 2_000, "apply_latency": 200, "async_get": 200, "async_get_p90": 200}
 SLOW_PEERS = ("ProcessPoolExecutor", "loky", "Ray Pool", "Dask")
 
 
 # Figures whose first rounds find caches cold on every peer (buffers to
 # allocate, memory to fault in): each gets one round, unmeasured, first, and
 # at least 5 measured rounds (the next one may still be warming up).
-WARM_UP = ("payload", "payload_np")
+WARM_UP = ("payload", "payload_np", "made_bytes", "made_np")
 
 
 def items(peer, name, scale):
@@ -277,6 +314,20 @@ def measure(pool, name, n, payload_mib, processes):
         dt = time.perf_counter() - t0
         assert out.nbytes == array.nbytes and out[-1] == array[-1]
         return dt
+    if name in ("async_get", "async_get_p90"):
+        # Each call timed alone: the median (or 90th percentile) of n.
+        times = []
+        for i in range(n):
+            t0 = time.perf_counter()
+            pool.apply_async(tiny, (i,)).get()
+            times.append(time.perf_counter() - t0)
+        times.sort()
+        return times[len(times) // 2] if name == "async_get" else times[len(times) * 9 // 10]
+    if name in ("made_bytes", "made_np"):
+        t0 = time.perf_counter()
+        out = pool.apply(make_bytes if name == "made_bytes" else make_array, (payload_mib,))
+        assert read_fully(out) == payload_mib << 17
+        return time.perf_counter() - t0
     if name == "cpu_bound":
         t0 = time.perf_counter()
         out = pool.map(burn, range(n), 1)
@@ -334,13 +385,20 @@ def local_peers():
         "Ray Pool": RayPool if available("ray") else None,
         "Dask": DaskPool if available("distributed") else None,
         "distripool": lambda n: distripool.Pool(n),
+        "distripool executor": lambda n: ExecutorAsPool(distripool.ProcessPoolExecutor(n), n),
     }
 
 
+# Peers measured on some figures only.
+ONLY_FIGURES = {"distripool executor": ("async_get", "async_get_p90")}
+
+
 def figures_measured():
-    figures = ["map_default", "map_chunk1", "apply_latency", "payload", "payload_np", "cpu_bound"]
+    figures = ["map_default", "map_chunk1", "apply_latency", "async_get", "async_get_p90"]
+    figures += ["payload", "payload_np", "made_bytes", "made_np", "cpu_bound"]
     if not available("numpy"):
-        figures.remove("payload_np")
+        # Every large figure but one needs it (to make or to read the data).
+        figures = [f for f in figures if f not in ("payload_np", "made_bytes", "made_np")]
     return figures
 
 
@@ -351,6 +409,8 @@ def measure_here(peer, args, scale, payload_mib) -> dict[str, float]:
     with make(args.processes) as pool:
         pool.map(tiny, range(1000))  # warm up
         for name in figures_measured():
+            if name not in ONLY_FIGURES.get(peer, (name,)):
+                continue
             n = items(peer, name, scale)
             rounds = args.rounds
             if name in WARM_UP:
@@ -455,8 +515,20 @@ def main() -> int:
         ("map tiny fn, default chunks", "map_default", lambda s: rate(s, "M/s", 1e6)),
         ("map chunksize=1", "map_chunk1", lambda s: rate(s, "k/s", 1e3)),
         ("sequential apply round trip", "apply_latency", lambda s: f"{s * 1e6:.0f} µs"),
+        ("apply_async().get() (submit().result()), median", "async_get", lambda s: f"{s * 1e6:.0f} µs"),
+        ("the same, 90th percentile", "async_get_p90", lambda s: f"{s * 1e6:.0f} µs"),
         (f"{payload_mib} MiB bytes argument round trip", "payload", lambda s: f"{payload_mib / s:.0f} MiB/s"),
         (f"{payload_mib} MiB NumPy array round trip", "payload_np", lambda s: f"{payload_mib / s:.0f} MiB/s"),
+        (
+            f"{payload_mib} MiB bytes result the task creates",
+            "made_bytes",
+            lambda s: f"{payload_mib / s:.0f} MiB/s",
+        ),
+        (
+            f"{payload_mib} MiB NumPy result the task creates",
+            "made_np",
+            lambda s: f"{payload_mib / s:.0f} MiB/s",
+        ),
         ("CPU-bound 20 ms tasks, efficiency", "cpu_bound", lambda e: f"{e:.2f}"),
     ]
     print(
@@ -474,10 +546,12 @@ def main() -> int:
         print(f"\nnot installed here, left out: {', '.join(missing)} (make bench installs them)")
 
     def ratio(a, b, key, higher_is_better):
-        """How many times better peer ``a`` is than ``b`` on ``key``."""
-        if key not in results.get(a, {}) or key not in results.get(b, {}):
+        """How many times better peer ``a`` is than ``b`` on ``key`` (or on
+        a pair of keys: ``a``'s figure, ``b``'s)."""
+        ka, kb = key if isinstance(key, tuple) else (key, key)
+        if ka not in results.get(a, {}) or kb not in results.get(b, {}):
             return None
-        x, y = results[a][key], results[b][key]
+        x, y = results[a][ka], results[b][kb]
         return x / y if higher_is_better else y / x
 
     # Each target: (what, peer, reference, figure, higher is better, goal as "≥ g" times better)
@@ -517,6 +591,102 @@ def main() -> int:
             8.0,
         ),
         (f"{payload_mib} MiB bytes round trip vs Ray", "distripool", "Ray Pool", "payload", False, 1.0),
+        (
+            "apply_async().get() median vs multiprocessing",
+            "distripool",
+            "multiprocessing",
+            "async_get",
+            False,
+            2.0,
+        ),
+        (
+            "submit().result() median vs multiprocessing",
+            "distripool executor",
+            "multiprocessing",
+            "async_get",
+            False,
+            2.0,
+        ),
+        (
+            "apply_async().get() p90 vs multiprocessing",
+            "distripool",
+            "multiprocessing",
+            "async_get_p90",
+            False,
+            1.0,
+        ),
+        (
+            f"{payload_mib} MiB NumPy result made by the task vs Ray",
+            "distripool",
+            "Ray Pool",
+            "made_np",
+            False,
+            1.0,
+        ),
+        (
+            f"{payload_mib} MiB bytes result made by the task vs Ray",
+            "distripool",
+            "Ray Pool",
+            "made_bytes",
+            False,
+            1.0,
+        ),
+        (
+            "remote apply_async().get() median vs Ray",
+            "distripool remote",
+            "Ray Pool",
+            "async_get",
+            False,
+            15.0,
+        ),
+        (
+            "remote NumPy result made by the task vs embedded",
+            "distripool remote",
+            "distripool",
+            "made_np",
+            False,
+            0.6,
+        ),
+        (
+            "remote bytes result made by the task vs embedded",
+            "distripool remote",
+            "distripool",
+            "made_bytes",
+            False,
+            0.6,
+        ),
+        (
+            f"remote {payload_mib} MiB bytes round trip vs embedded",
+            "distripool remote",
+            "distripool",
+            "payload",
+            False,
+            0.6,
+        ),
+        (
+            f"remote {payload_mib} MiB NumPy round trip vs embedded bytes",
+            "distripool remote",
+            "distripool",
+            ("payload_np", "payload"),
+            False,
+            0.6,
+        ),
+        (
+            f"remote {payload_mib} MiB bytes round trip vs Dask",
+            "distripool remote",
+            "Dask",
+            "payload",
+            False,
+            5.0,
+        ),
+        (
+            f"remote {payload_mib} MiB bytes round trip, sealed vs clear",
+            "distripool remote",
+            "remote, clear",
+            "payload",
+            False,
+            0.8,
+        ),
         ("remote chunksize=1 vs Ray", "distripool remote", "Ray Pool", "map_chunk1", False, 20.0),
         ("remote chunksize=1 vs Dask", "distripool remote", "Dask", "map_chunk1", False, 20.0),
         (
@@ -549,6 +719,13 @@ def main() -> int:
         start = results["distripool"]["startup"]
         met = "yes" if start < 0.15 else "no"
         print(f"| start-up + first result, 2 executors | {start * 1e3:.0f} ms | < 150 ms | {met} |")
+        for key, what in (("made_np", "NumPy"), ("made_bytes", "bytes")):
+            if key in results["distripool"]:
+                rate_ = payload_mib / results["distripool"][key]
+                met = "yes" if rate_ >= 2048 else "no"
+                print(
+                    f"| {payload_mib} MiB {what} result made by the task | {rate_:.0f} MiB/s | ≥ 2048 MiB/s | {met} |"
+                )
         eff = results["distripool"]["cpu_bound"]
         print(
             f"| CPU-bound 20 ms tasks, efficiency | {eff:.2f} | ≥ 0.95 | {'yes' if eff >= 0.95 else 'no'} |"

@@ -144,3 +144,21 @@ def gated(gate, x):
     while x >= 180 and not os.path.exists(gate) and time.monotonic() < deadline:
         time.sleep(0.01)
     return x
+
+
+def made(n, seed=0, blob=False):
+    """A result the task creates: ``n`` bytes from ``seed`` (a ``Blob``,
+    pickled out of band, if ``blob``)."""
+    data = bytes((seed + i * 7) % 251 for i in range(256)) * (n // 256)
+    return Blob(bytearray(data)) if blob else data
+
+
+def wait_for_file(path, x):
+    """``x``, once the file ``path`` exists (at most two minutes)."""
+    import os
+    import time
+
+    deadline = time.monotonic() + 120
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return x

@@ -172,3 +172,103 @@ def restore_lines() -> None:
         entry = linecache.cache.get(filename)
         if (entry is None or len(entry) > 1 and entry[2] is not lines) and not os.path.exists(filename):
             linecache.cache[filename] = (sum(map(len, lines)), None, lines, filename)
+
+
+# -- reusing a function's pickle -------------------------------------------
+
+_ABSENT = object()
+_PLAIN = frozenset(
+    {
+        int,
+        float,
+        complex,
+        str,
+        bytes,
+        bool,
+        type(None),
+        type(...),
+        types.ModuleType,
+        types.BuiltinFunctionType,
+    }
+)
+# How deep functions that call functions are followed.
+_DEPTH = 4
+# Each code object's global names, found once (as for _reduced).
+_names: dict = {}
+
+
+def fingerprint(func) -> tuple | None:
+    """Everything a plain function's pickle depends on that a program could
+    rebind between two calls: the function, its code, and the objects its
+    defaults, closure and global names refer to. None if one of those could
+    change in place (a list, a dict, an instance, a function's attributes):
+    then only pickling the function again tells."""
+    out: list = []
+    return tuple(out) if _collect(func, out, 0) else None
+
+
+def same(a: tuple, b: tuple) -> bool:
+    """Whether two fingerprints name the very same objects."""
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+
+
+def _collect(func, out: list, depth: int) -> bool:
+    if depth > _DEPTH or func.__dict__:
+        return False
+    code = func.__code__
+    out += (func, code)
+    for v in func.__defaults__ or ():
+        if not _stable(v, out, depth):
+            return False
+    kw = func.__kwdefaults__
+    if kw:
+        for k, v in kw.items():
+            out.append(k)
+            if not _stable(v, out, depth):
+                return False
+    for cell in func.__closure__ or ():
+        try:
+            v = cell.cell_contents
+        except ValueError:  # not yet bound
+            v = _ABSENT
+        if not _stable(v, out, depth):
+            return False
+    g = func.__globals__
+    for name in _global_names(code):
+        if not _stable(g.get(name, _ABSENT), out, depth):
+            return False
+    return True
+
+
+def _stable(v, out: list, depth: int) -> bool:
+    t = type(v)
+    if t in _PLAIN or v is _ABSENT:
+        out.append(v)
+        return True
+    if t is types.FunctionType:
+        return _collect(v, out, depth + 1)
+    if t is tuple or t is frozenset:
+        out.append(v)
+        return len(v) <= 32 and all(_stable(x, out, depth) for x in v)
+    if isinstance(v, type):
+        # A class pickled by name (importable, or one of the driver's
+        # script's that executors import); one pickled by value could have
+        # its attributes changed.
+        out.append(v)
+        if v.__module__ == "__main__":
+            return _main.by_reference(v)
+        return "<locals>" not in v.__qualname__
+    return False
+
+
+def _global_names(code: types.CodeType) -> tuple:
+    entry = _names.get(id(code))
+    if entry is None or entry[0] is not code:
+        if len(_names) >= 4096:
+            _names.clear()
+        names = set(code.co_names)
+        for const in code.co_consts:
+            if type(const) is types.CodeType:
+                names.update(_global_names(const))
+        entry = _names[id(code)] = (code, tuple(sorted(names)))
+    return entry[1]

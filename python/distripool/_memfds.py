@@ -175,6 +175,15 @@ class SharedBuffers:
             self.pending[key] = (fd, reply)
         return b"".join(envelope(main, descs, {"reply": (self.pid, reply, self.inodes[reply])}))
 
+    def put_reply(self, main, key, size: int) -> bytes:
+        """The payload of task ``key``, whose arguments are small, with a
+        memfd of at least ``size`` bytes for its reply (one whose pages exist
+        already, if one is idle)."""
+        reply = self._acquire(size)
+        with self.lock:
+            self.pending[key] = (None, reply)
+        return b"".join(envelope(main, [], {"reply": (self.pid, reply, self.inodes[reply])}))
+
     def take(self, key):
         """The memfds of task ``key``, now over (None if it had none)."""
         if not self.pending:  # the common case, without the lock
@@ -198,7 +207,8 @@ class SharedBuffers:
         """Task ``ticket`` is over. ``reply_kept`` is True (the reply memfd
         must never be reused), or the list of its mappings the caller's
         result still uses (empty: none)."""
-        self._release(ticket[0], not args_kept)
+        if ticket[0] is not None:
+            self._release(ticket[0], not args_kept)
         if reply_kept is True or not reply_kept:
             self._release(ticket[1], not reply_kept)
         elif not self._lend(ticket[1], reply_kept):
@@ -220,7 +230,7 @@ class SharedBuffers:
             self.closed = True
             fds = [fd for fd, _ in self.free]
             for a, r in self.pending.values():
-                fds += [a, r]
+                fds += [r] if a is None else [a, r]
             fds += list(self.lent)
             self.lent.clear()
             self.free.clear()

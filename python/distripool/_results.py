@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import threading
+import time
 import weakref
 from multiprocessing import TimeoutError
 from typing import TYPE_CHECKING, Any, Callable, Generic, TypeVar
@@ -31,6 +32,7 @@ class ApplyResult(Generic[_T]):
         shared: _Shared,
         callback: Callable[[_T], object] | None = None,
         error_callback: Callable[[BaseException], object] | None = None,
+        offered: bool = False,
     ) -> None:
         self._shared = shared
         self._event = threading.Event()
@@ -40,6 +42,13 @@ class ApplyResult(Generic[_T]):
         self._success = False
         self._value = None
         shared.cache[self._job] = self
+        # One task without callbacks: a caller waiting in get() when its
+        # completion arrives takes it straight from the orchestrator, a
+        # thread wake-up sooner than through the result thread (which gets
+        # it when nobody waits). Call before submitting.
+        self._offered = offered
+        if offered:
+            shared.client.offer(self._job)
 
     def ready(self) -> bool:
         return self._event.is_set()
@@ -50,7 +59,27 @@ class ApplyResult(Generic[_T]):
         return self._success
 
     def wait(self, timeout: float | None = None) -> None:
+        if self._offered and not self._event.is_set():
+            start = time.monotonic()
+            if self._take(timeout):
+                return
+            if timeout is not None:
+                timeout = max(0.0, timeout - (time.monotonic() - start))
         self._event.wait(timeout)
+
+    def _take(self, timeout: float | None) -> bool:
+        """Wait up to ``timeout`` for the offered completion; True if this
+        caller took it (the result is then set), False if it is not in yet or
+        went the result thread's way (or another caller's)."""
+        try:
+            c = self._shared.client.wait_offered(self._job, timeout)
+        except OrchestratorClosedError:
+            return False  # the pool's end fails the result
+        if c is None:
+            return False
+        _, index, status, data = c
+        self._set(index, self._shared.decode(self._job, index, status, data))
+        return True
 
     def get(self, timeout: float | None = None) -> _T:
         self.wait(timeout)
@@ -85,6 +114,9 @@ class ApplyResult(Generic[_T]):
         bar = getattr(self, "_bar", None)
         if bar is not None:
             bar.close()
+        if self._offered:
+            # A caller waiting for the completion itself waits for this instead.
+            self._shared.client.forget(self._job)
         if not self._event.is_set():
             self._success, self._value = False, exc
             self._event.set()

@@ -30,6 +30,8 @@ RUN, CLOSE, TERMINATE = "RUN", "CLOSE", "TERMINATE"
 # How long the result thread waits for completions before checking for shutdown.
 _POLL = 0.05
 _STATUS_DONE = _native.STATUS_DONE
+# Functions remembered for returning large results.
+_LARGE_FNS = 64
 
 
 def _task(mode, items):
@@ -191,6 +193,11 @@ class _Shared:
         # A dashboard watches the orchestrator: describe each job to it.
         self.observed = orchestrator.dashboard_url is not None
         self.cache: dict[int, object] = {}
+        # Large results: the function (its blob) of each job in flight, and
+        # the functions whose last result was large, with its size. Their
+        # tasks get a reply memfd even when their arguments are small.
+        self.job_fns: dict[int, bytes] = {}
+        self.large_fns: dict[bytes, int] = {}
         self.idle = threading.Condition(threading.Lock())
         self.stopping = False
         self.shutdown_done = False
@@ -227,9 +234,26 @@ class _Shared:
         buffers = self.buffers
         ticket = buffers.take((job, index)) if buffers is not None else None
         item = _decode(status, data, buffers, ticket)
+        if buffers is not None and (ticket is not None or len(data) >= _envelope.THRESHOLD):
+            self._learn(job, data, ticket)
         if not item[0] and status == _STATUS_DONE:
             self.raised(job, index, item[1])
         return item
+
+    def _learn(self, job: int, data, ticket) -> None:
+        """Note whether a result of the job's function was large: one that
+        came inline gets its function's next tasks a reply memfd of its size;
+        one that was small with a reply memfd given stops that."""
+        fn = self.job_fns.get(job)
+        if fn is None or isinstance(data, str):
+            return
+        if len(data) >= _envelope.THRESHOLD:
+            self.large_fns.pop(fn, None)
+            self.large_fns[fn] = len(data)
+            while len(self.large_fns) > _LARGE_FNS:
+                del self.large_fns[next(iter(self.large_fns))]
+        elif ticket[0] is None and not _envelope.is_envelope(data):
+            self.large_fns.pop(fn, None)
 
     def raised(self, job: int, index: int, exc) -> None:
         """Tell the orchestrator that task ``(job, index)`` raised ``exc``:
@@ -241,13 +265,26 @@ class _Shared:
         except OrchestratorClosedError:
             pass
 
-    def dumps(self, task, job: int, index: int) -> bytes:
-        """The payload of task ``(job, index)``: large buffers out of band, in
-        shared memory when the executors are local, else inline."""
+    def dumps(self, task, job: int, index: int, fn: bytes | None = None) -> bytes:
+        """The payload of task ``(job, index)`` of function ``fn`` (its
+        blob): large buffers out of band, in shared memory when the executors
+        are local, else inline. Local tasks of a function whose last result
+        was large get shared memory for their result, too."""
         main, bufs = _envelope.dumps(task, cloudpickle)
+        buffers = self.buffers
+        if buffers is None:
+            return b"".join(_envelope.inline(main, bufs)) if bufs else main
+        if fn is not None and index == 0:
+            self.job_fns[job] = fn
         if not bufs:
-            return main
-        if self.buffers is not None and self.buffers.has_room() and self._shared_memory_works():
+            size = self.large_fns.get(fn) if self.large_fns and fn is not None else None
+            if size is None or not buffers.has_room() or not self._shared_memory_works():
+                return main
+            try:
+                return buffers.put_reply(main, (job, index), size)
+            except OSError:
+                return main  # out of descriptors or memory for memfds: inline
+        if buffers.has_room() and self._shared_memory_works():
             # The orchestrator checks the frames it carries; bytes in shared
             # memory count against the same limit here.
             size = _envelope.size(main, bufs)
@@ -285,6 +322,7 @@ class _Shared:
             self.buffers.forget_job(job, indexes)
 
     def job_done(self, job: int) -> None:
+        self.job_fns.pop(job, None)
         with self.idle:
             self.cache.pop(job, None)
             if not self.cache:
@@ -336,6 +374,8 @@ class _Shared:
         for job, index, status, data in batch:
             ticket = buffers.take((job, index)) if buffers is not None else None
             item = _decode(status, data, buffers, ticket)
+            if buffers is not None and (ticket is not None or len(data) >= _envelope.THRESHOLD):
+                self._learn(job, data, ticket)
             if not item[0] and status == _STATUS_DONE:
                 self.raised(job, index, item[1])
             r = cache.get(job)

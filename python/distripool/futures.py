@@ -42,6 +42,17 @@ class _Future(cf.Future):
         self._client = executor._pool._shared.client
         self._shared = executor._pool._shared
         self._job: int | None = None
+        self._result: _FutureResult | None = None
+
+    def result(self, timeout: float | None = None):
+        r = self._result
+        if r is not None and self._state in ("PENDING", "RUNNING"):
+            # Wait for the completion in this thread, straight from the
+            # orchestrator, rather than for the result thread to pass it on.
+            start = time.monotonic()
+            if not r._take(timeout) and timeout is not None:
+                timeout = max(0.0, timeout - (time.monotonic() - start))
+        return super().result(timeout)
 
     def cancel(self) -> bool:
         with self._condition:
@@ -52,6 +63,7 @@ class _Future(cf.Future):
         else:
             withdrawn = bool(self._client.withdraw(self._job))
         if withdrawn:
+            self._client.forget(self._job)
             self._shared.forget(self._job)
             self._shared.job_done(self._job)
             return super().cancel()
@@ -66,9 +78,10 @@ class _FutureResult(ApplyResult):
     """Routes one task's completion into its future."""
 
     def __init__(self, shared, future: _Future):
-        super().__init__(shared)
+        super().__init__(shared, offered=True)
         self._future = future
         future._job = self._job
+        future._result = self
 
     def _set(self, index, item):
         success, value = item
@@ -85,6 +98,7 @@ class _FutureResult(ApplyResult):
         self._shared.job_done(self._job)
 
     def _abort(self, exc):
+        self._shared.client.forget(self._job)
         if not self._future.done():
             try:
                 self._future.set_exception(exc)
@@ -180,14 +194,16 @@ class ProcessPoolExecutor(cf.Executor):
             future = _Future(self)
             result = _FutureResult(pool._shared, future)
             try:
-                payload = pool._shared.dumps(_task(APPLY, (args, kwargs)), result._job, 0)
+                payload = pool._shared.dumps(_task(APPLY, (args, kwargs)), result._job, 0, blob)
             except Exception as exc:
                 # As the standard executor: arguments that cannot be pickled
                 # fail the future, raised by result().
+                pool._shared.client.forget(result._job)
                 pool._shared.job_done(result._job)
                 future.set_exception(exc)
                 return future
             except BaseException:
+                pool._shared.client.forget(result._job)
                 pool._shared.job_done(result._job)
                 raise
             pool._shared.describe(result._job, "submit", fn, 1)
@@ -236,7 +252,7 @@ class ProcessPoolExecutor(cf.Executor):
             unpicklable = None
             try:
                 for i, c in enumerate(chunks):
-                    tasks.append((i, shared.dumps(_task(STARMAP, c), it._job, i)))
+                    tasks.append((i, shared.dumps(_task(STARMAP, c), it._job, i, blob)))
             except Exception as exc:
                 # As the standard executor: the map raises it where that
                 # chunk's results would be, and nothing after it runs.

@@ -20,6 +20,7 @@ import itertools
 import multiprocessing
 import os
 import threading
+import types
 import warnings
 import weakref
 from collections.abc import Iterable, Mapping
@@ -185,6 +186,8 @@ class Pool:
         self._popen = None if init is None else self._inheriting(*init)
         self._authkey = Authkey(bytes(multiprocessing.current_process().authkey))
         self._settings = (os.urandom(8).hex(), init, maxtasksperchild)
+        # Plain functions' pickles, with what they were made from.
+        self._blobs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._state = RUN
         self._result_thread = threading.Thread(
             target=self._shared.handle_results, name="distripool-results", daemon=True
@@ -239,9 +242,21 @@ class Pool:
         if not callable(func):
             raise TypeError(f"{type(func).__name__!r} object is not callable")
         blob = (self._authkey, func, *self._settings)
-        if self._popen is None:
+        if self._popen is not None:
+            return _functions.dumps_inherited(blob, self._popen)
+        if type(func) is not types.FunctionType:
             return _functions.dumps(blob)
-        return _functions.dumps_inherited(blob, self._popen)
+        # A plain function's pickle is made again only when something it
+        # refers to was rebound since (or could have changed in place).
+        fingerprint = _functions.fingerprint(func)
+        if fingerprint is None:
+            return _functions.dumps(blob)
+        known = self._blobs.get(func)
+        if known is not None and _functions.same(known[0], fingerprint):
+            return known[1]  # type: ignore[no-any-return]
+        pickled = _functions.dumps(blob)
+        self._blobs[func] = (fingerprint, pickled)
+        return pickled
 
     @staticmethod
     def _check_chunksize(chunksize) -> None:
@@ -257,7 +272,7 @@ class Pool:
         shared = self._shared
         client = shared.client
         job = client.new_job()
-        payload = shared.dumps(_task(APPLY, (tuple(args), dict(kwds))), job, 0)
+        payload = shared.dumps(_task(APPLY, (tuple(args), dict(kwds))), job, 0, blob)
         # The caller waits for this job itself, woken straight from the
         # orchestrator rather than through the result thread.
         shared.cache[job] = _Waiting
@@ -269,9 +284,9 @@ class Pool:
                 _, index, status, data = client.wait(job)
             except OrchestratorClosedError:
                 raise PoolTerminatedError("the pool was terminated") from None
+            success, value = shared.decode(job, index, status, data)
         finally:
             shared.job_done(job)
-        success, value = shared.decode(job, index, status, data)
         if success:
             return value  # type: ignore[no-any-return]
         raise value
@@ -287,10 +302,12 @@ class Pool:
         """Like :meth:`apply`, but return an :class:`AsyncResult` at once."""
         self._check_running()
         blob = self._function_blob(func)
-        result = ApplyResult(self._shared, callback, error_callback)
+        offered = callback is None and error_callback is None
+        result = ApplyResult(self._shared, callback, error_callback, offered)
         try:
-            payload = self._shared.dumps(_task(APPLY, (tuple(args), dict(kwds))), result._job, 0)
+            payload = self._shared.dumps(_task(APPLY, (tuple(args), dict(kwds))), result._job, 0, blob)
         except BaseException:
+            self._shared.client.forget(result._job)
             self._shared.job_done(result._job)
             raise
         self._shared.describe(result._job, "apply", func, 1)
@@ -384,7 +401,7 @@ class Pool:
             wrap = _task if short and (mode == STARMAP or _envelope.any_big(items)) else _plain_task
             try:
                 tasks = [
-                    (i, dumps(wrap(mode, items[start : start + chunksize]), job, i))
+                    (i, dumps(wrap(mode, items[start : start + chunksize]), job, i, blob))
                     for i, start in enumerate(range(0, n, chunksize))
                 ]
             except BaseException:
@@ -553,7 +570,7 @@ def _feed(shared: _Shared, it: _IMapJob, blob: bytes, source, chunksize: int, mo
                 return
             if it._abandoned:
                 break
-            shared.submit(it._job, blob, [(index, shared.dumps(_task(mode, chunk), it._job, index))])
+            shared.submit(it._job, blob, [(index, shared.dumps(_task(mode, chunk), it._job, index, blob))])
             index += 1
     except BaseException as exc:  # noqa: BLE001 - the input's error belongs to the caller
         it._set_input_error(index, exc)

@@ -8,7 +8,7 @@ mod worker;
 
 use std::path::PathBuf;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How often a caller blocked in `Client.wait` checks for signals (Ctrl-C).
 const SIGNAL_CHECK: Duration = Duration::from_millis(20);
@@ -18,7 +18,7 @@ use distripool_protocol::HandshakeError;
 use distripool_runtime::executor::ExecutorSpec;
 use distripool_runtime::orchestrator::FailureKind;
 use distripool_runtime::{
-    AgentConfig, Error, JobId, OrchestratorConfig, Outcome, Security, Timing, TlsFiles, WorkerId,
+    AgentConfig, Error, JobId, OrchestratorConfig, Outcome, Security, Timing, TlsFiles, Waited, WorkerId,
 };
 use pyo3::exceptions::{PyConnectionError, PyOSError, PyRuntimeError, PyTimeoutError, PyValueError};
 use pyo3::prelude::*;
@@ -441,6 +441,52 @@ impl Client {
                 self.inner.forget(JobId(job));
                 return Err(e);
             }
+        }
+    }
+
+    /// Stop waiting for `job` directly: its completion, in or still to
+    /// come, goes to `recv`, and a caller in `wait_offered` returns None.
+    fn forget(&self, job: u64) {
+        self.inner.forget(JobId(job));
+    }
+
+    /// Say that the caller may wait for `job` itself (`wait_offered`); if
+    /// its completion arrives while nobody waits, `recv` returns it. Call
+    /// before `submit`.
+    fn offer(&self, job: u64) {
+        self.inner.offer(JobId(job));
+    }
+
+    /// Wait up to `timeout` seconds (None: for ever) for an offered job's
+    /// completion, with the GIL released: the `(job, index, status, data)`
+    /// tuple, or None if it is not in within `timeout` or went elsewhere (to
+    /// `recv`, or to another caller). Signals are checked every few
+    /// milliseconds; a handler's exception propagates.
+    #[pyo3(signature = (job, timeout = None))]
+    fn wait_offered<'py>(
+        &self,
+        py: Python<'py>,
+        job: u64,
+        timeout: Option<f64>,
+    ) -> PyResult<Option<Bound<'py, PyTuple>>> {
+        let deadline = match timeout {
+            Some(t) if t.is_nan() => return Err(PyValueError::new_err("timeout must be a number, not nan")),
+            Some(t) if t.is_finite() => Some(Instant::now() + Duration::from_secs_f64(t.clamp(0.0, 1e9))),
+            _ => None,
+        };
+        loop {
+            let step = deadline
+                .map_or(SIGNAL_CHECK, |d| d.saturating_duration_since(Instant::now()).min(SIGNAL_CHECK));
+            match py.detach(|| self.inner.wait_offered(JobId(job), step)) {
+                Ok(Waited::Done(c)) => return completion(py, c).map(Some),
+                Ok(Waited::Elsewhere) => return Ok(None),
+                Ok(Waited::TimedOut) => {}
+                Err(e) => return Err(to_py(e)),
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Ok(None);
+            }
+            py.check_signals()?;
         }
     }
 

@@ -28,7 +28,7 @@ pub use agent::{run_agent, AgentConfig, AgentExit};
 pub use conn::SessionEnd;
 pub use distripool_protocol::{DEFAULT_MAX_FRAME, PROTOCOL_VERSION};
 pub use ids::{ClientId, FnId, JobId, TaskId, WorkerId};
-pub use mailbox::{Completion, Outcome};
+pub use mailbox::{Completion, Outcome, Waited};
 pub use orchestrator::{Blob, Client, Orchestrator, OrchestratorConfig, Stats};
 pub use security::{Security, TlsFiles};
 pub use timing::Timing;

@@ -4,7 +4,10 @@
 //! queue that the pool's result thread drains; a job a caller has said it will
 //! wait for itself (`expect`) gets its completion put aside for that caller,
 //! who is woken directly — a synchronous `apply` then costs one thread
-//! wake-up fewer than a trip through the result thread.
+//! wake-up fewer than a trip through the result thread. A job *offered* to
+//! its caller (`apply_async`, `submit`) is put aside only while a caller
+//! waits for it; arriving with nobody waiting, it goes to the queue, so that
+//! its callbacks run and `join` sees it done without anyone asking.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -54,9 +57,30 @@ pub struct Mailbox {
 #[derive(Default)]
 struct State {
     queue: Vec<Completion>,
-    /// Jobs a caller waits for, with their completion once it is in.
-    expected: HashMap<JobId, Option<Completion>>,
+    /// Jobs a caller waits (or may wait) for, with their completion once it
+    /// is put aside.
+    expected: HashMap<JobId, Expected>,
     closed: bool,
+}
+
+struct Expected {
+    completion: Option<Completion>,
+    /// Put the completion aside even while nobody waits (`expect`: the
+    /// caller is about to); else only while `waiting` callers are there.
+    hold: bool,
+    waiting: u32,
+}
+
+/// What waiting for an offered job came to.
+#[derive(Debug)]
+pub enum Waited {
+    /// The completion, now the caller's alone.
+    Done(Completion),
+    /// Not in yet; the job stays offered.
+    TimedOut,
+    /// Not for this caller: it went to the queue, or another caller took
+    /// it, or the job was forgotten.
+    Elsewhere,
 }
 
 impl Mailbox {
@@ -71,12 +95,17 @@ impl Mailbox {
         {
             let mut st = self.lock();
             for c in batch {
-                match st.expected.get_mut(&c.job) {
-                    Some(slot) => {
-                        *slot = Some(c);
+                let aside = st.expected.get(&c.job).map(|e| e.hold || e.waiting > 0);
+                match (aside, st.expected.get_mut(&c.job)) {
+                    (Some(true), Some(e)) => {
+                        e.completion = Some(c);
                         direct = true;
                     }
-                    None => {
+                    (aside, _) => {
+                        if aside.is_some() {
+                            // Offered, and nobody waits: the result thread's.
+                            st.expected.remove(&c.job);
+                        }
                         st.queue.push(c);
                         queued = true;
                     }
@@ -121,15 +150,41 @@ impl Mailbox {
 
     /// The caller will wait for `job` itself; call before submitting it.
     pub fn expect(&self, job: JobId) {
-        self.lock().expected.insert(job, None);
+        self.lock().expected.insert(job, Expected { completion: None, hold: true, waiting: 0 });
+    }
+
+    /// A caller may wait for `job` itself (`wait_offered`); its completion
+    /// goes to the queue if it arrives while nobody does. Call before
+    /// submitting it.
+    pub fn offer(&self, job: JobId) {
+        self.lock().expected.insert(job, Expected { completion: None, hold: false, waiting: 0 });
     }
 
     /// Wait up to `timeout` for an expected job's completion: `Ok(None)` if
     /// it is not in yet (the job stays expected), `Err(Closed)` if it never
     /// will be.
     pub fn wait(&self, job: JobId, timeout: Duration) -> Result<Option<Completion>> {
+        match self.wait_offered(job, timeout)? {
+            Waited::Done(c) => Ok(Some(c)),
+            Waited::TimedOut => Ok(None),
+            Waited::Elsewhere => Err(Error::Closed),
+        }
+    }
+
+    /// Wait up to `timeout` for an offered (or expected) job's completion.
+    /// `Err(Closed)` if it never will come.
+    pub fn wait_offered(&self, job: JobId, timeout: Duration) -> Result<Waited> {
         let start = Instant::now();
         let deadline = start + timeout;
+        {
+            let mut guard = self.lock();
+            let st = &mut *guard;
+            match st.expected.get_mut(&job) {
+                Some(e) => e.waiting += 1,
+                None if st.closed => return Err(Error::Closed),
+                None => return Ok(Waited::Elsewhere),
+            }
+        }
         // A short task's completion is often back within a few tens of
         // microseconds: look for it for a while before going to sleep, which
         // saves the wake-up (expensive on virtual machines).
@@ -138,7 +193,7 @@ impl Mailbox {
         if !self.spinning.swap(true, Ordering::Acquire) {
             while start.elapsed() < SPIN.min(timeout) {
                 if let Ok(st) = self.state.try_lock() {
-                    if st.closed || !matches!(st.expected.get(&job), Some(None)) {
+                    if st.closed || !matches!(st.expected.get(&job), Some(e) if e.completion.is_none()) {
                         break;
                     }
                 }
@@ -147,15 +202,17 @@ impl Mailbox {
             self.spinning.store(false, Ordering::Release);
         }
         let mut st = self.lock();
-        loop {
-            match st.expected.get_mut(&job) {
-                Some(slot @ Some(_)) => {
-                    let c = slot.take();
-                    st.expected.remove(&job);
-                    return Ok(c);
+        let waited = loop {
+            let state = &mut *st;
+            match state.expected.get_mut(&job) {
+                Some(e) => {
+                    if let Some(c) = e.completion.take() {
+                        state.expected.remove(&job);
+                        return Ok(Waited::Done(c));
+                    }
                 }
-                Some(None) => {}
-                None => return Err(Error::Closed),
+                None if state.closed => return Err(Error::Closed),
+                None => return Ok(Waited::Elsewhere),
             }
             if st.closed {
                 st.expected.remove(&job);
@@ -163,16 +220,22 @@ impl Mailbox {
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Ok(None);
+                break Waited::TimedOut;
             }
             st = self.direct.wait_timeout(st, left).unwrap_or_else(|e| e.into_inner()).0;
+        };
+        if let Some(e) = st.expected.get_mut(&job) {
+            e.waiting -= 1;
         }
+        Ok(waited)
     }
 
     /// The caller gave up on `job`: its completion, already in or still to
-    /// come, goes to the queue like any other.
+    /// come, goes to the queue like any other, and whoever waits for it
+    /// directly stops (`Waited::Elsewhere`).
     pub fn forget(&self, job: JobId) {
-        let arrived = self.lock().expected.remove(&job).flatten();
+        let arrived = self.lock().expected.remove(&job).and_then(|e| e.completion);
+        self.direct.notify_all();
         if let Some(c) = arrived {
             self.deliver(vec![c]);
         }
@@ -246,5 +309,53 @@ mod tests {
         mb.close();
         assert_eq!(mb.recv(Duration::ZERO).unwrap()[0].job, JobId(3));
         assert!(matches!(mb.recv(Duration::ZERO), Err(Error::Closed)));
+    }
+
+    /// Until `n` callers wait for `job` (a test's handshake, no sleep).
+    fn until_waiting(mb: &Mailbox, job: JobId, n: u32) {
+        while mb.lock().expected.get(&job).map_or(0, |e| e.waiting) != n {
+            std::thread::yield_now();
+        }
+    }
+
+    #[test]
+    fn an_offered_job_is_put_aside_only_while_a_caller_waits() {
+        let mb = Arc::new(Mailbox::default());
+        // Nobody waits: it goes to the queue, and a later wait is told so.
+        mb.offer(JobId(1));
+        mb.deliver(vec![done(1)]);
+        assert!(matches!(mb.wait_offered(JobId(1), Duration::from_secs(30)), Ok(Waited::Elsewhere)));
+        assert_eq!(mb.recv(Duration::ZERO).unwrap()[0].job, JobId(1));
+        // A caller waits: it is the caller's, and the queue never sees it.
+        mb.offer(JobId(2));
+        let waiter = {
+            let mb = mb.clone();
+            std::thread::spawn(move || mb.wait_offered(JobId(2), Duration::from_secs(30)))
+        };
+        until_waiting(&mb, JobId(2), 1);
+        mb.deliver(vec![done(2)]);
+        assert!(matches!(waiter.join().unwrap(), Ok(Waited::Done(c)) if c.job == JobId(2)));
+        assert!(mb.recv(Duration::ZERO).unwrap().is_empty());
+        // A caller that gave up leaves it offered: it arrives on the queue.
+        mb.offer(JobId(3));
+        assert!(matches!(mb.wait_offered(JobId(3), Duration::from_millis(1)), Ok(Waited::TimedOut)));
+        mb.deliver(vec![done(3)]);
+        assert_eq!(mb.recv(Duration::ZERO).unwrap()[0].job, JobId(3));
+        assert!(mb.lock().expected.is_empty());
+    }
+
+    #[test]
+    fn forgetting_an_offered_job_sends_its_waiter_elsewhere() {
+        let mb = Arc::new(Mailbox::default());
+        mb.offer(JobId(4));
+        let waiter = {
+            let mb = mb.clone();
+            std::thread::spawn(move || mb.wait_offered(JobId(4), Duration::from_secs(30)))
+        };
+        until_waiting(&mb, JobId(4), 1);
+        mb.forget(JobId(4));
+        assert!(matches!(waiter.join().unwrap(), Ok(Waited::Elsewhere)));
+        mb.close();
+        assert!(matches!(mb.wait_offered(JobId(4), Duration::ZERO), Err(Error::Closed)));
     }
 }

@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::core::Input;
 use super::handle::Event;
 use crate::ids::{ClientId, FnId, JobId};
-use crate::mailbox::{Completion, Mailbox};
+use crate::mailbox::{Completion, Mailbox, Waited};
 use crate::{Error, Result};
 
 /// Room kept in a frame for its lengths and header, beside the payload.
@@ -105,6 +105,18 @@ impl Client {
     /// Wait up to `timeout` for an expected job: `Ok(None)` if not done yet.
     pub fn wait(&self, job: JobId, timeout: Duration) -> Result<Option<Completion>> {
         self.mailbox.wait(job, timeout)
+    }
+
+    /// A caller may wait for `job` itself (`wait_offered`); if its
+    /// completion arrives while nobody does, it goes to `recv`. Call before
+    /// submitting the job.
+    pub fn offer(&self, job: JobId) {
+        self.mailbox.offer(job);
+    }
+
+    /// Wait up to `timeout` for an offered job's completion.
+    pub fn wait_offered(&self, job: JobId, timeout: Duration) -> Result<Waited> {
+        self.mailbox.wait_offered(job, timeout)
     }
 
     /// Stop expecting `job`: its completion goes to `recv` after all.
