@@ -104,6 +104,7 @@ class Lab:
         self._queue: list = []
         self._seq = itertools.count()
         self._procs: list[subprocess.Popen] = []
+        self._files: list = []
 
     # -- set-up ------------------------------------------------------------
 
@@ -147,6 +148,11 @@ class Lab:
                 p.wait(30)
             except subprocess.TimeoutExpired:
                 pass
+            for pipe in (p.stdin, p.stdout, p.stderr):
+                if pipe is not None:
+                    pipe.close()
+        for f in self._files:
+            f.close()
         self._stop.set()
         if self._thread is not None:
             self._thread.join(30)
@@ -161,8 +167,14 @@ class Lab:
         """``argv`` run inside ``host``'s namespace."""
         return ["ip", "netns", "exec", self.hosts[host].netns, *argv]
 
-    def run(self, host: str, argv: list[str], **kwargs) -> subprocess.Popen:
-        """Start ``argv`` in ``host``; it is killed when the lab closes."""
+    def run(self, host: str, argv: list[str], log=None, **kwargs) -> subprocess.Popen:
+        """Start ``argv`` in ``host``, its output to the file ``log`` if
+        given; it is killed (and ``log`` closed) when the lab closes."""
+        if log is not None:
+            f = open(log, "w")  # noqa: SIM115 - closed with the lab
+            self._files.append(f)
+            kwargs.setdefault("stdout", f)
+            kwargs.setdefault("stderr", f if kwargs["stdout"] is f else subprocess.STDOUT)
         p = subprocess.Popen(self.argv(host, argv), **kwargs)
         self._procs.append(p)
         return p
