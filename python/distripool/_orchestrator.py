@@ -242,13 +242,18 @@ class Orchestrator:
 
     def close(self) -> None:
         """Stop accepting workers, cancel the tasks of its pools and free the ports."""
+        self._close(True)
+
+    def _close(self, graceful: bool) -> None:
+        """``close``; ``graceful=False`` kills the idle executors of an
+        embedded pool at once instead of letting them exit (``terminate``)."""
         global _default
         with _default_lock:
             if _default is self:
                 _default = None
         if self._watch is not None:
             self._watch.stop()
-        self._native.close()
+        self._native.close(graceful)
 
     def __enter__(self: _O) -> _O:
         return self

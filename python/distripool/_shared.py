@@ -382,15 +382,18 @@ class _Shared:
             if r is not None:
                 r._set(index, item)
 
-    def shutdown(self) -> None:
-        """Cancel remote work, stop the result thread's source, free executors."""
+    def shutdown(self, graceful: bool = True) -> None:
+        """Cancel remote work, stop the result thread's source, free
+        executors: the idle ones of an embedded pool exit by themselves (their
+        exit handlers run, as at ``join``), or, not ``graceful``, are killed
+        at once (as at ``terminate``)."""
         if self.shutdown_done:
             return
         self.shutdown_done = True
         self.stopping = True
         self.client.close()
         if self.owns_orchestrator:
-            self.orchestrator.close()
+            self.orchestrator._close(graceful)
         if self.buffers is not None:
             self.buffers.close()
         if self.sharer is not None:

@@ -488,7 +488,7 @@ class Pool:
         if self._state is None:
             return
         self._state = TERMINATE
-        self._shared.shutdown()
+        self._shared.shutdown(graceful=False)
         self._shared.fail_pending(lambda: PoolTerminatedError("the pool was terminated"))
 
     def join(self) -> None:
@@ -531,7 +531,7 @@ class Pool:
             _warn(f"unclosed running multiprocessing pool {self!r}", ResourceWarning, source=self)
             shared = getattr(self, "_shared", None)
             if shared is not None:
-                shared.shutdown()
+                shared.shutdown(graceful=False)
 
     def __repr__(self):
         where = "embedded" if self._shared.owns_orchestrator else repr(self._orchestrator)

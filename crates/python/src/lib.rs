@@ -329,11 +329,14 @@ impl Orchestrator {
         self.with(py, |o| o.drain(WorkerId(worker))).ok_or_else(|| to_py(Error::Closed))?.map_err(to_py)
     }
 
-    /// Stop everything and free the ports. Safe to call twice.
-    fn close(&self, py: Python<'_>) {
+    /// Stop everything and free the ports. Safe to call twice. Idle
+    /// executors of in-process agents exit by themselves (their exit
+    /// handlers run) unless `graceful` is false: then they are killed.
+    #[pyo3(signature = (graceful = true))]
+    fn close(&self, py: Python<'_>, graceful: bool) {
         let orch = self.inner.lock().expect("orchestrator lock").take();
         if let Some(mut o) = orch {
-            py.detach(move || o.close());
+            py.detach(move || o.close_with(graceful));
         }
     }
 }

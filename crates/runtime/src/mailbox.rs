@@ -9,6 +9,7 @@
 //! waits for it; arriving with nobody waiting, it goes to the queue, so that
 //! its callbacks run and `join` sees it done without anyone asking.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -93,21 +94,27 @@ impl Mailbox {
     pub fn deliver(&self, batch: Vec<Completion>) {
         let (mut queued, mut direct) = (false, false);
         {
-            let mut st = self.lock();
-            for c in batch {
-                let aside = st.expected.get(&c.job).map(|e| e.hold || e.waiting > 0);
-                match (aside, st.expected.get_mut(&c.job)) {
-                    (Some(true), Some(e)) => {
-                        e.completion = Some(c);
-                        direct = true;
-                    }
-                    (aside, _) => {
-                        if aside.is_some() {
-                            // Offered, and nobody waits: the result thread's.
-                            st.expected.remove(&c.job);
+            let mut guard = self.lock();
+            let st = &mut *guard;
+            if st.expected.is_empty() {
+                // Nobody waits for anything: no lookup per completion.
+                queued = !batch.is_empty();
+                st.queue.extend(batch);
+            } else {
+                for c in batch {
+                    match st.expected.entry(c.job) {
+                        Entry::Occupied(mut e) if e.get().hold || e.get().waiting > 0 => {
+                            e.get_mut().completion = Some(c);
+                            direct = true;
                         }
-                        st.queue.push(c);
-                        queued = true;
+                        entry => {
+                            if let Entry::Occupied(e) = entry {
+                                // Offered, and nobody waits: the result thread's.
+                                e.remove();
+                            }
+                            st.queue.push(c);
+                            queued = true;
+                        }
                     }
                 }
             }

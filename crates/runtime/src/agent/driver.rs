@@ -150,6 +150,13 @@ where
         (tick, UsageMeter::new(Instant::now()))
     });
     let mut armed: Option<Instant> = None;
+    // Made once, not at every pass of the loop: a watch's `changed()`
+    // registers a waiter each time it is made.
+    let stopped = stop.changed();
+    tokio::pin!(stopped);
+    let asked_to_leave = super::changed(&mut leave);
+    tokio::pin!(asked_to_leave);
+    let mut leaving = false;
     let end = loop {
         if let Some(deadline) = s.next_deadline() {
             if armed.is_none_or(|at| deadline < at) {
@@ -186,12 +193,13 @@ where
                 armed = None;
                 s.on_timer(Instant::now(), &mut comm)
             }
-            _ = stop.changed() => {
+            _ = &mut stopped => {
                 comm.send(Outgoing::new(FromAgent::Goodbye { reason: "the worker is stopping".into() }));
                 Err(SessionEnd::Stopped)
             }
-            _ = super::changed(&mut leave) => {
+            _ = &mut asked_to_leave, if !leaving => {
                 // SIGTERM, say: finish what is held first.
+                leaving = true;
                 s.leave("the worker was asked to leave (SIGTERM)".into(), SessionEnd::Drained, Instant::now(), &mut comm)
             }
         };

@@ -414,9 +414,16 @@ impl Orchestrator {
 
     /// Stop all tasks, agents and listeners and free the ports. Idempotent.
     pub fn close(&mut self) {
+        self.close_with(true);
+    }
+
+    /// Stop everything; `graceful`: in-process agents let their idle
+    /// executors exit by themselves first (`close`), else they are killed at
+    /// once, as a pool's `terminate` does.
+    pub fn close_with(&mut self, graceful: bool) {
         let _ = self.stop.send(true);
         let agents = std::mem::take(&mut *self.local_agents.lock().expect("local agents"));
-        if let Some(rt) = &self.runtime {
+        if let (true, Some(rt)) = (graceful, &self.runtime) {
             // In-process agents let their idle executors exit, as a pool's
             // workers do at join (bounded by the agent's EXIT_GRACE). Not
             // from inside a runtime, where blocking is not allowed.
