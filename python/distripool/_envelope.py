@@ -34,7 +34,6 @@ MAP_AT_LEAST = 8 << 20
 MEMFD_NAME = "distripool"
 _META = struct.Struct("<I")
 _PAGE = mmap.ALLOCATIONGRANULARITY
-_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
 
 
 class _Big:
@@ -232,14 +231,6 @@ class Mapped:
                 f"a shared buffer ends at byte {length}, past the end of its memfd ({size} bytes)"
             )
         mm = mmap.mmap(fd, length, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        if length >= MAP_AT_LEAST:
-            # Map every page now, for reading, in one call rather than a
-            # page fault per few pages as the data is read (Linux 5.14+;
-            # without it, the faults happen as before).
-            try:
-                mm.madvise(_MADV_POPULATE_READ)
-            except (OSError, ValueError):
-                pass
         view = memoryview(mm)
         self.maps.append((mm, view))
         return view
