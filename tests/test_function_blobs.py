@@ -77,6 +77,14 @@ def test_what_can_change_in_place_is_pickled_at_every_call(pool):
     tagged.note = "attributes can change"
     assert _functions.fingerprint(tagged) is None
 
+    # A bound builtin method pickles the object it belongs to.
+    values = [5]
+    f, namespace = _made("def f(_):\n    return get(0)\n", get=values.__getitem__)
+    assert _functions.fingerprint(f) is None
+    assert pool.apply(f, (0,)) == 5
+    values[0] = 6
+    assert pool.apply(f, (0,)) == 6
+
 
 def test_fingerprints_follow_what_functions_refer_to():
     f, namespace = _made("import os\ndef f(x):\n    return os.getpid() + len(x) + n\n", n=1)

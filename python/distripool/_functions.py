@@ -188,7 +188,6 @@ _PLAIN = frozenset(
         type(None),
         type(...),
         types.ModuleType,
-        types.BuiltinFunctionType,
     }
 )
 # How deep functions that call functions are followed.
@@ -247,6 +246,11 @@ def _stable(v, out: list, depth: int) -> bool:
         return True
     if t is types.FunctionType:
         return _collect(v, out, depth + 1)
+    if t is types.BuiltinFunctionType:
+        # `len`, `math.sqrt`; not a bound method such as `some_list.append`,
+        # which pickles the list it belongs to.
+        out.append(v)
+        return v.__self__ is None or type(v.__self__) is types.ModuleType
     if t is tuple or t is frozenset:
         out.append(v)
         return len(v) <= 32 and all(_stable(x, out, depth) for x in v)

@@ -251,7 +251,7 @@ class _Shared:
             self.large_fns.pop(fn, None)
             self.large_fns[fn] = len(data)
             while len(self.large_fns) > _LARGE_FNS:
-                del self.large_fns[next(iter(self.large_fns))]
+                self.large_fns.pop(next(iter(self.large_fns)), None)
         elif ticket[0] is None and not _envelope.is_envelope(data):
             self.large_fns.pop(fn, None)
 
