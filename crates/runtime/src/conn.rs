@@ -198,17 +198,22 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             if self.open_received()? {
                 continue;
             }
-            // A buffer read empty starts again at the front of its memory:
-            // else a long stream of small frames (heartbeats) would walk
-            // through all of it, and every connection would come to keep all
-            // its pages resident, however little it receives at once.
+            // A buffer read empty starts again at the front of its memory
+            // once no frame split from it is alive: else a long stream of
+            // small frames (heartbeats) would walk through all of it, and
+            // every connection would come to keep all its pages resident,
+            // however little it receives at once. Never a new allocation
+            // here: while the last (large) frame is still in use, a fresh
+            // small buffer would make the next large frame fault in fresh
+            // pages instead of reusing the ones it frees.
             if self.buf.is_empty() && self.buf.capacity() < READ_BUFFER {
-                self.buf.reserve(READ_BUFFER);
+                // False while that frame is alive: tried again at the next read.
+                let _ = self.buf.try_reclaim(READ_BUFFER);
             }
             if self.opener.is_some() {
                 let want = Opener::missing(&self.raw)?;
                 if self.raw.is_empty() && self.raw.capacity() < RAW_BUFFER {
-                    self.raw.reserve(RAW_BUFFER);
+                    let _ = self.raw.try_reclaim(RAW_BUFFER);
                 }
                 self.raw.reserve(want.max(RECORD_PREFIX + RECORD_MAX + TAG_LEN));
             } else {

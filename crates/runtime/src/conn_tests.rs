@@ -8,12 +8,19 @@ fn keys() -> (Sealer, Opener) {
     (SessionKeys::for_agent(b"k", &c, &s, b"").send, SessionKeys::for_orchestrator(b"k", &c, &s, b"").recv)
 }
 
-#[tokio::test]
-async fn look_ahead_sees_whole_frames_only() {
+/// A sealed writer and the reader at the other end of a 4 MiB pipe.
+fn sealed_pipe() -> (FrameWriter<tokio::io::DuplexStream>, FrameReader<tokio::io::DuplexStream>) {
     let (sealer, opener) = keys();
     let (a, b) = tokio::io::duplex(1 << 22);
-    let mut w = FrameWriter::new(a, 1 << 24).with_sealer(Some(sealer));
-    let mut r = FrameReader::new(b, 1 << 24).with_opener(Some(opener));
+    (
+        FrameWriter::new(a, 1 << 24).with_sealer(Some(sealer)),
+        FrameReader::new(b, 1 << 24).with_opener(Some(opener)),
+    )
+}
+
+#[tokio::test]
+async fn look_ahead_sees_whole_frames_only() {
+    let (mut w, mut r) = sealed_pipe();
     // A small frame, then the first records of a large one, all flushed:
     // after the small frame, nothing whole is at hand.
     w.write(&FromAgent::Pong { seq: 1 }, b"").await.unwrap();
@@ -77,4 +84,29 @@ async fn a_stream_of_small_frames_reuses_the_front_of_the_read_buffers() {
     let span = |at: &[usize]| at.iter().max().unwrap() - at.iter().min().unwrap();
     assert!(span(&raw_at) < 4096, "sealed records walked {} bytes into their buffer", span(&raw_at));
     assert!(span(&buf_at) < 4096, "frames walked {} bytes into their buffer", span(&buf_at));
+}
+
+#[tokio::test]
+async fn a_large_frame_reuses_the_memory_the_last_one_freed() {
+    // A session reads on while it still holds the last frame (passing it to
+    // an executor); the next large frame must land in the memory that frame
+    // leaves, not in fresh pages. (Sealed: a frame's length is authenticated,
+    // so its room is made at once; a clear frame's buffer grows as it
+    // arrives.)
+    let (mut w, mut r) = sealed_pipe();
+    let big = vec![9u8; 1 << 20];
+    let msg = FromAgent::Result { task: 1, attempt: 1, micros: 0 };
+    w.write(&msg, &big).await.unwrap();
+    w.flush().await.unwrap();
+    let first = r.read_frame().await.unwrap().unwrap();
+    let at = first.payload.as_ptr() as usize;
+    let next = tokio::time::timeout(Duration::ZERO, r.read_frame()).await;
+    assert!(next.is_err(), "nothing more was sent");
+    drop(first);
+    w.write(&msg, &big).await.unwrap();
+    w.flush().await.unwrap();
+    let second = r.read_frame().await.unwrap().unwrap();
+    let now = second.payload.as_ptr() as usize;
+    assert_eq!(second.payload.len(), big.len());
+    assert!(now.abs_diff(at) < 4096, "the second frame is at {now:#x}, the first was at {at:#x}");
 }
