@@ -162,3 +162,12 @@ def wait_for_file(path, x):
     while not os.path.exists(path) and time.monotonic() < deadline:
         time.sleep(0.005)
     return x
+
+
+def square_or_hog(hog_at, mib, x):
+    """``x * x``, except for ``x == hog_at``: that one fills ``mib`` MiB of
+    memory (every page touched) and holds it."""
+    if x == hog_at:
+        held = bytearray(b"\x01") * (mib << 20)
+        return len(held)
+    return x * x

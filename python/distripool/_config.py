@@ -1,13 +1,19 @@
-"""Authentication keys and addresses."""
+"""Authentication keys, addresses, and the settings of workers and launchers."""
 
 from __future__ import annotations
 
 import os
+import re
 import stat
 import sys
 
 DEFAULT_PORTS = (1337, 1338)
 
+
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+# An executor's interpreter alone takes tens of MiB: a lower limit would
+# kill every executor before its first task.
+MIN_MEMORY_LIMIT = 64 << 20
 
 DEFAULT_CLUSTER = "default"
 MAX_CLUSTER = 64
@@ -344,3 +350,46 @@ def executor_env() -> list[tuple[str, str]]:
     if not any(k.startswith("MALLOC_") for k in os.environ):
         env += [("MALLOC_MMAP_MAX_", "0"), ("MALLOC_TRIM_THRESHOLD_", str(EXECUTOR_HEAP_SLACK))]
     return env
+
+
+def parse_bytes(value: int | str, name: str) -> int:
+    """Bytes from an int or ``"4GB"``, ``"512 MiB"``, ``"1.5G"`` (powers of
+    1024, as Slurm counts)."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a number of bytes or a string like '4GB', not a bool")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtTpP]?)(i?[bB])?\s*", value)
+        if m is None or (not m.group(2) and not m.group(3)):
+            raise ValueError(f"{name} must be like '4GB', '512MiB' or a number of bytes, not {value!r}")
+        return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    raise TypeError(f"{name} must be a number of bytes or a string like '4GB', not {type(value).__name__}")
+
+
+def resolve_memory_limit(value: int | float | str | None) -> int | None:
+    """Each executor's memory limit in bytes, or None for none: from bytes
+    (an int, or a string of digits), ``"4GB"``/``"512MiB"`` (powers of
+    1024), or a fraction of this machine's memory (a float, or a string
+    like ``"0.25"``)."""
+    if value is None:
+        return None
+    text = value.strip() if isinstance(value, str) else None
+    if text is not None and text.isdigit():
+        value = int(text)
+    elif text is not None and re.fullmatch(r"[0-9]*\.[0-9]+", text):
+        value = float(text)
+    if isinstance(value, float):
+        if not 0 < value <= 1:
+            raise ValueError(
+                f"memory_limit as a fraction of this machine's memory must be in (0, 1], not {value!r}"
+            )
+        n = int(value * os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    else:
+        n = parse_bytes(value, "memory_limit")
+    if n < MIN_MEMORY_LIMIT:
+        raise ValueError(
+            f"memory_limit must be at least {MIN_MEMORY_LIMIT >> 20} MiB (an executor's interpreter "
+            f"alone needs tens of MiB), not {value!r}"
+        )
+    return n

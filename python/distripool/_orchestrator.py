@@ -20,6 +20,7 @@ from ._config import (
     resolve_cluster,
     resolve_dashboard,
     resolve_key,
+    resolve_memory_limit,
     resolve_timing,
     resolve_tls,
     slurm_time_left,
@@ -408,6 +409,7 @@ def make_worker(
     idle_timeout: float | None = None,
     time_limit: float | None = None,
     ready_file: str | os.PathLike[str] | None = None,
+    memory_limit: int | float | str | None = None,
 ) -> str:
     """Run a worker agent in this process; blocks and executes work until interrupted.
 
@@ -434,9 +436,19 @@ def make_worker(
     ``ready_file`` exists while the worker is connected (a readiness
     check's file, in Kubernetes).
 
+    With ``memory_limit`` (bytes, ``"4GB"``, ``"512MiB"``, or a fraction of
+    the machine's memory such as ``0.25``), each executor runs in a cgroup
+    of its own limited to that much memory: a task that allocates past it
+    is killed by the kernel and retried like any crash, and after
+    ``max_crashes`` fails with a :class:`~distripool.WorkerLostError` that
+    says "out of memory". The worker needs a cgroup it may write (cgroup v2
+    with the memory controller, or v1's memory hierarchy): as root, or in a
+    delegated cgroup; else it raises :class:`OSError` at its start.
+
     Raises:
         KeyboardInterrupt: on Ctrl-C, after stopping the executors.
         PermissionError: the key file is readable by other users.
+        OSError: ``memory_limit`` cannot be enforced on this machine.
     """
     _main.check_not_loading("a worker")
     addrs = normalize_addresses(addresses)
@@ -444,6 +456,7 @@ def make_worker(
         processes = _native.usable_cpus()
     if processes < 1:
         raise ValueError("Number of processes must be at least 1")
+    memory = resolve_memory_limit(memory_limit)
     key = resolve_key(authkey, key_file)
     tls = resolve_tls(tls_ca, tls_cert, tls_key)
     pairs = with_environment_labels(normalize_labels(labels))
@@ -473,6 +486,7 @@ def make_worker(
             idle_timeout=None if idle_timeout is None else float(idle_timeout),
             time_limit=None if time_limit is None else float(time_limit),
             ready_file=None if ready_file is None else os.fspath(ready_file),
+            memory_limit=memory,
         )
 
 

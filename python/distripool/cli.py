@@ -68,6 +68,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
             idle_timeout=args.idle_timeout,
             time_limit=args.time_limit,
             ready_file=args.ready_file,
+            memory_limit=args.memory_limit,
         )
     except KeyboardInterrupt:
         print("distripool worker: interrupted, executors stopped", file=sys.stderr)
@@ -177,6 +178,15 @@ def main(argv: list[str] | None = None) -> int:
         "judged from recent tasks, and finish the ones held. In a Slurm job, its end does the same",
     )
     w.add_argument(
+        "--memory-limit",
+        metavar="SIZE",
+        default=None,
+        help="each executor's memory, enforced by the kernel in a cgroup per executor: bytes, "
+        "'4GB', '512MiB' (powers of 1024) or a fraction of this machine's memory ('0.25'). A task "
+        "that allocates past it is killed and retried; past max_crashes it fails with "
+        "WorkerLostError, 'out of memory'. Needs a writable cgroup (root, or a delegated one)",
+    )
+    w.add_argument(
         "--ready-file",
         metavar="FILE",
         default=None,
@@ -242,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, PermissionError, FileNotFoundError, FileExistsError) as exc:
         print(f"distripool {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except DistripoolError as exc:
+    except (DistripoolError, OSError) as exc:
         print(f"distripool {args.command}: error: {exc}", file=sys.stderr)
         return 1
 

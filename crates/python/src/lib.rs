@@ -229,7 +229,7 @@ impl Orchestrator {
             connect: Vec::new(),
             security: Security::default(),
             processes,
-            executor: ExecutorSpec { python, module, env, max_frame: 0 },
+            executor: ExecutorSpec { python, module, env, max_frame: 0, memory: None },
             // The orchestrator's own.
             timing: Timing::default(),
             labels: Vec::new(),

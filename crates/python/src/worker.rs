@@ -15,10 +15,13 @@ use crate::{security, to_py};
 /// tasks it holds go elsewhere), drained, told to leave by SIGTERM (it
 /// finishes what it holds first), idle for `idle_timeout` seconds, or at
 /// `time_limit` seconds from now. Returns why: "drained", "idle" or "time-limit".
+/// With `memory_limit`, each executor runs in a cgroup of its own limited to
+/// that many bytes.
 #[pyfunction]
 #[pyo3(signature = (
     connect, key, processes, python, module, env, max_frame = None, cluster = None, encrypt = true, tls = None,
-    timing = None, labels = Vec::new(), idle_timeout = None, time_limit = None, ready_file = None
+    timing = None, labels = Vec::new(), idle_timeout = None, time_limit = None, ready_file = None,
+    memory_limit = None
 ))]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn run_agent(
@@ -38,6 +41,7 @@ pub(crate) fn run_agent(
     idle_timeout: Option<f64>,
     time_limit: Option<f64>,
     ready_file: Option<PathBuf>,
+    memory_limit: Option<u64>,
 ) -> PyResult<&'static str> {
     let max_frame = max_frame.unwrap_or(distripool_runtime::DEFAULT_MAX_FRAME);
     // make_worker checks that it is positive.
@@ -45,12 +49,18 @@ pub(crate) fn run_agent(
     let idle_timeout = idle_timeout.map_err(|e| PyValueError::new_err(format!("idle_timeout: {e}")))?;
     let time_limit = time_limit.map(|s| Duration::try_from_secs_f64(s.max(0.0)).map(|d| Instant::now() + d));
     let time_limit = time_limit.transpose().map_err(|e| PyValueError::new_err(format!("time_limit: {e}")))?;
+    let memory = match memory_limit {
+        Some(bytes) => {
+            Some(distripool_runtime::cgroup::MemoryLimit::create(bytes).map_err(PyOSError::new_err)?)
+        }
+        None => None,
+    };
     let (leave_tx, leave_rx) = tokio::sync::watch::channel(false);
     let config = AgentConfig {
         connect,
         security: security(key, cluster, encrypt, tls),
         processes,
-        executor: ExecutorSpec { python, module, env, max_frame },
+        executor: ExecutorSpec { python, module, env, max_frame, memory },
         timing: crate::timing(timing)?,
         labels,
         idle_timeout,

@@ -43,6 +43,7 @@ use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use crate::cgroup::{self, MemoryLimit};
 use crate::conn::{write_batches, Sink};
 use crate::ids::{FnId, Generation, TaskId};
 
@@ -66,6 +67,8 @@ pub struct ExecutorSpec {
     pub module: String,
     pub env: Vec<(String, String)>,
     pub max_frame: usize,
+    /// Each executor in a cgroup of its own with this memory limit.
+    pub memory: Option<std::sync::Arc<MemoryLimit>>,
 }
 
 /// What the agent sends to one executor.
@@ -235,6 +238,11 @@ pub fn spawn(
     generation: Generation,
     events: mpsc::UnboundedSender<ExecEvent>,
 ) -> std::io::Result<ExecutorHandle> {
+    let group = match &spec.memory {
+        Some(limit) => Some(limit.executor_cgroup(slot, generation)?),
+        None => None,
+    };
+    let join = group.as_ref().map(|g| g.procs().clone());
     let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
     let theirs: OwnedFd = theirs.into();
     let child_fd = theirs.as_raw_fd();
@@ -260,6 +268,10 @@ pub fn spawn(
             if libc::getppid() != agent_pid {
                 // The agent is already gone.
                 libc::_exit(1);
+            }
+            // Into the executor's own cgroup before anything is allocated.
+            if let Some(procs) = &join {
+                cgroup::join_in_child(procs)?;
             }
             if child_fd == EXECUTOR_FD {
                 let flags = libc::fcntl(child_fd, libc::F_GETFD);
@@ -321,7 +333,19 @@ pub fn spawn(
             }
         }
         let status = child.wait().await;
+        let killed = matches!(&status, Ok(s) if s.signal() == Some(libc::SIGKILL));
         let mut reason = describe_exit(pid, status);
+        if let Some(group) = group {
+            if killed && group.oom_kills() > 0 {
+                reason = format!(
+                    "executor (pid {pid}) ran out of memory: the kernel killed it at its limit of {} \
+                     (the worker's --memory-limit)",
+                    cgroup::show_bytes(group.limit_bytes())
+                );
+            }
+            // Whatever the task started goes too, so that the cgroup empties.
+            kill_group(pid);
+        }
         if let Some(e) = protocol_error {
             reason = format!("{reason} after a protocol error: {e}");
         }

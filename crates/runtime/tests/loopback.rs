@@ -33,6 +33,7 @@ fn echo_spec(dir: &std::path::Path) -> ExecutorSpec {
         module: "echo_executor".into(),
         env: vec![("PYTHONPATH".into(), dir.display().to_string())],
         max_frame: distripool_runtime::DEFAULT_MAX_FRAME,
+        memory: None,
     }
 }
 

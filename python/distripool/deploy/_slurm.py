@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shlex
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .._config import parse_slurm_duration
+from .._config import parse_bytes, parse_slurm_duration
 from ..exceptions import DistripoolError
 from ._address import check_connect, choose_connect
 from ._cluster import Launch, LaunchError, Unit, check_count, check_env
@@ -35,25 +34,11 @@ ENDED = {
 }
 ENGINE_TIMEOUT = 60  # seconds an sbatch, squeue or scancel may take
 
-_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
-
 
 def parse_memory(memory: int | str) -> int:
     """Mebibytes for ``--mem``, from bytes (an int) or ``"4GB"``, ``"512 MiB"``,
     ``"1.5G"`` (powers of 1024, as Slurm counts)."""
-    if isinstance(memory, bool):
-        raise TypeError("memory must be a number of bytes or a string like '4GB', not a bool")
-    if isinstance(memory, int):
-        n = memory
-    elif isinstance(memory, str):
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtTpP]?)(i?[bB])?\s*", memory)
-        if m is None or (not m.group(2) and not m.group(3)):
-            raise ValueError(f"memory must be like '4GB', '512MiB' or a number of bytes, not {memory!r}")
-        n = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
-    else:
-        raise TypeError(
-            f"memory must be a number of bytes or a string like '4GB', not {type(memory).__name__}"
-        )
+    n = parse_bytes(memory, "memory")
     mib = -(-n // (1 << 20))
     if mib < 1:
         raise ValueError(f"memory must be at least 1 MiB, not {memory!r}")
