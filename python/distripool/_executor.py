@@ -403,6 +403,12 @@ class _Link:
 def serve(sock, max_frame):
     link = _Link(sock)
     link.send(READY, os.getpid())
+    # Freed small-object arenas are kept for the next tasks (`arenas.rs`): a
+    # chunk of many small values reuses the pages of the last. After READY:
+    # the agent sends the first task meanwhile.
+    from distripool import _native
+
+    _native.keep_arenas()
     blobs = {}  # id -> (pickled function or main module, ids of what it needs)
     loaded = {}
     mains = {}  # id -> a driver's main module, run on first use

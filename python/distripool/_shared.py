@@ -170,6 +170,10 @@ class _Shared:
         ship_modules: bool = True,
     ):
         self.client = client
+        # The driver builds and takes apart every chunk: its freed
+        # small-object arenas are kept for the next (up to 32 MiB, once per
+        # process; see arenas.rs).
+        _native.keep_arenas()
         # Executors of an embedded pool share this machine: large arguments
         # and their results travel in shared memory.
         self.buffers = _memfds.SharedBuffers() if owns_orchestrator and _memfds.available() else None

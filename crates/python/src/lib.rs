@@ -3,6 +3,7 @@
 //! Python objects never cross into Rust threads: bytes are copied in and out
 //! at this boundary, and every blocking wait releases the GIL.
 
+mod arenas;
 mod memfd;
 mod worker;
 
@@ -538,6 +539,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(worker::run_agent, m)?)?;
     m.add_function(wrap_pyfunction!(enable_logging, m)?)?;
     m.add_function(wrap_pyfunction!(worker::usable_cpus, m)?)?;
+    m.add_function(wrap_pyfunction!(arenas::keep_arenas, m)?)?;
     m.add_function(wrap_pyfunction!(memfd::read_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(memfd::write_buffer, m)?)?;
     m.add_class::<memfd::SharedMapping>()?;
