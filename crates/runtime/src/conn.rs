@@ -86,7 +86,11 @@ impl std::fmt::Display for SessionEnd {
 
 /// A reader's buffer of frames, and of sealed records (two of the largest).
 const READ_BUFFER: usize = 64 * 1024;
-const RAW_BUFFER: usize = 2 * (RECORD_PREFIX + RECORD_MAX + TAG_LEN);
+/// A sealed record with its prefix and tag, and the room a writer's record
+/// buffer starts with.
+const RECORD_FULL: usize = RECORD_PREFIX + RECORD_MAX + TAG_LEN;
+const RECORD_START: usize = 1024;
+const RAW_BUFFER: usize = 2 * RECORD_FULL;
 
 pub struct FrameReader<R> {
     inner: R,
@@ -215,7 +219,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 if self.raw.is_empty() && self.raw.capacity() < RAW_BUFFER {
                     let _ = self.raw.try_reclaim(RAW_BUFFER);
                 }
-                self.raw.reserve(want.max(RECORD_PREFIX + RECORD_MAX + TAG_LEN));
+                self.raw.reserve(want.max(RECORD_FULL));
             } else {
                 // The length prefix is checked against the cap, but not
                 // authenticated: grow the buffer with the bytes that actually
@@ -285,9 +289,14 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     }
 
     /// Seal (encrypt and authenticate) everything written from now on.
+    /// Records are built in a buffer of their own, which batches the frames
+    /// of a flush, and written whole: the stream gets no second buffer. That
+    /// buffer starts small (an idle connection's heartbeats need little) and
+    /// takes a whole record's room the first time more is queued.
     pub fn with_sealer(mut self, sealer: Option<Sealer>) -> Self {
         if sealer.is_some() {
-            self.record = Vec::with_capacity(RECORD_PREFIX + RECORD_MAX + TAG_LEN);
+            self.inner = BufWriter::with_capacity(0, self.inner.into_inner());
+            self.record = Vec::with_capacity(RECORD_START);
             self.record.resize(RECORD_PREFIX, 0);
         }
         self.sealer = sealer;
@@ -314,6 +323,9 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         while !data.is_empty() {
             let room = RECORD_PREFIX + RECORD_MAX - self.record.len();
             let (now, rest) = data.split_at(room.min(data.len()));
+            if self.record.len() + now.len() > self.record.capacity() {
+                self.record.reserve_exact(RECORD_FULL - self.record.len());
+            }
             self.record.extend_from_slice(now);
             data = rest;
             if self.record.len() == RECORD_PREFIX + RECORD_MAX {

@@ -110,3 +110,25 @@ async fn a_large_frame_reuses_the_memory_the_last_one_freed() {
     assert_eq!(second.payload.len(), big.len());
     assert!(now.abs_diff(at) < 4096, "the second frame is at {now:#x}, the first was at {at:#x}");
 }
+
+#[tokio::test]
+async fn a_sealed_writer_holds_little_until_it_has_much_to_send() {
+    let (mut w, mut r) = sealed_pipe();
+    for seq in 0..100 {
+        w.write(&FromAgent::Pong { seq }, b"").await.unwrap();
+        w.flush().await.unwrap();
+    }
+    // Heartbeats alone: the record buffer keeps its small start.
+    assert!(w.record.capacity() <= RECORD_START, "{} bytes held", w.record.capacity());
+    let big = vec![3u8; 3 * RECORD_MAX + 5];
+    w.write(&FromAgent::Result { task: 1, attempt: 1, micros: 0 }, &big).await.unwrap();
+    w.flush().await.unwrap();
+    // Then one whole record's room, not a doubling past it.
+    assert!((RECORD_FULL..2 * RECORD_FULL).contains(&w.record.capacity()), "{}", w.record.capacity());
+    for seq in 0..100 {
+        let f = r.read_frame().await.unwrap().unwrap();
+        assert_eq!(f.message::<FromAgent>().unwrap(), FromAgent::Pong { seq });
+    }
+    let f = r.read_frame().await.unwrap().unwrap();
+    assert_eq!(&f.payload[..], &big[..]);
+}
