@@ -58,9 +58,11 @@ test-python:
 	$(PYTHON) -m pytest -q
 
 ## soak: the heavy reliability runs, not in CI (docs/reliability.md): a herd of
-## 1 000 agents, 10 000 connected
-soak:
+## 1 000 agents, 10 000 connected; a million tasks under faults, 10 000 pools
+## opened and closed, a map of 10 million items, imap endless for 10 minutes
+soak: install
 	cargo run --release --quiet -p distripool-runtime --example herd
+	$(PYTHON) bench/soak.py
 
 ## screenshots: take the dashboard's screenshots in docs/images again
 screenshots:
