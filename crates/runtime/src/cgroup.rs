@@ -244,14 +244,16 @@ fn kill_all_in(dir: &Path) {
 }
 
 /// Remove what agents that are gone left here (killed before they could):
-/// `distripool-<pid>` directories whose process is no more, when empty.
+/// `distripool-<pid>` directories whose process is no more, when empty, and
+/// the leaves such agents moved into.
 fn remove_stale(own: &Path) {
     let Ok(entries) = std::fs::read_dir(own) else { return };
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let Some(pid) =
-            name.to_str().and_then(|n| n.strip_prefix("distripool-")).and_then(|p| p.parse::<u32>().ok())
-        else {
+        // `distripool-<pid>`, or the leaf a v2 agent moved into, `distripool-<pid>-agent`.
+        let digits =
+            name.to_str().and_then(|n| n.strip_prefix("distripool-")).map(|p| p.trim_end_matches("-agent"));
+        let Some(pid) = digits.and_then(|p| p.parse::<u32>().ok()) else {
             continue;
         };
         if Path::new(&format!("/proc/{pid}")).exists() {
@@ -275,9 +277,10 @@ fn enable_memory_v2(own: &Path, pid: u32) -> std::io::Result<()> {
     if std::fs::read_to_string(&control)?.split_whitespace().any(|c| c == "memory") {
         return Ok(());
     }
-    let Err(e) = write(&control, "+memory") else { return Ok(()) };
+    // Not through `write`: its error keeps the kind but not the errno.
+    let Err(e) = std::fs::write(&control, "+memory") else { return Ok(()) };
     if e.raw_os_error() != Some(libc::EBUSY) {
-        return Err(e);
+        return Err(std::io::Error::new(e.kind(), format!("{}: {e}", control.display())));
     }
     let procs = std::fs::read_to_string(own.join("cgroup.procs"))?;
     let others = procs.split_whitespace().filter(|p| *p != pid.to_string()).count();

@@ -139,3 +139,26 @@ fn sizes_read_well() {
     assert_eq!(show_bytes(256 << 20), "256 MiB");
     assert_eq!(show_bytes(3 << 29), "1.5 GiB");
 }
+
+#[test]
+fn what_agents_that_are_gone_left_is_removed_and_nothing_of_live_ones() {
+    let own = TempDir::new();
+    let gone = 9_999_999; // above any pid_max
+    let live = std::process::id();
+    for dir in [
+        format!("distripool-{gone}/executor-0-1"),
+        format!("distripool-{gone}-agent"),
+        format!("distripool-{live}/executor-1-2"),
+        "unrelated".to_string(),
+    ] {
+        std::fs::create_dir_all(own.path().join(dir)).unwrap();
+    }
+    remove_stale(own.path());
+    let mut left: Vec<String> = std::fs::read_dir(own.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    left.sort();
+    assert_eq!(left, [format!("distripool-{live}"), "unrelated".to_string()]);
+    assert!(own.path().join(format!("distripool-{live}/executor-1-2")).exists());
+}
