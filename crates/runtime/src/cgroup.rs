@@ -110,6 +110,16 @@ fn unescape(field: &str) -> String {
     out
 }
 
+/// Make the directory `path`, unless it is there already.
+fn make_dir(path: &Path) -> std::io::Result<()> {
+    match std::fs::create_dir(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+            Err(std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))
+        }
+        _ => Ok(()),
+    }
+}
+
 fn write(path: &Path, value: &str) -> std::io::Result<()> {
     std::fs::write(path, value).map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))
 }
@@ -143,10 +153,7 @@ impl MemoryLimit {
         }
         remove_stale(own);
         let dir = own.join(format!("distripool-{pid}"));
-        match std::fs::create_dir(&dir) {
-            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(why(e)),
-            _ => {}
-        }
+        make_dir(&dir).map_err(why)?;
         let limit = Arc::new(Self { bytes, version, dir, leftover: Mutex::new(Vec::new()) });
         if version == Version::V2 {
             write(&limit.dir.join("cgroup.subtree_control"), "+memory").map_err(why)?;
@@ -174,12 +181,7 @@ impl MemoryLimit {
     ) -> std::io::Result<ExecutorCgroup> {
         self.sweep();
         let dir = self.dir.join(format!("executor-{slot}-{}", generation.0));
-        match std::fs::create_dir(&dir) {
-            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
-                return Err(std::io::Error::new(e.kind(), format!("{}: {e}", dir.display())))
-            }
-            _ => {}
-        }
+        make_dir(&dir)?;
         let group = ExecutorCgroup {
             procs: CString::new(dir.join("cgroup.procs").as_os_str().as_bytes()).expect("no NUL in a path"),
             dir,
@@ -214,15 +216,15 @@ impl MemoryLimit {
 
 impl Drop for MemoryLimit {
     /// The agent is stopping: whatever is left in the executors' cgroups
-    /// (processes the tasks started, executors being killed) is killed, and
-    /// the cgroups are removed as they empty, waiting at most a second.
+    /// (processes the tasks started, executors being killed) is killed and
+    /// waited for, at most a second in all, and the cgroups are removed.
     fn drop(&mut self) {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
         let left = std::mem::take(&mut *self.leftover.lock().expect("not poisoned"));
         for dir in left {
-            kill_all_in(&dir);
-            while std::fs::remove_dir(&dir).is_err() && dir.exists() && std::time::Instant::now() < deadline {
-                std::thread::sleep(std::time::Duration::from_millis(5));
+            kill_all_in(&dir, deadline);
+            if let Err(e) = std::fs::remove_dir(&dir) {
+                tracing::warn!("cannot remove {}: {e}", dir.display());
             }
         }
         if let Err(e) = std::fs::remove_dir(&self.dir) {
@@ -232,13 +234,21 @@ impl Drop for MemoryLimit {
 }
 
 /// SIGKILL every process in the cgroup `dir` (all of them ours: executors
-/// and what their tasks started).
-fn kill_all_in(dir: &Path) {
+/// and what their tasks started), and wait until each has exited (its pidfd
+/// becomes readable; it has left the cgroup by then) or `deadline` passes.
+fn kill_all_in(dir: &Path, deadline: std::time::Instant) {
     let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
     for pid in procs.split_whitespace().filter_map(|p| p.parse::<libc::pid_t>().ok()) {
-        // SAFETY: plain syscall.
+        // SAFETY: plain syscalls; the pidfd is ours and closed here.
         unsafe {
+            let fd = libc::syscall(libc::SYS_pidfd_open, pid, 0) as libc::c_int;
             libc::kill(pid, libc::SIGKILL);
+            if fd >= 0 {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                let mut exited = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+                libc::poll(&mut exited, 1, left.as_millis().min(i32::MAX as u128) as libc::c_int);
+                libc::close(fd);
+            }
         }
     }
 }
@@ -294,10 +304,7 @@ fn enable_memory_v2(own: &Path, pid: u32) -> std::io::Result<()> {
         ));
     }
     let leaf = own.join(format!("distripool-{pid}-agent"));
-    match std::fs::create_dir(&leaf) {
-        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
-        _ => {}
-    }
+    make_dir(&leaf)?;
     write(&leaf.join("cgroup.procs"), &pid.to_string())?;
     write(&control, "+memory")
 }
