@@ -41,7 +41,18 @@ def pool():
         yield p
 
 
-def test_large_bytes_keep_their_type_and_content(pool):
+@pytest.fixture(params=["embedded", "remote"])
+def any_pool(request, pool):
+    """The module's embedded pool, or a pool on a remote worker."""
+    if request.param == "embedded":
+        yield pool
+        return
+    with Pool(orchestrator=request.getfixturevalue("remote_orchestrator")) as p:
+        yield p
+
+
+def test_large_bytes_keep_their_type_and_content(any_pool):
+    pool = any_pool
     data = _big(3 * MIB, 1)
     out = pool.apply(identity, (data,))
     assert type(out) is bytes and out == data
@@ -53,7 +64,8 @@ def test_large_bytes_keep_their_type_and_content(pool):
     assert list(pool.imap(identity, [data], chunksize=1)) == [data]
 
 
-def test_out_of_band_objects_round_trip_writable_or_read_only_as_sent(pool):
+def test_out_of_band_objects_round_trip_writable_or_read_only_as_sent(any_pool):
+    pool = any_pool
     data = _big(2 * MIB, 2)
     out = pool.apply(identity, (Blob(bytearray(data)),))
     assert bytes(out.data) == data and out.writable()

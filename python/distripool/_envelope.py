@@ -56,7 +56,8 @@ _loading = threading.local()
 
 def _bytes_from(buf):
     """Rebuild a large ``bytes``: straight from its memfd into the new object
-    when it is in shared memory (one copy, by the kernel), else a copy."""
+    when it is in shared memory (one copy, by the kernel); a ``bytes`` taken
+    out of a received payload is that object; else a copy."""
     where = getattr(_loading, "where", None)
     if where:
         loc = where.get(id(buf))
@@ -174,10 +175,18 @@ def is_envelope(payload) -> bool:
     return len(payload) > 0 and payload[0] == ENVELOPE
 
 
+def _prefix(payload, n: int):
+    """At least the first ``n`` bytes of ``payload``, as a buffer. A large
+    payload the driver received stays in the runtime's memory
+    (``_native.Received``), which gives out copies of its parts instead."""
+    head = getattr(payload, "head", None)
+    return head(n) if head is not None else payload
+
+
 def parse(payload):
     """``(pickle, descriptors, extra, offset of the first inline buffer)``."""
-    (n,) = _META.unpack_from(payload, 1)
-    with memoryview(payload) as view:
+    (n,) = _META.unpack_from(_prefix(payload, 5), 1)
+    with memoryview(_prefix(payload, 5 + n)) as view:
         main, descs, extra = pickle.loads(view[5 : 5 + n])
     return main, descs, extra, 5 + n
 
@@ -275,13 +284,20 @@ def load(payload, opener=None):
             roots[key] = mapped.map(fd, end)
         buffers = []
         where_is = {}
-        whole = memoryview(payload) if pos < len(payload) else None
+        take = getattr(payload, "take", None)
+        whole = memoryview(payload) if take is None and pos < len(payload) else None
         for readonly, n, where in descs:
             if where is None:
-                view = whole[pos : pos + n]
+                if take is not None:
+                    # Each inline buffer out of the runtime's memory, once:
+                    # a read-only one as bytes (what a large bytes result
+                    # is rebuilt from as it is), else as a bytearray.
+                    view = take(pos, n, not readonly)
+                else:
+                    view = whole[pos : pos + n]
+                    if not readonly and view.readonly:
+                        view = bytearray(view)
                 pos += n
-                if not readonly and view.readonly:
-                    view = bytearray(view)
             else:
                 view = roots[where[:3]][where[3] : where[3] + n]
                 if readonly:

@@ -269,7 +269,7 @@ class _Shared:
         except OrchestratorClosedError:
             pass
 
-    def dumps(self, task, job: int, index: int, fn: bytes | None = None) -> bytes:
+    def dumps(self, task, job: int, index: int, fn: bytes | None = None) -> bytes | list:
         """The payload of task ``(job, index)`` of function ``fn`` (its
         blob): large buffers out of band, in shared memory when the executors
         are local, else inline. Local tasks of a function whose last result
@@ -277,7 +277,9 @@ class _Shared:
         main, bufs = _envelope.dumps(task, cloudpickle)
         buffers = self.buffers
         if buffers is None:
-            return b"".join(_envelope.inline(main, bufs)) if bufs else main
+            # The parts go to the runtime as they are: joined, each large
+            # buffer would be copied once more, into new memory.
+            return _envelope.inline(main, bufs) if bufs else main
         if fn is not None and index == 0:
             self.job_fns[job] = fn
         if not bufs:
@@ -300,7 +302,7 @@ class _Shared:
                 return self.buffers.put(main, bufs, (job, index))
             except OSError:
                 pass  # out of descriptors or memory for memfds: inline instead
-        return b"".join(_envelope.inline(main, bufs))
+        return _envelope.inline(main, bufs)
 
     def _shared_memory_works(self) -> bool:
         """Whether the executors can open the driver's memfds. A new pool

@@ -261,6 +261,16 @@ fn map_shared(fd: c_int, offset: u64, length: usize) -> Option<*mut c_void> {
 }
 
 /// Copy `length` bytes from `src` to `dst`, several threads at once when
+/// large (memory to memory, as the copies into and out of memfds are).
+///
+/// # Safety
+/// Both must hold `length` bytes, not overlap, and stay alive and unused
+/// elsewhere for the call.
+pub unsafe fn copy(src: *const u8, dst: *mut u8, length: usize) {
+    copy_in_slices(Ptr(src.cast_mut()), Ptr(dst), length);
+}
+
+/// Copy `length` bytes from `src` to `dst`, several threads at once when
 /// large. Both must hold `length` bytes, and not overlap.
 fn copy_in_slices(src: Ptr, dst: Ptr, length: usize) {
     let _ = in_slices(length, |a, b| {

@@ -1,10 +1,14 @@
 //! `distripool._native`: the thin PyO3 layer over `distripool-runtime`.
 //!
-//! Python objects never cross into Rust threads: bytes are copied in and out
-//! at this boundary, and every blocking wait releases the GIL.
+//! Python objects never cross into Rust threads, with one exception: a large
+//! `bytes` in a task's payload is held, not copied (see `parts.rs`). Other
+//! bytes are copied in and out at this boundary, and every blocking wait
+//! releases the GIL.
 
 mod arenas;
 mod memfd;
+mod parts;
+mod received;
 mod worker;
 
 use std::path::PathBuf;
@@ -23,7 +27,6 @@ use distripool_runtime::{
 };
 use pyo3::exceptions::{PyConnectionError, PyOSError, PyRuntimeError, PyTimeoutError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::pybacked::PyBackedBytes;
 use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
 use std::sync::atomic::Ordering;
 
@@ -31,6 +34,9 @@ use std::sync::atomic::Ordering;
 /// and `Client.wait` return.
 fn completion(py: Python<'_>, c: distripool_runtime::Completion) -> PyResult<Bound<'_, PyTuple>> {
     let (status, data) = match c.outcome {
+        Outcome::Done(bytes) if received::stays(&bytes) => {
+            (Status::Done, Bound::new(py, received::Received::new(bytes))?.into_any())
+        }
         Outcome::Done(bytes) => (Status::Done, PyBytes::new(py, &bytes).into_any()),
         Outcome::Failed { kind, reason } => {
             let status = match kind {
@@ -387,13 +393,14 @@ impl Client {
 
     /// Queue `(index, payload)` tasks of `job`, each calling `function` and
     /// allowed to run for at most `timeout` seconds; executors load the
-    /// blobs `needs` before the function.
+    /// blobs `needs` before the function. A payload is `bytes`, or a list of
+    /// bytes-like parts sent back to back without being joined.
     #[pyo3(signature = (job, function, tasks, timeout = None, needs = Vec::new()))]
     fn submit(
         &self,
         job: u64,
         function: &[u8],
-        tasks: Vec<(u32, PyBackedBytes)>,
+        tasks: Vec<(u32, Bound<'_, PyAny>)>,
         timeout: Option<f64>,
         needs: Vec<PyRef<'_, Blob>>,
     ) -> PyResult<()> {
@@ -404,8 +411,12 @@ impl Client {
                 return Err(PyValueError::new_err(format!("task timeout must be a positive number, not {t}")))
             }
         };
-        // One copy out of Python's memory; the core never holds Python objects.
-        let tasks = tasks.into_iter().map(|(i, p)| (i, Bytes::copy_from_slice(&p))).collect();
+        // Small payloads are copied out of Python's memory; large parts
+        // travel apart, a `bytes` held rather than copied (see parts.rs).
+        let tasks = tasks
+            .into_iter()
+            .map(|(i, p)| Ok((i, parts::payload(p.py(), &p)?)))
+            .collect::<PyResult<Vec<_>>>()?;
         let needs = needs.iter().map(|b| b.inner.clone()).collect();
         self.inner.submit(JobId(job), Bytes::copy_from_slice(function), needs, tasks, timeout).map_err(to_py)
     }
@@ -543,6 +554,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(memfd::read_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(memfd::write_buffer, m)?)?;
     m.add_class::<memfd::SharedMapping>()?;
+    m.add_class::<received::Received>()?;
     m.add("PROTOCOL_VERSION", distripool_runtime::PROTOCOL_VERSION)?;
     m.add("DEFAULT_MAX_FRAME", distripool_runtime::DEFAULT_MAX_FRAME)?;
     m.add("VERSION", env!("CARGO_PKG_VERSION"))?;

@@ -86,15 +86,19 @@ impl SharedMapping {
 
 /// An address handed to code that runs with the GIL released.
 #[derive(Clone, Copy)]
-struct Addr(*mut u8);
+pub(crate) struct Addr(*mut u8);
 // SAFETY: the memory it points to outlives the call it is handed to, and
 // that call is the only one using it.
 unsafe impl Send for Addr {}
 unsafe impl Sync for Addr {}
 
 impl Addr {
+    pub(crate) fn new(p: *mut u8) -> Self {
+        Addr(p)
+    }
+
     /// The pointer (a method, so that closures capture the whole `Addr`).
-    fn get(self) -> *mut u8 {
+    pub(crate) fn get(self) -> *mut u8 {
         self.0
     }
 }
@@ -124,10 +128,10 @@ unsafe extern "C" {
 
 /// A contiguous, byte-addressed view of a Python object, released on drop
 /// (with the GIL held: it is not `Send`).
-struct Buffer(Box<RawBuffer>);
+pub(crate) struct Buffer(Box<RawBuffer>);
 
 impl Buffer {
-    fn get(obj: &Bound<'_, PyAny>) -> PyResult<Self> {
+    pub(crate) fn get(obj: &Bound<'_, PyAny>) -> PyResult<Self> {
         // SAFETY: all-zero is a valid empty Py_buffer, filled in below.
         let mut raw: Box<RawBuffer> = Box::new(unsafe { std::mem::zeroed() });
         // SAFETY: `obj` is alive; flags 0 (PyBUF_SIMPLE) asks for one
@@ -139,11 +143,11 @@ impl Buffer {
         Ok(Buffer(raw))
     }
 
-    fn addr(&self) -> Addr {
+    pub(crate) fn addr(&self) -> Addr {
         Addr(self.0.buf.cast())
     }
 
-    fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.0.len as usize
     }
 }

@@ -13,7 +13,7 @@
 use std::pin::Pin;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use distripool_protocol::cipher::{RECORD_MAX, RECORD_PREFIX, TAG_LEN};
 use distripool_protocol::{
     frame, handshake::HandshakeMsg, Binding, ClientHandshake, Frame, FrameDecoder, Opener, Sealer,
@@ -22,6 +22,7 @@ use distripool_protocol::{
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 
+use crate::payload::Payload;
 use crate::{random_bytes, Error, Result};
 
 /// Why an authenticated session ended, on either side.
@@ -305,15 +306,26 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
 
     /// Queue one frame; call [`flush`](Self::flush) when no more are ready.
     pub async fn write<T: Serialize>(&mut self, msg: &T, payload: &[u8]) -> Result<()> {
-        let prefix = frame::encode_prefix(msg, payload.len(), self.max_frame)?;
-        self.written += (prefix.len() + payload.len()) as u64;
+        self.write_parts(msg, std::slice::from_ref(&payload)).await
+    }
+
+    /// Queue one frame whose payload is `parts` back to back, each written
+    /// from where it is (sealed: into the records, the one copy sealing needs).
+    pub async fn write_parts<T: Serialize, P: AsRef<[u8]>>(&mut self, msg: &T, parts: &[P]) -> Result<()> {
+        let len = parts.iter().map(|p| p.as_ref().len()).sum();
+        let prefix = frame::encode_prefix(msg, len, self.max_frame)?;
+        self.written += (prefix.len() + len) as u64;
         if self.sealer.is_some() {
             self.push_sealed(&prefix).await?;
-            self.push_sealed(payload).await?;
+            for part in parts {
+                self.push_sealed(part.as_ref()).await?;
+            }
             return Ok(());
         }
         self.inner.write_all(&prefix).await?;
-        self.inner.write_all(payload).await?;
+        for part in parts {
+            self.inner.write_all(part.as_ref()).await?;
+        }
         Ok(())
     }
 
@@ -467,15 +479,15 @@ pub fn tune_tcp(stream: &tokio::net::TcpStream, silence: Duration) -> std::io::R
 #[derive(Debug)]
 pub struct Outgoing<M> {
     pub msg: M,
-    pub payload: Bytes,
+    pub payload: Payload,
 }
 
 impl<M> Outgoing<M> {
     pub fn new(msg: M) -> Self {
-        Self { msg, payload: Bytes::new() }
+        Self { msg, payload: Payload::default() }
     }
-    pub fn with_payload(msg: M, payload: Bytes) -> Self {
-        Self { msg, payload }
+    pub fn with_payload(msg: M, payload: impl Into<Payload>) -> Self {
+        Self { msg, payload: payload.into() }
     }
 }
 
@@ -496,7 +508,7 @@ pub trait Sink<T> {
 
 impl<W: AsyncWrite + Unpin + Send, M: Serialize + Send + Sync> Sink<Outgoing<M>> for FrameWriter<W> {
     async fn put(&mut self, f: Outgoing<M>) -> Result<()> {
-        self.write(&f.msg, &f.payload).await
+        self.write_parts(&f.msg, f.payload.parts()).await
     }
     async fn flush(&mut self) -> Result<()> {
         FrameWriter::flush(self).await

@@ -301,7 +301,7 @@ pub fn spawn(
 
     let max_frame = spec.max_frame;
     let reader = tokio::spawn(async move {
-        let mut buf = BytesMut::with_capacity(64 * 1024);
+        let mut buf = ReadBuffer::default();
         let mut protocol_error = None;
         loop {
             match next_result(&mut rd, &mut buf, max_frame).await {
@@ -361,12 +361,62 @@ enum Incoming {
     Ready,
 }
 
+/// Results as they arrive from the executor's socket. A large result's
+/// memory is used again for the next large one once the session has sent
+/// the first on (a new allocation of that size would fault in every page).
+struct ReadBuffer {
+    buf: BytesMut,
+    /// The memory the last large result was split from.
+    large: Option<BytesMut>,
+}
+
+/// Room read ahead for small frames.
+const READ_AHEAD: usize = 64 * 1024;
+
+impl Default for ReadBuffer {
+    fn default() -> Self {
+        Self { buf: BytesMut::with_capacity(READ_AHEAD), large: None }
+    }
+}
+
+impl ReadBuffer {
+    /// Make room for `want` more bytes: in the last large result's memory if
+    /// that is free again and big enough.
+    fn reserve(&mut self, want: usize) {
+        let need = self.buf.len() + want;
+        if need > READ_AHEAD {
+            if let Some(mut large) = self.large.take() {
+                if large.try_reclaim(need) {
+                    large.extend_from_slice(&self.buf);
+                    self.buf = large;
+                    return;
+                }
+                self.large = Some(large);
+            }
+        }
+        self.buf.reserve(want);
+    }
+
+    /// The next `n` bytes, split off; a large part keeps its memory's handle.
+    fn split_to(&mut self, n: usize) -> Bytes {
+        let part = self.buf.split_to(n).freeze();
+        if n > READ_AHEAD {
+            let mut rest = std::mem::replace(&mut self.buf, BytesMut::with_capacity(READ_AHEAD));
+            self.buf.extend_from_slice(&rest);
+            rest.clear();
+            self.large = Some(rest);
+        }
+        part
+    }
+}
+
 async fn next_result(
     rd: &mut tokio::net::unix::OwnedReadHalf,
-    buf: &mut BytesMut,
+    rb: &mut ReadBuffer,
     max_frame: usize,
 ) -> std::io::Result<Option<Incoming>> {
     loop {
+        let buf = &mut rb.buf;
         if buf.len() >= 4 {
             let len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
             if !(BODY_HEADER..=max_frame).contains(&len) {
@@ -379,7 +429,7 @@ async fn next_result(
                 let kind = buf[4];
                 let task = u64::from_le_bytes(buf[5..13].try_into().expect("8 bytes"));
                 buf.advance(4 + BODY_HEADER);
-                let payload = buf.split_to(len - BODY_HEADER).freeze();
+                let payload = rb.split_to(len - BODY_HEADER);
                 return match kind {
                     KIND_RESULT => Ok(Some(Incoming::Result(TaskId(task), payload))),
                     KIND_RETIRE => Ok(Some(Incoming::Retire)),
@@ -390,12 +440,58 @@ async fn next_result(
                     )),
                 };
             }
-            buf.reserve(4 + len - buf.len());
+            let have = buf.len();
+            rb.reserve(4 + len - have);
         } else {
-            buf.reserve(64 * 1024);
+            rb.reserve(READ_AHEAD);
         }
-        if rd.read_buf(buf).await? == 0 {
+        if rd.read_buf(&mut rb.buf).await? == 0 {
             return Ok(None);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_large_result_reuses_the_memory_the_last_one_freed() {
+        // The agent reads on while the session still sends the last large
+        // result on; the next large one must land in the memory that result
+        // leaves once it is sent, not in fresh pages.
+        let (theirs, ours) = UnixStream::pair().unwrap();
+        let (mut rd, _wr) = ours.into_split();
+        let (_, mut w) = theirs.into_split();
+        let big = vec![5u8; 4 << 20];
+        let frame = [&encode_header(KIND_RESULT, 7, 0, big.len())[..], &big].concat();
+        let mut rb = ReadBuffer::default();
+        let writer = tokio::spawn(async move {
+            w.write_all(&frame).await.unwrap();
+            (w, frame)
+        });
+        let Some(Incoming::Result(_, first)) = next_result(&mut rd, &mut rb, 1 << 30).await.unwrap() else {
+            panic!("expected a result");
+        };
+        let (mut w, frame) = writer.await.unwrap();
+        // The start of the next frame arrives while the first is still held.
+        w.write_all(&frame[..2]).await.unwrap();
+        while rb.buf.len() < 2 {
+            let _ = tokio::time::timeout(Duration::ZERO, next_result(&mut rd, &mut rb, 1 << 30)).await;
+            tokio::task::yield_now().await;
+        }
+        let at = first.as_ptr() as usize;
+        drop(first);
+        let writer = tokio::spawn(async move { w.write_all(&frame[2..]).await.unwrap() });
+        let Some(Incoming::Result(task, second)) = next_result(&mut rd, &mut rb, 1 << 30).await.unwrap()
+        else {
+            panic!("expected a result");
+        };
+        writer.await.unwrap();
+        assert_eq!(task, TaskId(7));
+        assert_eq!(second.len(), big.len());
+        assert!(second.iter().all(|&b| b == 5));
+        let now = second.as_ptr() as usize;
+        assert!(now.abs_diff(at) < 4096, "the second result is at {now:#x}, the first was at {at:#x}");
     }
 }

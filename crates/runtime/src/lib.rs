@@ -22,6 +22,7 @@ pub mod executor;
 pub mod ids;
 pub mod mailbox;
 pub mod orchestrator;
+pub mod payload;
 pub mod security;
 pub mod timing;
 
@@ -31,6 +32,7 @@ pub use distripool_protocol::{DEFAULT_MAX_FRAME, PROTOCOL_VERSION};
 pub use ids::{ClientId, FnId, JobId, TaskId, WorkerId};
 pub use mailbox::{Completion, Outcome, Waited};
 pub use orchestrator::{Blob, Client, Orchestrator, OrchestratorConfig, Stats};
+pub use payload::Payload;
 pub use security::{Security, TlsFiles};
 pub use timing::Timing;
 

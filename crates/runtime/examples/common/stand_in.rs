@@ -147,8 +147,8 @@ pub fn start_orchestrator() -> Orchestrator {
 pub fn push_tasks(orch: &Orchestrator, n: u32) -> (Duration, Duration) {
     let client = orch.open_client().unwrap();
     let job = client.new_job();
-    let payload = Bytes::from_static(b"args");
-    let tasks: Vec<(u32, Bytes)> = (0..n).map(|i| (i, payload.clone())).collect();
+    let payload = distripool_runtime::Payload::from(Bytes::from_static(b"args"));
+    let tasks: Vec<_> = (0..n).map(|i| (i, payload.clone())).collect();
     let t0 = Instant::now();
     let cpu0 = cpu_time();
     client.submit(job, Bytes::from_static(b"function"), Vec::new(), tasks, None).unwrap();

@@ -13,6 +13,7 @@ use super::core::Input;
 use super::handle::Event;
 use crate::ids::{ClientId, FnId, JobId};
 use crate::mailbox::{Completion, Mailbox, Waited};
+use crate::payload::Payload;
 use crate::{Error, Result};
 
 /// Room kept in a frame for its lengths and header, beside the payload.
@@ -55,7 +56,7 @@ impl Client {
         job: JobId,
         function: Bytes,
         needs: Vec<Blob>,
-        tasks: Vec<(u32, Bytes)>,
+        tasks: Vec<(u32, Payload)>,
         timeout: Option<Duration>,
     ) -> Result<()> {
         // Refuse here, in the caller, what no connection could carry.

@@ -20,6 +20,7 @@ use crate::agent::DEPTH;
 use crate::conn::{Outgoing, SessionEnd};
 use crate::ids::{ClientId, FnId, JobId, TaskId, WorkerId};
 use crate::mailbox::{Completion, Outcome};
+use crate::payload::Payload;
 
 /// Functions kept after their last task, in case they are used again.
 const IDLE_FUNCTIONS: usize = 64;
@@ -61,7 +62,7 @@ pub(crate) enum Input {
         function: Bytes,
         /// Blobs that executors load before the function, with their ids.
         needs: Vec<(FnId, Bytes)>,
-        tasks: Vec<(u32, Bytes)>,
+        tasks: Vec<(u32, Payload)>,
         timeout_ms: u64,
     },
     ClientClosed {
@@ -129,7 +130,7 @@ struct FnEntry {
 }
 
 pub(crate) struct Core {
-    sched: Scheduler<Bytes, Bytes>,
+    sched: Scheduler<Payload, Bytes>,
     agents: IdMap<WorkerId, AgentLink>,
     /// Each open client's completions of the current burst.
     clients: IdMap<ClientId, Vec<Completion>>,

@@ -70,7 +70,7 @@ fn an_unwatched_core_keeps_no_jobs_and_no_times_but_counts() {
             fn_id: FnId(1),
             function: Bytes::from_static(b"f"),
             needs: Vec::new(),
-            tasks: vec![(0, Bytes::new())],
+            tasks: vec![(0, Bytes::new().into())],
             timeout_ms: 0,
         },
         now,

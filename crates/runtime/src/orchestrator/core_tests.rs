@@ -14,7 +14,7 @@ struct Recorder {
 
 impl Comm for Recorder {
     fn send_agent(&mut self, worker: WorkerId, frames: Vec<Outgoing<ToAgent>>) {
-        self.frames.extend(frames.into_iter().map(|f| (worker.0, f.msg, f.payload)));
+        self.frames.extend(frames.into_iter().map(|f| (worker.0, f.msg, f.payload.to_bytes())));
     }
     fn deliver(&mut self, client: ClientId, completions: Vec<Completion>) {
         self.completions.extend(completions.into_iter().map(|c| (client, c)));
@@ -63,7 +63,7 @@ impl Harness {
     }
 
     fn submit(&mut self, job: u64, function: &'static [u8], n: u32) {
-        let tasks = (0..n).map(|i| (i, Bytes::from(format!("arg{i}")))).collect();
+        let tasks = (0..n).map(|i| (i, Bytes::from(format!("arg{i}")).into())).collect();
         let fn_id = super::super::function_id(function);
         self.input(Input::Submit {
             client: CLIENT,
@@ -78,7 +78,7 @@ impl Harness {
 
     /// `n` tasks of job `job`, calling `function`, which needs `needs`.
     fn submit_needing(&mut self, job: u64, function: &'static [u8], needs: &[&'static [u8]], n: u32) {
-        let tasks = (0..n).map(|i| (i, Bytes::from(format!("arg{i}")))).collect();
+        let tasks = (0..n).map(|i| (i, Bytes::from(format!("arg{i}")).into())).collect();
         let needs: Vec<(FnId, Bytes)> =
             needs.iter().map(|b| (super::super::function_id(b), Bytes::from_static(b))).collect();
         self.input(Input::Submit {
@@ -321,7 +321,7 @@ fn a_closing_client_stops_its_running_tasks_and_gets_nothing_more() {
         fn_id: FnId(9),
         needs: Vec::new(),
         function: Bytes::from_static(b"g"),
-        tasks: vec![(0, Bytes::new()), (1, Bytes::new())],
+        tasks: vec![(0, Bytes::new().into()), (1, Bytes::new().into())],
         timeout_ms: 0,
     });
     assert_eq!(h.tasks_sent().len(), 2);

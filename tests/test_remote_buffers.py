@@ -1,0 +1,82 @@
+"""Large buffers to and from remote workers: the parts of a task go to the
+runtime unjoined (a ``bytes`` held, anything writable copied once, at
+submit), and a large result's inline buffers come out of the runtime's
+memory one by one, as objects of the types the task returned."""
+
+from __future__ import annotations
+
+import pytest
+
+from distripool import Pool, _native
+from workloads import Blob, crash_first_time, identity
+
+MIB = 1 << 20
+
+
+def _big(n: int, seed: int) -> bytes:
+    return bytes((seed + i * 7) % 251 for i in range(256)) * (n // 256)
+
+
+@pytest.fixture(scope="module")
+def remote(remote_orchestrator):
+    with Pool(orchestrator=remote_orchestrator) as p:
+        assert p._shared.buffers is None
+        yield p
+
+
+def test_several_large_buffers_in_one_payload_keep_their_places(remote):
+    items = [_big(MIB + 4096 * i + 3, i) for i in range(4)] + [b"small", bytearray(_big(2 * MIB, 9))]
+    # One chunk of six: four large bytes, a small one and a bytearray, all
+    # out of band or in the pickle, each back in its place.
+    out = remote.map(identity, items, chunksize=len(items))
+    assert out == items
+    assert [type(x) for x in out] == [bytes] * 5 + [bytearray]
+    assert remote.starmap(max, [(items[0], items[1])]) == [max(items[0], items[1])]
+    assert remote.apply(dict, (), {"x": items[2], "y": 1}) == {"x": items[2], "y": 1}
+
+
+def test_a_writable_argument_changed_after_submit_does_not_change_the_task(remote):
+    data = bytearray(_big(2 * MIB, 3))
+    original = bytes(data)
+    result = remote.apply_async(identity, (Blob(data),))
+    data[:] = bytes(len(data))  # the caller reuses its buffer at once
+    assert bytes(result.get(timeout=60).data) == original
+
+
+def test_a_retried_attempt_gets_the_same_large_argument(remote, tmp_path):
+    data = _big(2 * MIB, 5)
+    assert remote.apply(crash_first_time, (str(tmp_path / "marker"), data)) == len(data)
+
+
+def test_a_payload_of_another_type_is_refused_with_a_type_error(remote):
+    client = remote._shared.client
+    with pytest.raises(TypeError, match="bytes or a list of buffers, not int"):
+        client.submit(client.new_job(), b"f", [(0, 123)])
+    with pytest.raises(TypeError):
+        client.submit(client.new_job(), b"f", [(0, [b"head", object()])])
+
+
+def test_a_large_result_arrives_as_a_received_payload(remote_orchestrator):
+    # What the client hands out for a large envelope: the runtime's memory,
+    # read from by copies of its parts.
+    data = _big(2 * MIB, 4)
+    with Pool(orchestrator=remote_orchestrator) as p:
+        seen = []
+        decode = p._shared.decode
+
+        def spy(job, index, status, payload):
+            seen.append(payload)
+            return decode(job, index, status, payload)
+
+        p._shared.decode = spy
+        assert p.apply(identity, (data,)) == data
+    (payload,) = seen
+    assert type(payload) is _native.Received
+    assert payload[0] == 1 and payload[-1] == data[-1] and len(payload) > len(data)
+    start = len(payload) - len(data)
+    assert payload.take(start, len(data), False) == data
+    assert type(payload.take(start, 10, True)) is bytearray
+    with pytest.raises(ValueError, match="past the end"):
+        payload.take(start, len(data) + 1, False)
+    with pytest.raises(IndexError):
+        payload[len(payload)]
