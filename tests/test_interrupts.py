@@ -157,3 +157,65 @@ def test_sigterm_to_the_driver_leaves_no_executor_and_the_worker_goes_on(tmp_pat
         finally:
             if proc.poll() is None:
                 proc.kill()
+
+
+@pytest.mark.parametrize("kind", ["apply_async", "submit"])
+def test_ctrl_c_while_the_caller_takes_its_completion_still_ends_the_job(tmp_path, kind):
+    # Ctrl-C's KeyboardInterrupt is raised wherever the main thread is: here,
+    # just after the caller waiting in get()/result() took its task's
+    # completion from the orchestrator, while it was being set. The job must
+    # end all the same, or the pool's join would wait for it for ever.
+    import threading
+
+    import distripool
+    from workloads import wait_for_file
+
+    gate = tmp_path / "go"
+    main = threading.main_thread()
+
+    def release_once_waiting():
+        wait_until(
+            lambda: any(f.f_code.co_name == "_take" for f in _frames(sys._current_frames()[main.ident])),
+            30,
+            "the caller waiting for its completion",
+        )
+        gate.touch()
+
+    make = distripool.ProcessPoolExecutor if kind == "submit" else distripool.Pool
+    pool = make(1)
+    shared = pool._pool._shared if kind == "submit" else pool._shared
+    decode = shared.decode
+
+    def interrupted_decode(*args):
+        if threading.current_thread() is main:
+            raise KeyboardInterrupt
+        return decode(*args)
+
+    shared.decode = interrupted_decode
+    releaser = threading.Thread(target=release_once_waiting)
+    releaser.start()
+    if kind == "submit":
+        future = pool.submit(wait_for_file, str(gate), 7)
+        with pytest.raises(KeyboardInterrupt):
+            future.result(60)
+        assert isinstance(future.exception(0), KeyboardInterrupt)
+        shared.decode = decode
+        assert pool.submit(abs, -5).result(60) == 5
+        pool.shutdown(wait=True)  # returns: no job is left waiting
+    else:
+        result = pool.apply_async(wait_for_file, (str(gate), 7))
+        with pytest.raises(KeyboardInterrupt):
+            result.get(60)
+        assert result.ready() and not result.successful()
+        shared.decode = decode
+        assert pool.apply(abs, (-5,)) == 5
+        pool.close()
+        pool.join()  # returns: no job is left waiting
+    releaser.join()
+    assert not shared.cache
+
+
+def _frames(frame):
+    while frame is not None:
+        yield frame
+        frame = frame.f_back

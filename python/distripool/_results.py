@@ -77,9 +77,24 @@ class ApplyResult(Generic[_T]):
             return False  # the pool's end fails the result
         if c is None:
             return False
-        _, index, status, data = c
-        self._set(index, self._shared.decode(self._job, index, status, data))
+        # The completion is this caller's alone now: whatever interrupts
+        # setting it (Ctrl-C's KeyboardInterrupt, raised wherever the main
+        # thread is when it comes), the job must end, or join would wait
+        # for it for ever.
+        try:
+            _, index, status, data = c
+            self._set(index, self._shared.decode(self._job, index, status, data))
+        except BaseException as exc:
+            self._interrupted(exc)
+            raise
         return True
+
+    def _interrupted(self, exc: BaseException) -> None:
+        """End the job with ``exc`` (what interrupted the caller taking its
+        completion), unless it ended before that came."""
+        if not self._event.is_set():
+            self._success, self._value = False, exc
+            self._finish()
 
     def get(self, timeout: float | None = None) -> _T:
         self.wait(timeout)

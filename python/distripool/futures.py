@@ -97,6 +97,14 @@ class _FutureResult(ApplyResult):
                 pass
         self._shared.job_done(self._job)
 
+    def _interrupted(self, exc):
+        if not self._future.done():
+            try:
+                self._future.set_exception(exc)
+            except cf.InvalidStateError:
+                pass
+        self._shared.job_done(self._job)
+
     def _abort(self, exc):
         self._shared.client.forget(self._job)
         if not self._future.done():
