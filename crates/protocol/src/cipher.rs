@@ -178,6 +178,86 @@ impl Sealer {
     }
 }
 
+impl Sealer {
+    /// Append to `out` the wire records of `plain`, cut into records of
+    /// [`RECORD_MAX`] bytes (the last may be shorter), sealed by up to
+    /// `threads` threads at once: the very bytes [`seal_record`]
+    /// (Self::seal_record) would give one record at a time. Records past a
+    /// key change are sealed by this thread, one by one.
+    pub fn seal_records(
+        &mut self,
+        plain: &[u8],
+        out: &mut Vec<u8>,
+        threads: usize,
+    ) -> Result<(), CipherError> {
+        let records = plain.len().div_ceil(RECORD_MAX);
+        let in_key = (REKEY_INTERVAL - self.0.counter % REKEY_INTERVAL).min(records as u64) as usize;
+        let (now, later) = plain.split_at((in_key * RECORD_MAX).min(plain.len()));
+        let start = out.len();
+        out.resize(start + wire_len(now.len()), 0);
+        let per = in_key.div_ceil(threads.max(1)).max(1);
+        let (key, first) = (&self.0.key, self.0.counter);
+        let mut results = Vec::new();
+        let runs: Vec<&[u8]> = now.chunks(per * RECORD_MAX).collect();
+        std::thread::scope(|s| {
+            let mut wire = &mut out[start..];
+            let mut handles = Vec::new();
+            for (i, &run) in runs.iter().enumerate() {
+                let (mine, rest) = std::mem::take(&mut wire).split_at_mut(wire_len(run.len()));
+                wire = rest;
+                let counter = first + (i * per) as u64;
+                if i + 1 == runs.len() {
+                    // The last run is this thread's own.
+                    results.push(seal_run(key, counter, run, mine));
+                } else {
+                    handles.push(s.spawn(move || seal_run(key, counter, run, mine)));
+                }
+            }
+            for h in handles {
+                results.push(h.join().unwrap_or(Err(CipherError::Truncated)));
+            }
+        });
+        results.into_iter().collect::<Result<Vec<()>, _>>()?;
+        for _ in 0..in_key {
+            self.0.advance()?;
+        }
+        for chunk in later.chunks(RECORD_MAX) {
+            let at = out.len();
+            out.resize(at + RECORD_PREFIX, 0);
+            out.extend_from_slice(chunk);
+            let mut record = out.split_off(at);
+            self.seal_record(&mut record)?;
+            out.extend_from_slice(&record);
+        }
+        Ok(())
+    }
+}
+
+/// Wire bytes of `plain` cut into records.
+fn wire_len(plain: usize) -> usize {
+    plain + plain.div_ceil(RECORD_MAX) * (RECORD_PREFIX + TAG_LEN)
+}
+
+/// Seal `plain`'s records, numbered from `counter`, into `out` (exactly
+/// their wire length).
+fn seal_run(key: &LessSafeKey, mut counter: u64, plain: &[u8], out: &mut [u8]) -> Result<(), CipherError> {
+    let mut at = 0;
+    for chunk in plain.chunks(RECORD_MAX) {
+        let prefix = ((chunk.len() + TAG_LEN) as u32).to_le_bytes();
+        let record = &mut out[at..at + RECORD_PREFIX + chunk.len() + TAG_LEN];
+        record[..RECORD_PREFIX].copy_from_slice(&prefix);
+        let (body, tag) = record[RECORD_PREFIX..].split_at_mut(chunk.len());
+        body.copy_from_slice(chunk);
+        let t = key
+            .seal_in_place_separate_tag(nonce(counter), Aad::from(&prefix), body)
+            .map_err(|_| CipherError::Truncated)?;
+        tag.copy_from_slice(t.as_ref());
+        counter += 1;
+        at += record.len();
+    }
+    Ok(())
+}
+
 /// Opens incoming records, in order.
 pub struct Opener(Direction);
 
@@ -271,6 +351,49 @@ mod tests {
             let mut g = sealed(&mut orch.send, b"down");
             let n = agent.recv.open(&mut g).unwrap();
             assert_eq!(&g[..n], b"down");
+        }
+    }
+
+    #[test]
+    fn records_sealed_on_several_threads_are_those_sealed_one_by_one() {
+        let plain: Vec<u8> = (0..(9 * RECORD_MAX + 1234)).map(|i| (i * 7 % 251) as u8).collect();
+        // From the start of a key, and across a key change.
+        for before in [0, REKEY_INTERVAL - 3] {
+            let (mut one, _) = pair();
+            let (mut many, mut orch) = pair();
+            one.send.0.counter = before;
+            many.send.0.counter = before;
+            orch.recv.0.counter = before;
+            let mut expect = Vec::new();
+            for chunk in plain.chunks(RECORD_MAX) {
+                let mut record = vec![0u8; RECORD_PREFIX];
+                record.extend_from_slice(chunk);
+                one.send.seal_record(&mut record).unwrap();
+                expect.extend_from_slice(&record);
+            }
+            for threads in [1, 3, 16] {
+                let (mut many, _) = pair();
+                many.send.0.counter = before;
+                let mut out = b"kept".to_vec();
+                many.send.seal_records(&plain, &mut out, threads).unwrap();
+                assert_eq!(&out[..4], b"kept");
+                assert!(out[4..] == expect[..], "{threads} threads from record {before}");
+                assert_eq!(many.send.0.counter, one.send.0.counter);
+            }
+            let mut out = Vec::new();
+            many.send.seal_records(&plain, &mut out, 2).unwrap();
+            let mut raw = BytesMut::from(&out[..]);
+            let mut opened = Vec::new();
+            while let Some(p) = orch.recv.open_record(&mut raw).unwrap() {
+                opened.extend_from_slice(&p);
+            }
+            assert!(opened == plain);
+            // The next record goes on from where the sealed ones ended.
+            let mut record = vec![0u8; RECORD_PREFIX];
+            record.extend_from_slice(b"after");
+            many.send.seal_record(&mut record).unwrap();
+            let mut raw = BytesMut::from(&record[..]);
+            assert_eq!(&orch.recv.open_record(&mut raw).unwrap().unwrap()[..], b"after");
         }
     }
 

@@ -22,6 +22,7 @@ use distripool_protocol::{
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 
+use crate::bulk;
 use crate::payload::Payload;
 use crate::{random_bytes, Error, Result};
 
@@ -333,6 +334,13 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     /// as it fills: a large payload streams through one 64 KiB buffer.
     async fn push_sealed(&mut self, mut data: &[u8]) -> Result<()> {
         while !data.is_empty() {
+            if self.record.len() == RECORD_PREFIX && data.len() >= bulk::AT_LEAST {
+                // Whole records, sealed on several threads (see bulk.rs).
+                let (now, rest) = data.split_at(data.len().min(bulk::PIECE) / RECORD_MAX * RECORD_MAX);
+                self.seal_piece(now).await?;
+                data = rest;
+                continue;
+            }
             let room = RECORD_PREFIX + RECORD_MAX - self.record.len();
             let (now, rest) = data.split_at(room.min(data.len()));
             if self.record.len() + now.len() > self.record.capacity() {
@@ -344,6 +352,15 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
                 self.seal_record().await?;
             }
         }
+        Ok(())
+    }
+
+    async fn seal_piece(&mut self, plain: &[u8]) -> Result<()> {
+        let Some(sealer) = &mut self.sealer else { return Ok(()) };
+        let mut buf = bulk::take();
+        sealer.seal_records(plain, &mut buf, bulk::threads())?;
+        self.inner.write_all(&buf).await?;
+        bulk::give(buf);
         Ok(())
     }
 

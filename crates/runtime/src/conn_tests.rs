@@ -132,3 +132,29 @@ async fn a_sealed_writer_holds_little_until_it_has_much_to_send() {
     let f = r.read_frame().await.unwrap().unwrap();
     assert_eq!(&f.payload[..], &big[..]);
 }
+
+#[tokio::test]
+async fn a_large_payload_sealed_on_several_threads_arrives_exact_between_small_frames() {
+    let (mut w, mut r) = sealed_pipe();
+    let big: Vec<u8> = (0..9 * RECORD_MAX + 777).map(|i| (i % 253) as u8).collect();
+    let parts = [bytes::Bytes::from_static(b"head"), bytes::Bytes::from(big.clone())];
+    let result = FromAgent::Result { task: 3, attempt: 1, micros: 0 };
+    let sent = result.clone();
+    // More than the pipe holds: the reader takes it in as it is written.
+    let writer = tokio::spawn(async move {
+        w.write(&FromAgent::Pong { seq: 1 }, b"").await?;
+        w.write_parts(&sent, &parts).await?;
+        w.write(&FromAgent::Pong { seq: 2 }, b"").await?;
+        w.flush().await?;
+        Ok::<_, Error>(w)
+    });
+    let first = r.read_frame().await.unwrap().unwrap();
+    assert_eq!(first.message::<FromAgent>().unwrap(), FromAgent::Pong { seq: 1 });
+    let second = r.read_frame().await.unwrap().unwrap();
+    assert_eq!(second.message::<FromAgent>().unwrap(), result);
+    assert_eq!(&second.payload[..4], b"head");
+    assert!(second.payload[4..] == big[..]);
+    let third = r.read_frame().await.unwrap().unwrap();
+    assert_eq!(third.message::<FromAgent>().unwrap(), FromAgent::Pong { seq: 2 });
+    writer.await.unwrap().unwrap();
+}
