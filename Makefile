@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 
-.PHONY: run install wheel build-dev system-deps lint stubtest test test-rust test-python test-versions bench fmt fuzz-smoke fuzz screenshots soak
+.PHONY: run install wheel build-dev system-deps lint stubtest test test-rust test-python test-versions bench bench-cluster fmt fuzz-smoke fuzz screenshots soak
 
 ## run: install the package and run the quick-start example on this machine
 run: install
@@ -89,6 +89,12 @@ bench: $(BENCH_VENV)/.installed
 	$(BENCH_PY) bench/dashboard_cost.py
 	cargo run --release --quiet -p distripool-runtime --example seal_cost
 	cargo run --release --quiet -p distripool-runtime --example orchestrator_bench
+
+## bench-cluster: distripool against Dask distributed on five network-namespace
+## hosts with emulated links (as root; says why and skips where it cannot)
+bench-cluster: $(BENCH_VENV)/.installed
+	$(BENCH_PY) -m pip install --quiet .
+	$(BENCH_PY) bench/cluster.py
 
 ## fuzz-smoke: every fuzz target for FUZZ_SECONDS (default 10) each
 # cargo-fuzz wants nightly features; RUSTC_BOOTSTRAP lets the stable toolchain
