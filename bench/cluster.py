@@ -337,7 +337,7 @@ def main() -> int:
             rows += r
             exact = exact and ok
     print()
-    print("| links | figure | distripool | Dask | distripool ÷ Dask | goal |")
+    print("| links | figure | distripool | Dask | distripool, × better | goal |")
     print("|---|---|---:|---:|---:|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
