@@ -182,8 +182,7 @@ impl Sealer {
     /// Append to `out` the wire records of `plain`, cut into records of
     /// [`RECORD_MAX`] bytes (the last may be shorter), sealed by up to
     /// `threads` threads at once: the very bytes [`seal_record`]
-    /// (Self::seal_record) would give one record at a time. Records past a
-    /// key change are sealed by this thread, one by one.
+    /// (Self::seal_record) would give one record at a time.
     pub fn seal_records(
         &mut self,
         plain: &[u8],
@@ -221,15 +220,11 @@ impl Sealer {
         for _ in 0..in_key {
             self.0.advance()?;
         }
-        for chunk in later.chunks(RECORD_MAX) {
-            let at = out.len();
-            out.resize(at + RECORD_PREFIX, 0);
-            out.extend_from_slice(chunk);
-            let mut record = out.split_off(at);
-            self.seal_record(&mut record)?;
-            out.extend_from_slice(&record);
+        if later.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        // Under the next key, from its first record.
+        self.seal_records(later, out, threads)
     }
 }
 

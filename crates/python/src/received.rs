@@ -7,7 +7,7 @@
 use bytes::Bytes;
 use pyo3::exceptions::{PyIndexError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyByteArray, PyBytes};
+use pyo3::types::PyBytes;
 
 use crate::memfd::Addr;
 
@@ -94,9 +94,6 @@ impl Received {
         }
         // SAFETY: `obj` is a new, owned reference.
         let out = unsafe { Bound::from_owned_ptr(py, obj) };
-        if writable {
-            out.cast::<PyByteArray>()?;
-        }
         let (src, dst) = (Addr::new(self.data[r].as_ptr().cast_mut()), Addr::new(dst.cast()));
         // SAFETY: the source lives as long as `self`; the new object owns
         // `length` writable bytes that nothing else sees yet.

@@ -91,12 +91,6 @@ impl From<Vec<u8>> for Payload {
     }
 }
 
-impl From<&'static [u8]> for Payload {
-    fn from(b: &'static [u8]) -> Self {
-        Self(Inner::One(Bytes::from_static(b)))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
