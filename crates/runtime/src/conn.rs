@@ -22,6 +22,7 @@ use distripool_protocol::{
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 
+pub use crate::batches::{write_batches, Sink};
 use crate::bulk;
 use crate::payload::Payload;
 use crate::{random_bytes, Error, Result};
@@ -513,74 +514,6 @@ impl<M> IntoIterator for Outgoing<M> {
     type IntoIter = std::iter::Once<Self>;
     fn into_iter(self) -> Self::IntoIter {
         std::iter::once(self)
-    }
-}
-
-/// Where a batching writer puts what it is sent: items one by one, then one
-/// flush per batch.
-pub trait Sink<T> {
-    fn put(&mut self, item: T) -> impl std::future::Future<Output = Result<()>> + Send;
-    fn flush(&mut self) -> impl std::future::Future<Output = Result<()>> + Send;
-}
-
-impl<W: AsyncWrite + Unpin + Send, M: Serialize + Send + Sync> Sink<Outgoing<M>> for FrameWriter<W> {
-    async fn put(&mut self, f: Outgoing<M>) -> Result<()> {
-        self.write_parts(&f.msg, f.payload.parts()).await
-    }
-    async fn flush(&mut self) -> Result<()> {
-        FrameWriter::flush(self).await
-    }
-}
-
-/// The one writer loop of every connection (orchestrator and agent sessions,
-/// agent to executor): put what arrives on `rx` into `sink`, in order, until
-/// `rx` closes. Everything already queued goes out before one flush (one
-/// syscall; on a sealed connection, as few records as the bytes need). With
-/// a `heartbeat`, every so often, however busy the connection, its closure
-/// makes an item that shows the peer we are alive. `flushed` sees the sink
-/// after each flush.
-pub async fn write_batches<S, T, B, F>(
-    mut sink: S,
-    rx: &mut tokio::sync::mpsc::UnboundedReceiver<B>,
-    mut heartbeat: Option<(Duration, F)>,
-    mut flushed: impl FnMut(&mut S),
-) -> Result<()>
-where
-    S: Sink<T>,
-    B: IntoIterator<Item = T>,
-    F: FnMut() -> T,
-{
-    let mut tick = heartbeat.as_ref().map(|(every, _)| {
-        let mut t = tokio::time::interval(*every);
-        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        t
-    });
-    loop {
-        let mut first = match (tick.as_mut(), heartbeat.as_mut()) {
-            (Some(tick), Some((_, make))) => tokio::select! {
-                batch = rx.recv() => match batch {
-                    Some(b) => Some(b),
-                    None => return Ok(()),
-                },
-                _ = tick.tick() => {
-                    sink.put(make()).await?;
-                    None
-                }
-            },
-            // No heartbeat (an executor's socket, the busiest path): no
-            // timer to poll beside the queue.
-            _ => match rx.recv().await {
-                Some(b) => Some(b),
-                None => return Ok(()),
-            },
-        };
-        while let Some(batch) = first.take().or_else(|| rx.try_recv().ok()) {
-            for item in batch {
-                sink.put(item).await?;
-            }
-        }
-        sink.flush().await?;
-        flushed(&mut sink);
     }
 }
 

@@ -15,6 +15,7 @@
 //! Nothing here touches Python objects; the bindings crate converts at the edge.
 
 pub mod agent;
+mod batches;
 mod bulk;
 pub mod cgroup;
 pub mod conn;

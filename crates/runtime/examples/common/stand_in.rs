@@ -63,7 +63,10 @@ async fn fake_agent(addr: String, slots: u32, connected: tokio::sync::mpsc::Unbo
         writer.write(&capacity, b"").await.expect("capacity");
     }
     writer.flush().await.expect("flush");
-    let mut heartbeat = tokio::time::interval(Timing::default().heartbeat);
+    let every = Timing::default().heartbeat;
+    let mut heartbeat = tokio::time::interval(every);
+    // As a real agent does, beat only when nothing was written lately.
+    let mut last_flush = Instant::now();
     loop {
         tokio::select! {
             frame = reader.read_frame() => {
@@ -76,10 +79,14 @@ async fn fake_agent(addr: String, slots: u32, connected: tokio::sync::mpsc::Unbo
                     continue;
                 }
                 writer.flush().await.expect("flush");
+                last_flush = Instant::now();
             }
             _ = heartbeat.tick() => {
-                writer.write(&FromAgent::Pong { seq: 0 }, b"").await.expect("pong");
-                writer.flush().await.expect("flush");
+                if last_flush.elapsed() >= every / 2 {
+                    writer.write(&FromAgent::Pong { seq: 0 }, b"").await.expect("pong");
+                    writer.flush().await.expect("flush");
+                    last_flush = Instant::now();
+                }
             }
         }
     }
