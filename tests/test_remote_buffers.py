@@ -1,14 +1,26 @@
 """Large buffers to and from remote workers: the parts of a task go to the
 runtime unjoined (a ``bytes`` held, anything writable copied once, at
 submit), and a large result's inline buffers come out of the runtime's
-memory one by one, as objects of the types the task returned."""
+memory one by one, as objects of the types the task returned. On the
+worker's machine they reach executors, and come back, through memfds the
+agent owns."""
 
 from __future__ import annotations
 
 import pytest
 
 from distripool import Pool, _native
-from workloads import Blob, crash_first_time, identity
+from workloads import (
+    Blob,
+    crash_first_time,
+    identity,
+    keep,
+    kept,
+    made,
+    poke,
+    reply_memfd_owners,
+    where_it_lives,
+)
 
 MIB = 1 << 20
 
@@ -22,6 +34,47 @@ def remote(remote_orchestrator):
     with Pool(orchestrator=remote_orchestrator) as p:
         assert p._shared.buffers is None
         yield p
+
+
+@pytest.fixture
+def one_executor(keyed, spawn_worker):
+    """A pool on a remote worker of one executor, up and ready."""
+    orch, key = keyed
+    worker = spawn_worker(orch.addresses[0], key=key, processes=1)
+    if not orch.wait_for_workers(1, timeout=60):
+        pytest.fail(f"the worker did not connect:\n{worker.log()}")
+    with Pool(orchestrator=orch) as p:
+        # Its first answer comes after it said it can open the agent's memfds.
+        assert p.map(abs, [-1]) == [1]
+        yield p
+
+
+def test_large_buffers_reach_the_executor_and_come_back_through_the_agents_memfds(one_executor):
+    p = one_executor
+    assert p.apply(where_it_lives, (Blob(bytearray(_big(2 * MIB, 1))),)) == "mmap"
+    # Below the threshold, in the pickle as before.
+    assert p.apply(where_it_lives, (Blob(bytearray(_big(64 * 1024, 1))),)) != "mmap"
+    # A result the task makes: the first comes back inline, and its
+    # function's next tasks get a reply memfd, which the executor maps to
+    # write into once it has all its pages (the second result on).
+    for seed in range(3):
+        assert p.apply(made, (16 * MIB, seed)) == _big(16 * MIB, seed)
+    owners, agent = p.apply(reply_memfd_owners)
+    assert owners == [agent]
+    # Changed in place and returned: the caller sees the change, the next
+    # task a fresh argument.
+    for seed in range(2):
+        out = p.apply(poke, (Blob(bytearray(_big(2 * MIB, seed))), 5))
+        assert bytes(out.data[:5]) == _big(2 * MIB, seed)[:5] and out.data[5] == _big(2 * MIB, seed)[5] ^ 0xFF
+
+
+def test_an_argument_a_remote_task_keeps_is_never_overwritten(one_executor):
+    p = one_executor
+    first = _big(2 * MIB, 3)
+    assert p.apply(keep, (Blob(bytearray(first)),)) == 1
+    for s in range(4, 8):  # same size: the agent's memfd would be reused if free
+        assert bytes(p.apply(identity, (Blob(bytearray(_big(2 * MIB, s))),)).data) == _big(2 * MIB, s)
+    assert p.apply(kept, (0,)) == first
 
 
 def test_several_large_buffers_in_one_payload_keep_their_places(remote):

@@ -56,6 +56,22 @@ def identity(x):
     return x
 
 
+def where_it_lives(blob):
+    """What holds a ``Blob`` argument's memory in the executor: ``mmap`` for
+    shared memory, else the type of the buffer it was read into."""
+    return type(memoryview(blob.data).obj).__name__
+
+
+def reply_memfd_owners():
+    """``(pids of the processes whose reply memfds this executor keeps
+    mapped, its parent's pid)``."""
+    import os
+
+    from distripool import _replies
+
+    return sorted({key[0] for key in _replies._reply_maps}), os.getppid()
+
+
 def poke(blob, at):
     """Flip one byte of a ``Blob`` argument in place; return it."""
     view = memoryview(blob.data)

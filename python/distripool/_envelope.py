@@ -259,11 +259,13 @@ class Mapped:
         return kept
 
 
-def load(payload, opener=None):
+def load(payload, opener=None, tail=None):
     """Unpickle a payload. Returns ``(obj, mapped, extra)``; ``mapped`` holds
     the mappings of shared buffers (release it when done with ``obj``).
     ``opener(pid, fd, inode)`` returns ``(file descriptor, owned)`` to map
-    (an owned descriptor is closed after mapping), or raises."""
+    (an owned descriptor is closed after mapping), or raises. ``tail``,
+    ``(pid, fd, inode, length)``, is a memfd holding the inline buffers that
+    would otherwise follow ``payload`` (the agent's: ``shared_mem.rs``)."""
     if not is_envelope(payload):
         return pickle.loads(payload), None, None
     main, descs, extra, pos = parse(payload)
@@ -284,10 +286,23 @@ def load(payload, opener=None):
             roots[key] = mapped.map(fd, end)
         buffers = []
         where_is = {}
+        if tail is not None:
+            tail_fd, own = opener(*tail[:3])
+            if own:
+                owned.append(tail_fd)
+            tail_view = mapped.map(tail_fd, tail[3])
+            payload, pos = b"", 0
         take = getattr(payload, "take", None)
         whole = memoryview(payload) if take is None and pos < len(payload) else None
         for readonly, n, where in descs:
-            if where is None:
+            if where is None and tail is not None:
+                # Copy-on-write, as a memfd buffer is: writable unless read-only.
+                view = tail_view[pos : pos + n]
+                if readonly:
+                    view = view.toreadonly()
+                where_is[id(view)] = (view, tail_fd, pos, n)
+                pos += n
+            elif where is None:
                 if take is not None:
                     # Each inline buffer out of the runtime's memory, once:
                     # a read-only one as bytes (what a large bytes result
@@ -310,6 +325,7 @@ def load(payload, opener=None):
         finally:
             _loading.where = None
         del buffers, roots, whole, where_is
+        tail_view = None
         return obj, mapped, extra
     except BaseException:
         mapped.release()

@@ -22,7 +22,16 @@ BODY_HEADER = 17
 # Frame kinds; the runtime's `executor.rs` defines them, and a test checks
 # these against `_native.EXECUTOR_FRAME_KINDS` (the executor does not load
 # the extension just for them).
-FUNCTION, TASK, FORGET, RESULT, RETIRE, READY = 1, 2, 3, 4, 5, 6
+FUNCTION, TASK, FORGET, RESULT, RETIRE, READY, TASK_SHARED = 1, 2, 3, 4, 5, 6, 7
+# A TASK_SHARED frame's memfds: args fd, reply fd, their inodes, the length of
+# the buffers in the args memfd (fd NO_MEMFD: none).
+SHARED = struct.Struct("<IIQQQ")
+NO_MEMFD = 0xFFFFFFFF
+# A RESULT's ``b``: its buffers are in the agent's reply memfd (the payload
+# starts with their places), and the task kept a view of its arguments.
+IN_REPLY, KEPT = 1, 2
+PLACES = struct.Struct("<I")
+PLACE = struct.Struct("<QQ")
 MAP, STARMAP, APPLY = 0, 1, 2
 
 
@@ -56,11 +65,14 @@ def _encode(outcome, max_frame):
 
 
 def _payload(main, bufs, task):
-    """The RESULT payload: the pickle alone, or an envelope whose buffers are
-    in the driver's reply memfd (or inline), saying whether the task kept its
-    shared arguments (then the driver must not reuse their memfd)."""
+    """``(RESULT payload, b)``: the pickle alone, or an envelope whose buffers
+    are in the driver's reply memfd (or inline), saying whether the task kept
+    its shared arguments (then the driver must not reuse their memfd); or,
+    given the agent's reply memfd, the buffers' places there and the envelope."""
+    if task.agent_reply is not None and task.reply is None:
+        return _agent_payload(main, bufs, task)
     if not bufs and task.mapped is None:
-        return main
+        return main, 0
     descs = None
     if bufs and task.reply is not None:
         descs = _replies.write_reply(task.reply, bufs)
@@ -69,9 +81,26 @@ def _payload(main, bufs, task):
     # Whatever the task left referring to its shared arguments keeps them.
     kept = task.release()
     extra = {"kept": True} if kept else None
+    # The agent's memfd too, if the arguments came in one.
+    flags = KEPT if kept and task.tail is not None else 0
     if descs is not None:
-        return _envelope.envelope(main, descs, extra)
-    return _envelope.inline(main, bufs, extra)
+        return _envelope.envelope(main, descs, extra), flags
+    return _envelope.inline(main, bufs, extra), flags
+
+
+def _agent_payload(main, bufs, task):
+    """The RESULT of a task the agent gave a reply memfd: its buffers written
+    there (or inline, if it cannot be opened), the ``b`` flags saying so."""
+    descs = _replies.write_reply(task.agent_reply, bufs) if bufs else None
+    if descs is not None:
+        bufs.clear()
+    flags = KEPT if task.release() else 0
+    if descs is None:
+        return (_envelope.inline(main, bufs) if bufs else main), flags
+    places = [PLACES.pack(len(descs))]
+    places += [PLACE.pack(where[3], n) for _, n, where in descs]
+    head = _envelope.envelope(main, [(ro, n, None) for ro, n, _ in descs], {})
+    return [b"".join(places), *head], flags | IN_REPLY
 
 
 class ExceptionParts:
@@ -267,7 +296,7 @@ def _run(entry, payload, initialized, task):
             initialized.add(entry.pool_key)
             initializer(*initargs)
         if payload[0] == _envelope.ENVELOPE:
-            (mode, items), task.mapped, extra = _envelope.load(payload, _replies.open_foreign)
+            (mode, items), task.mapped, extra = _envelope.load(payload, _replies.open_foreign, task.tail)
             task.reply = extra.get("reply") if extra else None
         else:
             mode, items = pickle.loads(payload)
@@ -288,11 +317,25 @@ class _Task:
     """The shared memory of the task at hand: mappings of its arguments, and
     where its reply goes. One per executor, reset for every task."""
 
-    __slots__ = ("mapped", "reply")
+    __slots__ = ("mapped", "reply", "tail", "agent_reply")
 
     def __init__(self):
+        self.reset()
+
+    def reset(self):
         self.mapped = None
-        self.reply = None
+        self.reply = None  # the driver's reply memfd
+        self.tail = None  # the agent's memfd holding the inline buffers
+        self.agent_reply = None  # the agent's reply memfd
+
+    def shared(self, payload):
+        """Take the agent's memfds from a TASK_SHARED frame; its payload
+        (the envelope's head) after them."""
+        args_fd, reply_fd, args_inode, reply_inode, length = SHARED.unpack_from(payload)
+        if args_fd != NO_MEMFD:
+            self.tail = (AGENT_PID, args_fd, args_inode, length)
+        self.agent_reply = (AGENT_PID, reply_fd, reply_inode)
+        return memoryview(payload)[SHARED.size :]
 
     def release(self) -> bool:
         """Unmap the task's arguments; True if it kept a view of them."""
@@ -371,18 +414,18 @@ class _Link:
         """True when a whole frame is already buffered."""
         return self._frame_end() is not None
 
-    def send(self, kind, a, data=b"", hold=False):
+    def send(self, kind, a, data=b"", hold=False, b=0):
         """Send one frame; ``data`` is bytes or a list of parts."""
         if type(data) is list:
             if len(data) > 1:
                 length = sum(memoryview(p).nbytes for p in data)
                 self.flush()
-                self.sock.sendall(HEADER.pack(BODY_HEADER + length, kind, a, 0))
+                self.sock.sendall(HEADER.pack(BODY_HEADER + length, kind, a, b))
                 for part in data:
                     self.sock.sendall(part)
                 return
             data = data[0]
-        header = HEADER.pack(BODY_HEADER + len(data), kind, a, 0)
+        header = HEADER.pack(BODY_HEADER + len(data), kind, a, b)
         if len(data) >= HOLD_BYTES:
             self.flush()
             self.sock.sendall(header)
@@ -402,7 +445,7 @@ class _Link:
 
 def serve(sock, max_frame):
     link = _Link(sock)
-    link.send(READY, os.getpid())
+    link.send(READY, os.getpid(), b=_agent_memfds())
     # Freed small-object arenas are kept for the next tasks (`arenas.rs`): a
     # chunk of many small values reuses the pages of the last. After READY:
     # the agent sends the first task meanwhile.
@@ -421,10 +464,12 @@ def serve(sock, max_frame):
         if frame is None:
             return  # the agent is gone
         kind, a, b, payload = frame
-        if kind == TASK:
+        if kind == TASK or kind == TASK_SHARED:
             started = time.perf_counter()
             entry = loaded.get(b)
-            task.mapped = task.reply = None
+            task.reset()
+            if kind == TASK_SHARED:
+                payload = task.shared(payload)
             if entry is None:
                 # A function not run here yet may kill this process: results
                 # held back for batching must be out first, or the agent
@@ -444,10 +489,10 @@ def serve(sock, max_frame):
             del payload
             main, bufs = _encode(outcome, max_frame)
             del outcome
-            data = _payload(main, bufs, task)
+            data, flags = _payload(main, bufs, task)
             del bufs
             quick = time.perf_counter() - started < HOLD_SECONDS
-            link.send(RESULT, a, data, hold=quick and link.ready())
+            link.send(RESULT, a, data, hold=quick and link.ready(), b=flags)
             if entry is not None and entry.maxtasks is not None:
                 done = tasks_run[entry.pool_key] = tasks_run.get(entry.pool_key, 0) + 1
                 if done >= entry.maxtasks:
@@ -465,6 +510,24 @@ def serve(sock, max_frame):
             blobs.pop(a, None)
             loaded.pop(a, None)
             mains.pop(a, None)
+
+
+# The agent's pid, when it offers its memfds (``shared_mem.rs``).
+AGENT_PID = None
+
+
+def _agent_memfds() -> int:
+    """1 if the probe memfd the agent names can be opened (its large
+    buffers then come through memfds), else 0."""
+    global AGENT_PID
+    try:
+        pid, fd, inode = (int(x) for x in os.environ["DISTRIPOOL_AGENT_MEMFD"].split(":"))
+    except (KeyError, ValueError):
+        return 0
+    if not _replies.can_open(pid, fd, inode):
+        return 0
+    AGENT_PID = pid
+    return 1
 
 
 def main():

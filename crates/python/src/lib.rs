@@ -236,7 +236,7 @@ impl Orchestrator {
             connect: Vec::new(),
             security: Security::default(),
             processes,
-            executor: ExecutorSpec { python, module, env, max_frame: 0, memory: None },
+            executor: ExecutorSpec { python, module, env, max_frame: 0, memory: None, share: false },
             // The orchestrator's own.
             timing: Timing::default(),
             labels: Vec::new(),
@@ -570,6 +570,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
         ("RESULT", x::KIND_RESULT),
         ("RETIRE", x::KIND_RETIRE),
         ("READY", x::KIND_READY),
+        ("TASK_SHARED", x::KIND_TASK_SHARED),
     ];
     m.add("EXECUTOR_FRAME_KINDS", kinds.into_iter().collect::<std::collections::HashMap<_, _>>())?;
     Ok(())

@@ -60,7 +60,7 @@ pub(crate) fn run_agent(
         connect,
         security: security(key, cluster, encrypt, tls),
         processes,
-        executor: ExecutorSpec { python, module, env, max_frame, memory },
+        executor: ExecutorSpec { python, module, env, max_frame, memory, share: true },
         timing: crate::timing(timing)?,
         labels,
         idle_timeout,

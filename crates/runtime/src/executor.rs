@@ -18,7 +18,8 @@
 //! | 3 FORGET | agent → executor | fn id | – | – |
 //! | 4 RESULT | executor → agent | task id | – | pickled outcome |
 //! | 5 RETIRE | executor → agent | – | – | – |
-//! | 6 READY | executor → agent | pid | – | – |
+//! | 6 READY | executor → agent | pid | 1 if it opened the probe memfd | – |
+//! | 7 TASK_SHARED | agent → executor | task id | fn id | memfds (see below), then the envelope's head |
 //!
 //! RETIRE means the executor has run as many tasks as its pool allows
 //! (`maxtasksperchild`) and exits cleanly right after; whatever it was sent
@@ -31,10 +32,19 @@
 //! READY is the executor's first frame, once the interpreter is up. An
 //! executor that dies before it is ready never started the task it holds.
 //! The executor answers tasks strictly in the order it receives them.
+//!
+//! Large buffers go through memfds the agent owns (`shared_mem.rs`): a
+//! TASK_SHARED frame names the memfd holding its envelope's inline buffers
+//! (u32 fd, or `u32::MAX` for none; after the head, in place) and a reply
+//! memfd (u32 fd), then their inodes and the buffers' length (u64 each). A
+//! RESULT's `b` says whether its buffers are in that reply memfd (bit 0: its
+//! payload then starts with their places) and whether the task kept a view
+//! of its arguments (bit 1: that memfd is never used again).
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
 use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -46,6 +56,8 @@ use tokio::task::JoinHandle;
 use crate::cgroup::{self, MemoryLimit};
 use crate::conn::{write_batches, Sink};
 use crate::ids::{FnId, Generation, TaskId};
+use crate::payload::Payload;
+use crate::shared_mem::{self, Plan, Sharing};
 
 pub const KIND_FUNCTION: u8 = 1;
 pub const KIND_TASK: u8 = 2;
@@ -53,6 +65,7 @@ pub const KIND_FORGET: u8 = 3;
 pub const KIND_RESULT: u8 = 4;
 pub const KIND_RETIRE: u8 = 5;
 pub const KIND_READY: u8 = 6;
+pub const KIND_TASK_SHARED: u8 = 7;
 /// Bytes counted by `len` before the payload: kind, a, b.
 const BODY_HEADER: usize = 17;
 /// Bytes a result's frame may grow by when the agent relays it.
@@ -69,6 +82,9 @@ pub struct ExecutorSpec {
     pub max_frame: usize,
     /// Each executor in a cgroup of its own with this memory limit.
     pub memory: Option<std::sync::Arc<MemoryLimit>>,
+    /// Large buffers go to and from executors through memfds the agent owns
+    /// (a worker's agent; an embedded pool's driver has memfds of its own).
+    pub share: bool,
 }
 
 /// What the agent sends to one executor.
@@ -99,7 +115,46 @@ impl IntoIterator for ExecIn {
 }
 
 /// The agent's end of an executor's socket, as a sink for [`write_batches`].
-struct ExecWriter(BufWriter<tokio::net::unix::OwnedWriteHalf>);
+struct ExecWriter(BufWriter<tokio::net::unix::OwnedWriteHalf>, Arc<Mutex<Sharing>>);
+
+impl ExecWriter {
+    /// A task, through memfds if its buffers are large; false if it goes
+    /// as a plain TASK frame after all.
+    async fn put_shared(&mut self, task: TaskId, fn_id: FnId, payload: &Bytes) -> crate::Result<bool> {
+        let plan = lock(&self.1).plan(fn_id.0, payload);
+        let Plan::Shared { head, tail, reply } = plan else {
+            return Ok(false);
+        };
+        let args = match tail {
+            // The copy blocks for milliseconds: not on the runtime's threads.
+            Some((tail, args)) => {
+                let len = tail.len();
+                let written = tokio::task::spawn_blocking(move || args.write(&tail).map(|()| args)).await;
+                match written {
+                    Ok(Ok(args)) => Some((args, len)),
+                    _ => return Ok(false),
+                }
+            }
+            None => None,
+        };
+        let prefix = shared_mem::prefix(args.as_ref().map(|(l, n)| (l, *n)), &reply);
+        self.1.lock().unwrap_or_else(|e| e.into_inner()).sent(
+            task.0,
+            fn_id.0,
+            args.map(|(l, _)| l),
+            Some(reply),
+        );
+        let header = encode_header(KIND_TASK_SHARED, task.0, fn_id.0, prefix.len() + head.len());
+        self.0.write_all(&header).await?;
+        self.0.write_all(&prefix).await?;
+        self.0.write_all(&head).await?;
+        Ok(true)
+    }
+}
+
+fn lock(s: &Mutex<Sharing>) -> std::sync::MutexGuard<'_, Sharing> {
+    s.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 impl Sink<ExecIn> for ExecWriter {
     async fn put(&mut self, m: ExecIn) -> crate::Result<()> {
@@ -107,7 +162,13 @@ impl Sink<ExecIn> for ExecWriter {
             ExecIn::Function { fn_id, needs, bytes } => {
                 (KIND_FUNCTION, fn_id.0, needs.len() as u64, bytes, needs)
             }
-            ExecIn::Task { task, fn_id, payload } => (KIND_TASK, task.0, fn_id.0, payload, Vec::new()),
+            ExecIn::Task { task, fn_id, payload } => {
+                if self.put_shared(task, fn_id, &payload).await? {
+                    return Ok(());
+                }
+                lock(&self.1).sent(task.0, fn_id.0, None, None);
+                (KIND_TASK, task.0, fn_id.0, payload, Vec::new())
+            }
             ExecIn::Forget { fn_id } => (KIND_FORGET, fn_id.0, 0, Bytes::new(), Vec::new()),
         };
         // A function's needs, `b` ids of 8 bytes, come first in its body.
@@ -131,7 +192,7 @@ pub enum ExecEvent {
         slot: usize,
         generation: Generation,
         task: TaskId,
-        payload: Bytes,
+        payload: Payload,
     },
     /// The executor is up and about to read its first task.
     Ready {
@@ -254,6 +315,7 @@ pub fn spawn(
         // Leave room for the frame that carries a result on to the orchestrator.
         .env("DISTRIPOOL_MAX_FRAME", spec.max_frame.saturating_sub(RELAY_OVERHEAD).to_string())
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .envs(spec.share.then(shared_mem::probe).flatten().map(|p| ("DISTRIPOOL_AGENT_MEMFD", p)))
         .stdin(Stdio::null())
         .process_group(0)
         .kill_on_drop(true);
@@ -292,9 +354,11 @@ pub fn spawn(
     let stream = UnixStream::from_std(ours)?;
     let (mut rd, wr) = stream.into_split();
     let (tx, mut rx) = mpsc::unbounded_channel::<ExecIn>();
+    let sharing = Arc::new(Mutex::new(Sharing::default()));
 
+    let shared = sharing.clone();
     let writer = tokio::spawn(async move {
-        let sink = ExecWriter(BufWriter::with_capacity(64 * 1024, wr));
+        let sink = ExecWriter(BufWriter::with_capacity(64 * 1024, wr), shared);
         // On an error the reader sees the executor's end and reports it.
         let _ = write_batches(sink, &mut rx, None::<(Duration, fn() -> ExecIn)>, |_| {}).await;
     });
@@ -305,13 +369,24 @@ pub fn spawn(
         let mut protocol_error = None;
         loop {
             match next_result(&mut rd, &mut buf, max_frame).await {
-                Ok(Some(Incoming::Result(task, payload))) => {
-                    let _ = events.send(ExecEvent::Result { slot, generation, task, payload });
+                Ok(Some(Incoming::Result(task, flags, payload))) => {
+                    let returned = lock(&sharing).finished(task.0, flags, payload);
+                    match returned.payload() {
+                        Ok(payload) => {
+                            let _ = events.send(ExecEvent::Result { slot, generation, task, payload });
+                        }
+                        Err(e) => {
+                            protocol_error = Some(e);
+                            kill_group(pid);
+                            break;
+                        }
+                    }
                 }
                 Ok(Some(Incoming::Retire)) => {
                     let _ = events.send(ExecEvent::Retiring { slot, generation });
                 }
-                Ok(Some(Incoming::Ready)) => {
+                Ok(Some(Incoming::Ready(can_open))) => {
+                    lock(&sharing).can_open = can_open;
                     let _ = events.send(ExecEvent::Ready { slot, generation });
                 }
                 Ok(None) => break,
@@ -356,9 +431,11 @@ pub fn spawn(
 }
 
 enum Incoming {
-    Result(TaskId, Bytes),
+    /// A task's result, the frame's `b` and its payload.
+    Result(TaskId, u64, Bytes),
     Retire,
-    Ready,
+    /// Whether it opened the probe memfd.
+    Ready(bool),
 }
 
 /// Results as they arrive from the executor's socket. A large result's
@@ -428,12 +505,13 @@ async fn next_result(
             if buf.len() >= 4 + len {
                 let kind = buf[4];
                 let task = u64::from_le_bytes(buf[5..13].try_into().expect("8 bytes"));
+                let b = u64::from_le_bytes(buf[13..21].try_into().expect("8 bytes"));
                 buf.advance(4 + BODY_HEADER);
                 let payload = rb.split_to(len - BODY_HEADER);
                 return match kind {
-                    KIND_RESULT => Ok(Some(Incoming::Result(TaskId(task), payload))),
+                    KIND_RESULT => Ok(Some(Incoming::Result(TaskId(task), b, payload))),
                     KIND_RETIRE => Ok(Some(Incoming::Retire)),
-                    KIND_READY => Ok(Some(Incoming::Ready)),
+                    KIND_READY => Ok(Some(Incoming::Ready(b == 1))),
                     _ => Err(std::io::Error::new(
                         std::io::ErrorKind::InvalidData,
                         format!("executor sent unexpected frame kind {kind}"),
@@ -470,7 +548,8 @@ mod tests {
             w.write_all(&frame).await.unwrap();
             (w, frame)
         });
-        let Some(Incoming::Result(_, first)) = next_result(&mut rd, &mut rb, 1 << 30).await.unwrap() else {
+        let Some(Incoming::Result(_, _, first)) = next_result(&mut rd, &mut rb, 1 << 30).await.unwrap()
+        else {
             panic!("expected a result");
         };
         let (mut w, frame) = writer.await.unwrap();
@@ -483,7 +562,7 @@ mod tests {
         let at = first.as_ptr() as usize;
         drop(first);
         let writer = tokio::spawn(async move { w.write_all(&frame[2..]).await.unwrap() });
-        let Some(Incoming::Result(task, second)) = next_result(&mut rd, &mut rb, 1 << 30).await.unwrap()
+        let Some(Incoming::Result(task, _, second)) = next_result(&mut rd, &mut rb, 1 << 30).await.unwrap()
         else {
             panic!("expected a result");
         };

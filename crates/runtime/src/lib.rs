@@ -26,6 +26,7 @@ pub mod mailbox;
 pub mod orchestrator;
 pub mod payload;
 pub mod security;
+pub mod shared_mem;
 pub mod timing;
 
 pub use agent::{run_agent, AgentConfig, AgentExit};

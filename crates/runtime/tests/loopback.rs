@@ -34,6 +34,7 @@ fn echo_spec(dir: &std::path::Path) -> ExecutorSpec {
         env: vec![("PYTHONPATH".into(), dir.display().to_string())],
         max_frame: distripool_runtime::DEFAULT_MAX_FRAME,
         memory: None,
+        share: false,
     }
 }
 

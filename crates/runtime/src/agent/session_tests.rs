@@ -83,7 +83,7 @@ impl Harness {
                 slot,
                 generation: Generation(generation),
                 task: TaskId(task),
-                payload: Bytes::new(),
+                payload: Bytes::new().into(),
             },
             ms,
         )
@@ -323,7 +323,12 @@ fn a_drained_session_finishes_what_it_holds_then_says_goodbye() {
     assert_eq!(h.exec(), [s(0, "task 3")]);
     let end = h
         .exec_event(
-            ExecEvent::Result { slot: 0, generation: Generation(1), task: TaskId(3), payload: Bytes::new() },
+            ExecEvent::Result {
+                slot: 0,
+                generation: Generation(1),
+                task: TaskId(3),
+                payload: Bytes::new().into(),
+            },
             4,
         )
         .unwrap_err();
@@ -395,7 +400,12 @@ fn leaving_finishes_what_is_held_then_says_goodbye() {
         ]
     );
     let end = h.exec_event(
-        ExecEvent::Result { slot: 0, generation: Generation(1), task: TaskId(3), payload: Bytes::new() },
+        ExecEvent::Result {
+            slot: 0,
+            generation: Generation(1),
+            task: TaskId(3),
+            payload: Bytes::new().into(),
+        },
         40,
     );
     assert_eq!(end, Err(SessionEnd::Drained));
@@ -449,7 +459,12 @@ fn near_its_time_limit_a_session_takes_no_task_that_would_not_finish_and_leaves(
     // What it holds still finishes, then it leaves, nothing lost.
     h.result(0, 1, 2, 85_000);
     let end = h.exec_event(
-        ExecEvent::Result { slot: 0, generation: Generation(1), task: TaskId(3), payload: Bytes::new() },
+        ExecEvent::Result {
+            slot: 0,
+            generation: Generation(1),
+            task: TaskId(3),
+            payload: Bytes::new().into(),
+        },
         95_000,
     );
     assert_eq!(end, Err(SessionEnd::TimeLimit));

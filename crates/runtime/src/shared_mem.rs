@@ -1,0 +1,504 @@
+//! Memfds the agent owns, through which large buffers reach its executors
+//! and come back, as the driver's do in an embedded pool (`_memfds.py`):
+//! the agent copies a task's inline buffers into one, once, and the
+//! executor maps it; the executor writes a large result into another, and
+//! the agent sends it on to the orchestrator from a mapping of it. Neither
+//! crosses the executor's socket.
+//!
+//! Executors open them through `/proc/<agent pid>/fd/<fd>`, checking the
+//! inode (a reused descriptor number is never mistaken for the memfd
+//! meant). Whether they can at all (a locked-down `/proc` may forbid it) each
+//! executor answers as it starts, from a probe memfd named in its
+//! environment (`DISTRIPOOL_AGENT_MEMFD`); until it says yes, its buffers go
+//! inline. A memfd is used again only when nothing maps it: an executor says
+//! when its task kept a view of its arguments, and that memfd is retired.
+
+use std::ffi::c_void;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use bytes::Bytes;
+
+/// Buffers at least this large go through memfds (the driver's threshold).
+pub const AT_LEAST: usize = 1 << 20;
+/// Idle memfds kept for reuse, in bytes, across the agent's executors.
+const IDLE_BYTES: usize = 256 << 20;
+/// Memfds leased at once; past this, buffers go inline.
+const MAX_LEASED: usize = 128;
+/// Executors check this prefix (`MEMFD_NAME` in `_envelope.py`).
+const NAME: &std::ffi::CStr = c"distripool-agent";
+const PAGE: usize = 4096;
+
+/// One memfd and what it is known by.
+pub struct Memfd {
+    fd: OwnedFd,
+    inode: u64,
+}
+
+impl Memfd {
+    fn new() -> io::Result<Self> {
+        // SAFETY: memfd_create returns a new descriptor we then own.
+        let fd = unsafe { libc::memfd_create(NAME.as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a valid descriptor nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let inode = stat(&fd)?.st_ino;
+        Ok(Self { fd, inode })
+    }
+
+    fn size(&self) -> io::Result<usize> {
+        Ok(stat(&self.fd)?.st_size as usize)
+    }
+
+    /// `(fd, inode)`, as the executor names it.
+    pub fn name(&self) -> (u32, u64) {
+        (self.fd.as_raw_fd() as u32, self.inode)
+    }
+}
+
+fn stat(fd: &OwnedFd) -> io::Result<libc::stat> {
+    // SAFETY: fstat writes only into `st`.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st)
+}
+
+#[derive(Default)]
+struct Pool {
+    idle: Vec<(Memfd, usize)>,
+    idle_bytes: usize,
+    leased: usize,
+}
+
+fn pool() -> &'static Mutex<Pool> {
+    static POOL: OnceLock<Mutex<Pool>> = OnceLock::new();
+    POOL.get_or_init(Mutex::default)
+}
+
+fn locked() -> std::sync::MutexGuard<'static, Pool> {
+    pool().lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A memfd lent to one task; dropped, it goes back to the pool.
+pub struct Lease(Option<Memfd>);
+
+impl Lease {
+    /// A memfd to hold `need` bytes: the smallest idle one that fits, else
+    /// the largest (it grows), else a new one; None past [`MAX_LEASED`] or
+    /// when none can be made.
+    pub fn take(need: usize) -> Option<Lease> {
+        let mut p = locked();
+        if p.leased >= MAX_LEASED {
+            return None;
+        }
+        let fits =
+            p.idle.iter().enumerate().filter(|(_, (_, size))| *size >= need).min_by_key(|(_, (_, s))| *s);
+        let pick = fits
+            .map(|(i, _)| i)
+            .or_else(|| p.idle.iter().enumerate().max_by_key(|(_, (_, s))| *s).map(|(i, _)| i));
+        let memfd = match pick {
+            Some(i) => {
+                let (m, size) = p.idle.swap_remove(i);
+                p.idle_bytes -= size;
+                m
+            }
+            None => Memfd::new().ok()?,
+        };
+        p.leased += 1;
+        Some(Lease(Some(memfd)))
+    }
+
+    pub fn memfd(&self) -> &Memfd {
+        self.0.as_ref().expect("a lease holds its memfd until dropped")
+    }
+
+    /// Never use it again (an executor still maps it): close it.
+    pub fn retire(mut self) {
+        self.0 = None;
+        locked().leased -= 1;
+    }
+
+    /// Copy `data` to the start of the memfd, growing it to fit.
+    pub fn write(&self, data: &[u8]) -> io::Result<()> {
+        let m = self.memfd();
+        if m.size()? < data.len() {
+            // SAFETY: plain syscall on our descriptor.
+            if unsafe { libc::ftruncate(m.fd.as_raw_fd(), data.len().next_multiple_of(PAGE) as libc::off_t) }
+                != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        // SAFETY: `data` stays borrowed for the call.
+        unsafe { distripool_memfd::write_from(m.fd.as_raw_fd(), data.as_ptr(), data.len(), 0) }
+    }
+
+    /// The buffers at `(offset, length)` in the memfd, as parts that read
+    /// a shared mapping of it; the lease goes back when the last is dropped.
+    pub fn parts(self, at: &[(u64, u64)]) -> io::Result<Vec<Bytes>> {
+        let end = at.iter().map(|&(o, n)| o.saturating_add(n)).max().unwrap_or(0) as usize;
+        if end == 0 {
+            return Ok(Vec::new());
+        }
+        if self.memfd().size()? < end {
+            // Reading a mapping past the end of its file would kill the
+            // agent (SIGBUS): refuse here instead.
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("the executor's reply ends at byte {end}, past the end of its memfd"),
+            ));
+        }
+        // SAFETY: a new read-only mapping of our memfd, inside the file.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                end,
+                libc::PROT_READ,
+                libc::MAP_SHARED | libc::MAP_POPULATE,
+                self.memfd().fd.as_raw_fd(),
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let map = Arc::new(Mapped { addr: addr as usize, len: end, _lease: self });
+        Ok(at
+            .iter()
+            .map(|&(o, n)| Bytes::from_owner(Slice { map: map.clone(), at: o as usize, len: n as usize }))
+            .collect())
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let Some(memfd) = self.0.take() else {
+            return;
+        };
+        let size = memfd.size().unwrap_or(usize::MAX);
+        let mut p = locked();
+        p.leased -= 1;
+        if p.idle_bytes.saturating_add(size) <= IDLE_BYTES {
+            p.idle_bytes += size;
+            p.idle.push((memfd, size));
+        }
+    }
+}
+
+/// A reply memfd's mapping, shared by the parts read from it.
+struct Mapped {
+    addr: usize,
+    len: usize,
+    _lease: Lease,
+}
+
+impl Drop for Mapped {
+    fn drop(&mut self) {
+        // SAFETY: our mapping; no part refers to it any more.
+        unsafe { libc::munmap(self.addr as *mut c_void, self.len) };
+    }
+}
+
+struct Slice {
+    map: Arc<Mapped>,
+    at: usize,
+    len: usize,
+}
+
+impl AsRef<[u8]> for Slice {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: inside the mapping (checked against the file when made),
+        // which lives as long as this slice.
+        unsafe { std::slice::from_raw_parts((self.map.addr + self.at) as *const u8, self.len) }
+    }
+}
+
+/// `pid:fd:inode` of a memfd kept open for executors to try opening as
+/// they start; None if the agent cannot make one.
+pub fn probe() -> Option<&'static str> {
+    static PROBE: OnceLock<Option<(Memfd, String)>> = OnceLock::new();
+    PROBE
+        .get_or_init(|| {
+            let m = Memfd::new().ok()?;
+            let (fd, inode) = m.name();
+            let named = format!("{}:{fd}:{inode}", std::process::id());
+            Some((m, named))
+        })
+        .as_ref()
+        .map(|(_, s)| s.as_str())
+}
+
+/// A RESULT frame's `b`: its buffers are in the reply memfd (the payload
+/// starts with their places: u32 count, then (u64 offset, u64 length) each).
+pub const IN_REPLY: u64 = 1;
+/// A RESULT frame's `b`: the task kept a view of its arguments' memfd.
+pub const KEPT: u64 = 2;
+/// No memfd, in a TASK_SHARED frame's prefix.
+const NONE: u32 = u32::MAX;
+/// Functions remembered as returning large results, per executor.
+const BIG_FNS: usize = 64;
+
+/// One executor's side of the agent's memfds: whether it can open them, the
+/// memfds its tasks hold in the order it was sent them (it answers in that
+/// order), and the functions whose last result was large (their next tasks
+/// get a reply memfd whatever their arguments).
+#[derive(Default)]
+pub struct Sharing {
+    /// The executor opened the probe memfd as it started.
+    pub can_open: bool,
+    held: std::collections::VecDeque<Held>,
+    /// Function id -> the size of its last large result.
+    big_fns: std::collections::HashMap<u64, usize>,
+}
+
+struct Held {
+    task: u64,
+    fn_id: u64,
+    args: Option<Lease>,
+    reply: Option<Lease>,
+}
+
+/// How a task goes to its executor.
+pub enum Plan {
+    /// As it is, in a TASK frame.
+    Inline,
+    /// A TASK_SHARED frame: the envelope's head (or the whole payload), its
+    /// inline buffers copied into `args` first, and a reply memfd.
+    Shared { head: Bytes, tail: Option<(Bytes, Lease)>, reply: Lease },
+}
+
+impl Sharing {
+    /// How `payload` of a task calling `fn_id` should go: through memfds
+    /// when its inline buffers are large (an envelope `0x01 ‖ u32 meta
+    /// length ‖ meta ‖ buffers`) or its function's last result was.
+    pub fn plan(&self, fn_id: u64, payload: &Bytes) -> Plan {
+        if !self.can_open {
+            return Plan::Inline;
+        }
+        let head = (payload.len() >= AT_LEAST + 5 && payload[0] == 1)
+            .then(|| 5 + u32::from_le_bytes([payload[1], payload[2], payload[3], payload[4]]) as usize)
+            .filter(|&h| payload.len().saturating_sub(h) >= AT_LEAST);
+        let last = self.big_fns.get(&fn_id).copied();
+        if head.is_none() && last.is_none() {
+            return Plan::Inline;
+        }
+        // A reply memfd as large as the function's last result, or else as
+        // its arguments (what `identity` returns).
+        let guess = last.unwrap_or_else(|| payload.len() - head.unwrap_or(0));
+        let Some(reply) = Lease::take(guess) else {
+            return Plan::Inline;
+        };
+        match head {
+            None => Plan::Shared { head: payload.clone(), tail: None, reply },
+            Some(h) => match Lease::take(payload.len() - h) {
+                Some(args) => {
+                    Plan::Shared { head: payload.slice(..h), tail: Some((payload.slice(h..), args)), reply }
+                }
+                None => Plan::Inline,
+            },
+        }
+    }
+
+    /// The task is about to be sent, holding these memfds.
+    pub fn sent(&mut self, task: u64, fn_id: u64, args: Option<Lease>, reply: Option<Lease>) {
+        self.held.push_back(Held { task, fn_id, args, reply });
+    }
+
+    /// A RESULT for `task` with `flags` arrived: what it held is let go (or
+    /// retired, if kept), and what it returned is read. Call
+    /// [`Returned::payload`] on the answer without the lock held.
+    pub fn finished(&mut self, task: u64, flags: u64, payload: Bytes) -> Returned {
+        let held = match self.held.front() {
+            Some(h) if h.task == task => self.held.pop_front(),
+            _ => None,
+        };
+        let Some(Held { fn_id, args, reply, .. }) = held else {
+            return Returned { payload, reply: None, in_reply: flags & IN_REPLY != 0 };
+        };
+        if flags & KEPT != 0 {
+            if let Some(args) = args {
+                args.retire();
+            }
+        }
+        if flags & IN_REPLY != 0 {
+            let size = reply.as_ref().and_then(|r| r.memfd().size().ok()).unwrap_or(AT_LEAST);
+            self.remember(fn_id, Some(size));
+            return Returned { payload, reply, in_reply: true };
+        }
+        if payload.len() >= AT_LEAST {
+            self.remember(fn_id, Some(payload.len()));
+        } else if reply.is_some() {
+            self.remember(fn_id, None);
+        }
+        Returned { payload, reply: None, in_reply: false }
+    }
+
+    fn remember(&mut self, fn_id: u64, big: Option<usize>) {
+        match big {
+            None => {
+                self.big_fns.remove(&fn_id);
+            }
+            Some(size) if self.big_fns.len() < BIG_FNS || self.big_fns.contains_key(&fn_id) => {
+                self.big_fns.insert(fn_id, size);
+            }
+            Some(_) => {}
+        }
+    }
+}
+
+/// A result as the executor sent it, before its buffers are read.
+pub struct Returned {
+    payload: Bytes,
+    /// The reply memfd its buffers are in, if they are.
+    reply: Option<Lease>,
+    /// The executor said they are in its reply memfd.
+    in_reply: bool,
+}
+
+impl Returned {
+    /// The result's payload: the envelope's head followed by its buffers,
+    /// read from a mapping of the reply memfd.
+    pub fn payload(self) -> io::Result<crate::payload::Payload> {
+        let Some(reply) = self.reply else {
+            if self.in_reply {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "the executor put a result in a reply memfd it was not given",
+                ));
+            }
+            return Ok(self.payload.into());
+        };
+        let p = &self.payload;
+        let bad =
+            || io::Error::new(io::ErrorKind::InvalidData, "a result's list of shared buffers is cut short");
+        let count = u32::from_le_bytes(p.get(..4).ok_or_else(bad)?.try_into().expect("4 bytes")) as usize;
+        let start = 4 + count.checked_mul(16).ok_or_else(bad)?;
+        let list = p.get(4..start).ok_or_else(bad)?;
+        let at: Vec<(u64, u64)> = list
+            .chunks_exact(16)
+            .map(|c| {
+                let o = u64::from_le_bytes(c[..8].try_into().expect("8 bytes"));
+                (o, u64::from_le_bytes(c[8..].try_into().expect("8 bytes")))
+            })
+            .collect();
+        let mut parts = vec![p.slice(start..)];
+        parts.extend(reply.parts(&at)?);
+        Ok(crate::payload::Payload::from_parts(parts))
+    }
+}
+
+/// The prefix of a TASK_SHARED frame's payload, before the head:
+/// args fd (u32), reply fd (u32), args inode, reply inode, tail length (u64 each).
+pub fn prefix(tail: Option<(&Lease, usize)>, reply: &Lease) -> [u8; 32] {
+    let (args_fd, args_inode, len) = match tail {
+        Some((l, len)) => {
+            let (fd, inode) = l.memfd().name();
+            (fd, inode, len as u64)
+        }
+        None => (NONE, 0, 0),
+    };
+    let (reply_fd, reply_inode) = reply.memfd().name();
+    let mut out = [0u8; 32];
+    out[..4].copy_from_slice(&args_fd.to_le_bytes());
+    out[4..8].copy_from_slice(&reply_fd.to_le_bytes());
+    out[8..16].copy_from_slice(&args_inode.to_le_bytes());
+    out[16..24].copy_from_slice(&reply_inode.to_le_bytes());
+    out[24..].copy_from_slice(&len.to_le_bytes());
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_is_written_reads_back_and_a_returned_memfd_is_lent_again() {
+        // One test: the pool is the process's.
+        let data: Vec<u8> = (0..3 * AT_LEAST + 17).map(|i| (i * 7) as u8).collect();
+        let lease = Lease::take(data.len()).unwrap();
+        let name = lease.memfd().name();
+        lease.write(&data).unwrap();
+        let parts = lease.parts(&[(0, 5), (4096, data.len() as u64 - 4096)]).unwrap();
+        assert_eq!(&parts[0][..], &data[..5]);
+        assert_eq!(&parts[1][..], &data[4096..]);
+        drop(parts);
+        // Back in the pool once the parts are gone: the next lease of that
+        // size gets the same memfd, pages and all.
+        let again = Lease::take(data.len()).unwrap();
+        assert_eq!(again.memfd().name(), name);
+        // A reply said to end past the memfd's end is an error, not SIGBUS.
+        let err = again.parts(&[(0, 1 << 30)]).unwrap_err();
+        assert!(err.to_string().contains("past the end"), "{err}");
+        // A retired one is closed, never lent again.
+        let again = Lease::take(data.len()).unwrap();
+        assert_eq!(again.memfd().name(), name);
+        again.retire();
+        let other = Lease::take(data.len()).unwrap();
+        assert_ne!(other.memfd().name().1, name.1);
+        drop(other);
+        an_executors_tasks_share_when_it_can_and_its_results_come_back_whole();
+    }
+
+    /// An envelope of `meta` bytes of pickle and `tail` bytes of buffers.
+    fn envelope(meta: usize, tail: usize) -> Bytes {
+        let mut p = vec![1u8];
+        p.extend_from_slice(&(meta as u32).to_le_bytes());
+        p.extend(std::iter::repeat_n(9u8, meta));
+        p.extend((0..tail).map(|i| i as u8));
+        p.into()
+    }
+
+    fn an_executors_tasks_share_when_it_can_and_its_results_come_back_whole() {
+        let mut s = Sharing::default();
+        let big = envelope(40, 2 * AT_LEAST);
+        assert!(matches!(s.plan(1, &big), Plan::Inline), "not before the executor said it can");
+        s.can_open = true;
+        assert!(matches!(s.plan(1, &envelope(40, AT_LEAST - 1)), Plan::Inline), "small buffers stay inline");
+        assert!(
+            matches!(s.plan(1, &Bytes::from(vec![0u8; 2 * AT_LEAST])), Plan::Inline),
+            "a plain pickle too"
+        );
+        let Plan::Shared { head, tail: Some((tail, args)), reply } = s.plan(1, &big) else {
+            panic!("a large envelope goes through memfds");
+        };
+        assert_eq!(head, big.slice(..45));
+        assert_eq!(tail, big.slice(45..));
+        args.write(&tail).unwrap();
+        let args_name = args.memfd().name();
+        // The executor answers with its buffers at two places in the reply
+        // memfd, and says it kept its arguments.
+        reply.write(&[7u8; 3 * 4096]).unwrap();
+        s.sent(10, 1, Some(args), Some(reply));
+        let mut places = 2u32.to_le_bytes().to_vec();
+        for (o, n) in [(0u64, 5u64), (8192, 100)] {
+            places.extend_from_slice(&o.to_le_bytes());
+            places.extend_from_slice(&n.to_le_bytes());
+        }
+        let answer = [&places[..], b"head"].concat();
+        let out = s.finished(10, IN_REPLY | KEPT, answer.into()).payload().unwrap();
+        assert_eq!(out.parts().len(), 3);
+        assert_eq!(&out.parts()[0][..], b"head");
+        assert_eq!(out.len(), 4 + 5 + 100);
+        // The kept memfd is closed; the function's next task gets a reply
+        // memfd even with small arguments.
+        let again = Lease::take(2 * AT_LEAST).unwrap();
+        assert_ne!(again.memfd().name().1, args_name.1);
+        drop(again);
+        assert!(matches!(s.plan(1, &Bytes::from_static(b"small")), Plan::Shared { tail: None, .. }));
+        assert!(matches!(s.plan(2, &Bytes::from_static(b"small")), Plan::Inline));
+        // A small result in that reply memfd's place: back to inline.
+        s.sent(11, 1, None, Lease::take(0));
+        let out = s.finished(11, 0, Bytes::from_static(b"tiny")).payload().unwrap();
+        assert_eq!(out.parts(), [Bytes::from_static(b"tiny")]);
+        assert!(matches!(s.plan(1, &Bytes::from_static(b"small")), Plan::Inline));
+        // A result said to be in a reply memfd the task was not given.
+        s.sent(12, 1, None, None);
+        let err = s.finished(12, IN_REPLY, Bytes::from_static(b"x")).payload().unwrap_err();
+        assert!(err.to_string().contains("not given"), "{err}");
+    }
+}
