@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -159,12 +160,31 @@ def test_sigterm_to_the_driver_leaves_no_executor_and_the_worker_goes_on(tmp_pat
                 proc.kill()
 
 
+class _InterruptedAsItReturns:
+    """The client, but Ctrl-C comes in the main thread just as
+    ``wait_offered`` returns a completion it took."""
+
+    def __init__(self, client, main):
+        self._client, self._main = client, main
+
+    def __getattr__(self, name):
+        return getattr(self._client, name)
+
+    def wait_offered(self, *args):
+        taken = self._client.wait_offered(*args)
+        if taken is not None and threading.current_thread() is self._main:
+            raise KeyboardInterrupt
+        return taken
+
+
 @pytest.mark.parametrize("kind", ["apply_async", "submit"])
-def test_ctrl_c_while_the_caller_takes_its_completion_still_ends_the_job(tmp_path, kind):
+@pytest.mark.parametrize("when", ["returning", "setting"])
+def test_ctrl_c_while_the_caller_takes_its_completion_still_ends_the_job(tmp_path, kind, when):
     # Ctrl-C's KeyboardInterrupt is raised wherever the main thread is: here,
     # just after the caller waiting in get()/result() took its task's
-    # completion from the orchestrator, while it was being set. The job must
-    # end all the same, or the pool's join would wait for it for ever.
+    # completion from the orchestrator, as the call returns it or while it
+    # is being set. The job must end all the same, or the pool's join would
+    # wait for it for ever.
     import threading
 
     import distripool
@@ -191,7 +211,11 @@ def test_ctrl_c_while_the_caller_takes_its_completion_still_ends_the_job(tmp_pat
             raise KeyboardInterrupt
         return decode(*args)
 
-    shared.decode = interrupted_decode
+    client = shared.client
+    if when == "setting":
+        shared.decode = interrupted_decode
+    else:
+        shared.client = _InterruptedAsItReturns(client, main)
     releaser = threading.Thread(target=release_once_waiting)
     releaser.start()
     if kind == "submit":
@@ -199,7 +223,7 @@ def test_ctrl_c_while_the_caller_takes_its_completion_still_ends_the_job(tmp_pat
         with pytest.raises(KeyboardInterrupt):
             future.result(60)
         assert isinstance(future.exception(0), KeyboardInterrupt)
-        shared.decode = decode
+        shared.decode, shared.client = decode, client
         assert pool.submit(abs, -5).result(60) == 5
         pool.shutdown(wait=True)  # returns: no job is left waiting
     else:
@@ -207,7 +231,7 @@ def test_ctrl_c_while_the_caller_takes_its_completion_still_ends_the_job(tmp_pat
         with pytest.raises(KeyboardInterrupt):
             result.get(60)
         assert result.ready() and not result.successful()
-        shared.decode = decode
+        shared.decode, shared.client = decode, client
         assert pool.apply(abs, (-5,)) == 5
         pool.close()
         pool.join()  # returns: no job is left waiting

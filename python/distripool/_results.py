@@ -47,6 +47,7 @@ class ApplyResult(Generic[_T]):
         # thread wake-up sooner than through the result thread (which gets
         # it when nobody waits). Call before submitting.
         self._offered = offered
+        self._taken = None  # the completion wait_offered took, as it returns
         if offered:
             shared.client.offer(self._job)
 
@@ -71,10 +72,18 @@ class ApplyResult(Generic[_T]):
         """Wait up to ``timeout`` for the offered completion; True if this
         caller took it (the result is then set), False if it is not in yet or
         went the result thread's way (or another caller's)."""
+        self._taken = None
         try:
-            c = self._shared.client.wait_offered(self._job, timeout)
+            self._shared.client.wait_offered(self._job, timeout, self)
         except OrchestratorClosedError:
             return False  # the pool's end fails the result
+        except BaseException as exc:
+            # Ctrl-C may come just as the call returns, with the completion
+            # taken (the call put it in _taken first): the job must end.
+            if self._taken is not None:
+                self._interrupted(exc)
+            raise
+        c, self._taken = self._taken, None
         if c is None:
             return False
         # The completion is this caller's alone now: whatever interrupts

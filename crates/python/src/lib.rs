@@ -476,13 +476,17 @@ impl Client {
     /// completion, with the GIL released: the `(job, index, status, data)`
     /// tuple, or None if it is not in within `timeout` or went elsewhere (to
     /// `recv`, or to another caller). Signals are checked every few
-    /// milliseconds; a handler's exception propagates.
-    #[pyo3(signature = (job, timeout = None))]
+    /// milliseconds; a handler's exception propagates. With `into`, the
+    /// tuple is also set as `into._taken` before this returns: Ctrl-C's
+    /// exception may be raised as the call returns, and the caller then
+    /// still finds the completion it took there.
+    #[pyo3(signature = (job, timeout = None, into = None))]
     fn wait_offered<'py>(
         &self,
         py: Python<'py>,
         job: u64,
         timeout: Option<f64>,
+        into: Option<Bound<'py, PyAny>>,
     ) -> PyResult<Option<Bound<'py, PyTuple>>> {
         let deadline = match timeout {
             Some(t) if t.is_nan() => return Err(PyValueError::new_err("timeout must be a number, not nan")),
@@ -493,7 +497,13 @@ impl Client {
             let step = deadline
                 .map_or(SIGNAL_CHECK, |d| d.saturating_duration_since(Instant::now()).min(SIGNAL_CHECK));
             match py.detach(|| self.inner.wait_offered(JobId(job), step)) {
-                Ok(Waited::Done(c)) => return completion(py, c).map(Some),
+                Ok(Waited::Done(c)) => {
+                    let taken = completion(py, c)?;
+                    if let Some(into) = &into {
+                        into.setattr("_taken", &taken)?;
+                    }
+                    return Ok(Some(taken));
+                }
                 Ok(Waited::Elsewhere) => return Ok(None),
                 Ok(Waited::TimedOut) => {}
                 Err(e) => return Err(to_py(e)),
