@@ -67,19 +67,24 @@ async fn fake_agent(addr: String, slots: u32, connected: tokio::sync::mpsc::Unbo
     let mut heartbeat = tokio::time::interval(every);
     // As a real agent does, beat only when nothing was written lately.
     let mut last_flush = Instant::now();
+    let mut wrote = false;
     loop {
         tokio::select! {
             frame = reader.read_frame() => {
                 let Ok(Some(frame)) = frame else { return };
                 if let Ok(ToAgent::Task { task, attempt, .. }) = frame.message::<ToAgent>() {
                     writer.write(&FromAgent::Result { task, attempt, micros: 0 }, b"").await.expect("result");
+                    wrote = true;
                 }
                 // Answer everything already read before flushing once.
                 if reader.has_buffered_frame() {
                     continue;
                 }
                 writer.flush().await.expect("flush");
-                last_flush = Instant::now();
+                // Only what was written counts, not a ping read.
+                if std::mem::take(&mut wrote) {
+                    last_flush = Instant::now();
+                }
             }
             _ = heartbeat.tick() => {
                 if last_flush.elapsed() >= every / 2 {
