@@ -119,9 +119,9 @@ struct ExecWriter(BufWriter<tokio::net::unix::OwnedWriteHalf>, Arc<Mutex<Sharing
 
 impl ExecWriter {
     /// A task, through memfds if its buffers are large; false if it goes
-    /// as a plain TASK frame after all.
+    /// as a plain TASK frame after all (counted as sent either way).
     async fn put_shared(&mut self, task: TaskId, fn_id: FnId, payload: &Bytes) -> crate::Result<bool> {
-        let plan = lock(&self.1).plan(fn_id.0, payload);
+        let plan = lock(&self.1).plan(task.0, fn_id.0, payload);
         let Plan::Shared { head, tail, reply } = plan else {
             return Ok(false);
         };
@@ -132,18 +132,16 @@ impl ExecWriter {
                 let written = tokio::task::spawn_blocking(move || args.write(&tail).map(|()| args)).await;
                 match written {
                     Ok(Ok(args)) => Some((args, len)),
-                    _ => return Ok(false),
+                    _ => {
+                        lock(&self.1).sent(task.0, fn_id.0, None, None);
+                        return Ok(false);
+                    }
                 }
             }
             None => None,
         };
         let prefix = shared_mem::prefix(args.as_ref().map(|(l, n)| (l, *n)), &reply);
-        self.1.lock().unwrap_or_else(|e| e.into_inner()).sent(
-            task.0,
-            fn_id.0,
-            args.map(|(l, _)| l),
-            Some(reply),
-        );
+        lock(&self.1).sent(task.0, fn_id.0, args.map(|(l, _)| l), Some(reply));
         let header = encode_header(KIND_TASK_SHARED, task.0, fn_id.0, prefix.len() + head.len());
         self.0.write_all(&header).await?;
         self.0.write_all(&prefix).await?;
@@ -166,7 +164,6 @@ impl Sink<ExecIn> for ExecWriter {
                 if self.put_shared(task, fn_id, &payload).await? {
                     return Ok(());
                 }
-                lock(&self.1).sent(task.0, fn_id.0, None, None);
                 (KIND_TASK, task.0, fn_id.0, payload, Vec::new())
             }
             ExecIn::Forget { fn_id } => (KIND_FORGET, fn_id.0, 0, Bytes::new(), Vec::new()),

@@ -273,13 +273,24 @@ pub enum Plan {
 }
 
 impl Sharing {
-    /// How `payload` of a task calling `fn_id` should go: through memfds
+    /// How `payload` of `task`, calling `fn_id`, should go: through memfds
     /// when its inline buffers are large (an envelope `0x01 ‖ u32 meta
-    /// length ‖ meta ‖ buffers`) or its function's last result was.
-    pub fn plan(&self, fn_id: u64, payload: &Bytes) -> Plan {
+    /// length ‖ meta ‖ buffers`) or its function's last result was. A task
+    /// that goes inline is counted as sent here (one lock per small task);
+    /// a shared one with [`sent`](Self::sent), once its memfds are written.
+    pub fn plan(&mut self, task: u64, fn_id: u64, payload: &Bytes) -> Plan {
         if !self.can_open {
+            // Nothing to remember: a result without a record is passed on.
             return Plan::Inline;
         }
+        let plan = self.shared_plan(fn_id, payload);
+        if matches!(plan, Plan::Inline) {
+            self.sent(task, fn_id, None, None);
+        }
+        plan
+    }
+
+    fn shared_plan(&self, fn_id: u64, payload: &Bytes) -> Plan {
         let head = (payload.len() >= AT_LEAST + 5 && payload[0] == 1)
             .then(|| 5 + u32::from_le_bytes([payload[1], payload[2], payload[3], payload[4]]) as usize)
             .filter(|&h| payload.len().saturating_sub(h) >= AT_LEAST);
@@ -456,14 +467,23 @@ mod tests {
     fn an_executors_tasks_share_when_it_can_and_its_results_come_back_whole() {
         let mut s = Sharing::default();
         let big = envelope(40, 2 * AT_LEAST);
-        assert!(matches!(s.plan(1, &big), Plan::Inline), "not before the executor said it can");
+        assert!(matches!(s.plan(1, 1, &big), Plan::Inline), "not before the executor said it can");
         s.can_open = true;
-        assert!(matches!(s.plan(1, &envelope(40, AT_LEAST - 1)), Plan::Inline), "small buffers stay inline");
         assert!(
-            matches!(s.plan(1, &Bytes::from(vec![0u8; 2 * AT_LEAST])), Plan::Inline),
+            matches!(s.plan(2, 1, &envelope(40, AT_LEAST - 1)), Plan::Inline),
+            "small buffers stay inline"
+        );
+        assert!(
+            matches!(s.plan(3, 1, &Bytes::from(vec![0u8; 2 * AT_LEAST])), Plan::Inline),
             "a plain pickle too"
         );
-        let Plan::Shared { head, tail: Some((tail, args)), reply } = s.plan(1, &big) else {
+        // Their results (in order) pass through as they are.
+        for task in [1, 2, 3] {
+            let out = s.finished(task, 0, Bytes::from_static(b"r")).payload().unwrap();
+            assert_eq!(out.parts(), [Bytes::from_static(b"r")]);
+        }
+        assert!(s.held.is_empty(), "an inline task counted as sent is let go with its result");
+        let Plan::Shared { head, tail: Some((tail, args)), reply } = s.plan(10, 1, &big) else {
             panic!("a large envelope goes through memfds");
         };
         assert_eq!(head, big.slice(..45));
@@ -489,13 +509,15 @@ mod tests {
         let again = Lease::take(2 * AT_LEAST).unwrap();
         assert_ne!(again.memfd().name().1, args_name.1);
         drop(again);
-        assert!(matches!(s.plan(1, &Bytes::from_static(b"small")), Plan::Shared { tail: None, .. }));
-        assert!(matches!(s.plan(2, &Bytes::from_static(b"small")), Plan::Inline));
+        assert!(matches!(s.plan(13, 1, &Bytes::from_static(b"small")), Plan::Shared { tail: None, .. }));
+        assert!(matches!(s.plan(14, 2, &Bytes::from_static(b"small")), Plan::Inline));
+        s.finished(14, 0, Bytes::new());
         // A small result in that reply memfd's place: back to inline.
         s.sent(11, 1, None, Lease::take(0));
         let out = s.finished(11, 0, Bytes::from_static(b"tiny")).payload().unwrap();
         assert_eq!(out.parts(), [Bytes::from_static(b"tiny")]);
-        assert!(matches!(s.plan(1, &Bytes::from_static(b"small")), Plan::Inline));
+        assert!(matches!(s.plan(15, 1, &Bytes::from_static(b"small")), Plan::Inline));
+        s.finished(15, 0, Bytes::new());
         // A result said to be in a reply memfd the task was not given.
         s.sent(12, 1, None, None);
         let err = s.finished(12, IN_REPLY, Bytes::from_static(b"x")).payload().unwrap_err();
