@@ -15,7 +15,16 @@ import distripool
 from conftest import TESTS, wait_until
 from distripool import Pool, _envelope, _replies
 from distripool import _memfds as memfds_module
-from workloads import Blob, crash_first_time, identity, keep, kept, poke, refuse_memfds
+from workloads import (
+    Blob,
+    crash_first_time,
+    identity,
+    keep,
+    kept,
+    made_until_memfds_fill,
+    poke,
+    refuse_memfds,
+)
 
 MIB = 1 << 20
 
@@ -111,6 +120,37 @@ def test_past_a_bound_reply_memfds_results_hold_are_closed_not_kept(monkeypatch)
         assert len(p._shared.buffers.lent) == 1
         for s, out in enumerate(held):
             assert bytes(out.data) == _big(2 * MIB, s)
+
+
+@pytest.fixture(params=["embedded", "remote"])
+def one_executor(request):
+    """A pool of one executor, embedded or on a remote worker, that can
+    open the reply memfds offered to it (the driver's, or its agent's)."""
+    if request.param == "embedded":
+        with Pool(1) as p:
+            wait_until(lambda: p._shared.buffers.usable is True, 30, "the probe's answer")
+            yield p
+        return
+    orch, key = request.getfixturevalue("keyed")
+    worker = request.getfixturevalue("spawn_worker")(orch.addresses[0], key=key, processes=1)
+    if not orch.wait_for_workers(1, timeout=60):
+        pytest.fail(f"the worker did not connect:\n{worker.log()}")
+    with Pool(orchestrator=orch) as p:
+        assert p.map(abs, [-1]) == [1]  # after its executor said it can open them
+        yield p
+
+
+def test_a_reply_memfd_that_cannot_be_written_sends_the_result_inline(one_executor):
+    # A large result that came inline gets its function's next task a reply
+    # memfd. The executor's first write into one works (and keeps a mapping
+    # of it); every later one fails, as on a full tmpfs: through the kept
+    # mapping, then opening the memfd anew.
+    answers = [one_executor.apply(made_until_memfds_fill, (16 * MIB, seed)) for seed in range(6)]
+    for seed, (data, _, _) in enumerate(answers):
+        assert bytes(data.data) == _big(16 * MIB, seed)
+    writes = [writes for _, _, writes in answers]
+    assert writes[-1] >= 3, f"reply memfds offered too seldom to test: writes so far {writes}"
+    assert len({pid for _, pid, _ in answers}) == 1, "the executor ended instead of sending inline"
 
 
 def test_an_argument_a_task_keeps_is_never_overwritten():

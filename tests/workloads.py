@@ -169,6 +169,28 @@ def made(n, seed=0, blob=False):
     return Blob(bytearray(data)) if blob else data
 
 
+def made_until_memfds_fill(n, seed):
+    """``(made(n, seed, blob=True), this executor's pid, writes into reply memfds so
+    far)``, in an executor whose writes into reply memfds fail, from the
+    second on, as on a full tmpfs."""
+    import errno
+
+    from distripool import _envelope, _replies
+
+    if _replies._write_buffers is _envelope._write_buffers:
+        writes = []
+
+        def filling(*args):
+            writes.append(args)
+            if len(writes) > 1:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return _envelope._write_buffers(*args)
+
+        filling.writes = writes
+        _replies._write_buffers = filling
+    return made(n, seed, blob=True), os.getpid(), len(_replies._write_buffers.writes)
+
+
 def wait_for_file(path, x):
     """``x``, once the file ``path`` exists (at most two minutes)."""
     import os

@@ -40,29 +40,40 @@ REPLY_MAPS = 2
 
 def write_reply(reply, bufs):
     """Put ``bufs`` in the reply memfd ``(pid, fd, inode)``; their
-    descriptors, or None if the memfd cannot be opened (the buffers then go
-    inline)."""
+    descriptors, or None if the memfd cannot be opened or written (the
+    buffers then go inline)."""
     key = tuple(reply)
     need = _layout(bufs)[1]
     mapping = _reply_maps.pop(key, None)
     if mapping is not None:
         if mapping.length >= need:
             # The same inode, which our mapping keeps alive: the same memfd.
+            try:
+                descs = _write_buffers(None, bufs, reply, mapping)
+            except OSError:
+                mapping.close()
+                return None
             _reply_maps[key] = mapping
-            return _write_buffers(None, bufs, reply, mapping)
+            return descs
         mapping.close()  # the driver grew it: map it again
     _drop_stale_reply_maps()
     try:
         fd, _ = open_foreign(*reply)
     except Exception:
         return None
+    mapping = None
     try:
-        mapping = None
         if need >= MAP_AT_LEAST and os.fstat(fd).st_size >= need:
             from distripool import _native
 
             mapping = _native.SharedMapping.of_resident(fd)
         descs = _write_buffers(fd, bufs, reply, mapping)
+    except OSError:
+        # No room for it (a full tmpfs, a memory limit on shared memory):
+        # the result still goes, inline, and the executor goes on.
+        if mapping is not None:
+            mapping.close()
+        return None
     finally:
         os.close(fd)
     if mapping is not None:
