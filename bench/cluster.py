@@ -45,6 +45,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
 WORKERS = ("w1", "w2", "w3", "w4")
+JOBS = ("a", "a1", "b", "c")
 PROCESSES = 2  # executors per distripool worker, threads per Dask worker
 STREAM_MIB = 256
 # A job still running after this long is stopped and reported as such.
@@ -216,7 +217,7 @@ class System:
                 p.wait(max(0.0, deadline - time.monotonic()))
 
 
-def one_setting(label: str, link, tmp: str, env: dict) -> tuple[list, bool]:
+def one_setting(label: str, link, tmp: str, env: dict, jobs=JOBS) -> tuple[list, bool]:
     from netlab import Lab
 
     print(f"links: {label}", flush=True)
@@ -234,7 +235,7 @@ def one_setting(label: str, link, tmp: str, env: dict) -> tuple[list, bool]:
             results[kind] = {}
             system = None
             try:
-                for job in ("a", "a1", "b", "c"):
+                for job in jobs:
                     # A job that ran out of time leaves its system stopped:
                     # the next job gets a fresh one.
                     if system is None:
@@ -249,13 +250,14 @@ def one_setting(label: str, link, tmp: str, env: dict) -> tuple[list, bool]:
             walls = {j: None if r is None else round(r["wall"], 2) for j, r in results[kind].items()}
             print(f"  {kind}: {json.dumps(walls)}", flush=True)
     exact = all(r["exact"] for s in results.values() for r in s.values() if r is not None)
-    return _rows(label, rate, min(both), results), exact
+    return _rows(label, rate, min(both), results, jobs), exact
 
 
-def _rows(label, rate, each_way, results) -> list:
-    """The table's rows for one link setting; a job that ran out of time
-    shows as such, and its ratio as a lower bound."""
-    d, k = results["distripool"], results["dask"]
+def _rows(label, rate, each_way, results, jobs=JOBS) -> list:
+    """The table's rows for one link setting, of the jobs run; a job that
+    ran out of time shows as such, and its ratio as a lower bound."""
+    d = {j: results["distripool"].get(j) for j in JOBS}
+    k = {j: results["dask"].get(j) for j in JOBS}
 
     def wall(r) -> str:
         return f">{JOB_LIMIT} s (stopped)" if r is None else f"{r['wall']:.2f} s"
@@ -288,7 +290,7 @@ def _rows(label, rate, each_way, results) -> list:
     bd, bk = rate_b(d["b"]), rate_b(k["b"])
     (dw, dd), (kw, kd) = links(d["c"]), links(k["c"])
     b_ratio = "—" if bd is None or bk is None else f"{bd / bk:.1f}×"
-    return [
+    rows = [
         (label, "one TCP stream, driver → worker", f"{rate:.0f} MiB/s", "", "", ""),
         (
             label,
@@ -313,11 +315,17 @@ def _rows(label, rate, each_way, results) -> list:
         (label, "(c) bytes each worker's link received, ÷ the array", dw, kw, "", "once per link"),
         (label, "(c) bytes the driver's link sent, ÷ the array", dd, kd, "", ""),
     ]
+    # Each job's rows start with its letter.
+    return [r for r in rows if not r[1].startswith("(") or r[1][1] in {j[0] for j in jobs}]
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.parse_args()
+    ap.add_argument("--jobs", default=",".join(JOBS), help=f"which jobs to run (default: {','.join(JOBS)})")
+    args = ap.parse_args()
+    jobs = tuple(args.jobs.split(","))
+    if not set(jobs) <= set(JOBS):
+        ap.error(f"--jobs takes some of {', '.join(JOBS)}")
     why = missing()
     if why is not None:
         print(f"bench-cluster skipped: it {why}")
@@ -333,7 +341,7 @@ def main() -> int:
     rows, exact = [], True
     with tempfile.TemporaryDirectory() as tmp:
         for label, link in settings:
-            r, ok = one_setting(label, link, tmp, env)
+            r, ok = one_setting(label, link, tmp, env, jobs)
             rows += r
             exact = exact and ok
     print()
