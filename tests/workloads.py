@@ -209,3 +209,10 @@ def square_or_hog(hog_at, mib, x):
         held = bytearray(b"\x01") * (mib << 20)
         return len(held)
     return x * x
+
+
+def crc_plus(data, x):
+    """The CRC-32 of ``data``, plus ``x``."""
+    import zlib
+
+    return zlib.crc32(data) + x

@@ -161,7 +161,8 @@ class Orchestrator:
         ``crashes``, ``workers_lost`` (gone without a
         word), ``workers_left`` (drained or stopped, saying so), ``bytes_sent``
         and ``bytes_received`` (message bytes to and from workers, before
-        encryption). Empty once closed."""
+        encryption), ``functions_fetched`` (large functions workers fetched
+        from one another instead of from here). Empty once closed."""
         return dict(self._native.stats())
 
     def workers_info(self) -> list[dict[str, Any]]:

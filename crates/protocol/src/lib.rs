@@ -19,11 +19,11 @@ pub mod message;
 pub use cipher::{CipherError, Opener, Sealer, SessionKeys};
 pub use frame::{Frame, FrameDecoder, FrameError};
 pub use handshake::{Binding, ClientHandshake, HandshakeError, Role, ServerHandshake};
-pub use message::{FromAgent, Labels, ToAgent};
+pub use message::{FromAgent, FromPeer, Labels, ToAgent, ToPeer};
 
 /// Version of the wire protocol. Peers with another version are refused
 /// during the handshake, before any key material is used.
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// Largest frame accepted before the peer is authenticated.
 pub const HANDSHAKE_MAX_FRAME: usize = 512;

@@ -18,6 +18,12 @@ pub enum ToAgent {
     /// names blobs sent before it (with `needs` empty) that executors load
     /// before the function: the driver's main module, say.
     Function { fn_id: u64, needs: Vec<u64> },
+    /// A large function (or need) comes from another agent instead: fetch
+    /// it from the agent serving at `from` ([`ToPeer::Fetch`]); without
+    /// `from`, hold the tasks that need it until a later `Fetch` names an
+    /// agent or a [`ToAgent::Function`] brings it. No payload. Answered
+    /// with [`FromAgent::Holds`] or [`FromAgent::NotFetched`].
+    Fetch { fn_id: u64, needs: Vec<u64>, from: Option<String> },
     /// The function is no longer needed; drop it from every cache.
     Forget { fn_id: u64 },
     /// Run one task (a chunk of items); payload: the pickled arguments.
@@ -59,6 +65,26 @@ pub enum FromAgent {
     /// `cpu_milli` thousandths of a CPU over the last interval (1000: one
     /// CPU busy), `memory` resident bytes, summed over `executors`.
     Usage { executors: u32, cpu_milli: u32, memory: u64 },
+    /// Other agents may fetch the large functions this agent holds from
+    /// `addr` (sent once, after `Ready`).
+    Serves { addr: String },
+    /// It fetched this function from another agent, and serves it in turn.
+    Holds { fn_id: u64 },
+    /// It could not fetch this function from the agent named: send it.
+    NotFetched { fn_id: u64, reason: String },
+}
+
+/// An agent to the agent it fetches from, after their handshake.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ToPeer {
+    Fetch { fn_id: u64 },
+}
+
+/// The answer: the function as payload, or that it is not held here.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FromPeer {
+    Function { fn_id: u64 },
+    Missing { fn_id: u64 },
 }
 
 /// What an agent says about itself when it joins, so that an operator (or a

@@ -291,6 +291,7 @@ impl Orchestrator {
                 ("workers_lost", count(&s.workers_lost)),
                 ("bytes_sent", count(&s.bytes_sent)),
                 ("bytes_received", count(&s.bytes_received)),
+                ("functions_fetched", count(&s.functions_fetched)),
             ];
             (o.metrics(), counters)
         });

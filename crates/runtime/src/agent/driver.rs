@@ -1,18 +1,21 @@
 //! The tokio side of a session: it reads frames and executor events, keeps
 //! one timer, and carries out what the [`Session`] asks for.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use distripool_protocol::{FromAgent, Labels, SessionKeys, ToAgent};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, watch};
 
+use super::peers::{self, PeerKeys, PeerServer, Shelf};
 use super::session::{AgentComm, Session};
 use super::usage::UsageMeter;
 use super::AgentConfig;
 use crate::conn::{write_batches, AbortOnDrop, FrameReader, FrameWriter, Outgoing, SessionEnd};
 use crate::executor::{self, ExecEvent, ExecIn, ExecutorHandle, ExecutorSpec};
-use crate::ids::Generation;
+use crate::ids::{FnId, Generation};
 
 /// Executors and the orchestrator's writer, as the session sees them.
 struct Processes {
@@ -22,6 +25,12 @@ struct Processes {
     events: mpsc::UnboundedSender<ExecEvent>,
     /// How executors are started, with the session's frame limit.
     spec: ExecutorSpec,
+    /// What this agent serves other agents, if it does.
+    shelf: Option<Arc<Shelf>>,
+    peer_keys: PeerKeys,
+    /// Fetches from other agents under way, and where they end.
+    fetches: Vec<AbortOnDrop<()>>,
+    fetched: mpsc::UnboundedSender<(FnId, Result<Bytes, String>)>,
 }
 
 impl AgentComm for Processes {
@@ -47,17 +56,41 @@ impl AgentComm for Processes {
             let _ = h.tx.send(msg);
         }
     }
+
+    fn fetch(&mut self, fn_id: FnId, needs: Vec<FnId>, from: String) {
+        let (keys, max_frame, done) = (self.peer_keys.clone(), self.spec.max_frame, self.fetched.clone());
+        self.fetches.retain(|f| !f.0.is_finished());
+        self.fetches.push(AbortOnDrop(tokio::spawn(async move {
+            let check = |b: &[u8]| crate::orchestrator::content_id(b, &needs) == fn_id;
+            let outcome = peers::fetch(&from, fn_id, &keys, max_frame, check).await;
+            let outcome =
+                outcome.map_err(|e| format!("fetching function {:x} from agent {from}: {e}", fn_id.0));
+            let _ = done.send((fn_id, outcome));
+        })));
+    }
+
+    fn shelve(&mut self, fn_id: FnId, bytes: Option<Bytes>) {
+        if let Some(shelf) = &self.shelf {
+            match bytes {
+                Some(b) => shelf.put(fn_id, b),
+                None => shelf.remove(fn_id),
+            }
+        }
+    }
 }
 
 /// Run one authenticated session to its end; returns why it ended. With
 /// `keys`, every frame is sealed and opened with them (a network connection);
-/// without, frames travel in the clear (an in-process stream). When `stop`
-/// changes, the agent says goodbye (what it held goes elsewhere without
-/// counting as lost) and the session ends with [`SessionEnd::Stopped`].
-pub async fn run_session<S>(
+/// without, frames travel in the clear (an in-process stream). With
+/// `server`, other agents may fetch the large functions it holds. When
+/// `stop` changes, the agent says goodbye (what it held goes elsewhere
+/// without counting as lost) and the session ends with
+/// [`SessionEnd::Stopped`].
+pub(crate) async fn run_session<S>(
     stream: S,
     config: &AgentConfig,
     keys: Option<SessionKeys>,
+    server: Option<PeerServer>,
     stop: &mut watch::Receiver<bool>,
 ) -> SessionEnd
 where
@@ -81,6 +114,9 @@ where
     let ready = FromAgent::Ready { slots: config.processes as u32, labels };
     if let Err(e) = async {
         w.write(&ready, b"").await?;
+        if let Some(server) = &server {
+            w.write(&FromAgent::Serves { addr: server.addr.to_string() }, b"").await?;
+        }
         w.flush().await
     }
     .await
@@ -122,7 +158,17 @@ where
         write_batches(w, &mut out_rx, Some((timing.heartbeat, pong)), |_| {}).await
     }));
     let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
-    let mut comm = Processes { out: out_tx, handles: Vec::new(), events: ev_tx, spec };
+    let (fetched_tx, mut fetched_rx) = mpsc::unbounded_channel();
+    let mut comm = Processes {
+        out: out_tx,
+        handles: Vec::new(),
+        events: ev_tx,
+        spec,
+        shelf: server.as_ref().map(|s| s.shelf.clone()),
+        peer_keys: PeerKeys::new(&config.security, timing),
+        fetches: Vec::new(),
+        fetched: fetched_tx,
+    };
     let mut s = match Session::start(config.processes, &mut comm) {
         Ok(s) => s,
         Err(end) => return end,
@@ -169,6 +215,7 @@ where
                 Some(ev) => s.on_executor(ev, Instant::now(), &mut comm),
                 None => Err(SessionEnd::Stopped),
             },
+            Some((fn_id, outcome)) = fetched_rx.recv() => s.on_fetched(fn_id, outcome, Instant::now(), &mut comm),
             frame = reader.read_frame() => match frame {
                 Err(e) => Err(SessionEnd::of_read(e, timing.silence)),
                 Ok(None) => Err(SessionEnd::Closed),

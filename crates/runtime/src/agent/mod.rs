@@ -20,8 +20,12 @@
 //! | `mod.rs` | dialing, authenticating, reconnecting |
 //! | `session.rs` | the session's state machine: messages and executor events in, frames and executor commands out |
 //! | `driver.rs` | the tokio side of a session: sockets, executor processes, one timer |
+//! | `functions.rs` | the functions a session holds, and the tasks waiting for one still coming |
+//! | `peers.rs` | serving large functions to other agents, and fetching them from one |
 
 mod driver;
+mod functions;
+mod peers;
 mod session;
 mod usage;
 
@@ -32,7 +36,9 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 pub(crate) use driver::hostname;
-pub use driver::{run_session, usable_cpus, EXIT_GRACE};
+pub(crate) use driver::run_session;
+pub use driver::{usable_cpus, EXIT_GRACE};
+pub(crate) use peers::SPREAD_AT_LEAST;
 pub use session::{DEEP, DEPTH};
 
 use crate::conn::{client_handshake, tune_tcp, SessionEnd};
@@ -121,10 +127,11 @@ pub async fn run_agent(config: AgentConfig, mut stop: watch::Receiver<bool>) -> 
                 .await
                 .map_err(|_| Error::Timeout("connecting to the orchestrator"))??;
             tune_tcp(&tcp, timing.silence)?;
+            let local = tcp.local_addr()?.ip();
             let authenticate = async {
                 let mut stream = dialer.wrap(tcp, addr).await?;
                 let (session, keys) = client_handshake(&mut stream, &config.security.key, &binding).await?;
-                Ok::<_, Error>((stream, session, keys))
+                Ok::<_, Error>((stream, session, keys, local))
             };
             tokio::time::timeout(timing.handshake, authenticate)
                 .await
@@ -138,12 +145,23 @@ pub async fn run_agent(config: AgentConfig, mut stop: watch::Receiver<bool>) -> 
             _ = changed(&mut leave) => return Ok(AgentExit::Drained),
         };
         match outcome {
-            Ok((stream, session, keys)) => {
+            Ok((stream, session, keys, local)) => {
                 tracing::info!("connected to orchestrator {addr} (session {session})");
                 refusals = Refusals::default();
                 backoff = timing.backoff_start;
                 let ready = ReadyFile::made(config.ready_file.as_deref(), addr);
-                let end = run_session(stream, &config, binding.sealed.then_some(keys), &mut stop).await;
+                let keys_for_peers = peers::PeerKeys::new(&config.security, timing);
+                let server = match peers::PeerServer::listen(local, keys_for_peers, config.executor.max_frame)
+                    .await
+                {
+                    Ok(server) => Some(server),
+                    Err(e) => {
+                        tracing::warn!("cannot serve other agents on {local}: {e}; they get large functions from the orchestrator");
+                        None
+                    }
+                };
+                let end =
+                    run_session(stream, &config, binding.sealed.then_some(keys), server, &mut stop).await;
                 drop(ready);
                 idle_since = tokio::time::Instant::now();
                 match end {

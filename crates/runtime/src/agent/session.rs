@@ -3,12 +3,14 @@
 //! executors out, through an [`AgentComm`]. It starts no process and reads no
 //! clock, so it is tested without either (see `session_tests.rs`).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use distripool_protocol::{FromAgent, ToAgent};
 
+use super::functions::Functions;
+use super::peers::SPREAD_AT_LEAST;
 use crate::conn::{Outgoing, SessionEnd};
 use crate::executor::{ExecEvent, ExecIn};
 use crate::ids::{FnId, Generation, TaskId};
@@ -40,6 +42,11 @@ pub(crate) trait AgentComm {
     fn start_executor(&mut self, slot: usize, generation: Generation) -> Result<u32, String>;
     /// A frame for the executor of `slot`.
     fn to_executor(&mut self, slot: usize, msg: ExecIn);
+    /// Fetch function `fn_id` (which names `needs`) from the agent serving
+    /// at `from`; the outcome comes back through [`Session::on_fetched`].
+    fn fetch(&mut self, fn_id: FnId, needs: Vec<FnId>, from: String);
+    /// Serve this function to other agents from now on (None: no longer).
+    fn shelve(&mut self, fn_id: FnId, bytes: Option<Bytes>);
 }
 
 struct Inflight {
@@ -50,10 +57,10 @@ struct Inflight {
     started: Option<Instant>,
 }
 
-struct Queued {
+pub(crate) struct Queued {
     task: TaskId,
     attempt: u32,
-    fn_id: FnId,
+    pub(super) fn_id: FnId,
     payload: Bytes,
     timeout: Option<Duration>,
 }
@@ -97,8 +104,9 @@ type Step = Result<(), SessionEnd>;
 pub(crate) struct Session {
     slots: Vec<Slot>,
     queue: VecDeque<Queued>,
-    /// Functions (and what each needs first) and the blobs they need.
-    fns: HashMap<FnId, (Bytes, Vec<FnId>)>,
+    /// Functions (and what each needs first) and the blobs they need; the
+    /// tasks waiting for one that another agent sends.
+    fns: Functions,
     /// The last executor generation handed out.
     generations: Generation,
     /// The capacity last announced to the orchestrator.
@@ -126,7 +134,7 @@ impl Session {
         let mut s = Session {
             slots: Vec::with_capacity(processes),
             queue: VecDeque::new(),
-            fns: HashMap::new(),
+            fns: Functions::default(),
             generations: Generation(0),
             advertised: processes * DEPTH,
             draining: false,
@@ -154,7 +162,7 @@ impl Session {
 
     /// Tasks held: queued here, or given to an executor.
     pub(crate) fn held(&self) -> usize {
-        self.queue.len() + self.slots.iter().map(|s| s.inflight.len()).sum::<usize>()
+        self.queue.len() + self.fns.waiting() + self.slots.iter().map(|s| s.inflight.len()).sum::<usize>()
     }
 
     /// Slots whose executor holds no task: when the session ends, these may
@@ -243,11 +251,24 @@ impl Session {
     ) -> Step {
         match msg {
             ToAgent::Function { fn_id, needs } => {
-                self.fns.insert(FnId(fn_id), (payload, needs.into_iter().map(FnId).collect()));
+                let fn_id = FnId(fn_id);
+                if payload.len() >= SPREAD_AT_LEAST {
+                    comm.shelve(fn_id, Some(payload.clone()));
+                }
+                let ready = self.fns.arrived(fn_id, payload, needs.into_iter().map(FnId).collect());
+                self.queue.extend(ready);
+            }
+            ToAgent::Fetch { fn_id, needs, from } => {
+                let (fn_id, needs): (_, Vec<FnId>) = (FnId(fn_id), needs.into_iter().map(FnId).collect());
+                self.fns.expect(fn_id, needs.clone());
+                if let Some(from) = from {
+                    comm.fetch(fn_id, needs, from);
+                }
             }
             ToAgent::Forget { fn_id } => {
                 let fn_id = FnId(fn_id);
-                self.fns.remove(&fn_id);
+                self.fns.forget(fn_id);
+                comm.shelve(fn_id, None);
                 for (slot, s) in self.slots.iter_mut().enumerate() {
                     if s.fns.remove(&fn_id) {
                         comm.to_executor(slot, ExecIn::Forget { fn_id });
@@ -256,17 +277,15 @@ impl Session {
             }
             ToAgent::Task { task, attempt, fn_id, timeout_ms } => {
                 let timeout = (timeout_ms > 0).then(|| Duration::from_millis(timeout_ms));
-                self.queue.push_back(Queued {
-                    task: TaskId(task),
-                    attempt,
-                    fn_id: FnId(fn_id),
-                    payload,
-                    timeout,
-                });
+                let q = Queued { task: TaskId(task), attempt, fn_id: FnId(fn_id), payload, timeout };
+                if let Some(q) = self.fns.hold_if_coming(q) {
+                    self.queue.push_back(q);
+                }
             }
             ToAgent::Cancel { tasks } => {
                 let cancel: HashSet<TaskId> = tasks.into_iter().map(TaskId).collect();
                 self.queue.retain(|q| !cancel.contains(&q.task));
+                self.fns.cancel(|q| cancel.contains(&q.task));
                 for slot in 0..self.slots.len() {
                     let mut hit = false;
                     for (i, _) in self.slots[slot].inflight.iter_mut() {
@@ -561,6 +580,9 @@ impl Session {
         Ok(())
     }
 }
+
+#[path = "session_fetched.rs"]
+mod fetched;
 
 #[cfg(test)]
 #[path = "session_tests.rs"]

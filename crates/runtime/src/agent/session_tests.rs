@@ -13,6 +13,10 @@ struct Fake {
     exec: VecDeque<(usize, String)>,
     /// Starting an executor fails with this.
     broken: Option<String>,
+    /// Fetches asked for, as `(function, from)`.
+    fetches: VecDeque<(u64, String)>,
+    /// Functions served to other agents.
+    shelf: HashSet<u64>,
 }
 
 impl AgentComm for Fake {
@@ -34,6 +38,15 @@ impl AgentComm for Fake {
             ExecIn::Forget { fn_id } => format!("forget {fn_id}"),
         };
         self.exec.push_back((slot, what));
+    }
+    fn fetch(&mut self, fn_id: FnId, _needs: Vec<FnId>, from: String) {
+        self.fetches.push_back((fn_id.0, from));
+    }
+    fn shelve(&mut self, fn_id: FnId, bytes: Option<Bytes>) {
+        match bytes {
+            Some(_) => self.shelf.insert(fn_id.0),
+            None => self.shelf.remove(&fn_id.0),
+        };
     }
 }
 
@@ -114,6 +127,7 @@ impl Drop for Harness {
             assert!(self.comm.sent.is_empty(), "frames not looked at: {:?}", self.comm.sent);
             assert!(self.comm.started.is_empty(), "starts not looked at: {:?}", self.comm.started);
             assert!(self.comm.exec.is_empty(), "executor frames not looked at: {:?}", self.comm.exec);
+            assert!(self.comm.fetches.is_empty(), "fetches not looked at: {:?}", self.comm.fetches);
         }
     }
 }
@@ -489,4 +503,49 @@ fn at_its_time_limit_a_session_leaves_with_what_it_still_holds() {
     // The task runs on at the limit: the goodbye hands it back.
     assert_eq!(h.timer(5_000), Err(SessionEnd::TimeLimit));
     assert_eq!(h.sent(), [FromAgent::Goodbye { reason: "its time limit came with tasks held".into() }]);
+}
+
+#[test]
+fn tasks_of_a_function_another_agent_sends_wait_for_it_and_it_is_served_in_turn() {
+    let mut h = Harness::new(1);
+    let (big, other) = (21, 22);
+    let from = "10.0.0.2:4000".to_string();
+    h.message(ToAgent::Fetch { fn_id: big, needs: Vec::new(), from: Some(from.clone()) }, 0).unwrap();
+    h.message(ToAgent::Task { task: 1, attempt: 1, fn_id: big, timeout_ms: 0 }, 0).unwrap();
+    h.message(ToAgent::Task { task: 2, attempt: 1, fn_id: big, timeout_ms: 0 }, 0).unwrap();
+    // Tasks of functions it holds pass the waiting ones.
+    h.task(3, 0, 0);
+    assert_eq!(h.comm.fetches.drain(..).collect::<Vec<_>>(), vec![(big, from)]);
+    assert_eq!(h.exec(), vec![(0, "function 9".into()), (0, "task 3".into())]);
+    assert_eq!(h.s.held(), 3);
+    // Cancelled while it waits: never run.
+    h.message(ToAgent::Cancel { tasks: vec![2] }, 1).unwrap();
+    let blob = Bytes::from(vec![7u8; SPREAD_AT_LEAST]);
+    h.s.on_fetched(FnId(big), Ok(blob), h.at(2), &mut h.comm).unwrap();
+    assert_eq!(h.sent(), vec![FromAgent::Holds { fn_id: big }]);
+    assert!(h.comm.shelf.contains(&big));
+    h.result(0, 1, 3, 3);
+    assert_eq!(h.exec(), vec![(0, format!("function {big}")), (0, "task 1".into())]);
+    assert!(matches!(h.sent()[..], [FromAgent::Result { task: 3, .. }, ..]));
+
+    // A fetch that fails is said so; the orchestrator then sends it itself.
+    h.message(ToAgent::Fetch { fn_id: other, needs: Vec::new(), from: None }, 4).unwrap();
+    h.message(ToAgent::Task { task: 4, attempt: 1, fn_id: other, timeout_ms: 0 }, 4).unwrap();
+    assert!(h.comm.fetches.is_empty(), "no agent named yet");
+    h.message(ToAgent::Fetch { fn_id: other, needs: Vec::new(), from: Some("10.0.0.3:1".into()) }, 5)
+        .unwrap();
+    assert_eq!(h.comm.fetches.len(), 1);
+    h.comm.fetches.clear();
+    h.s.on_fetched(FnId(other), Err("refused".into()), h.at(6), &mut h.comm).unwrap();
+    assert_eq!(h.sent(), vec![FromAgent::NotFetched { fn_id: other, reason: "refused".into() }]);
+    h.result(0, 1, 1, 7);
+    assert!(matches!(h.sent()[..], [FromAgent::Result { task: 1, .. }, ..]));
+    assert!(h.exec().is_empty(), "task 4 still waits");
+    h.message(ToAgent::Function { fn_id: other, needs: Vec::new() }, 8).unwrap();
+    assert_eq!(h.exec(), vec![(0, format!("function {other}")), (0, "task 4".into())]);
+    // A late answer to a fetch of something it holds changes nothing.
+    h.s.on_fetched(FnId(other), Ok(Bytes::new()), h.at(9), &mut h.comm).unwrap();
+    h.message(ToAgent::Forget { fn_id: big }, 10).unwrap();
+    assert!(!h.comm.shelf.contains(&big), "what it forgets it serves no more");
+    assert_eq!(h.exec(), vec![(0, format!("forget {big}"))]);
 }

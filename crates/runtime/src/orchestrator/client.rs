@@ -75,17 +75,8 @@ impl Client {
             )));
         }
         let needs: Vec<(FnId, Bytes)> = needs.into_iter().map(|b| (b.id, b.bytes)).collect();
-        let fn_id = if needs.is_empty() {
-            function_id(&function)
-        } else {
-            // The same function with other needs is another function.
-            let mut h = Sha256::new();
-            h.update(&function);
-            for (id, _) in &needs {
-                h.update(id.0.to_le_bytes());
-            }
-            FnId(u64::from_le_bytes(h.finalize()[..8].try_into().expect("8 bytes")))
-        };
+        let need_ids: Vec<FnId> = needs.iter().map(|(id, _)| *id).collect();
+        let fn_id = content_id(&function, &need_ids);
         let timeout_ms = timeout.map_or(0, |t| t.as_millis().clamp(1, u64::MAX as u128) as u64);
         let submit = Input::Submit { client: self.id, job, fn_id, function, needs, tasks, timeout_ms };
         self.events.send(Event::Core(submit)).map_err(|_| Error::Closed)
@@ -174,6 +165,20 @@ impl Blob {
     pub fn new(bytes: Bytes) -> Self {
         Self { id: function_id(&bytes), bytes }
     }
+}
+
+/// Content address of a pickled function that names `needs`: the same
+/// function with other needs is another function.
+pub fn content_id(function: &[u8], needs: &[FnId]) -> FnId {
+    if needs.is_empty() {
+        return function_id(function);
+    }
+    let mut h = Sha256::new();
+    h.update(function);
+    for id in needs {
+        h.update(id.0.to_le_bytes());
+    }
+    FnId(u64::from_le_bytes(h.finalize()[..8].try_into().expect("8 bytes")))
 }
 
 /// Content address of a pickled function.

@@ -15,6 +15,7 @@ use distripool_scheduler::{Command, Config as SchedulerConfig, FailureKind, IdMa
 
 use super::observe::{Observer, TaskError};
 use super::snapshot::{EventKind, EventLog, Usage, WorkerState};
+use super::spread::{Route, Spread};
 use super::Stats;
 use crate::agent::DEPTH;
 use crate::conn::{Outgoing, SessionEnd};
@@ -140,6 +141,8 @@ pub(crate) struct Core {
     meta: IdMap<TaskId, TaskMeta>,
     fns: IdMap<FnId, FnEntry>,
     idle_fns: VecDeque<FnId>,
+    /// Which agent each agent gets a large function from.
+    spread: Spread,
     next_task: u64,
     stats: Arc<Stats>,
     events: EventLog,
@@ -162,6 +165,7 @@ impl Core {
             meta: IdMap::default(),
             fns: IdMap::default(),
             idle_fns: VecDeque::new(),
+            spread: Spread::default(),
             next_task: 1,
             stats,
             events: EventLog::default(),
@@ -221,6 +225,9 @@ impl Core {
                 self.sched.worker_joined(worker, slots * DEPTH);
             }
             Input::AgentLeft { worker, end } => {
+                for (fn_id, w, route) in self.spread.left(worker) {
+                    self.give_blob(w, fn_id, route);
+                }
                 if let Some(link) = self.agents.remove(&worker) {
                     self.stats.workers.fetch_sub(1, Ordering::Relaxed);
                     self.stats.slots.fetch_sub(link.slots, Ordering::Relaxed);
@@ -394,6 +401,22 @@ impl Core {
             FromAgent::Usage { executors, cpu_milli, memory } => {
                 link.usage = Some(Usage { executors, cpu: f64::from(cpu_milli) / 1000.0, memory });
             }
+            FromAgent::Serves { addr } => self.spread.serves(worker, addr),
+            FromAgent::Holds { fn_id } => {
+                let fn_id = FnId(fn_id);
+                self.stats.functions_fetched.fetch_add(1, Ordering::Relaxed);
+                for (w, route) in self.spread.fetched(fn_id, worker) {
+                    self.give_blob(w, fn_id, route);
+                }
+            }
+            FromAgent::NotFetched { fn_id, reason } => {
+                tracing::warn!("worker {}: {reason}; sending the function itself", link.name);
+                let fn_id = FnId(fn_id);
+                self.give_blob(worker, fn_id, Route::Direct);
+                for (w, route) in self.spread.not_fetched(fn_id, worker) {
+                    self.give_blob(w, fn_id, route);
+                }
+            }
             FromAgent::Ready { .. } | FromAgent::Pong { .. } => {}
         }
     }
@@ -415,22 +438,14 @@ impl Core {
                         continue;
                     };
                     if link.fns.insert(meta.fn_id) {
-                        let entry = &self.fns[&meta.fn_id];
-                        // What the function needs first, each once per agent.
-                        // An agent that holds a function holds its needs
-                        // (evicting a need forgets the functions naming it).
-                        for need in &entry.needs {
-                            if link.fns.insert(*need) {
-                                let msg = ToAgent::Function { fn_id: need.0, needs: Vec::new() };
-                                let bytes = self.fns[need].bytes.clone();
-                                let out = Outgoing::with_payload(msg, bytes);
-                                Self::queue(&mut self.dirty_agents, worker, link, out);
-                            }
-                        }
-                        let needs = entry.needs.iter().map(|n| n.0).collect();
-                        let msg = ToAgent::Function { fn_id: meta.fn_id.0, needs };
-                        let bytes = entry.bytes.clone();
-                        Self::queue(&mut self.dirty_agents, worker, link, Outgoing::with_payload(msg, bytes));
+                        Self::give_function(
+                            &mut self.dirty_agents,
+                            &self.fns,
+                            &mut self.spread,
+                            worker,
+                            link,
+                            meta.fn_id,
+                        );
                     }
                     let msg = ToAgent::Task {
                         task: task.0,
@@ -538,6 +553,7 @@ impl Core {
             let old = self.idle_fns.pop_front().expect("not empty");
             if self.fns.get(&old).is_some_and(|e| e.refs == 0) && !self.idle_fns.contains(&old) {
                 self.fns.remove(&old);
+                self.spread.forget(old);
                 // Functions that name it, still cached, are forgotten by the
                 // agents too, so that they come back with it.
                 let naming: Vec<FnId> =
@@ -554,6 +570,9 @@ impl Core {
         }
     }
 }
+
+#[path = "core_blobs.rs"]
+mod blobs;
 
 #[path = "core_show.rs"]
 mod show;

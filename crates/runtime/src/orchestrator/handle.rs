@@ -81,6 +81,9 @@ pub struct Stats {
     /// received from network agents.
     pub bytes_sent: AtomicU64,
     pub bytes_received: AtomicU64,
+    /// Large functions that agents fetched from other agents rather than
+    /// from the orchestrator.
+    pub functions_fetched: AtomicU64,
 }
 
 /// What reaches the core task: an input for the core, or one that also
@@ -400,7 +403,7 @@ impl Orchestrator {
             match client_handshake(&mut stream, &config.security.key, &binding).await {
                 Ok(_) => {
                     // In-process: nothing travels over a wire, so no sealing.
-                    let end = run_session(stream, &config, None, &mut stop).await;
+                    let end = run_session(stream, &config, None, None, &mut stop).await;
                     if end != SessionEnd::Stopped {
                         tracing::error!("local agent stopped: {end}");
                     }

@@ -17,6 +17,7 @@
 //! | `handle.rs` | [`Orchestrator`], the API; the task that drives the core |
 //! | `client.rs` | [`Client`]: a pool's connection, submitting and receiving |
 //! | `core.rs` | the state machine: inputs in, frames and completions out |
+//! | `spread.rs` | which agent each agent fetches a large function from |
 //! | `intake.rs` | accepting connections and authenticating them |
 //! | `session.rs` | one authenticated agent: its reader and writer |
 //! | `snapshot.rs` | what the core shows: workers, clients, events |
@@ -29,8 +30,9 @@ mod intake;
 pub mod observe;
 mod session;
 pub mod snapshot;
+mod spread;
 
-pub use client::{function_id, Blob, Client};
+pub use client::{content_id, function_id, Blob, Client};
 pub use core::CoreMetrics;
 pub use distripool_scheduler::FailureKind;
 pub use handle::{CoreLink, Orchestrator, OrchestratorConfig, Stats};
