@@ -278,17 +278,19 @@ def _rows(label, rate, each_way, results, jobs=JOBS) -> list:
             return f"stopped after {JOB_LIMIT} s"
         return f"{x:.0f} MiB/s ({x / each_way:.2f} of two streams, {x / rate:.2f} of one)"
 
-    def links(r) -> tuple[str, str]:
+    def links(r) -> tuple[str, str, str]:
         if r is None:
-            return "—", "—"
+            return "—", "—", "—"
         got = [r["links"][h][1] / r["object_bytes"] for h in WORKERS]
-        return f"{min(got):.2f}–{max(got):.2f}", f"{r['links']['driver'][0] / r['object_bytes']:.2f}"
+        sent = [r["links"][h][0] / r["object_bytes"] for h in WORKERS]
+        driver = f"{r['links']['driver'][0] / r['object_bytes']:.2f}"
+        return f"{min(got):.2f}–{max(got):.2f}", f"{min(sent):.2f}–{max(sent):.2f}", driver
 
     def timed(what, ours, theirs, goal=""):
         return (label, what, wall(ours), wall(theirs), faster(ours, theirs), goal)
 
     bd, bk = rate_b(d["b"]), rate_b(k["b"])
-    (dw, dd), (kw, kd) = links(d["c"]), links(k["c"])
+    (dw, ds, dd), (kw, ks, kd) = links(d["c"]), links(k["c"])
     b_ratio = "—" if bd is None or bk is None else f"{bd / bk:.1f}×"
     rows = [
         (label, "one TCP stream, driver → worker", f"{rate:.0f} MiB/s", "", "", ""),
@@ -313,6 +315,7 @@ def _rows(label, rate, each_way, results, jobs=JOBS) -> list:
         ),
         timed("(c) 256 MiB array beside 64 tasks: wall time", d["c"], k["c"]),
         (label, "(c) bytes each worker's link received, ÷ the array", dw, kw, "", "once per link"),
+        (label, "(c) bytes each worker's link sent, ÷ the array", ds, ks, "", ""),
         (label, "(c) bytes the driver's link sent, ÷ the array", dd, kd, "", ""),
     ]
     # Each job's rows start with its letter.

@@ -22,6 +22,22 @@ SILENCE = 2.0
 os.environ["DISTRIPOOL_TIMING"] = f"heartbeat={HEARTBEAT},silence={SILENCE},handshake=3,backoff_max=0.5"
 
 
+def emulated_hosts_missing(*tools: str) -> str | None:
+    """Why the hosts of ``netlab`` (network namespaces, links emulated
+    through TAP devices) cannot be made here, or None; ``tools`` are other
+    commands the test needs."""
+    import shutil
+
+    if os.geteuid() != 0:
+        return "needs root"
+    for tool in ("ip", *tools):
+        if shutil.which(tool) is None:
+            return f"needs {'iproute2 (ip)' if tool == 'ip' else tool}"
+    if not os.path.exists("/dev/net/tun"):
+        return "needs /dev/net/tun"
+    return None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

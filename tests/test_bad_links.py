@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -22,17 +21,9 @@ import uuid
 
 import pytest
 
-from conftest import TESTS
+from conftest import TESTS, emulated_hosts_missing
 
-_MISSING = (
-    "needs root"
-    if os.geteuid() != 0
-    else "needs iproute2 (ip)"
-    if shutil.which("ip") is None
-    else "needs /dev/net/tun"
-    if not os.path.exists("/dev/net/tun")
-    else None
-)
+_MISSING = emulated_hosts_missing()
 
 pytestmark = [
     pytest.mark.netns,

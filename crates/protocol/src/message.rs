@@ -80,10 +80,11 @@ pub enum ToPeer {
     Fetch { fn_id: u64 },
 }
 
-/// The answer: the function as payload, or that it is not held here.
+/// The answer: the function's pieces in order, each a frame whose payload
+/// is the next piece of its `total` bytes; or that it is not held here.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FromPeer {
-    Function { fn_id: u64 },
+    Piece { fn_id: u64, total: u64 },
     Missing { fn_id: u64 },
 }
 

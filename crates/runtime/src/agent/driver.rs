@@ -59,10 +59,11 @@ impl AgentComm for Processes {
 
     fn fetch(&mut self, fn_id: FnId, needs: Vec<FnId>, from: String) {
         let (keys, max_frame, done) = (self.peer_keys.clone(), self.spec.max_frame, self.fetched.clone());
+        let shelf = self.shelf.clone();
         self.fetches.retain(|f| !f.0.is_finished());
         self.fetches.push(AbortOnDrop(tokio::spawn(async move {
             let check = |b: &[u8]| crate::orchestrator::content_id(b, &needs) == fn_id;
-            let outcome = peers::fetch(&from, fn_id, &keys, max_frame, check).await;
+            let outcome = peers::fetch(&from, fn_id, &keys, max_frame, shelf.as_deref(), check).await;
             let outcome =
                 outcome.map_err(|e| format!("fetching function {:x} from agent {from}: {e}", fn_id.0));
             let _ = done.send((fn_id, outcome));

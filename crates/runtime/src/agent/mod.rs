@@ -22,11 +22,13 @@
 //! | `driver.rs` | the tokio side of a session: sockets, executor processes, one timer |
 //! | `functions.rs` | the functions a session holds, and the tasks waiting for one still coming |
 //! | `peers.rs` | serving large functions to other agents, and fetching them from one |
+//! | `shelf.rs` | what an agent serves: functions it holds, and those it is fetching, piece by piece |
 
 mod driver;
 mod functions;
 mod peers;
 mod session;
+mod shelf;
 mod usage;
 
 use std::time::Duration;

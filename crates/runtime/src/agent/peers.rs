@@ -9,18 +9,22 @@
 //! A connection between agents is authenticated with the cluster's key as
 //! an agent's to its orchestrator is, under a binding of its own
 //! ([`Binding::for_peers`]), and sealed unless encryption is off
-//! altogether. It carries one request and one answer.
+//! altogether. It carries one request and the function in pieces
+//! ([`PIECE`]); an agent passes on the pieces of a function it is fetching
+//! itself as they arrive.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use distripool_protocol::{Binding, FromPeer, SessionKeys, ToPeer};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::Semaphore;
+
+pub(crate) use super::shelf::Shelf;
+use super::shelf::{Held, PIECE};
 
 use crate::conn::{client_handshake, server_handshake, tune_tcp, AbortOnDrop, FrameReader, FrameWriter};
 use crate::ids::FnId;
@@ -35,45 +39,6 @@ pub const SPREAD_AT_LEAST: usize = 1 << 20;
 const SERVING_AT_ONCE: usize = 64;
 /// How long a request waits for a function this agent is still receiving.
 const WAIT_FOR_FUNCTION: Duration = Duration::from_secs(600);
-
-/// What an agent serves: the large functions it holds.
-#[derive(Default)]
-pub(crate) struct Shelf {
-    held: Mutex<HashMap<FnId, Bytes>>,
-    arrived: Notify,
-}
-
-impl Shelf {
-    pub(crate) fn put(&self, fn_id: FnId, bytes: Bytes) {
-        self.held.lock().unwrap_or_else(|p| p.into_inner()).insert(fn_id, bytes);
-        self.arrived.notify_waiters();
-    }
-
-    pub(crate) fn remove(&self, fn_id: FnId) {
-        self.held.lock().unwrap_or_else(|p| p.into_inner()).remove(&fn_id);
-    }
-
-    fn get(&self, fn_id: FnId) -> Option<Bytes> {
-        self.held.lock().unwrap_or_else(|p| p.into_inner()).get(&fn_id).cloned()
-    }
-
-    /// `fn_id` once it is here (the orchestrator may name this agent while
-    /// the function is still on its way to it), or None after `limit`.
-    async fn wait_for(&self, fn_id: FnId, limit: Duration) -> Option<Bytes> {
-        let deadline = tokio::time::Instant::now() + limit;
-        loop {
-            let arrived = self.arrived.notified();
-            tokio::pin!(arrived);
-            arrived.as_mut().enable();
-            if let Some(b) = self.get(fn_id) {
-                return Some(b);
-            }
-            if tokio::time::timeout_at(deadline, arrived).await.is_err() {
-                return None;
-            }
-        }
-    }
-}
 
 /// How an agent reaches other agents: the cluster's key and binding.
 #[derive(Clone)]
@@ -147,23 +112,48 @@ async fn serve_one(mut tcp: TcpStream, shelf: &Shelf, keys: &PeerKeys, max_frame
         .map_err(|_| Error::Timeout("an agent's request for a function"))??
         .ok_or_else(|| closed("the agent fetching a function"))?;
     let ToPeer::Fetch { fn_id } = request.message::<ToPeer>()?;
-    match shelf.wait_for(FnId(fn_id), WAIT_FOR_FUNCTION).await {
-        Some(bytes) => writer.write(&FromPeer::Function { fn_id }, &bytes).await?,
-        None => writer.write(&FromPeer::Missing { fn_id }, b"").await?,
+    let mut sent = 0;
+    // Whole, or as it comes; if its fetch fails, whole once the orchestrator
+    // sends it, from where the pieces stopped.
+    while let Some(held) = shelf.wait_for(FnId(fn_id), WAIT_FOR_FUNCTION).await {
+        let total = match &held {
+            Held::Whole(b) => b.len(),
+            Held::Coming(c) => c.total,
+        };
+        while sent < total {
+            let piece = match &held {
+                Held::Whole(b) => b.slice(sent..total.min(sent + PIECE)),
+                Held::Coming(c) => match c.piece_at(sent).await {
+                    Some(p) => p,
+                    None => break,
+                },
+            };
+            writer.write(&FromPeer::Piece { fn_id, total: total as u64 }, &piece).await?;
+            writer.flush().await?;
+            sent += piece.len();
+        }
+        if sent == total {
+            break;
+        }
     }
-    writer.flush().await?;
+    if sent == 0 {
+        writer.write(&FromPeer::Missing { fn_id }, b"").await?;
+        writer.flush().await?;
+    }
     // Wait for the fetcher to close: it has everything once it does.
     let _ = tokio::time::timeout(keys.timing.silence, reader.read_frame()).await;
     Ok(())
 }
 
 /// Fetch function `fn_id` from the agent serving at `from`; it must be the
-/// function `check` says has that id.
+/// function `check` says has that id. With `shelf`, its pieces are served
+/// to other agents as they arrive.
 pub(crate) async fn fetch(
     from: &str,
     fn_id: FnId,
     keys: &PeerKeys,
     max_frame: usize,
+    shelf: Option<&Shelf>,
     check: impl Fn(&[u8]) -> bool,
 ) -> Result<Bytes> {
     let addr = crate::resolve(from)?;
@@ -177,25 +167,67 @@ pub(crate) async fn fetch(
             .map_err(|_| Error::Timeout("handshake with the agent that holds the function"))??;
     // No silence limit: the other agent may still be receiving the function
     // (the kernel's keepalive notices a peer that is gone).
-    let (mut reader, mut writer) = framed(tcp, keys, session_keys, max_frame, 1 << 16);
+    let (mut reader, mut writer) = framed(tcp, keys, session_keys, PIECE + 4096, 1 << 16);
     writer.write(&ToPeer::Fetch { fn_id: fn_id.0 }, b"").await?;
     writer.flush().await?;
-    let frame = reader.read_frame().await?.ok_or_else(|| closed("the agent that holds the function"))?;
-    match frame.message::<FromPeer>()? {
-        FromPeer::Function { fn_id: got } if got == fn_id.0 => {
-            if !check(&frame.payload) {
-                return Err(Error::Config(format!(
-                    "the agent at {from} sent a function whose content is not {:x}",
-                    fn_id.0
+    let mut whole = BytesMut::new();
+    let mut coming = None;
+    let received = async {
+        loop {
+            let frame =
+                reader.read_frame().await?.ok_or_else(|| closed("the agent that holds the function"))?;
+            let total = match frame.message::<FromPeer>()? {
+                FromPeer::Piece { fn_id: got, total } if got == fn_id.0 => total,
+                FromPeer::Piece { fn_id: got, .. } => {
+                    return Err(refused(format!(
+                        "the agent at {from} sent function {got:x}, not {:x}",
+                        fn_id.0
+                    )))
+                }
+                FromPeer::Missing { .. } => {
+                    return Err(refused(format!("the agent at {from} does not hold it")))
+                }
+            };
+            let total = usize::try_from(total).unwrap_or(usize::MAX);
+            if total > max_frame {
+                return Err(refused(format!(
+                    "the function is {total} bytes, past the frame limit of {max_frame}"
                 )));
             }
-            Ok(frame.payload)
+            if whole.len() + frame.payload.len() > total {
+                return Err(refused(format!(
+                    "the agent at {from} sent more than the function's {total} bytes"
+                )));
+            }
+            if whole.is_empty() {
+                whole.reserve(total);
+                coming = shelf.map(|s| s.coming(fn_id, total));
+            }
+            whole.extend_from_slice(&frame.payload);
+            if let Some(c) = &coming {
+                c.push(frame.payload);
+            }
+            if whole.len() == total {
+                return Ok(());
+            }
         }
-        FromPeer::Function { fn_id: got } => {
-            Err(Error::Config(format!("the agent at {from} sent function {got:x}, not {:x}", fn_id.0)))
-        }
-        FromPeer::Missing { .. } => Err(Error::Config(format!("the agent at {from} does not hold it"))),
     }
+    .await;
+    let outcome = received.and_then(|()| {
+        if check(&whole) {
+            Ok(whole.freeze())
+        } else {
+            Err(refused(format!("the agent at {from} sent a function whose content is not {:x}", fn_id.0)))
+        }
+    });
+    if let (Err(_), Some(shelf), Some(c)) = (&outcome, shelf, &coming) {
+        shelf.failed(fn_id, c);
+    }
+    outcome
+}
+
+fn refused(why: String) -> Error {
+    Error::Config(why)
 }
 
 type Framed = (FrameReader<OwnedReadHalf>, FrameWriter<OwnedWriteHalf>);

@@ -1,5 +1,6 @@
 //! Agents serving functions to one another over loopback.
 
+use super::super::shelf::Coming;
 use super::*;
 
 fn keys(key: &[u8]) -> PeerKeys {
@@ -8,26 +9,81 @@ fn keys(key: &[u8]) -> PeerKeys {
 }
 
 const LOCAL: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+const MAX: usize = 1 << 30;
+
+fn blob(n: usize) -> Bytes {
+    Bytes::from((0..n).map(|i| (i % 251) as u8).collect::<Vec<u8>>())
+}
 
 #[tokio::test]
 async fn a_function_is_fetched_whole_sealed_and_checked() {
-    let server = PeerServer::listen(LOCAL, keys(b"k"), 1 << 30).await.unwrap();
+    let server = PeerServer::listen(LOCAL, keys(b"k"), MAX).await.unwrap();
     assert!(keys(b"k").binding.sealed && keys(b"k").binding.peer);
-    let blob = Bytes::from((0..3 << 20).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
+    let blob = blob(3 * PIECE + 5);
     server.shelf.put(FnId(5), blob.clone());
     let from = server.addr.to_string();
-    let got = fetch(&from, FnId(5), &keys(b"k"), 1 << 30, |b| b == &blob[..]).await.unwrap();
+    let got = fetch(&from, FnId(5), &keys(b"k"), MAX, None, |b| b == &blob[..]).await.unwrap();
     assert_eq!(got, blob);
     // What the function's id says it is, or nothing.
-    let e = fetch(&from, FnId(5), &keys(b"k"), 1 << 30, |_| false).await.unwrap_err();
+    let e = fetch(&from, FnId(5), &keys(b"k"), MAX, None, |_| false).await.unwrap_err();
     assert!(e.to_string().contains("whose content is not 5"), "{e}");
+    // Larger than this side's frame limit: refused.
+    let e = fetch(&from, FnId(5), &keys(b"k"), PIECE, None, |_| true).await.unwrap_err();
+    assert!(e.to_string().contains("past the frame limit"), "{e}");
     // Another cluster's key gets nothing.
-    let e = fetch(&from, FnId(5), &keys(b"other"), 1 << 30, |_| true).await.unwrap_err();
+    let e = fetch(&from, FnId(5), &keys(b"other"), MAX, None, |_| true).await.unwrap_err();
     assert!(matches!(e, Error::Handshake(_)), "{e}");
     // An agent that does not serve: the fetch fails, it does not hang.
     drop(server);
-    let e = fetch(&from, FnId(5), &keys(b"k"), 1 << 30, |_| true).await.unwrap_err();
+    let e = fetch(&from, FnId(5), &keys(b"k"), MAX, None, |_| true).await.unwrap_err();
     assert!(matches!(e, Error::Io(_)), "{e}");
+}
+
+#[tokio::test]
+async fn pieces_pass_down_a_chain_as_they_arrive() {
+    // a is still receiving the function; b fetches from a, c from b.
+    let (a, b) = (
+        PeerServer::listen(LOCAL, keys(b"k"), MAX).await.unwrap(),
+        PeerServer::listen(LOCAL, keys(b"k"), MAX).await.unwrap(),
+    );
+    let whole = blob(2 * PIECE + 7);
+    let coming: Arc<Coming> = a.shelf.coming(FnId(3), whole.len());
+    coming.push(whole.slice(..PIECE));
+    let (from_a, from_b) = (a.addr.to_string(), b.addr.to_string());
+    let b_shelf = b.shelf.clone();
+    let expect = whole.clone();
+    let b_fetch = tokio::spawn(async move {
+        fetch(&from_a, FnId(3), &keys(b"k"), MAX, Some(&b_shelf), |x| x == &expect[..]).await
+    });
+    // c asks b, which holds the first piece only once b's fetch brings it.
+    let expect = whole.clone();
+    let c_fetch =
+        tokio::spawn(
+            async move { fetch(&from_b, FnId(3), &keys(b"k"), MAX, None, |x| x == &expect[..]).await },
+        );
+    coming.push(whole.slice(PIECE..2 * PIECE));
+    coming.push(whole.slice(2 * PIECE..));
+    assert_eq!(b_fetch.await.unwrap().unwrap(), whole);
+    assert_eq!(c_fetch.await.unwrap().unwrap(), whole);
+}
+
+#[tokio::test]
+async fn a_server_whose_own_fetch_failed_resumes_from_the_whole_function() {
+    let a = PeerServer::listen(LOCAL, keys(b"k"), MAX).await.unwrap();
+    let whole = blob(2 * PIECE + 1);
+    let coming = a.shelf.coming(FnId(4), whole.len());
+    coming.push(whole.slice(..PIECE));
+    let from = a.addr.to_string();
+    let expect = whole.clone();
+    let fetching =
+        tokio::spawn(
+            async move { fetch(&from, FnId(4), &keys(b"k"), MAX, None, |x| x == &expect[..]).await },
+        );
+    // a's own fetch fails after one piece; the orchestrator then sends it
+    // the function, and what a serves goes on from the second piece.
+    a.shelf.failed(FnId(4), &coming);
+    a.shelf.put(FnId(4), whole.clone());
+    assert_eq!(fetching.await.unwrap().unwrap(), whole);
 }
 
 #[tokio::test]
@@ -40,7 +96,7 @@ async fn an_orchestrators_port_refuses_an_agent_fetching() {
         let (mut tcp, _) = listener.accept().await.unwrap();
         server_handshake(&mut tcp, b"k", &Binding::default(), 1).await
     });
-    let e = fetch(&addr, FnId(5), &keys(b"k"), 1 << 30, |_| true).await.unwrap_err();
+    let e = fetch(&addr, FnId(5), &keys(b"k"), MAX, None, |_| true).await.unwrap_err();
     assert!(matches!(e, Error::Handshake(_)), "{e}");
     assert!(orch.await.unwrap().is_err(), "the orchestrator side refuses it too");
 }
@@ -55,9 +111,9 @@ async fn a_request_waits_for_a_function_still_arriving_and_gives_up_at_its_limit
     tokio::task::yield_now().await;
     assert!(!waiting.is_finished());
     shelf.put(FnId(1), Bytes::from_static(b"f"));
-    assert_eq!(waiting.await.unwrap(), Some(Bytes::from_static(b"f")));
+    assert!(matches!(waiting.await.unwrap(), Some(Held::Whole(b)) if b == "f"));
     // Never put: None once the limit passes (time is paused: it passes at once).
-    assert_eq!(shelf.wait_for(FnId(2), Duration::from_secs(10)).await, None);
+    assert!(shelf.wait_for(FnId(2), Duration::from_secs(10)).await.is_none());
     shelf.remove(FnId(1));
-    assert_eq!(shelf.get(FnId(1)), None);
+    assert!(shelf.get(FnId(1)).is_none());
 }

@@ -199,6 +199,7 @@ impl Core {
         match input {
             Input::AgentJoined { worker, peer, slots, labels } => {
                 let name = format!("{} ({peer}, agent pid {})", labels.host, labels.pid);
+                self.spread.joined(worker, &peer);
                 self.events.push(now, EventKind::WorkerJoined { worker, name: name.clone() });
                 self.agents.insert(
                     worker,

@@ -1,12 +1,13 @@
 //! Which agent each agent gets a large function from. The orchestrator
 //! sends one itself to the first agent that needs it; every later one
-//! fetches it from an agent that holds it (see `agent/peers.rs`): a chain,
-//! each holder serving one fetch at a time and, while another holder has
-//! served none, none again, so that every link carries the function once
-//! each way. An agent that finds no holder free waits for one (a holder
-//! serves a second time only when nothing else would free one); one whose
-//! fetch fails gets the function from the orchestrator, and the holder it
-//! tried is not named again.
+//! fetches it from an agent that holds it or is fetching it (see
+//! `agent/peers.rs`, which passes pieces on as they arrive): a chain, each
+//! holder serving one fetch at a time and, while another holder has served
+//! none, none again, so that every link carries the function once each
+//! way. An agent that finds no holder free waits for one (a holder serves a
+//! second time only when nothing else would free one); one whose fetch
+//! fails gets the function from the orchestrator, and the holder it tried
+//! is not named again.
 
 use std::collections::VecDeque;
 
@@ -30,6 +31,10 @@ pub(crate) enum Route {
 pub(crate) struct Spread {
     /// Where each agent that serves others does.
     serving: IdMap<WorkerId, String>,
+    /// Agents on the orchestrator's machine (they joined over loopback, or
+    /// in-process): only they may fetch from an agent that serves on a
+    /// loopback address.
+    local: distripool_scheduler::IdSet<WorkerId>,
     blobs: IdMap<FnId, Holders>,
 }
 
@@ -47,24 +52,50 @@ struct Holders {
 }
 
 impl Holders {
-    fn holds_any(&self) -> bool {
-        !self.free.is_empty() || !self.fetching.is_empty()
+    /// Whether a holder the fetching agent can reach has it, or is busy
+    /// serving it.
+    fn holds_any(&self, reaches: impl Fn(WorkerId) -> bool) -> bool {
+        self.free.iter().any(|&(w, _)| reaches(w)) || self.fetching.values().any(|&(w, _)| reaches(w))
     }
 
     /// The holder to fetch from now: the newest that has served none; one
     /// that has, only when no fetch under way could free another.
-    fn take_source(&mut self) -> Option<(WorkerId, u32)> {
-        let at = match self.free.iter().rposition(|&(_, served)| served == 0) {
+    /// Only holders `reaches` says the fetching agent can reach count.
+    fn take_source(&mut self, reaches: impl Fn(WorkerId) -> bool) -> Option<(WorkerId, u32)> {
+        let at = match self.free.iter().rposition(|&(w, served)| served == 0 && reaches(w)) {
             Some(at) => at,
-            None if self.fetching.is_empty() && !self.free.is_empty() => self.free.len() - 1,
+            None if self.fetching.is_empty() => self.free.iter().rposition(|&(w, _)| reaches(w))?,
             None => return None,
         };
         Some(self.free.remove(at))
+    }
+
+    /// `worker` fetches it from `source`, and passes the pieces on as they
+    /// come: it is a holder at once.
+    fn fetch(
+        &mut self,
+        worker: WorkerId,
+        source: (WorkerId, u32),
+        serving: &IdMap<WorkerId, String>,
+    ) -> Route {
+        let addr = serving[&source.0].clone();
+        self.fetching.insert(worker, source);
+        if serving.contains_key(&worker) {
+            self.free.push((worker, 0));
+        }
+        Route::From(addr)
     }
 }
 
 impl Spread {
     /// `worker` serves other agents at `addr`.
+    /// `worker` joined from `peer` (`local` for the in-process agent).
+    pub(crate) fn joined(&mut self, worker: WorkerId, peer: &str) {
+        if peer == "local" || is_loopback(peer) {
+            self.local.insert(worker);
+        }
+    }
+
     pub(crate) fn serves(&mut self, worker: WorkerId, addr: String) {
         self.serving.insert(worker, addr);
     }
@@ -75,12 +106,11 @@ impl Spread {
             return Route::Direct;
         }
         let blob = self.blobs.entry(fn_id).or_default();
-        if let Some(source) = blob.take_source() {
-            let addr = self.serving[&source.0].clone();
-            blob.fetching.insert(worker, source);
-            return Route::From(addr);
+        let reaches = reach(&self.serving, &self.local, worker);
+        if let Some(source) = blob.take_source(&reaches) {
+            return blob.fetch(worker, source, &self.serving);
         }
-        if blob.holds_any() {
+        if blob.holds_any(&reaches) {
             blob.waiting.push_back(worker);
             return Route::Wait;
         }
@@ -90,8 +120,8 @@ impl Spread {
         Route::Direct
     }
 
-    /// `worker` fetched `fn_id` and serves it now. Returns the agents that
-    /// may fetch it now, and from where.
+    /// `worker` fetched `fn_id`: the agent it fetched from is free again.
+    /// Returns the agents that may fetch it now, and from where.
     pub(crate) fn fetched(&mut self, fn_id: FnId, worker: WorkerId) -> Vec<(WorkerId, Route)> {
         let Some(blob) = self.blobs.get_mut(&fn_id) else {
             return Vec::new();
@@ -101,14 +131,12 @@ impl Spread {
                 blob.free.insert(0, (source, served + 1));
             }
         }
-        if self.serving.contains_key(&worker) {
-            blob.free.push((worker, 0));
-        }
         self.assign(fn_id)
     }
 
-    /// `worker` could not fetch `fn_id`; the orchestrator sends it. The
-    /// agent it tried is named no more, for any function.
+    /// `worker` could not fetch `fn_id`; the orchestrator sends it (and
+    /// `worker` goes on serving it, from the orchestrator's copy). The agent
+    /// it tried is named no more, for any function.
     pub(crate) fn not_fetched(&mut self, fn_id: FnId, worker: WorkerId) -> Vec<(WorkerId, Route)> {
         let Some(blob) = self.blobs.get_mut(&fn_id) else {
             return Vec::new();
@@ -116,18 +144,13 @@ impl Spread {
         if let Some((source, _)) = blob.fetching.remove(&worker) {
             self.stop_serving(source);
         }
-        let Some(blob) = self.blobs.get_mut(&fn_id) else {
-            return Vec::new();
-        };
-        if self.serving.contains_key(&worker) {
-            blob.free.push((worker, 0));
-        }
         self.assign(fn_id)
     }
 
     /// `worker` is gone.
     pub(crate) fn left(&mut self, worker: WorkerId) -> Vec<(FnId, WorkerId, Route)> {
         self.stop_serving(worker);
+        self.local.remove(&worker);
         let ids: Vec<FnId> = self.blobs.keys().copied().collect();
         let mut moves = Vec::new();
         for fn_id in ids {
@@ -158,31 +181,43 @@ impl Spread {
         }
     }
 
-    /// Pair waiting agents with free holders; with no holder left at all,
-    /// the first waiting agent gets it from the orchestrator.
+    /// Pair waiting agents with free holders they can reach; one that can
+    /// reach no holder any more gets it from the orchestrator.
     fn assign(&mut self, fn_id: FnId) -> Vec<(WorkerId, Route)> {
         let mut out = Vec::new();
         let Some(blob) = self.blobs.get_mut(&fn_id) else {
             return out;
         };
-        while !blob.waiting.is_empty() {
-            if let Some(source) = blob.take_source() {
-                let worker = blob.waiting.pop_front().expect("not empty");
-                let addr = self.serving[&source.0].clone();
-                blob.fetching.insert(worker, source);
-                out.push((worker, Route::From(addr)));
-            } else if !blob.holds_any() {
-                let worker = blob.waiting.pop_front().expect("not empty");
+        for worker in std::mem::take(&mut blob.waiting) {
+            let reaches = reach(&self.serving, &self.local, worker);
+            if let Some(source) = blob.take_source(&reaches) {
+                out.push((worker, blob.fetch(worker, source, &self.serving)));
+            } else if !blob.holds_any(&reaches) {
                 if self.serving.contains_key(&worker) {
                     blob.free.push((worker, 0));
                 }
                 out.push((worker, Route::Direct));
             } else {
-                break;
+                blob.waiting.push_back(worker);
             }
         }
         out
     }
+}
+
+/// Whether `worker` can reach each holder: one serving on a loopback
+/// address only from the same machine.
+fn reach<'a>(
+    serving: &'a IdMap<WorkerId, String>,
+    local: &'a distripool_scheduler::IdSet<WorkerId>,
+    worker: WorkerId,
+) -> impl Fn(WorkerId) -> bool + 'a {
+    let here = local.contains(&worker);
+    move |holder| here || serving.get(&holder).is_some_and(|addr| !is_loopback(addr))
+}
+
+fn is_loopback(addr: &str) -> bool {
+    addr.parse::<std::net::SocketAddr>().is_ok_and(|a| a.ip().is_loopback())
 }
 
 #[cfg(test)]
