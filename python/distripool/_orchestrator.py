@@ -411,6 +411,7 @@ def make_worker(
     time_limit: float | None = None,
     ready_file: str | os.PathLike[str] | None = None,
     memory_limit: int | float | str | None = None,
+    serve_peers: bool = True,
 ) -> str:
     """Run a worker agent in this process; blocks and executes work until interrupted.
 
@@ -435,7 +436,11 @@ def make_worker(
     finishes what it holds and leaves; what it still holds at the limit goes
     to other workers, not lost and not counted as a crash.
     ``ready_file`` exists while the worker is connected (a readiness
-    check's file, in Kubernetes).
+    check's file, in Kubernetes). The worker serves the large functions it
+    holds (1 MiB or more: a ``partial`` over a large array) to the other
+    workers, which fetch them from it rather than from the driver, on a
+    port it picks at the address it dials from; ``serve_peers=False``
+    listens on no port, and the others get them from the driver.
 
     With ``memory_limit`` (bytes, ``"4GB"``, ``"512MiB"``, or a fraction of
     the machine's memory such as ``0.25``), each executor runs in a cgroup
@@ -488,6 +493,7 @@ def make_worker(
             time_limit=None if time_limit is None else float(time_limit),
             ready_file=None if ready_file is None else os.fspath(ready_file),
             memory_limit=memory,
+            serve_peers=bool(serve_peers),
         )
 
 

@@ -69,6 +69,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
             time_limit=args.time_limit,
             ready_file=args.ready_file,
             memory_limit=args.memory_limit,
+            serve_peers=args.serve_peers,
         )
     except KeyboardInterrupt:
         print("distripool worker: interrupted, executors stopped", file=sys.stderr)
@@ -212,6 +213,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_false",
         help="do not seal messages after the handshake; the orchestrator must have encrypt=False "
         "too. Only for networks you trust",
+    )
+    w.add_argument(
+        "--no-serve-peers",
+        dest="serve_peers",
+        action="store_false",
+        help="do not serve the large functions this worker holds to other workers (it then listens on "
+        "no port); they get them from the driver",
     )
     w.add_argument(
         "--label",

@@ -244,6 +244,7 @@ impl Orchestrator {
             time_limit: None,
             ready_file: None,
             leave: None,
+            serve_peers: false,
         };
         orch.start_local_agent(config).map_err(to_py)
     }

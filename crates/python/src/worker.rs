@@ -21,7 +21,7 @@ use crate::{security, to_py};
 #[pyo3(signature = (
     connect, key, processes, python, module, env, max_frame = None, cluster = None, encrypt = true, tls = None,
     timing = None, labels = Vec::new(), idle_timeout = None, time_limit = None, ready_file = None,
-    memory_limit = None
+    memory_limit = None, serve_peers = true
 ))]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn run_agent(
@@ -42,6 +42,7 @@ pub(crate) fn run_agent(
     time_limit: Option<f64>,
     ready_file: Option<PathBuf>,
     memory_limit: Option<u64>,
+    serve_peers: bool,
 ) -> PyResult<&'static str> {
     let max_frame = max_frame.unwrap_or(distripool_runtime::DEFAULT_MAX_FRAME);
     // make_worker checks that it is positive.
@@ -67,6 +68,7 @@ pub(crate) fn run_agent(
         time_limit,
         leave: Some(leave_rx),
         ready_file,
+        serve_peers,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)

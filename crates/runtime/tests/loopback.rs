@@ -65,6 +65,7 @@ impl AgentThread {
             time_limit: None,
             ready_file: None,
             leave: None,
+            serve_peers: true,
         };
         let thread = std::thread::spawn(move || {
             let rt =

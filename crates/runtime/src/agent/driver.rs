@@ -61,9 +61,17 @@ impl AgentComm for Processes {
         let (keys, max_frame, done) = (self.peer_keys.clone(), self.spec.max_frame, self.fetched.clone());
         let shelf = self.shelf.clone();
         self.fetches.retain(|f| !f.0.is_finished());
-        self.fetches.push(AbortOnDrop(tokio::spawn(async move {
-            let check = |b: &[u8]| crate::orchestrator::content_id(b, &needs) == fn_id;
+        self.fetches.push(AbortOnDrop(peers::spawn(async move {
+            let check = move |b: &[u8]| crate::orchestrator::content_id(b, &needs) == fn_id;
+            let started = Instant::now();
             let outcome = peers::fetch(&from, fn_id, &keys, max_frame, shelf.as_deref(), check).await;
+            if let Ok(b) = &outcome {
+                let (mib, took) = (b.len() as f64 / 1048576.0, started.elapsed().as_secs_f64());
+                tracing::info!(
+                    "fetched function {:x} ({mib:.1} MiB) from agent {from} in {took:.2} s",
+                    fn_id.0
+                );
+            }
             let outcome =
                 outcome.map_err(|e| format!("fetching function {:x} from agent {from}: {e}", fn_id.0));
             let _ = done.send((fn_id, outcome));

@@ -73,6 +73,9 @@ pub struct AgentConfig {
     /// A file that exists while a session is up (a readiness check's, in
     /// Kubernetes): made when the agent joins, removed when it leaves.
     pub ready_file: Option<std::path::PathBuf>,
+    /// Serve the large functions this agent holds to other agents (see
+    /// `peers.rs`), on a port of its own.
+    pub serve_peers: bool,
 }
 
 /// Why [`run_agent`] returned.
@@ -152,15 +155,9 @@ pub async fn run_agent(config: AgentConfig, mut stop: watch::Receiver<bool>) -> 
                 refusals = Refusals::default();
                 backoff = timing.backoff_start;
                 let ready = ReadyFile::made(config.ready_file.as_deref(), addr);
-                let keys_for_peers = peers::PeerKeys::new(&config.security, timing);
-                let server = match peers::PeerServer::listen(local, keys_for_peers, config.executor.max_frame)
-                    .await
-                {
-                    Ok(server) => Some(server),
-                    Err(e) => {
-                        tracing::warn!("cannot serve other agents on {local}: {e}; they get large functions from the orchestrator");
-                        None
-                    }
+                let server = match config.serve_peers {
+                    true => serve_peers(local, &config, timing).await,
+                    false => None,
                 };
                 let end =
                     run_session(stream, &config, binding.sealed.then_some(keys), server, &mut stop).await;
@@ -217,6 +214,25 @@ pub async fn run_agent(config: AgentConfig, mut stop: watch::Receiver<bool>) -> 
             _ = changed(&mut leave) => return Ok(AgentExit::Drained),
         }
         backoff = (backoff * 2).min(timing.backoff_max);
+    }
+}
+
+/// A session's server for other agents, on the address `local` this agent
+/// reaches its orchestrator from; None (and said) if it cannot listen.
+async fn serve_peers(
+    local: std::net::IpAddr,
+    config: &AgentConfig,
+    timing: Timing,
+) -> Option<peers::PeerServer> {
+    let keys = peers::PeerKeys::new(&config.security, timing);
+    match peers::PeerServer::listen(local, keys, config.executor.max_frame).await {
+        Ok(server) => Some(server),
+        Err(e) => {
+            tracing::warn!(
+                "cannot serve other agents on {local}: {e}; they get large functions from the orchestrator"
+            );
+            None
+        }
     }
 }
 

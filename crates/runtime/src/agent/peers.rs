@@ -70,12 +70,36 @@ impl PeerServer {
     /// from, which other agents can likely reach too), on a port the
     /// system picks.
     pub(crate) async fn listen(ip: IpAddr, keys: PeerKeys, max_frame: usize) -> std::io::Result<Self> {
-        let listener = TcpListener::bind(SocketAddr::new(ip, 0)).await?;
-        let addr = listener.local_addr()?;
+        let bound = spawn(async move {
+            let listener = TcpListener::bind(SocketAddr::new(ip, 0)).await?;
+            let addr = listener.local_addr()?;
+            Ok::<_, std::io::Error>((listener, addr))
+        });
+        let (listener, addr) = bound.await.map_err(std::io::Error::other)??;
         let shelf = Arc::new(Shelf::default());
-        let task = tokio::spawn(serve(listener, shelf.clone(), keys, max_frame));
+        let task = spawn(serve(listener, shelf.clone(), keys, max_frame));
         Ok(Self { addr, shelf, _task: AbortOnDrop(task) })
     }
+}
+
+/// Run `task` where transfers between agents run: on a runtime of their
+/// own (one thread), so that moving a large function never holds up the
+/// session's tasks and executors, nor they it.
+pub(crate) fn spawn<F>(task: F) -> tokio::task::JoinHandle<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    let rt = RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("distripool-peers")
+            .enable_all()
+            .build()
+            .expect("a runtime for transfers between agents")
+    });
+    rt.spawn(task)
 }
 
 async fn serve(listener: TcpListener, shelf: Arc<Shelf>, keys: PeerKeys, max_frame: usize) {
@@ -91,7 +115,7 @@ async fn serve(listener: TcpListener, shelf: Arc<Shelf>, keys: PeerKeys, max_fra
             continue;
         };
         let (shelf, keys) = (shelf.clone(), keys.clone());
-        tokio::spawn(async move {
+        spawn(async move {
             if let Err(e) = serve_one(tcp, &shelf, &keys, max_frame).await {
                 tracing::info!("serving agent {from} a function failed: {e}");
             }
@@ -154,7 +178,7 @@ pub(crate) async fn fetch(
     keys: &PeerKeys,
     max_frame: usize,
     shelf: Option<&Shelf>,
-    check: impl Fn(&[u8]) -> bool,
+    check: impl FnOnce(&[u8]) -> bool + Send + 'static,
 ) -> Result<Bytes> {
     let addr = crate::resolve(from)?;
     let mut tcp = tokio::time::timeout(keys.timing.connect, TcpStream::connect(addr))
@@ -213,13 +237,22 @@ pub(crate) async fn fetch(
         }
     }
     .await;
-    let outcome = received.and_then(|()| {
-        if check(&whole) {
-            Ok(whole.freeze())
-        } else {
-            Err(refused(format!("the agent at {from} sent a function whose content is not {:x}", fn_id.0)))
+    let outcome = match received {
+        // Hashing a large function takes a while: not on the thread that
+        // passes other functions' pieces on.
+        Ok(()) => {
+            let whole = whole.freeze();
+            let checked = tokio::task::spawn_blocking(move || check(&whole).then_some(whole));
+            match checked.await.map_err(std::io::Error::other)? {
+                Some(whole) => Ok(whole),
+                None => Err(refused(format!(
+                    "the agent at {from} sent a function whose content is not {:x}",
+                    fn_id.0
+                ))),
+            }
         }
-    });
+        Err(e) => Err(e),
+    };
     if let (Err(_), Some(shelf), Some(c)) = (&outcome, shelf, &coming) {
         shelf.failed(fn_id, c);
     }

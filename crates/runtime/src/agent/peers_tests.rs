@@ -11,6 +11,12 @@ fn keys(key: &[u8]) -> PeerKeys {
 const LOCAL: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 const MAX: usize = 1 << 30;
 
+/// A check that the function fetched is `expected`.
+fn same(expected: &Bytes) -> impl FnOnce(&[u8]) -> bool + Send + 'static {
+    let expected = expected.clone();
+    move |b| b == &expected[..]
+}
+
 fn blob(n: usize) -> Bytes {
     Bytes::from((0..n).map(|i| (i % 251) as u8).collect::<Vec<u8>>())
 }
@@ -22,7 +28,7 @@ async fn a_function_is_fetched_whole_sealed_and_checked() {
     let blob = blob(3 * PIECE + 5);
     server.shelf.put(FnId(5), blob.clone());
     let from = server.addr.to_string();
-    let got = fetch(&from, FnId(5), &keys(b"k"), MAX, None, |b| b == &blob[..]).await.unwrap();
+    let got = fetch(&from, FnId(5), &keys(b"k"), MAX, None, same(&blob)).await.unwrap();
     assert_eq!(got, blob);
     // What the function's id says it is, or nothing.
     let e = fetch(&from, FnId(5), &keys(b"k"), MAX, None, |_| false).await.unwrap_err();
@@ -53,14 +59,12 @@ async fn pieces_pass_down_a_chain_as_they_arrive() {
     let b_shelf = b.shelf.clone();
     let expect = whole.clone();
     let b_fetch = tokio::spawn(async move {
-        fetch(&from_a, FnId(3), &keys(b"k"), MAX, Some(&b_shelf), |x| x == &expect[..]).await
+        fetch(&from_a, FnId(3), &keys(b"k"), MAX, Some(&b_shelf), same(&expect)).await
     });
     // c asks b, which holds the first piece only once b's fetch brings it.
     let expect = whole.clone();
     let c_fetch =
-        tokio::spawn(
-            async move { fetch(&from_b, FnId(3), &keys(b"k"), MAX, None, |x| x == &expect[..]).await },
-        );
+        tokio::spawn(async move { fetch(&from_b, FnId(3), &keys(b"k"), MAX, None, same(&expect)).await });
     coming.push(whole.slice(PIECE..2 * PIECE));
     coming.push(whole.slice(2 * PIECE..));
     assert_eq!(b_fetch.await.unwrap().unwrap(), whole);
@@ -76,9 +80,7 @@ async fn a_server_whose_own_fetch_failed_resumes_from_the_whole_function() {
     let from = a.addr.to_string();
     let expect = whole.clone();
     let fetching =
-        tokio::spawn(
-            async move { fetch(&from, FnId(4), &keys(b"k"), MAX, None, |x| x == &expect[..]).await },
-        );
+        tokio::spawn(async move { fetch(&from, FnId(4), &keys(b"k"), MAX, None, same(&expect)).await });
     // a's own fetch fails after one piece; the orchestrator then sends it
     // the function, and what a serves goes on from the second piece.
     a.shelf.failed(FnId(4), &coming);
