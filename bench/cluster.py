@@ -152,7 +152,7 @@ class System:
         driver = lab.hosts["driver"].address
         script = os.path.join(HERE, "cluster_driver.py")
         pipes = dict(stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-        if kind == "distripool":
+        if kind in ("distripool", "direct"):
             key = uuid.uuid4().hex
             key_file = os.path.join(tmp, "key")
             with open(os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
@@ -164,6 +164,8 @@ class System:
             for host in WORKERS:
                 argv = [sys.executable, "-m", "distripool", "worker", "--processes", str(PROCESSES)]
                 argv += ["--connect", address, "--authkey-file", key_file]
+                if kind == "direct":
+                    argv += ["--no-serve-peers"]
                 self.procs.append(lab.run(host, argv, log=os.path.join(tmp, f"{kind}-{host}.log"), env=env))
         else:
             scheduler = f"tcp://{driver}:8786"
@@ -231,11 +233,12 @@ def one_setting(label: str, link, tmp: str, env: dict, jobs=JOBS) -> tuple[list,
             f"  TCP streams: one {rate:.0f} MiB/s; to and from the driver at once {shown} MiB/s", flush=True
         )
         results = {}
-        for kind in ("distripool", "dask"):
+        # "direct": distripool whose workers do not serve one another, for (c).
+        for kind in ("distripool", "direct", "dask"):
             results[kind] = {}
             system = None
             try:
-                for job in jobs:
+                for job in jobs if kind != "direct" else [j for j in jobs if j == "c"]:
                     # A job that ran out of time leaves its system stopped:
                     # the next job gets a fresh one.
                     if system is None:
@@ -257,6 +260,7 @@ def _rows(label, rate, each_way, results, jobs=JOBS) -> list:
     """The table's rows for one link setting, of the jobs run; a job that
     ran out of time shows as such, and its ratio as a lower bound."""
     d = {j: results["distripool"].get(j) for j in JOBS}
+    direct = results["direct"].get("c")
     k = {j: results["dask"].get(j) for j in JOBS}
 
     def wall(r) -> str:
@@ -317,6 +321,8 @@ def _rows(label, rate, each_way, results, jobs=JOBS) -> list:
         (label, "(c) bytes each worker's link received, ÷ the array", dw, kw, "", "once per link"),
         (label, "(c) bytes each worker's link sent, ÷ the array", ds, ks, "", ""),
         (label, "(c) bytes the driver's link sent, ÷ the array", dd, kd, "", ""),
+        timed("(c) the same, each worker sent it by the driver (--no-serve-peers)", direct, k["c"]),
+        (label, "(c) … bytes the driver's link sent, ÷ the array", links(direct)[2], kd, "", ""),
     ]
     # Each job's rows start with its letter.
     return [r for r in rows if not r[1].startswith("(") or r[1][1] in {j[0] for j in jobs}]

@@ -24,6 +24,11 @@ pub enum ToAgent {
     /// agent or a [`ToAgent::Function`] brings it. No payload. Answered
     /// with [`FromAgent::Holds`] or [`FromAgent::NotFetched`].
     Fetch { fn_id: u64, needs: Vec<u64>, from: Option<String> },
+    /// The next piece of a large function, sent in pieces, in order, to an
+    /// agent that serves other agents, so that it passes each on as it
+    /// arrives; payload: the piece. The function is whole once `total`
+    /// bytes have come.
+    Piece { fn_id: u64, needs: Vec<u64>, total: u64 },
     /// The function is no longer needed; drop it from every cache.
     Forget { fn_id: u64 },
     /// Run one task (a chunk of items); payload: the pickled arguments.

@@ -11,6 +11,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::peers::{self, PeerKeys, PeerServer, Shelf};
 use super::session::{AgentComm, Session};
+use super::shelf::Coming;
 use super::usage::UsageMeter;
 use super::AgentConfig;
 use crate::conn::{write_batches, AbortOnDrop, FrameReader, FrameWriter, Outgoing, SessionEnd};
@@ -31,6 +32,8 @@ struct Processes {
     /// Fetches from other agents under way, and where they end.
     fetches: Vec<AbortOnDrop<()>>,
     fetched: mpsc::UnboundedSender<(FnId, Result<Bytes, String>)>,
+    /// Functions the orchestrator is sending in pieces, as other agents see them.
+    coming: std::collections::HashMap<FnId, Arc<Coming>>,
 }
 
 impl AgentComm for Processes {
@@ -78,7 +81,14 @@ impl AgentComm for Processes {
         })));
     }
 
+    fn shelve_piece(&mut self, fn_id: FnId, total: usize, piece: Bytes) {
+        if let Some(shelf) = &self.shelf {
+            self.coming.entry(fn_id).or_insert_with(|| shelf.coming(fn_id, total)).push(piece);
+        }
+    }
+
     fn shelve(&mut self, fn_id: FnId, bytes: Option<Bytes>) {
+        self.coming.remove(&fn_id);
         if let Some(shelf) = &self.shelf {
             match bytes {
                 Some(b) => shelf.put(fn_id, b),
@@ -177,6 +187,7 @@ where
         peer_keys: PeerKeys::new(&config.security, timing),
         fetches: Vec::new(),
         fetched: fetched_tx,
+        coming: Default::default(),
     };
     let mut s = match Session::start(config.processes, &mut comm) {
         Ok(s) => s,

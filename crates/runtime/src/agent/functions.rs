@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
 use super::session::Queued;
 use crate::ids::FnId;
@@ -18,6 +18,8 @@ pub(crate) struct Functions {
     /// Tasks that call a function still coming (or one that needs one), in
     /// the order they came.
     waiting: VecDeque<Queued>,
+    /// Functions the orchestrator sends in pieces: what has come.
+    assembling: HashMap<FnId, BytesMut>,
 }
 
 impl Functions {
@@ -73,6 +75,31 @@ impl Functions {
     pub(crate) fn forget(&mut self, fn_id: FnId) {
         self.held.remove(&fn_id);
         self.coming.remove(&fn_id);
+        self.assembling.remove(&fn_id);
+    }
+
+    /// The next piece of a function the orchestrator sends in pieces; the
+    /// whole function once this was the last, or why the pieces are wrong.
+    pub(crate) fn piece(
+        &mut self,
+        fn_id: FnId,
+        needs: Vec<FnId>,
+        total: usize,
+        piece: &[u8],
+    ) -> Result<Option<Bytes>, String> {
+        if !self.assembling.contains_key(&fn_id) {
+            self.expect(fn_id, needs);
+            self.assembling.insert(fn_id, BytesMut::with_capacity(total));
+        }
+        let whole = self.assembling.get_mut(&fn_id).expect("inserted");
+        if whole.len() + piece.len() > total {
+            return Err(format!("function {:x} came in pieces of more than its {total} bytes", fn_id.0));
+        }
+        whole.extend_from_slice(piece);
+        if whole.len() < total {
+            return Ok(None);
+        }
+        Ok(self.assembling.remove(&fn_id).map(BytesMut::freeze))
     }
 
     /// Tasks waiting for a function.

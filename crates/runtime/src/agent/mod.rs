@@ -42,6 +42,7 @@ pub(crate) use driver::run_session;
 pub use driver::{usable_cpus, EXIT_GRACE};
 pub(crate) use peers::SPREAD_AT_LEAST;
 pub use session::{DEEP, DEPTH};
+pub(crate) use shelf::PIECE;
 
 use crate::conn::{client_handshake, tune_tcp, SessionEnd};
 use crate::executor::ExecutorSpec;

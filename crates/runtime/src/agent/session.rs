@@ -47,6 +47,9 @@ pub(crate) trait AgentComm {
     fn fetch(&mut self, fn_id: FnId, needs: Vec<FnId>, from: String);
     /// Serve this function to other agents from now on (None: no longer).
     fn shelve(&mut self, fn_id: FnId, bytes: Option<Bytes>);
+    /// The next piece of a function `total` bytes long, which other agents
+    /// may be served as it arrives.
+    fn shelve_piece(&mut self, fn_id: FnId, total: usize, piece: Bytes);
 }
 
 struct Inflight {
@@ -257,6 +260,9 @@ impl Session {
                 }
                 let ready = self.fns.arrived(fn_id, payload, needs.into_iter().map(FnId).collect());
                 self.queue.extend(ready);
+            }
+            ToAgent::Piece { fn_id, needs, total } => {
+                self.on_piece(FnId(fn_id), needs, total, payload, comm)?
             }
             ToAgent::Fetch { fn_id, needs, from } => {
                 let (fn_id, needs): (_, Vec<FnId>) = (FnId(fn_id), needs.into_iter().map(FnId).collect());

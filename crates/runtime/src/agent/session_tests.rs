@@ -17,6 +17,8 @@ struct Fake {
     fetches: VecDeque<(u64, String)>,
     /// Functions served to other agents.
     shelf: HashSet<u64>,
+    /// Pieces of functions served as they come: `(function, bytes)`.
+    pieces: Vec<(u64, usize)>,
 }
 
 impl AgentComm for Fake {
@@ -41,6 +43,9 @@ impl AgentComm for Fake {
     }
     fn fetch(&mut self, fn_id: FnId, _needs: Vec<FnId>, from: String) {
         self.fetches.push_back((fn_id.0, from));
+    }
+    fn shelve_piece(&mut self, fn_id: FnId, _total: usize, piece: Bytes) {
+        self.pieces.push((fn_id.0, piece.len()));
     }
     fn shelve(&mut self, fn_id: FnId, bytes: Option<Bytes>) {
         match bytes {
@@ -548,4 +553,30 @@ fn tasks_of_a_function_another_agent_sends_wait_for_it_and_it_is_served_in_turn(
     h.message(ToAgent::Forget { fn_id: big }, 10).unwrap();
     assert!(!h.comm.shelf.contains(&big), "what it forgets it serves no more");
     assert_eq!(h.exec(), vec![(0, format!("forget {big}"))]);
+}
+
+#[test]
+fn a_function_sent_in_pieces_is_served_as_they_come_and_runs_once_whole() {
+    let mut h = Harness::new(1);
+    let (big, total) = (31, 10);
+    let piece = |h: &mut Harness, bytes: &'static [u8], ms| {
+        let msg = ToAgent::Piece { fn_id: big, needs: Vec::new(), total };
+        h.s.on_message(msg, Bytes::from_static(bytes), h.at(ms), &mut h.comm)
+    };
+    piece(&mut h, b"0123", 0).unwrap();
+    h.message(ToAgent::Task { task: 1, attempt: 1, fn_id: big, timeout_ms: 0 }, 0).unwrap();
+    assert!(h.exec().is_empty(), "the task waits for the rest");
+    piece(&mut h, b"4567", 1).unwrap();
+    assert!(!h.comm.shelf.contains(&big));
+    piece(&mut h, b"89", 2).unwrap();
+    assert_eq!(h.comm.pieces, vec![(big, 4), (big, 4), (big, 2)]);
+    assert!(h.comm.shelf.contains(&big), "served whole once whole");
+    assert_eq!(h.exec(), vec![(0, format!("function {big}")), (0, "task 1".into())]);
+    // More than it said (sent again, after a `Forget`): the orchestrator
+    // is broken, the session ends.
+    h.message(ToAgent::Forget { fn_id: big }, 3).unwrap();
+    assert_eq!(h.exec(), vec![(0, format!("forget {big}"))]);
+    piece(&mut h, b"0123", 3).unwrap();
+    let end = piece(&mut h, b"4567890", 4).unwrap_err();
+    assert!(matches!(end, SessionEnd::Protocol(ref why) if why.contains("more than its 10 bytes")), "{end}");
 }

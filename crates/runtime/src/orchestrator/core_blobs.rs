@@ -5,6 +5,7 @@
 use distripool_protocol::ToAgent;
 
 use super::{AgentLink, Core, FnEntry};
+use crate::agent::{PIECE, SPREAD_AT_LEAST};
 use crate::conn::Outgoing;
 use crate::ids::{FnId, WorkerId};
 use crate::orchestrator::spread::{Route, Spread};
@@ -24,24 +25,41 @@ impl Core {
         fn_id: FnId,
     ) {
         let entry = &fns[&fn_id];
+        let pieces = spread.serves_others(worker);
         for &need in &entry.needs {
             if link.fns.insert(need) {
                 let route = spread.route(need, fns[&need].bytes.len(), worker);
-                Self::queue(dirty, worker, link, Self::blob_frame(need, &fns[&need], route));
+                for out in Self::blob_frames(need, &fns[&need], route, pieces) {
+                    Self::queue(dirty, worker, link, out);
+                }
             }
         }
         let route = spread.route(fn_id, entry.bytes.len(), worker);
-        Self::queue(dirty, worker, link, Self::blob_frame(fn_id, entry, route));
+        for out in Self::blob_frames(fn_id, entry, route, pieces) {
+            Self::queue(dirty, worker, link, out);
+        }
     }
 
-    /// The frame that gives an agent blob `fn_id` by `route`: the blob; the
+    /// The frames that give an agent blob `fn_id` by `route`: the blob (in
+    /// pieces, to an agent that passes a large one on as it arrives); the
     /// agent to fetch it from; or, to wait, that it comes later.
-    fn blob_frame(fn_id: FnId, entry: &FnEntry, route: Route) -> Outgoing<ToAgent> {
-        let (fn_id, needs) = (fn_id.0, entry.needs.iter().map(|n| n.0).collect());
+    fn blob_frames(fn_id: FnId, entry: &FnEntry, route: Route, pieces: bool) -> Vec<Outgoing<ToAgent>> {
+        let (fn_id, needs): (u64, Vec<u64>) = (fn_id.0, entry.needs.iter().map(|n| n.0).collect());
+        let bytes = &entry.bytes;
         match route {
-            Route::Direct => Outgoing::with_payload(ToAgent::Function { fn_id, needs }, entry.bytes.clone()),
-            Route::From(addr) => Outgoing::new(ToAgent::Fetch { fn_id, needs, from: Some(addr) }),
-            Route::Wait => Outgoing::new(ToAgent::Fetch { fn_id, needs, from: None }),
+            Route::Direct if pieces && bytes.len() >= SPREAD_AT_LEAST => {
+                let total = bytes.len() as u64;
+                (0..bytes.len())
+                    .step_by(PIECE)
+                    .map(|at| {
+                        let msg = ToAgent::Piece { fn_id, needs: needs.clone(), total };
+                        Outgoing::with_payload(msg, bytes.slice(at..bytes.len().min(at + PIECE)))
+                    })
+                    .collect()
+            }
+            Route::Direct => vec![Outgoing::with_payload(ToAgent::Function { fn_id, needs }, bytes.clone())],
+            Route::From(addr) => vec![Outgoing::new(ToAgent::Fetch { fn_id, needs, from: Some(addr) })],
+            Route::Wait => vec![Outgoing::new(ToAgent::Fetch { fn_id, needs, from: None })],
         }
     }
 
@@ -51,7 +69,9 @@ impl Core {
             return;
         };
         if link.fns.contains(&fn_id) && route != Route::Wait {
-            Self::queue(&mut self.dirty_agents, worker, link, Self::blob_frame(fn_id, entry, route));
+            for out in Self::blob_frames(fn_id, entry, route, self.spread.serves_others(worker)) {
+                Self::queue(&mut self.dirty_agents, worker, link, out);
+            }
         }
     }
 }

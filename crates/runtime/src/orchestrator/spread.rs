@@ -100,6 +100,12 @@ impl Spread {
         self.serving.insert(worker, addr);
     }
 
+    /// Whether `worker` serves other agents (it is then sent a large
+    /// function in pieces, to pass each on as it arrives).
+    pub(crate) fn serves_others(&self, worker: WorkerId) -> bool {
+        self.serving.contains_key(&worker)
+    }
+
     /// How `worker` gets `fn_id`, `len` bytes long, which it needs now.
     pub(crate) fn route(&mut self, fn_id: FnId, len: usize, worker: WorkerId) -> Route {
         if len < SPREAD_AT_LEAST {
