@@ -62,6 +62,8 @@ impl PeerKeys {
 pub(crate) struct PeerServer {
     pub(crate) addr: SocketAddr,
     pub(crate) shelf: Arc<Shelf>,
+    /// Connections from other agents it may still take.
+    at_once: Arc<Semaphore>,
     _task: AbortOnDrop<()>,
 }
 
@@ -77,8 +79,22 @@ impl PeerServer {
         });
         let (listener, addr) = bound.await.map_err(std::io::Error::other)??;
         let shelf = Arc::new(Shelf::default());
-        let task = spawn(serve(listener, shelf.clone(), keys, max_frame));
-        Ok(Self { addr, shelf, _task: AbortOnDrop(task) })
+        let at_once = Arc::new(Semaphore::new(SERVING_AT_ONCE));
+        let task = spawn(serve(listener, shelf.clone(), at_once.clone(), keys, max_frame));
+        Ok(Self { addr, shelf, at_once, _task: AbortOnDrop(task) })
+    }
+}
+
+impl Drop for PeerServer {
+    /// Its session ended: requests still waiting end now.
+    fn drop(&mut self) {
+        let busy = SERVING_AT_ONCE - self.at_once.available_permits();
+        if busy > 0 {
+            tracing::info!(
+                "the session ended while {busy} agents fetched from this one; they get it elsewhere"
+            );
+        }
+        self.shelf.close();
     }
 }
 
@@ -102,8 +118,13 @@ where
     rt.spawn(task)
 }
 
-async fn serve(listener: TcpListener, shelf: Arc<Shelf>, keys: PeerKeys, max_frame: usize) {
-    let at_once = Arc::new(Semaphore::new(SERVING_AT_ONCE));
+async fn serve(
+    listener: TcpListener,
+    shelf: Arc<Shelf>,
+    at_once: Arc<Semaphore>,
+    keys: PeerKeys,
+    max_frame: usize,
+) {
     loop {
         let Ok((tcp, from)) = listener.accept().await else {
             // Out of descriptors, say: let the condition pass.

@@ -119,3 +119,32 @@ async fn a_request_waits_for_a_function_still_arriving_and_gives_up_at_its_limit
     shelf.remove(FnId(1));
     assert!(shelf.get(FnId(1)).is_none());
 }
+
+#[tokio::test]
+async fn requests_end_when_the_serving_session_does() {
+    // One waits for a function not there yet, one for the rest of one
+    // still coming; the server's session ends: both fail now, not after
+    // the wait's limit.
+    let a = PeerServer::listen(LOCAL, keys(b"k"), MAX).await.unwrap();
+    let whole = blob(2 * PIECE);
+    let coming = a.shelf.coming(FnId(6), whole.len());
+    coming.push(whole.slice(..PIECE));
+    let from = a.addr.to_string();
+    let fetch_of = |id: u64| {
+        let from = from.clone();
+        tokio::spawn(async move { fetch(&from, FnId(id), &keys(b"k"), MAX, None, |_| true).await })
+    };
+    let (absent, halfway) = (fetch_of(7), fetch_of(6));
+    // Both requests are in once the server holds two connections' permits.
+    while a.at_once.available_permits() > SERVING_AT_ONCE - 2 {
+        tokio::task::yield_now().await;
+    }
+    drop(a);
+    // Not served: "does not hold it" (before any piece), or the connection
+    // closed (after some); either way the fetcher then gets it elsewhere.
+    let limit = Duration::from_secs(30);
+    for fetching in [absent, halfway] {
+        let e = tokio::time::timeout(limit, fetching).await.expect("ended").unwrap().unwrap_err();
+        assert!(e.to_string().contains("does not hold it") || matches!(e, Error::Io(_)), "{e}");
+    }
+}

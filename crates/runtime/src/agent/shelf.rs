@@ -72,6 +72,8 @@ impl Coming {
 pub(crate) struct Shelf {
     held: Mutex<HashMap<FnId, Held>>,
     arrived: Notify,
+    /// Its session ended: nothing more comes, and requests end now.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl Shelf {
@@ -106,6 +108,18 @@ impl Shelf {
         self.lock().remove(&fn_id);
     }
 
+    /// The session ended: what is still coming never will, and requests
+    /// waiting for a function end (their agents then get it elsewhere).
+    pub(crate) fn close(&self) {
+        self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+        for held in self.lock().drain().map(|(_, h)| h) {
+            if let Held::Coming(c) = held {
+                c.fail();
+            }
+        }
+        self.arrived.notify_waiters();
+    }
+
     pub(crate) fn get(&self, fn_id: FnId) -> Option<Held> {
         self.lock().get(&fn_id).cloned()
     }
@@ -118,6 +132,9 @@ impl Shelf {
             let arrived = self.arrived.notified();
             tokio::pin!(arrived);
             arrived.as_mut().enable();
+            if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
+                return None;
+            }
             if let Some(held) = self.get(fn_id) {
                 return Some(held);
             }
