@@ -29,6 +29,7 @@ struct Values {
     retried: u64,
     sent: u64,
     received: u64,
+    fetched: u64,
     refused: Vec<(&'static str, u64)>,
 }
 
@@ -45,6 +46,7 @@ impl Values {
             retried: load(&stats.tasks_retried),
             sent: load(&stats.bytes_sent),
             received: load(&stats.bytes_received),
+            fetched: load(&stats.functions_fetched),
             refused: Refusal::ALL.iter().map(|r| (r.as_str(), load(&stats.refused[*r as usize]))).collect(),
         }
     }
@@ -115,6 +117,12 @@ impl Collector for Values {
             "Message bytes received from workers, before encryption.",
             self.received,
         )?;
+        counter(
+            &mut enc,
+            "distripool_functions_fetched",
+            "Large functions workers fetched from one another rather than from here.",
+            self.fetched,
+        )?;
         let mut m = enc.encode_descriptor(
             "distripool_worker_connections_refused",
             "Connections refused before they became a worker, by reason.",
@@ -184,6 +192,7 @@ mod tests {
             "distripool_task_duration_seconds_bucket{le=\"+Inf\"} 3",
             "distripool_bytes_sent_total 0",
             "distripool_bytes_received_total 0",
+            "distripool_functions_fetched_total 0",
             "distripool_worker_connections_refused_total{reason=\"auth\"} 2",
         ] {
             assert!(text.lines().any(|l| l == line), "{line:?} missing from:\n{text}");
