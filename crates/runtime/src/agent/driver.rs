@@ -11,7 +11,6 @@ use tokio::sync::{mpsc, watch};
 
 use super::peers::{self, PeerKeys, PeerServer, Shelf};
 use super::session::{AgentComm, Session};
-use super::shelf::Coming;
 use super::usage::UsageMeter;
 use super::AgentConfig;
 use crate::conn::{write_batches, AbortOnDrop, FrameReader, FrameWriter, Outgoing, SessionEnd};
@@ -32,8 +31,6 @@ struct Processes {
     /// Fetches from other agents under way, and where they end.
     fetches: Vec<AbortOnDrop<()>>,
     fetched: mpsc::UnboundedSender<(FnId, Result<Bytes, String>)>,
-    /// Functions the orchestrator is sending in pieces, as other agents see them.
-    coming: std::collections::HashMap<FnId, Arc<Coming>>,
 }
 
 impl AgentComm for Processes {
@@ -83,12 +80,11 @@ impl AgentComm for Processes {
 
     fn shelve_piece(&mut self, fn_id: FnId, total: usize, piece: Bytes) {
         if let Some(shelf) = &self.shelf {
-            self.coming.entry(fn_id).or_insert_with(|| shelf.coming(fn_id, total)).push(piece);
+            shelf.coming(fn_id, total).push(piece);
         }
     }
 
     fn shelve(&mut self, fn_id: FnId, bytes: Option<Bytes>) {
-        self.coming.remove(&fn_id);
         if let Some(shelf) = &self.shelf {
             match bytes {
                 Some(b) => shelf.put(fn_id, b),
@@ -187,7 +183,6 @@ where
         peer_keys: PeerKeys::new(&config.security, timing),
         fetches: Vec::new(),
         fetched: fetched_tx,
-        coming: Default::default(),
     };
     let mut s = match Session::start(config.processes, &mut comm) {
         Ok(s) => s,

@@ -64,8 +64,9 @@ impl Functions {
     }
 
     /// Keep `q` aside if its function is still coming; else hand it back.
+    /// On every task's path: nothing to look up while nothing is coming.
     pub(crate) fn hold_if_coming(&mut self, q: Queued) -> Option<Queued> {
-        if self.is_coming(q.fn_id) {
+        if !self.coming.is_empty() && self.is_coming(q.fn_id) {
             self.waiting.push_back(q);
             return None;
         }

@@ -217,6 +217,7 @@ pub(crate) async fn fetch(
     writer.flush().await?;
     let mut whole = BytesMut::new();
     let mut coming = None;
+    let mut coming_total = None;
     let received = async {
         loop {
             let frame =
@@ -234,6 +235,10 @@ pub(crate) async fn fetch(
                 }
             };
             let total = usize::try_from(total).unwrap_or(usize::MAX);
+            if coming_total.is_some_and(|t| t != total) {
+                return Err(refused(format!("the agent at {from} changed the function's length mid-way")));
+            }
+            coming_total = Some(total);
             if total > max_frame {
                 return Err(refused(format!(
                     "the function is {total} bytes, past the frame limit of {max_frame}"

@@ -136,9 +136,12 @@ async fn requests_end_when_the_serving_session_does() {
     };
     let (absent, halfway) = (fetch_of(7), fetch_of(6));
     // Both requests are in once the server holds two connections' permits.
-    while a.at_once.available_permits() > SERVING_AT_ONCE - 2 {
-        tokio::task::yield_now().await;
-    }
+    let accepted = async {
+        while a.at_once.available_permits() > SERVING_AT_ONCE - 2 {
+            tokio::task::yield_now().await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), accepted).await.expect("both connections accepted");
     drop(a);
     // Not served: "does not hold it" (before any piece), or the connection
     // closed (after some); either way the fetcher then gets it elsewhere.

@@ -87,10 +87,16 @@ impl Shelf {
         self.arrived.notify_waiters();
     }
 
-    /// It is being fetched: its pieces go into the returned [`Coming`].
+    /// It is arriving: its pieces go into the returned [`Coming`], the one
+    /// already on the shelf if it is there.
     pub(crate) fn coming(&self, fn_id: FnId, total: usize) -> Arc<Coming> {
+        let mut held = self.lock();
+        if let Some(Held::Coming(c)) = held.get(&fn_id) {
+            return c.clone();
+        }
         let coming = Arc::new(Coming { total, pieces: Mutex::default(), grew: Notify::new() });
-        self.lock().entry(fn_id).or_insert_with(|| Held::Coming(coming.clone()));
+        held.entry(fn_id).or_insert_with(|| Held::Coming(coming.clone()));
+        drop(held);
         self.arrived.notify_waiters();
         coming
     }
