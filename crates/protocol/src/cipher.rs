@@ -189,17 +189,31 @@ impl Sealer {
         out: &mut Vec<u8>,
         threads: usize,
     ) -> Result<(), CipherError> {
+        let start = out.len();
+        out.resize(start + wire_len(plain.len()), 0);
+        self.seal_records_into(plain, &mut out[start..], threads)
+    }
+
+    /// [`seal_records`](Self::seal_records) into `out`, which is exactly
+    /// [`wire_len`]`(plain.len())` bytes long: every byte of it is written,
+    /// so memory reused from an earlier piece need not be cleared first.
+    pub fn seal_records_into(
+        &mut self,
+        plain: &[u8],
+        out: &mut [u8],
+        threads: usize,
+    ) -> Result<(), CipherError> {
+        assert_eq!(out.len(), wire_len(plain.len()), "room for exactly the records of the plaintext");
         let records = plain.len().div_ceil(RECORD_MAX);
         let in_key = (REKEY_INTERVAL - self.0.counter % REKEY_INTERVAL).min(records as u64) as usize;
         let (now, later) = plain.split_at((in_key * RECORD_MAX).min(plain.len()));
-        let start = out.len();
-        out.resize(start + wire_len(now.len()), 0);
+        let (out, out_later) = out.split_at_mut(wire_len(now.len()));
         let per = in_key.div_ceil(threads.max(1)).max(1);
         let (key, first) = (&self.0.key, self.0.counter);
         let mut results = Vec::new();
         let runs: Vec<&[u8]> = now.chunks(per * RECORD_MAX).collect();
         std::thread::scope(|s| {
-            let mut wire = &mut out[start..];
+            let mut wire = out;
             let mut handles = Vec::new();
             for (i, &run) in runs.iter().enumerate() {
                 let (mine, rest) = std::mem::take(&mut wire).split_at_mut(wire_len(run.len()));
@@ -224,12 +238,12 @@ impl Sealer {
             return Ok(());
         }
         // Under the next key, from its first record.
-        self.seal_records(later, out, threads)
+        self.seal_records_into(later, out_later, threads)
     }
 }
 
 /// Wire bytes of `plain` cut into records.
-fn wire_len(plain: usize) -> usize {
+pub fn wire_len(plain: usize) -> usize {
     plain + plain.div_ceil(RECORD_MAX) * (RECORD_PREFIX + TAG_LEN)
 }
 
@@ -374,6 +388,12 @@ mod tests {
                 assert_eq!(&out[..4], b"kept");
                 assert!(out[4..] == expect[..], "{threads} threads from record {before}");
                 assert_eq!(many.send.0.counter, one.send.0.counter);
+                // Into memory an earlier piece left its bytes in.
+                let (mut again, _) = pair();
+                again.send.0.counter = before;
+                let mut reused = vec![0xa5u8; wire_len(plain.len())];
+                again.send.seal_records_into(&plain, &mut reused, threads).unwrap();
+                assert!(reused == expect, "{threads} threads into reused memory from record {before}");
             }
             let mut out = Vec::new();
             many.send.seal_records(&plain, &mut out, 2).unwrap();

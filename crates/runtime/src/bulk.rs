@@ -1,8 +1,9 @@
 //! Large payloads sealed on several threads at once.
 //!
-//! A connection's writer seals everything it sends; one core seals about
-//! 1.8 GiB/s, so a 64 MiB argument costs ~35 ms of sealing on each end
-//! before anything else can happen to it. A run of whole records is sealed
+//! A connection's writer seals everything it sends: a copy and a pass of
+//! AES-GCM over every byte (one core seals about 6 GiB/s here, into memory
+//! already mapped), which a 64 MiB argument would otherwise wait for on one
+//! thread before anything else can happen to it. A run of whole records is sealed
 //! instead by [`Sealer::seal_records`] on up to [`threads`] threads, in
 //! pieces of [`PIECE`] bytes, each into a buffer shared by all connections
 //! (a piece is written whole before its buffer goes back).
@@ -23,11 +24,10 @@ const MAX_THREADS: usize = 4;
 
 static IDLE: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
 
-/// An empty buffer for a piece's records.
+/// A buffer for a piece's records, holding what the last piece left in it:
+/// the sealer overwrites every byte it uses, so nothing is cleared.
 pub fn take() -> Vec<u8> {
-    let mut buf = IDLE.lock().unwrap_or_else(|e| e.into_inner()).pop().unwrap_or_default();
-    buf.clear();
-    buf
+    IDLE.lock().unwrap_or_else(|e| e.into_inner()).pop().unwrap_or_default()
 }
 
 /// Give a buffer back for the next piece.

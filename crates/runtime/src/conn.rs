@@ -14,7 +14,7 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use distripool_protocol::cipher::{RECORD_MAX, RECORD_PREFIX, TAG_LEN};
+use distripool_protocol::cipher::{self, RECORD_MAX, RECORD_PREFIX, TAG_LEN};
 use distripool_protocol::{
     frame, handshake::HandshakeMsg, Binding, ClientHandshake, Frame, FrameDecoder, Opener, Sealer,
     ServerHandshake, SessionKeys, HANDSHAKE_MAX_FRAME,
@@ -359,8 +359,12 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     async fn seal_piece(&mut self, plain: &[u8]) -> Result<()> {
         let Some(sealer) = &mut self.sealer else { return Ok(()) };
         let mut buf = bulk::take();
-        sealer.seal_records(plain, &mut buf, bulk::threads())?;
-        self.inner.write_all(&buf).await?;
+        let len = cipher::wire_len(plain.len());
+        if buf.len() < len {
+            buf.resize(len, 0);
+        }
+        sealer.seal_records_into(plain, &mut buf[..len], bulk::threads())?;
+        self.inner.write_all(&buf[..len]).await?;
         bulk::give(buf);
         Ok(())
     }
