@@ -87,10 +87,14 @@ pub enum ToPeer {
 
 /// The answer: the function's pieces in order, each a frame whose payload
 /// is the next piece of its `total` bytes; or that it is not held here.
+/// While the server waits for the function (or its next piece) to reach it,
+/// it says so every heartbeat, so that a fetcher can tell a source still
+/// receiving from one that has stopped.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FromPeer {
     Piece { fn_id: u64, total: u64 },
     Missing { fn_id: u64 },
+    Waiting { fn_id: u64 },
 }
 
 /// What an agent says about itself when it joins, so that an operator (or a

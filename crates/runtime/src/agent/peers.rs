@@ -39,6 +39,8 @@ pub const SPREAD_AT_LEAST: usize = 1 << 20;
 const SERVING_AT_ONCE: usize = 64;
 /// How long a request waits for a function this agent is still receiving.
 const WAIT_FOR_FUNCTION: Duration = Duration::from_secs(600);
+/// How often a fetch that goes on says how far it has got, in the log.
+const TELL_EVERY: Duration = Duration::from_secs(30);
 
 /// How an agent reaches other agents: the cluster's key and binding.
 #[derive(Clone)]
@@ -158,9 +160,12 @@ async fn serve_one(mut tcp: TcpStream, shelf: &Shelf, keys: &PeerKeys, max_frame
         .ok_or_else(|| closed("the agent fetching a function"))?;
     let ToPeer::Fetch { fn_id } = request.message::<ToPeer>()?;
     let mut sent = 0;
+    let every = keys.timing.heartbeat;
     // Whole, or as it comes; if its fetch fails, whole once the orchestrator
     // sends it, from where the pieces stopped.
-    while let Some(held) = shelf.wait_for(FnId(fn_id), WAIT_FOR_FUNCTION).await {
+    while let Some(held) =
+        waiting(&mut writer, fn_id, every, shelf.wait_for(FnId(fn_id), WAIT_FOR_FUNCTION)).await?
+    {
         let total = match &held {
             Held::Whole(b) => b.len(),
             Held::Coming(c) => c.total,
@@ -168,7 +173,7 @@ async fn serve_one(mut tcp: TcpStream, shelf: &Shelf, keys: &PeerKeys, max_frame
         while sent < total {
             let piece = match &held {
                 Held::Whole(b) => b.slice(sent..total.min(sent + PIECE)),
-                Held::Coming(c) => match c.piece_at(sent).await {
+                Held::Coming(c) => match waiting(&mut writer, fn_id, every, c.piece_at(sent)).await? {
                     Some(p) => p,
                     None => break,
                 },
@@ -188,6 +193,26 @@ async fn serve_one(mut tcp: TcpStream, shelf: &Shelf, keys: &PeerKeys, max_frame
     // Wait for the fetcher to close: it has everything once it does.
     let _ = tokio::time::timeout(keys.timing.silence, reader.read_frame()).await;
     Ok(())
+}
+
+/// Wait for `until`, telling the fetcher every `every` that the function
+/// is still on its way here.
+async fn waiting<T>(
+    writer: &mut FrameWriter<OwnedWriteHalf>,
+    fn_id: u64,
+    every: Duration,
+    until: impl std::future::Future<Output = T>,
+) -> Result<T> {
+    let mut until = std::pin::pin!(until);
+    loop {
+        tokio::select! {
+            done = &mut until => return Ok(done),
+            () = tokio::time::sleep(every) => {
+                writer.write(&FromPeer::Waiting { fn_id }, b"").await?;
+                writer.flush().await?;
+            }
+        }
+    }
 }
 
 /// Fetch function `fn_id` from the agent serving at `from`; it must be the
@@ -210,19 +235,39 @@ pub(crate) async fn fetch(
         tokio::time::timeout(keys.timing.handshake, client_handshake(&mut tcp, &keys.key, &keys.binding))
             .await
             .map_err(|_| Error::Timeout("handshake with the agent that holds the function"))??;
-    // No silence limit: the other agent may still be receiving the function
-    // (the kernel's keepalive notices a peer that is gone).
-    let (mut reader, mut writer) = framed(tcp, keys, session_keys, PIECE + 4096, 1 << 16);
+    // A source still receiving the function says so every heartbeat; one
+    // silent past the limit (stopped, cut off) fails the fetch, and the
+    // orchestrator sends the function instead.
+    let (reader, mut writer) = framed(tcp, keys, session_keys, PIECE + 4096, 1 << 16);
+    let mut reader = reader.with_silence_limit(keys.timing.silence);
     writer.write(&ToPeer::Fetch { fn_id: fn_id.0 }, b"").await?;
     writer.flush().await?;
     let mut whole = BytesMut::new();
     let mut coming = None;
     let mut coming_total = None;
+    let started = std::time::Instant::now();
+    let mut told = started;
     let received = async {
         loop {
             let frame =
                 reader.read_frame().await?.ok_or_else(|| closed("the agent that holds the function"))?;
-            let total = match frame.message::<FromPeer>()? {
+            let message = frame.message::<FromPeer>()?;
+            if told.elapsed() >= TELL_EVERY {
+                told = std::time::Instant::now();
+                let total = coming_total.map_or("?".to_string(), |t: usize| format!("{:.1}", mib(t)));
+                let why = match message {
+                    FromPeer::Waiting { .. } => ", which is still receiving it itself",
+                    _ => "",
+                };
+                tracing::info!(
+                    "fetching function {:x} from the agent at {from}{why}: {:.1} of {total} MiB after {:.0} s",
+                    fn_id.0,
+                    mib(whole.len()),
+                    started.elapsed().as_secs_f64()
+                );
+            }
+            let total = match message {
+                FromPeer::Waiting { fn_id: got } if got == fn_id.0 => continue,
                 FromPeer::Piece { fn_id: got, total } if got == fn_id.0 => total,
                 FromPeer::Piece { fn_id: got, .. } => {
                     return Err(refused(format!(
@@ -232,6 +277,12 @@ pub(crate) async fn fetch(
                 }
                 FromPeer::Missing { .. } => {
                     return Err(refused(format!("the agent at {from} does not hold it")))
+                }
+                FromPeer::Waiting { fn_id: got } => {
+                    return Err(refused(format!(
+                        "the agent at {from} is waiting for function {got:x}, not {:x}",
+                        fn_id.0
+                    )))
                 }
             };
             let total = usize::try_from(total).unwrap_or(usize::MAX);
@@ -283,6 +334,10 @@ pub(crate) async fn fetch(
         shelf.failed(fn_id, c);
     }
     outcome
+}
+
+fn mib(bytes: usize) -> f64 {
+    bytes as f64 / f64::from(1 << 20)
 }
 
 fn refused(why: String) -> Error {

@@ -2,6 +2,7 @@
 
 use super::super::shelf::Coming;
 use super::*;
+use tokio::io::AsyncReadExt;
 
 fn keys(key: &[u8]) -> PeerKeys {
     let security = Security { key: key.to_vec(), ..Security::default() };
@@ -150,4 +151,62 @@ async fn requests_end_when_the_serving_session_does() {
         let e = tokio::time::timeout(limit, fetching).await.expect("ended").unwrap().unwrap_err();
         assert!(e.to_string().contains("does not hold it") || matches!(e, Error::Io(_)), "{e}");
     }
+}
+
+/// Keys whose heartbeat and silence limit are short.
+fn quick_keys() -> PeerKeys {
+    let security = Security { key: b"k".to_vec(), ..Security::default() };
+    let timing = Timing {
+        heartbeat: Duration::from_millis(50),
+        silence: Duration::from_millis(300),
+        ..Timing::default()
+    };
+    PeerKeys::new(&security, timing)
+}
+
+#[tokio::test]
+async fn a_fetch_outlasts_the_silence_limit_while_its_source_still_receives_the_function() {
+    let a = PeerServer::listen(LOCAL, quick_keys(), MAX).await.unwrap();
+    let whole = blob(PIECE + 3);
+    let coming = a.shelf.coming(FnId(8), whole.len());
+    coming.push(whole.slice(..PIECE));
+    let from = a.addr.to_string();
+    let expect = whole.clone();
+    let fetching =
+        tokio::spawn(async move { fetch(&from, FnId(8), &quick_keys(), MAX, None, same(&expect)).await });
+    // The rest reaches the source after several of the fetcher's silence
+    // limits; the source says it is waiting meanwhile.
+    tokio::time::sleep(4 * quick_keys().timing.silence).await;
+    assert!(!fetching.is_finished(), "the fetch ended while its source was still receiving");
+    coming.push(whole.slice(PIECE..));
+    let got = tokio::time::timeout(Duration::from_secs(30), fetching).await.expect("fetched");
+    assert_eq!(got.unwrap().unwrap(), whole);
+}
+
+#[tokio::test]
+async fn a_fetch_from_a_source_gone_silent_fails_at_the_silence_limit() {
+    // A source that answers the handshake and the request, then says
+    // nothing more (stopped, or cut off without a reset).
+    let listener = TcpListener::bind((LOCAL, 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let keys = quick_keys();
+    let binding = keys.binding.clone();
+    let (held, mut hold) = tokio::sync::oneshot::channel::<()>();
+    let silent = tokio::spawn(async move {
+        let (mut tcp, _) = listener.accept().await.unwrap();
+        server_handshake(&mut tcp, b"k", &binding, 0).await.unwrap();
+        let _ = held.send(());
+        // Keep the connection open, saying nothing.
+        let mut sink = Vec::new();
+        let _ = tcp.read_to_end(&mut sink).await;
+    });
+    let started = std::time::Instant::now();
+    let e = tokio::time::timeout(Duration::from_secs(30), fetch(&addr, FnId(9), &keys, MAX, None, |_| true))
+        .await
+        .expect("the fetch ends")
+        .unwrap_err();
+    assert!(matches!(e, Error::Timeout(_)), "{e}");
+    assert!(hold.try_recv().is_ok(), "the handshake was made");
+    assert!(started.elapsed() >= keys.timing.silence, "ended after {:?}", started.elapsed());
+    silent.abort();
 }
