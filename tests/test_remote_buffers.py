@@ -7,12 +7,15 @@ agent owns."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 
 from distripool import Pool, _native
 from workloads import (
     Blob,
     crash_first_time,
+    function_memfds,
     identity,
     keep,
     kept,
@@ -75,6 +78,25 @@ def test_an_argument_a_remote_task_keeps_is_never_overwritten(one_executor):
     for s in range(4, 8):  # same size: the agent's memfd would be reused if free
         assert bytes(p.apply(identity, (Blob(bytearray(_big(2 * MIB, s))),)).data) == _big(2 * MIB, s)
     assert p.apply(kept, (0,)) == first
+
+
+def test_a_large_function_reaches_every_executor_through_one_memfd_of_the_agents(keyed, spawn_worker):
+    orch, key = keyed
+    worker = spawn_worker(orch.addresses[0], key=key, processes=2)
+    if not orch.wait_for_workers(1, timeout=60):
+        pytest.fail(f"the worker did not connect:\n{worker.log()}")
+    big = _big(4 * MIB, 9)
+    with Pool(orchestrator=orch) as p:
+        # Both executors up, and each has said it can open the agent's memfds.
+        assert p.map(abs, range(-8, 0), chunksize=1) == list(range(8, 0, -1))
+        out = p.map(functools.partial(function_memfds, big), [0.05] * 8, chunksize=1)
+    assert all(n == len(big) for _, _, n in out)
+    by_executor = {pid: inodes for pid, inodes, _ in out}
+    assert len(by_executor) == 2, f"the tasks ran on {sorted(by_executor)} only"
+    # Each maps the function's memfd, and it is the same one: the agent
+    # copied the function once for both.
+    assert all(len(inodes) == 1 for inodes in by_executor.values()), by_executor
+    assert len({inodes[0] for inodes in by_executor.values()}) == 1, by_executor
 
 
 def test_several_large_buffers_in_one_payload_keep_their_places(remote):

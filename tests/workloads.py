@@ -72,6 +72,25 @@ def reply_memfd_owners():
     return sorted({key[0] for key in _replies._reply_maps}), os.getppid()
 
 
+def function_memfds(big, pause):
+    """``(this executor's pid, the inodes of the agent memfds it maps that
+    are at least as large as big, the length of big)``, after ``pause``
+    seconds (so that the tasks of a map spread over the executors)."""
+    import os
+    import time
+
+    time.sleep(pause)
+    inodes = set()
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            if len(fields) >= 6 and fields[5].startswith("/memfd:distripool-agent"):
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                if end - start >= len(big):
+                    inodes.add(int(fields[4]))
+    return os.getpid(), sorted(inodes), len(big)
+
+
 def poke(blob, at):
     """Flip one byte of a ``Blob`` argument in place; return it."""
     view = memoryview(blob.data)

@@ -22,7 +22,9 @@ BODY_HEADER = 17
 # Frame kinds; the runtime's `executor.rs` defines them, and a test checks
 # these against `_native.EXECUTOR_FRAME_KINDS` (the executor does not load
 # the extension just for them).
-FUNCTION, TASK, FORGET, RESULT, RETIRE, READY, TASK_SHARED = 1, 2, 3, 4, 5, 6, 7
+FUNCTION, TASK, FORGET, RESULT, RETIRE, READY, TASK_SHARED, FUNCTION_SHARED = 1, 2, 3, 4, 5, 6, 7, 8
+# A FUNCTION_SHARED frame's memfd, after the ids it needs: fd, inode, length.
+SHARED_FUNCTION = struct.Struct("<IQQ")
 # A TASK_SHARED frame's memfds: args fd, reply fd, their inodes, the length of
 # the buffers in the args memfd (fd NO_MEMFD: none).
 SHARED = struct.Struct("<IIQQQ")
@@ -264,10 +266,37 @@ def _load(fn_id, blobs, mains):
     for need in needs:
         loaded = mains.get(need)
         if loaded is None:
-            loaded = mains[need] = _need(pickle.loads(blobs[need][0]))
+            loaded = mains[need] = _need(pickle.loads(_held(blobs[need][0])))
         if loaded is not _MODULES:
             main = loaded
-    return _Function(blob, main)
+    return _Function(_held(blob), main)
+
+
+def _held(blob):
+    """A blob's pickle; raises what went wrong if it could not be had."""
+    if isinstance(blob, BaseException):
+        raise blob
+    return blob
+
+
+def _shared_blob(payload, n):
+    """From a FUNCTION_SHARED frame: the ids it needs, and a read-only view
+    of the agent's memfd holding the pickle (or what went wrong opening it,
+    raised when a task needs it)."""
+    view = memoryview(payload)
+    needs = struct.unpack_from(f"<{n}Q", view)
+    fd, inode, length = SHARED_FUNCTION.unpack_from(view, 8 * n)
+    try:
+        import mmap
+
+        opened, _ = _replies.open_foreign(AGENT_PID, fd, inode)
+        try:
+            mapped = mmap.mmap(opened, length, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
+        finally:
+            os.close(opened)
+        return memoryview(mapped), needs
+    except Exception as exc:  # noqa: BLE001
+        return exc, needs
 
 
 _MODULES = object()  # what a need that brought modules is remembered as
@@ -506,6 +535,8 @@ def serve(sock, max_frame):
                 blobs[a] = (view[8 * b :], struct.unpack_from(f"<{b}Q", view))
             else:
                 blobs[a] = (payload, ())
+        elif kind == FUNCTION_SHARED:
+            blobs[a] = _shared_blob(payload, b)
         elif kind == FORGET:
             blobs.pop(a, None)
             loaded.pop(a, None)

@@ -20,6 +20,7 @@
 //! | 5 RETIRE | executor → agent | – | – | – |
 //! | 6 READY | executor → agent | pid | 1 if it opened the probe memfd | – |
 //! | 7 TASK_SHARED | agent → executor | task id | fn id | memfds (see below), then the envelope's head |
+//! | 8 FUNCTION_SHARED | agent → executor | fn id | n needs | n ids (u64 LE), then u32 fd, u64 inode, u64 length of the pickled function in a memfd of the agent's |
 //!
 //! RETIRE means the executor has run as many tasks as its pool allows
 //! (`maxtasksperchild`) and exits cleanly right after; whatever it was sent
@@ -39,7 +40,10 @@
 //! memfd (u32 fd), then their inodes and the buffers' length (u64 each). A
 //! RESULT's `b` says whether its buffers are in that reply memfd (bit 0: its
 //! payload then starts with their places) and whether the task kept a view
-//! of its arguments (bit 1: that memfd is never used again).
+//! of its arguments (bit 1: that memfd is never used again). A function
+//! (or a blob it needs) of 1 MiB or more goes as FUNCTION_SHARED: the agent
+//! copies it once into a memfd that all its executors map, and keeps it
+//! until the function is forgotten.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
@@ -57,7 +61,7 @@ use crate::cgroup::{self, MemoryLimit};
 use crate::conn::{write_batches, Sink};
 use crate::ids::{FnId, Generation, TaskId};
 use crate::payload::Payload;
-use crate::shared_mem::{self, Plan, Sharing};
+use crate::shared_mem::{self, FunctionMemfd, Plan, Sharing};
 
 pub const KIND_FUNCTION: u8 = 1;
 pub const KIND_TASK: u8 = 2;
@@ -66,6 +70,7 @@ pub const KIND_RESULT: u8 = 4;
 pub const KIND_RETIRE: u8 = 5;
 pub const KIND_READY: u8 = 6;
 pub const KIND_TASK_SHARED: u8 = 7;
+pub const KIND_FUNCTION_SHARED: u8 = 8;
 /// Bytes counted by `len` before the payload: kind, a, b.
 const BODY_HEADER: usize = 17;
 /// Bytes a result's frame may grow by when the agent relays it.
@@ -150,6 +155,47 @@ impl ExecWriter {
     }
 }
 
+impl ExecWriter {
+    /// A large function, through a memfd its executors share; false if it
+    /// goes as a plain FUNCTION frame after all.
+    async fn put_shared_function(
+        &mut self,
+        fn_id: FnId,
+        needs: &[FnId],
+        bytes: &Bytes,
+    ) -> crate::Result<bool> {
+        if bytes.len() < shared_mem::AT_LEAST || !lock(&self.1).can_open {
+            return Ok(false);
+        }
+        let held = lock(&self.1).functions.get(&fn_id.0).cloned();
+        let memfd = match held {
+            Some(m) => m,
+            None => {
+                // The copy blocks for milliseconds: not on the runtime's threads.
+                let copy = bytes.clone();
+                match tokio::task::spawn_blocking(move || FunctionMemfd::of(fn_id.0, &copy)).await {
+                    Ok(Ok(m)) => m,
+                    Ok(Err(e)) => {
+                        tracing::debug!("function {fn_id} goes through the socket: no memfd for it ({e})");
+                        return Ok(false);
+                    }
+                    Err(_) => return Ok(false),
+                }
+            }
+        };
+        let prefix = memfd.prefix();
+        lock(&self.1).functions.insert(fn_id.0, memfd);
+        let header =
+            encode_header(KIND_FUNCTION_SHARED, fn_id.0, needs.len() as u64, needs.len() * 8 + prefix.len());
+        self.0.write_all(&header).await?;
+        for need in needs {
+            self.0.write_all(&need.0.to_le_bytes()).await?;
+        }
+        self.0.write_all(&prefix).await?;
+        Ok(true)
+    }
+}
+
 fn lock(s: &Mutex<Sharing>) -> std::sync::MutexGuard<'_, Sharing> {
     s.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -158,6 +204,9 @@ impl Sink<ExecIn> for ExecWriter {
     async fn put(&mut self, m: ExecIn) -> crate::Result<()> {
         let (kind, a, b, payload, needs) = match m {
             ExecIn::Function { fn_id, needs, bytes } => {
+                if self.put_shared_function(fn_id, &needs, &bytes).await? {
+                    return Ok(());
+                }
                 (KIND_FUNCTION, fn_id.0, needs.len() as u64, bytes, needs)
             }
             ExecIn::Task { task, fn_id, payload } => {
@@ -166,7 +215,10 @@ impl Sink<ExecIn> for ExecWriter {
                 }
                 (KIND_TASK, task.0, fn_id.0, payload, Vec::new())
             }
-            ExecIn::Forget { fn_id } => (KIND_FORGET, fn_id.0, 0, Bytes::new(), Vec::new()),
+            ExecIn::Forget { fn_id } => {
+                lock(&self.1).functions.remove(&fn_id.0);
+                (KIND_FORGET, fn_id.0, 0, Bytes::new(), Vec::new())
+            }
         };
         // A function's needs, `b` ids of 8 bytes, come first in its body.
         self.0.write_all(&encode_header(kind, a, b, needs.len() * 8 + payload.len())).await?;
