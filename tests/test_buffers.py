@@ -4,6 +4,7 @@ passed, memory reused only when nothing maps it, nothing left open."""
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 import subprocess
@@ -13,10 +14,11 @@ import pytest
 
 import distripool
 from conftest import TESTS, wait_until
-from distripool import Pool, _envelope, _replies
+from distripool import Pool, _envelope, _functions, _replies
 from distripool import _memfds as memfds_module
 from workloads import (
     Blob,
+    blob_home,
     crash_first_time,
     identity,
     keep,
@@ -84,6 +86,39 @@ def test_out_of_band_objects_round_trip_writable_or_read_only_as_sent(any_pool):
     original = bytearray(data)
     out = pool.apply(poke, (Blob(original), 5))
     assert out.data[5] == data[5] ^ 0xFF and original == data
+
+
+def test_large_buffers_in_a_function_arrive_writable_or_read_only_as_sent(any_pool):
+    pool = any_pool
+    data = _big(2 * MIB, 3)
+    writable = functools.partial(blob_home, Blob(bytearray(data)))
+    for _, can_write, content in pool.map(writable, [False] * 4, chunksize=1):
+        assert can_write and content == data
+    # A change a task makes stays in its executor, as to an unpickled copy.
+    _, _, changed = pool.apply(writable, (True,))
+    assert changed[0] == data[0] ^ 0xFF and changed[1:] == data[1:]
+    assert bytes(writable.args[0].data) == data
+    read_only = functools.partial(blob_home, Blob(data))
+    for _, can_write, content in pool.map(read_only, [True] * 4, chunksize=1):
+        assert not can_write and content == data
+
+
+def test_a_function_blob_keeps_its_large_buffers_beside_the_pickle_aligned():
+    data = _big(2 * MIB, 4)
+    fn = functools.partial(blob_home, Blob(bytearray(data)))
+    blob = _functions.dumps(fn)
+    assert blob[0] == _envelope.FUNCTION and len(blob) < len(data) + 4096
+    # Loaded from writable memory, the buffer is a view of it, 64-byte aligned.
+    memory = bytearray(blob)
+    loaded = _envelope.load_function(memory)
+    view = memoryview(loaded.args[0].data)
+    assert view.obj is memory and not view.readonly and bytes(view) == data
+    start = blob.index(data[:4096])
+    assert start % 64 == 0 and bytes(memory[start : start + len(data)]) == data
+    # From read-only memory, a copy; small buffers stay in the pickle.
+    assert type(memoryview(_envelope.load_function(blob).args[0].data).obj) is bytearray
+    small = _functions.dumps(functools.partial(blob_home, Blob(bytearray(b"x" * 100))))
+    assert small[0] == pickle.PROTO[0] and bytes(_envelope.load_function(small).args[0].data) == b"x" * 100
 
 
 def test_a_result_the_caller_holds_is_never_overwritten(pool):

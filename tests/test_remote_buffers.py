@@ -14,6 +14,7 @@ import pytest
 from distripool import Pool, _native
 from workloads import (
     Blob,
+    blob_home,
     crash_first_time,
     function_memfds,
     identity,
@@ -64,6 +65,12 @@ def test_large_buffers_reach_the_executor_and_come_back_through_the_agents_memfd
         assert p.apply(made, (16 * MIB, seed)) == _big(16 * MIB, seed)
     owners, agent = p.apply(reply_memfd_owners)
     assert owners == [agent]
+    # A large buffer bound into the function is a view of the agent's
+    # memfd (copy-on-write), not a copy.
+    home, writable, content = p.apply(
+        functools.partial(blob_home, Blob(bytearray(_big(2 * MIB, 4)))), (False,)
+    )
+    assert (home, writable, content) == ("mmap", True, _big(2 * MIB, 4))
     # Changed in place and returned: the caller sees the change, the next
     # task a fresh argument.
     for seed in range(2):

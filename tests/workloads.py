@@ -91,6 +91,16 @@ def function_memfds(big, pause):
     return os.getpid(), sorted(inodes), len(big)
 
 
+def blob_home(blob, flip):
+    """``(what holds a Blob's memory here, whether it is writable, its bytes)``
+    for a ``Blob`` bound into the task's function (``partial``); with
+    ``flip``, its first byte is flipped in place first (when writable)."""
+    view = memoryview(blob.data)
+    if flip and not view.readonly:
+        view[0] ^= 0xFF
+    return type(view.obj).__name__, not view.readonly, bytes(view)
+
+
 def poke(blob, at):
     """Flip one byte of a ``Blob`` argument in place; return it."""
     view = memoryview(blob.data)

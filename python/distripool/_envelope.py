@@ -27,6 +27,10 @@ import threading
 
 THRESHOLD = 1 << 20
 ENVELOPE = 1
+# A pool function's blob with its large buffers beside the pickle (see
+# ``function_blob``); a blob without starts as a pickle does, with 0x80.
+FUNCTION = 2
+_FUNCTION_ALIGN = 64
 SMALL_ITEMS = 16
 # Memfds this large are written through a mapping kept for them.
 MAP_AT_LEAST = 8 << 20
@@ -151,6 +155,51 @@ class _KeepOut:
             return True
         self.bufs.append(raw)
         return False
+
+
+def function_blob(main, bufs) -> bytes:
+    """A pool function's blob: its pickle alone, or, when it has large
+    buffers (a NumPy array in a ``partial``, say), ``0x02 ‖ meta length: u32
+    LE ‖ meta`` then each buffer at the next offset that is a multiple of
+    64, where ``meta`` is the pickle of ``(pickle, [(readonly, length)])``.
+    An executor loads them as views of the memory it got the blob in (a
+    memfd its agent shares among its executors), not as copies."""
+    if not bufs:
+        return main
+    meta = pickle.dumps((main, [(b.readonly, b.nbytes) for b in bufs]), protocol=5)
+    parts = [bytes((FUNCTION,)) + _META.pack(len(meta)), meta]
+    at = 5 + len(meta)
+    for b in bufs:
+        pad = -at % _FUNCTION_ALIGN
+        parts += [bytes(pad), b]
+        at += pad + b.nbytes
+    return b"".join(parts)
+
+
+def load_function(blob):
+    """Unpickle a pool function's blob (``function_blob``). Its buffers are
+    views of ``blob`` where that is writable memory (a copy-on-write
+    mapping, a buffer of the executor's own), else copies; a buffer that was
+    read-only stays so."""
+    view = memoryview(blob)
+    if len(view) == 0 or view[0] != FUNCTION:
+        return pickle.loads(blob)
+    (n,) = _META.unpack_from(view, 1)
+    main, descs = pickle.loads(view[5 : 5 + n])
+    at = 5 + n
+    buffers = []
+    for readonly, length in descs:
+        at += -at % _FUNCTION_ALIGN
+        if at + length > len(view):
+            raise ValueError("a function's blob is cut short")
+        b = view[at : at + length]
+        at += length
+        if readonly:
+            b = b.toreadonly()
+        elif b.readonly:
+            b = bytearray(b)
+        buffers.append(b)
+    return pickle.loads(main, buffers=buffers)
 
 
 def size(main, bufs) -> int:

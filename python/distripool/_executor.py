@@ -178,7 +178,7 @@ class _Function:
         _use_main(main)
         # The authkey comes first and is taken on as it is unpickled (see
         # Authkey): proxies in the function or initargs connect at once.
-        self.authkey, self.fn, self.pool_key, self.init, self.maxtasks = pickle.loads(blob)
+        self.authkey, self.fn, self.pool_key, self.init, self.maxtasks = _envelope.load_function(blob)
 
 
 # The multiprocessing authkey this executor's tasks run with: the driver's,
@@ -280,9 +280,9 @@ def _held(blob):
 
 
 def _shared_blob(payload, n):
-    """From a FUNCTION_SHARED frame: the ids it needs, and a read-only view
-    of the agent's memfd holding the pickle (or what went wrong opening it,
-    raised when a task needs it)."""
+    """From a FUNCTION_SHARED frame: the ids it needs, and a copy-on-write
+    view of the agent's memfd holding the function's blob (or what went
+    wrong opening it, raised when a task needs it)."""
     view = memoryview(payload)
     needs = struct.unpack_from(f"<{n}Q", view)
     fd, inode, length = SHARED_FUNCTION.unpack_from(view, 8 * n)
@@ -291,7 +291,9 @@ def _shared_blob(payload, n):
 
         opened, _ = _replies.open_foreign(AGENT_PID, fd, inode)
         try:
-            mapped = mmap.mmap(opened, length, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
+            # Copy-on-write: the function's large buffers are views of it,
+            # writable as an unpickled copy would be, and shared until written.
+            mapped = mmap.mmap(opened, length, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(opened)
         return memoryview(mapped), needs

@@ -14,7 +14,7 @@ import marshal
 import sys
 import types
 
-from distripool import _main
+from distripool import _envelope, _main
 
 _pickler = None
 
@@ -35,12 +35,14 @@ def _make_pickler():
 
 
 def dumps(obj) -> bytes:
-    """Pickle a pool's function (with its settings)."""
+    """Pickle a pool's function (with its settings); its large buffers go
+    beside the pickle (``_envelope.function_blob``)."""
     import io
 
     f = io.BytesIO()
-    (_pickler or _make_pickler())(f, protocol=5).dump(obj)
-    return f.getvalue()
+    beside = _envelope._KeepOut()
+    (_pickler or _make_pickler())(f, protocol=5, buffer_callback=beside).dump(obj)
+    return _envelope.function_blob(f.getvalue(), beside.bufs)
 
 
 def dumps_inherited(obj, popen) -> bytes:
@@ -52,11 +54,12 @@ def dumps_inherited(obj, popen) -> bytes:
     from distripool import _inherited
 
     f = io.BytesIO()
-    pickler = (_inheriting or _make_inheriting())(f, protocol=5)
+    beside = _envelope._KeepOut()
+    pickler = (_inheriting or _make_inheriting())(f, protocol=5, buffer_callback=beside)
     pickler.popen = popen
     with _inherited.spawning(popen):
         pickler.dump(obj)
-    return f.getvalue()
+    return _envelope.function_blob(f.getvalue(), beside.bufs)
 
 
 _inheriting = None
