@@ -59,9 +59,10 @@ use tokio::task::JoinHandle;
 
 use crate::cgroup::{self, MemoryLimit};
 use crate::conn::{write_batches, Sink};
+use crate::function_mem::FunctionMemfd;
 use crate::ids::{FnId, Generation, TaskId};
 use crate::payload::Payload;
-use crate::shared_mem::{self, FunctionMemfd, Plan, Sharing};
+use crate::shared_mem::{self, Plan, Sharing};
 
 pub const KIND_FUNCTION: u8 = 1;
 pub const KIND_TASK: u8 = 2;

@@ -21,6 +21,7 @@ pub mod cgroup;
 pub mod conn;
 pub mod dashboard;
 pub mod executor;
+mod function_mem;
 pub mod ids;
 pub mod mailbox;
 pub mod orchestrator;

@@ -32,12 +32,12 @@ const PAGE: usize = 4096;
 
 /// One memfd and what it is known by.
 pub struct Memfd {
-    fd: OwnedFd,
+    pub(crate) fd: OwnedFd,
     inode: u64,
 }
 
 impl Memfd {
-    fn new() -> io::Result<Self> {
+    pub(crate) fn new() -> io::Result<Self> {
         // SAFETY: memfd_create returns a new descriptor we then own.
         let fd = unsafe { libc::memfd_create(NAME.as_ptr(), libc::MFD_CLOEXEC) };
         if fd < 0 {
@@ -218,51 +218,6 @@ impl AsRef<[u8]> for Slice {
     }
 }
 
-/// A large function (or blob it needs) in a memfd of its own, which every
-/// executor of the agent maps instead of reading it from its socket: one
-/// copy on the agent for all of them, and its pages shared. It lives while
-/// an executor may still be sent it, and closes with the last holder.
-pub struct FunctionMemfd {
-    memfd: Memfd,
-    len: usize,
-}
-
-impl FunctionMemfd {
-    /// The memfd holding `bytes`, function `fn_id` (content-addressed: the
-    /// same id is the same bytes): the one another executor was given, or
-    /// a new one. Blocks while it copies: call it off the runtime's threads.
-    pub fn of(fn_id: u64, bytes: &[u8]) -> io::Result<Arc<FunctionMemfd>> {
-        static HELD: Mutex<Vec<(u64, std::sync::Weak<FunctionMemfd>)>> = Mutex::new(Vec::new());
-        // Held across the copy: another executor's writer wanting the same
-        // function waits for it instead of making a second.
-        let mut held = HELD.lock().unwrap_or_else(|e| e.into_inner());
-        held.retain(|(_, w)| w.strong_count() > 0);
-        if let Some(f) = held.iter().find(|(id, _)| *id == fn_id).and_then(|(_, w)| w.upgrade()) {
-            return Ok(f);
-        }
-        let memfd = Memfd::new()?;
-        // SAFETY: plain syscall on our descriptor.
-        if unsafe { libc::ftruncate(memfd.fd.as_raw_fd(), bytes.len() as libc::off_t) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `bytes` stays borrowed for the call.
-        unsafe { distripool_memfd::write_from(memfd.fd.as_raw_fd(), bytes.as_ptr(), bytes.len(), 0)? };
-        let f = Arc::new(FunctionMemfd { memfd, len: bytes.len() });
-        held.push((fn_id, Arc::downgrade(&f)));
-        Ok(f)
-    }
-
-    /// A FUNCTION_SHARED frame's tail: u32 fd, u64 inode, u64 length.
-    pub fn prefix(&self) -> [u8; 20] {
-        let (fd, inode) = self.memfd.name();
-        let mut p = [0u8; 20];
-        p[..4].copy_from_slice(&fd.to_le_bytes());
-        p[4..12].copy_from_slice(&inode.to_le_bytes());
-        p[12..].copy_from_slice(&(self.len as u64).to_le_bytes());
-        p
-    }
-}
-
 /// `pid:fd:inode` of a memfd kept open for executors to try opening as
 /// they start; None if the agent cannot make one.
 pub fn probe() -> Option<&'static str> {
@@ -300,7 +255,7 @@ pub struct Sharing {
     /// Function id -> the size of its last large result.
     big_fns: std::collections::HashMap<u64, usize>,
     /// Large functions the executor was sent in memfds, until forgotten.
-    pub functions: std::collections::HashMap<u64, Arc<FunctionMemfd>>,
+    pub functions: std::collections::HashMap<u64, Arc<crate::function_mem::FunctionMemfd>>,
 }
 
 struct Held {

@@ -4,7 +4,9 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
+
+use crate::function_mem::{self, Assembly};
 
 use super::session::Queued;
 use crate::ids::FnId;
@@ -19,7 +21,7 @@ pub(crate) struct Functions {
     /// the order they came.
     waiting: VecDeque<Queued>,
     /// Functions the orchestrator sends in pieces: what has come.
-    assembling: HashMap<FnId, BytesMut>,
+    assembling: HashMap<FnId, Assembly>,
 }
 
 impl Functions {
@@ -90,17 +92,18 @@ impl Functions {
     ) -> Result<Option<Bytes>, String> {
         if !self.assembling.contains_key(&fn_id) {
             self.expect(fn_id, needs);
-            self.assembling.insert(fn_id, BytesMut::with_capacity(total));
+            self.assembling.insert(fn_id, Assembly::new(total));
         }
         let whole = self.assembling.get_mut(&fn_id).expect("inserted");
-        if whole.len() + piece.len() > total {
+        if !whole.push(piece, total) {
             return Err(format!("function {:x} came in pieces of more than its {total} bytes", fn_id.0));
         }
-        whole.extend_from_slice(piece);
         if whole.len() < total {
             return Ok(None);
         }
-        Ok(self.assembling.remove(&fn_id).map(BytesMut::freeze))
+        let (bytes, memfd) = self.assembling.remove(&fn_id).expect("assembling").finish();
+        function_mem::hold(fn_id.0, memfd);
+        Ok(Some(bytes))
     }
 
     /// Tasks waiting for a function.

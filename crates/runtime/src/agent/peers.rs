@@ -17,7 +17,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use distripool_protocol::{Binding, FromPeer, SessionKeys, ToPeer};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
@@ -27,6 +27,7 @@ pub(crate) use super::shelf::Shelf;
 use super::shelf::{Held, PIECE};
 
 use crate::conn::{client_handshake, server_handshake, tune_tcp, AbortOnDrop, FrameReader, FrameWriter};
+use crate::function_mem::Assembly;
 use crate::ids::FnId;
 use crate::security::Security;
 use crate::timing::Timing;
@@ -242,7 +243,7 @@ pub(crate) async fn fetch(
     let mut reader = reader.with_silence_limit(keys.timing.silence);
     writer.write(&ToPeer::Fetch { fn_id: fn_id.0 }, b"").await?;
     writer.flush().await?;
-    let mut whole = BytesMut::new();
+    let mut whole: Option<Assembly> = None;
     let mut coming = None;
     let mut coming_total = None;
     let started = std::time::Instant::now();
@@ -262,7 +263,7 @@ pub(crate) async fn fetch(
                 tracing::info!(
                     "fetching function {:x} from the agent at {from}{why}: {:.1} of {total} MiB after {:.0} s",
                     fn_id.0,
-                    mib(whole.len()),
+                    mib(whole.as_ref().map_or(0, Assembly::len)),
                     started.elapsed().as_secs_f64()
                 );
             }
@@ -295,20 +296,20 @@ pub(crate) async fn fetch(
                     "the function is {total} bytes, past the frame limit of {max_frame}"
                 )));
             }
-            if whole.len() + frame.payload.len() > total {
+            if whole.is_none() {
+                whole = Some(Assembly::new(total));
+                coming = shelf.map(|s| s.coming(fn_id, total));
+            }
+            let assembly = whole.as_mut().expect("made above");
+            if !assembly.push(&frame.payload, total) {
                 return Err(refused(format!(
                     "the agent at {from} sent more than the function's {total} bytes"
                 )));
             }
-            if whole.is_empty() {
-                whole.reserve(total);
-                coming = shelf.map(|s| s.coming(fn_id, total));
-            }
-            whole.extend_from_slice(&frame.payload);
             if let Some(c) = &coming {
                 c.push(frame.payload);
             }
-            if whole.len() == total {
+            if assembly.len() == total {
                 return Ok(());
             }
         }
@@ -318,10 +319,13 @@ pub(crate) async fn fetch(
         // Hashing a large function takes a while: not on the thread that
         // passes other functions' pieces on.
         Ok(()) => {
-            let whole = whole.freeze();
+            let (whole, memfd) = whole.expect("a whole function").finish();
             let checked = tokio::task::spawn_blocking(move || check(&whole).then_some(whole));
             match checked.await.map_err(std::io::Error::other)? {
-                Some(whole) => Ok(whole),
+                Some(whole) => {
+                    crate::function_mem::hold(fn_id.0, memfd);
+                    Ok(whole)
+                }
                 None => Err(refused(format!(
                     "the agent at {from} sent a function whose content is not {:x}",
                     fn_id.0
