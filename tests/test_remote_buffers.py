@@ -87,7 +87,9 @@ def test_an_argument_a_remote_task_keeps_is_never_overwritten(one_executor):
     assert p.apply(kept, (0,)) == first
 
 
-def test_a_large_function_reaches_every_executor_through_one_memfd_of_the_agents(keyed, spawn_worker):
+def test_a_large_function_reaches_every_executor_through_one_memfd_of_the_agents(
+    keyed, spawn_worker, tmp_path
+):
     orch, key = keyed
     worker = spawn_worker(orch.addresses[0], key=key, processes=2)
     if not orch.wait_for_workers(1, timeout=60):
@@ -96,7 +98,8 @@ def test_a_large_function_reaches_every_executor_through_one_memfd_of_the_agents
     with Pool(orchestrator=orch) as p:
         # Both executors up, and each has said it can open the agent's memfds.
         assert p.map(abs, range(-8, 0), chunksize=1) == list(range(8, 0, -1))
-        out = p.map(functools.partial(function_memfds, big), [0.05] * 8, chunksize=1)
+        # Each task waits until both executors have run one.
+        out = p.map(functools.partial(function_memfds, big), [(str(tmp_path), 2)] * 8, chunksize=1)
     assert all(n == len(big) for _, _, n in out)
     by_executor = {pid: inodes for pid, inodes, _ in out}
     assert len(by_executor) == 2, f"the tasks ran on {sorted(by_executor)} only"

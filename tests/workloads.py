@@ -72,14 +72,22 @@ def reply_memfd_owners():
     return sorted({key[0] for key in _replies._reply_maps}), os.getppid()
 
 
-def function_memfds(big, pause):
+def function_memfds(big, meet):
     """``(this executor's pid, the inodes of the agent memfds it maps that
-    are at least as large as big, the length of big)``, after ``pause``
-    seconds (so that the tasks of a map spread over the executors)."""
+    are at least as large as big, the length of big)``. ``meet`` is
+    ``(directory, n)``: each task leaves its executor's pid there and waits
+    (up to 60 s) until n executors have, so that the tasks of a map are
+    seen by every executor."""
     import os
     import time
 
-    time.sleep(pause)
+    folder, n = meet
+    open(os.path.join(folder, str(os.getpid())), "w").close()
+    deadline = time.monotonic() + 60
+    while len(os.listdir(folder)) < n:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {len(os.listdir(folder))} of {n} executors ran a task")
+        time.sleep(0.01)
     inodes = set()
     with open("/proc/self/maps") as maps:
         for line in maps:

@@ -583,6 +583,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
         ("RETIRE", x::KIND_RETIRE),
         ("READY", x::KIND_READY),
         ("TASK_SHARED", x::KIND_TASK_SHARED),
+        ("FUNCTION_SHARED", x::KIND_FUNCTION_SHARED),
     ];
     m.add("EXECUTOR_FRAME_KINDS", kinds.into_iter().collect::<std::collections::HashMap<_, _>>())?;
     Ok(())

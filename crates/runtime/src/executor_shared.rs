@@ -45,9 +45,7 @@ impl ExecWriter {
         self.0.write_all(&head).await?;
         Ok(true)
     }
-}
 
-impl ExecWriter {
     /// A large function, through a memfd its executors share; false if it
     /// goes as a plain FUNCTION frame after all.
     pub(super) async fn put_shared_function(
@@ -59,23 +57,19 @@ impl ExecWriter {
         if bytes.len() < shared_mem::AT_LEAST || !lock(&self.1).can_open {
             return Ok(false);
         }
-        let held = lock(&self.1).functions.get(&fn_id.0).cloned();
-        let memfd = match held {
-            Some(m) => m,
-            None => {
-                // The copy blocks for milliseconds: not on the runtime's threads.
-                let copy = bytes.clone();
-                match tokio::task::spawn_blocking(move || FunctionMemfd::of(fn_id.0, &copy)).await {
-                    Ok(Ok(m)) => m,
-                    Ok(Err(e)) => {
-                        tracing::debug!("function {fn_id} goes through the socket: no memfd for it ({e})");
-                        return Ok(false);
-                    }
-                    Err(_) => return Ok(false),
-                }
+        // The copy (or the wait for another executor's) blocks for
+        // milliseconds: not on the runtime's threads.
+        let copy = bytes.clone();
+        let memfd = match tokio::task::spawn_blocking(move || FunctionMemfd::of(fn_id.0, &copy)).await {
+            Ok(Ok(m)) => m,
+            Ok(Err(e)) => {
+                tracing::debug!("function {fn_id} goes through the socket: no memfd for it ({e})");
+                return Ok(false);
             }
+            Err(_) => return Ok(false),
         };
         let prefix = memfd.prefix();
+        // Kept until the function is forgotten.
         lock(&self.1).functions.insert(fn_id.0, memfd);
         let header =
             encode_header(KIND_FUNCTION_SHARED, fn_id.0, needs.len() as u64, needs.len() * 8 + prefix.len());

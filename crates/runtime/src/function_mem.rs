@@ -19,12 +19,15 @@ use crate::shared_mem::Memfd;
 /// A function in a memfd of its own. It lives while an executor may still
 /// be sent it, and closes with its last holder.
 pub struct FunctionMemfd {
-    memfd: Memfd,
+    /// The memfd, once the function is copied into it. Locked while it is
+    /// copied: another executor's writer wanting the same function waits for
+    /// that copy instead of making a second, and nothing else waits for it.
+    memfd: Mutex<Option<Memfd>>,
     len: usize,
 }
 
 /// The functions in memfds, by id (content-addressed: the same id is the
-/// same bytes), while something holds them.
+/// same bytes), while something holds them. Never locked across a copy.
 static HELD: Mutex<Vec<(u64, Weak<FunctionMemfd>)>> = Mutex::new(Vec::new());
 
 fn held() -> std::sync::MutexGuard<'static, Vec<(u64, Weak<FunctionMemfd>)>> {
@@ -39,23 +42,32 @@ impl FunctionMemfd {
     /// or a new one. Blocks while it copies: call it off the runtime's
     /// threads.
     pub fn of(fn_id: u64, bytes: &[u8]) -> io::Result<Arc<FunctionMemfd>> {
-        // Held across the copy: another executor's writer wanting the same
-        // function waits for it instead of making a second.
-        let mut held = held();
-        if let Some(f) = held.iter().find(|(id, _)| *id == fn_id).and_then(|(_, w)| w.upgrade()) {
-            return Ok(f);
+        let f = {
+            let mut held = held();
+            match held.iter().find(|(id, _)| *id == fn_id).and_then(|(_, w)| w.upgrade()) {
+                Some(f) => f,
+                None => {
+                    let f = Arc::new(FunctionMemfd { memfd: Mutex::new(None), len: bytes.len() });
+                    held.push((fn_id, Arc::downgrade(&f)));
+                    f
+                }
+            }
+        };
+        let mut memfd = f.memfd.lock().unwrap_or_else(|e| e.into_inner());
+        if memfd.is_none() {
+            let m = sized(bytes.len())?;
+            // SAFETY: `bytes` stays borrowed for the call.
+            unsafe { distripool_memfd::write_from(m.fd.as_raw_fd(), bytes.as_ptr(), bytes.len(), 0)? };
+            *memfd = Some(m);
         }
-        let memfd = sized(bytes.len())?;
-        // SAFETY: `bytes` stays borrowed for the call.
-        unsafe { distripool_memfd::write_from(memfd.fd.as_raw_fd(), bytes.as_ptr(), bytes.len(), 0)? };
-        let f = Arc::new(FunctionMemfd { memfd, len: bytes.len() });
-        held.push((fn_id, Arc::downgrade(&f)));
+        drop(memfd);
         Ok(f)
     }
 
     /// A FUNCTION_SHARED frame's tail: u32 fd, u64 inode, u64 length.
     pub fn prefix(&self) -> [u8; 20] {
-        let (fd, inode) = self.memfd.name();
+        let memfd = self.memfd.lock().unwrap_or_else(|e| e.into_inner());
+        let (fd, inode) = memfd.as_ref().expect("filled before it is handed out").name();
         let mut p = [0u8; 20];
         p[..4].copy_from_slice(&fd.to_le_bytes());
         p[4..12].copy_from_slice(&inode.to_le_bytes());
@@ -77,11 +89,12 @@ fn sized(len: usize) -> io::Result<Memfd> {
 /// A function being put together from its pieces: in a shared mapping of
 /// a new memfd, or, where none can be made, in memory of its own.
 pub(crate) enum Assembly {
-    Shared { map: Arc<Mapping>, filled: usize },
+    Shared { map: Mapping, filled: usize },
     Heap(BytesMut),
 }
 
-/// A shared, writable mapping of a function's memfd.
+/// A shared, writable mapping of a function's memfd; a finished assembly's
+/// bytes keep it (and so the memfd) alive.
 pub(crate) struct Mapping {
     addr: usize,
     len: usize,
@@ -107,7 +120,7 @@ impl Assembly {
     /// Room for a function of `total` bytes.
     pub(crate) fn new(total: usize) -> Self {
         match Self::mapped(total) {
-            Ok(map) => Self::Shared { map: Arc::new(map), filled: 0 },
+            Ok(map) => Self::Shared { map, filled: 0 },
             Err(e) => {
                 tracing::debug!(
                     "a function of {total} bytes is put together in the agent's own memory ({e})"
@@ -136,7 +149,8 @@ impl Assembly {
         if addr == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        Ok(Mapping { addr: addr as usize, len: total, memfd: Arc::new(FunctionMemfd { memfd, len: total }) })
+        let memfd = Arc::new(FunctionMemfd { memfd: Mutex::new(Some(memfd)), len: total });
+        Ok(Mapping { addr: addr as usize, len: total, memfd })
     }
 
     /// Bytes put together so far.
@@ -179,7 +193,7 @@ impl Assembly {
         match self {
             Self::Shared { map, .. } => {
                 let memfd = Arc::downgrade(&map.memfd);
-                (Bytes::from_owner(Owner(map)), Some(memfd))
+                (Bytes::from_owner(map), Some(memfd))
             }
             Self::Heap(b) => (b.freeze(), None),
         }
@@ -191,15 +205,6 @@ impl Assembly {
 pub(crate) fn hold(fn_id: u64, memfd: Option<Weak<FunctionMemfd>>) {
     if let Some(memfd) = memfd {
         held().push((fn_id, memfd));
-    }
-}
-
-/// What keeps a finished assembly's mapping (and so its memfd) alive.
-struct Owner(Arc<Mapping>);
-
-impl AsRef<[u8]> for Owner {
-    fn as_ref(&self) -> &[u8] {
-        self.0.as_ref().as_ref()
     }
 }
 
@@ -226,7 +231,7 @@ mod tests {
         // The executors' memfd is the same one: nothing is copied again.
         let given = FunctionMemfd::of(0xfeed, b"not looked at: the id names the bytes").unwrap();
         assert_eq!(given.len, whole.len());
-        let (fd, _) = given.memfd.name();
+        let (fd, _) = given.memfd.lock().unwrap().as_ref().unwrap().name();
         let mut read = vec![0u8; whole.len()];
         // SAFETY: reads into our own buffer.
         let n = unsafe { libc::pread(fd as i32, read.as_mut_ptr().cast(), read.len(), 0) };

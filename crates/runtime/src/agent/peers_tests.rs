@@ -172,12 +172,13 @@ async fn a_fetch_outlasts_the_silence_limit_while_its_source_still_receives_the_
     coming.push(whole.slice(..PIECE));
     let from = a.addr.to_string();
     let expect = whole.clone();
-    let fetching =
+    let mut fetching =
         tokio::spawn(async move { fetch(&from, FnId(8), &quick_keys(), MAX, None, same(&expect)).await });
-    // The rest reaches the source after several of the fetcher's silence
-    // limits; the source says it is waiting meanwhile.
-    tokio::time::sleep(4 * quick_keys().timing.silence).await;
-    assert!(!fetching.is_finished(), "the fetch ended while its source was still receiving");
+    // The rest reaches the source only after several of the fetcher's
+    // silence limits; the source says it is waiting meanwhile, and the
+    // fetch does not end.
+    let early = tokio::time::timeout(4 * quick_keys().timing.silence, &mut fetching).await;
+    assert!(early.is_err(), "the fetch ended while its source was still receiving: {early:?}");
     coming.push(whole.slice(PIECE..));
     let got = tokio::time::timeout(Duration::from_secs(30), fetching).await.expect("fetched");
     assert_eq!(got.unwrap().unwrap(), whole);
