@@ -14,7 +14,7 @@ import pytest
 
 import distripool
 from conftest import TESTS, wait_until
-from distripool import Pool, _envelope, _functions, _replies
+from distripool import Pool, _envelope, _functions, _native, _replies
 from distripool import _memfds as memfds_module
 from workloads import (
     Blob,
@@ -117,6 +117,11 @@ def test_a_function_blob_keeps_its_large_buffers_beside_the_pickle_aligned():
     assert start % 64 == 0 and bytes(memory[start : start + len(data)]) == data
     # From read-only memory, a copy; small buffers stay in the pickle.
     assert type(memoryview(_envelope.load_function(blob).args[0].data).obj) is bytearray
+    # Its parts are joined by the extension, as b"".join would.
+    parts = [b"ab", memoryview(bytearray(b"cd")), b"", bytearray(_big(2 * MIB, 5))]
+    assert _native.join_buffers(parts) == b"".join(parts)
+    with pytest.raises(TypeError):
+        _native.join_buffers([b"ab", 3])
     small = _functions.dumps(functools.partial(blob_home, Blob(bytearray(b"x" * 100))))
     assert small[0] == pickle.PROTO[0] and bytes(_envelope.load_function(small).args[0].data) == b"x" * 100
 

@@ -166,6 +166,8 @@ def function_blob(main, bufs) -> bytes:
     memfd its agent shares among its executors), not as copies."""
     if not bufs:
         return main
+    from distripool import _native
+
     meta = pickle.dumps((main, [(b.readonly, b.nbytes) for b in bufs]), protocol=5)
     parts = [bytes((FUNCTION,)) + _META.pack(len(meta)), meta]
     at = 5 + len(meta)
@@ -173,7 +175,8 @@ def function_blob(main, bufs) -> bytes:
         pad = -at % _FUNCTION_ALIGN
         parts += [bytes(pad), b]
         at += pad + b.nbytes
-    return b"".join(parts)
+    # Joined without the GIL, by several threads (the buffers are large).
+    return _native.join_buffers(parts)
 
 
 def load_function(blob):

@@ -6,6 +6,7 @@
 //! releases the GIL.
 
 mod arenas;
+mod json;
 mod memfd;
 mod parts;
 mod received;
@@ -18,7 +19,6 @@ use std::time::{Duration, Instant};
 /// How often a caller blocked in `Client.wait` checks for signals (Ctrl-C).
 const SIGNAL_CHECK: Duration = Duration::from_millis(20);
 
-use bytes::Bytes;
 use distripool_protocol::HandshakeError;
 use distripool_runtime::executor::ExecutorSpec;
 use distripool_runtime::orchestrator::FailureKind;
@@ -96,35 +96,6 @@ fn to_py(e: Error) -> PyErr {
         Error::Fatal(end @ SessionEnd::Executors(_)) => ExecutorStartError::new_err(end.to_string()),
         e @ Error::Fatal(_) => PyRuntimeError::new_err(e.to_string()),
     }
-}
-
-/// A JSON value of the runtime's (a worker, an event) as Python objects.
-fn from_json<'py>(py: Python<'py>, v: &serde_json::Value) -> PyResult<Bound<'py, PyAny>> {
-    use serde_json::Value as V;
-    Ok(match v {
-        V::Null => py.None().into_bound(py),
-        V::Bool(b) => b.into_pyobject(py)?.to_owned().into_any(),
-        V::Number(n) => match (n.as_u64(), n.as_i64()) {
-            (Some(u), _) => u.into_pyobject(py)?.into_any(),
-            (None, Some(i)) => i.into_pyobject(py)?.into_any(),
-            _ => n.as_f64().unwrap_or(f64::NAN).into_pyobject(py)?.into_any(),
-        },
-        V::String(s) => s.into_pyobject(py)?.into_any(),
-        V::Array(items) => {
-            let l = PyList::empty(py);
-            for x in items {
-                l.append(from_json(py, x)?)?;
-            }
-            l.into_any()
-        }
-        V::Object(map) => {
-            let d = PyDict::new(py);
-            for (k, x) in map {
-                d.set_item(k, from_json(py, x)?)?;
-            }
-            d.into_any()
-        }
-    })
 }
 
 /// Today's timing with the values named in `values` (seconds) changed.
@@ -236,7 +207,14 @@ impl Orchestrator {
             connect: Vec::new(),
             security: Security::default(),
             processes,
-            executor: ExecutorSpec { python, module, env, max_frame: 0, memory: None, share: false },
+            executor: ExecutorSpec {
+                python,
+                module,
+                env,
+                max_frame: 0,
+                memory: None,
+                share: false,
+            },
             // The orchestrator's own.
             timing: Timing::default(),
             labels: Vec::new(),
@@ -313,7 +291,7 @@ impl Orchestrator {
         let out = PyList::empty(py);
         let Some(snap) = self.with(py, |o| o.snapshot()) else { return Ok(out) };
         for w in snap.map_err(to_py)?.workers {
-            out.append(from_json(py, &distripool_runtime::dashboard::worker_value(&w))?)?;
+            out.append(json::from_json(py, &distripool_runtime::dashboard::worker_value(&w))?)?;
         }
         Ok(out)
     }
@@ -327,7 +305,7 @@ impl Orchestrator {
         let Some(events) = self.with(py, |o| o.events(since)) else { return Ok(out) };
         let (now, wall) = (std::time::Instant::now(), std::time::SystemTime::now());
         for e in events.map_err(to_py)? {
-            out.append(from_json(py, &distripool_runtime::dashboard::event_value(&e, now, wall))?)?;
+            out.append(json::from_json(py, &distripool_runtime::dashboard::event_value(&e, now, wall))?)?;
         }
         Ok(out)
     }
@@ -360,8 +338,10 @@ struct Blob {
 #[pymethods]
 impl Blob {
     #[new]
-    fn new(data: &[u8]) -> Self {
-        Self { inner: distripool_runtime::Blob::new(Bytes::copy_from_slice(data)) }
+    fn new(py: Python<'_>, data: &Bound<'_, PyBytes>) -> Self {
+        let bytes = parts::held_or_copied(data);
+        // Hashing a large blob takes milliseconds: without the GIL.
+        Self { inner: py.detach(|| distripool_runtime::Blob::new(bytes)) }
     }
 
     /// Its content address, as executors know it.
@@ -400,8 +380,9 @@ impl Client {
     #[pyo3(signature = (job, function, tasks, timeout = None, needs = Vec::new()))]
     fn submit(
         &self,
+        py: Python<'_>,
         job: u64,
-        function: &[u8],
+        function: &Bound<'_, PyBytes>,
         tasks: Vec<(u32, Bound<'_, PyAny>)>,
         timeout: Option<f64>,
         needs: Vec<PyRef<'_, Blob>>,
@@ -420,7 +401,10 @@ impl Client {
             .map(|(i, p)| Ok((i, parts::payload(p.py(), &p)?)))
             .collect::<PyResult<Vec<_>>>()?;
         let needs = needs.iter().map(|b| b.inner.clone()).collect();
-        self.inner.submit(JobId(job), Bytes::copy_from_slice(function), needs, tasks, timeout).map_err(to_py)
+        let function = parts::held_or_copied(function);
+        // The function's content id is a hash of all of it: a large one
+        // (an array in a `partial`) takes milliseconds, without the GIL.
+        py.detach(|| self.inner.submit(JobId(job), function, needs, tasks, timeout)).map_err(to_py)
     }
 
     /// Completions ready within `timeout` seconds, as `(job, index, status,
@@ -564,6 +548,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(worker::usable_cpus, m)?)?;
     m.add_function(wrap_pyfunction!(arenas::keep_arenas, m)?)?;
     m.add_function(wrap_pyfunction!(memfd::read_bytes, m)?)?;
+    m.add_function(wrap_pyfunction!(memfd::join_buffers, m)?)?;
     m.add_function(wrap_pyfunction!(memfd::write_buffer, m)?)?;
     m.add_class::<memfd::SharedMapping>()?;
     m.add_class::<received::Received>()?;

@@ -15,9 +15,41 @@ use pyo3::types::PyBytes;
 /// in ten then stalled for ~90 ms.)
 #[pyfunction]
 pub fn read_bytes(py: Python<'_>, fd: i32, offset: u64, length: usize) -> PyResult<Bound<'_, PyBytes>> {
+    let (bytes, data) = uninitialised(py, length)?;
+    // SAFETY: nothing else sees the new object's bytes yet.
+    py.detach(|| unsafe { read_to(fd, data.get(), length, offset) })
+        .map_err(|e| PyOSError::new_err(e.to_string()))?;
+    Ok(bytes)
+}
+
+/// `b"".join(parts)`, copied with the GIL released (several threads for a
+/// large part) into the new object: a pool function's pickle and the arrays
+/// beside it (`_envelope.function_blob`). Its memory is a fresh mapping,
+/// whose page faults cost more than the copy; threads share them.
+#[pyfunction]
+pub fn join_buffers<'py>(py: Python<'py>, parts: Vec<Bound<'py, PyAny>>) -> PyResult<Bound<'py, PyBytes>> {
+    let views = parts.iter().map(Buffer::get).collect::<PyResult<Vec<_>>>()?;
+    let sources: Vec<(Addr, usize)> = views.iter().map(|v| (v.addr(), v.len())).collect();
+    let (bytes, data) = uninitialised(py, sources.iter().map(|(_, n)| n).sum())?;
+    py.detach(|| {
+        let mut at = 0;
+        for &(src, n) in &sources {
+            // SAFETY: the views keep each part alive and in place until they
+            // drop, after this; the parts fill the object end to end.
+            unsafe { distripool_memfd::copy(src.get(), data.get().add(at), n) };
+            at += n;
+        }
+    });
+    drop(views);
+    Ok(bytes)
+}
+
+/// A new `bytes` object of `length` bytes not yet written, and where they
+/// are. Nothing else can see it until the caller returns it.
+fn uninitialised(py: Python<'_>, length: usize) -> PyResult<(Bound<'_, PyBytes>, Addr)> {
     let size = isize::try_from(length).map_err(|_| PyValueError::new_err("length too large"))?;
     // SAFETY: a NULL source asks CPython for an uninitialised bytes object of
-    // `size` bytes, which nothing else can see until this function returns it.
+    // `size` bytes.
     let obj = unsafe { pyo3::ffi::PyBytes_FromStringAndSize(std::ptr::null(), size) };
     if obj.is_null() {
         return Err(PyErr::fetch(py));
@@ -25,12 +57,9 @@ pub fn read_bytes(py: Python<'_>, fd: i32, offset: u64, length: usize) -> PyResu
     // SAFETY: `obj` is a new, owned reference.
     let bytes = unsafe { Bound::from_owned_ptr(py, obj) }.cast_into::<PyBytes>()?;
     // SAFETY: the object owns `length` writable bytes at this address, and
-    // stays alive (we hold it) while they are written.
-    let data = Addr(unsafe { pyo3::ffi::PyBytes_AsString(obj) }.cast::<u8>());
-    // SAFETY: nothing else sees the new object's bytes yet.
-    py.detach(|| unsafe { read_to(fd, data.get(), length, offset) })
-        .map_err(|e| PyOSError::new_err(e.to_string()))?;
-    Ok(bytes)
+    // stays alive (the caller holds it) while they are written.
+    let data = Addr(unsafe { pyo3::ffi::PyBytes_AsString(bytes.as_ptr()) }.cast::<u8>());
+    Ok((bytes, data))
 }
 
 /// Write the whole of `buffer` (any contiguous buffer) into `fd` at

@@ -29,7 +29,7 @@ const RETAIN: usize = 256 << 20;
 /// The payload `obj` stands for: `bytes`, or a list of bytes-like parts.
 pub fn payload(py: Python<'_>, obj: &Bound<'_, PyAny>) -> PyResult<Payload> {
     if let Ok(b) = obj.cast::<PyBytes>() {
-        return Ok(Payload::from(bytes_part(b)));
+        return Ok(Payload::from(held_or_copied(b)));
     }
     if let Ok(list) = obj.cast::<PyList>() {
         let mut parts = Vec::with_capacity(list.len());
@@ -44,7 +44,8 @@ pub fn payload(py: Python<'_>, obj: &Bound<'_, PyAny>) -> PyResult<Payload> {
     )))
 }
 
-fn bytes_part(b: &Bound<'_, PyBytes>) -> Bytes {
+/// A `bytes` object's content: held when large, else copied.
+pub fn held_or_copied(b: &Bound<'_, PyBytes>) -> Bytes {
     let data = b.as_bytes();
     if data.len() < LARGE {
         Bytes::copy_from_slice(data)
@@ -55,7 +56,7 @@ fn bytes_part(b: &Bound<'_, PyBytes>) -> Bytes {
 
 fn part(py: Python<'_>, obj: &Bound<'_, PyAny>) -> PyResult<Bytes> {
     if let Ok(b) = obj.cast::<PyBytes>() {
-        return Ok(bytes_part(b));
+        return Ok(held_or_copied(b));
     }
     let view = Buffer::get(obj)?;
     let (src, len) = (view.addr(), view.len());
