@@ -87,6 +87,7 @@ bench: $(BENCH_VENV)/.installed
 	$(BENCH_PY) -m pip install --quiet .
 	$(BENCH_PY) bench/bench.py
 	$(BENCH_PY) bench/dashboard_cost.py
+	$(BENCH_PY) bench/large_function.py
 	cargo run --release --quiet -p distripool-runtime --example seal_cost
 	cargo run --release --quiet -p distripool-runtime --example orchestrator_bench
 

@@ -20,6 +20,7 @@ from workloads import (
     Blob,
     blob_home,
     crash_first_time,
+    function_memfds,
     identity,
     keep,
     kept,
@@ -32,10 +33,13 @@ MIB = 1 << 20
 
 
 def _memfds() -> int:
+    """The driver's memfds that carry data (not the one probe memfd its
+    embedded pools' executors open as they start, made once)."""
     n = 0
     for fd in os.listdir("/proc/self/fd"):
         try:
-            if os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:distripool"):
+            name = os.readlink(f"/proc/self/fd/{fd}")
+            if name.startswith("/memfd:distripool") and not name.startswith("/memfd:distripool-agent-probe"):
                 n += 1
         except OSError:
             pass
@@ -101,6 +105,35 @@ def test_large_buffers_in_a_function_arrive_writable_or_read_only_as_sent(any_po
     read_only = functools.partial(blob_home, Blob(data))
     for _, can_write, content in pool.map(read_only, [True] * 4, chunksize=1):
         assert not can_write and content == data
+
+
+def test_a_large_function_reaches_both_embedded_executors_through_one_memfd_of_the_drivers(tmp_path):
+    big = _big(4 * MIB, 9)
+    meet, met = tmp_path / "first", tmp_path / "then"
+    meet.mkdir()
+    met.mkdir()
+    with Pool(2) as p:
+        # Both executors have run a task, so each has said whether it can
+        # open the driver's memfds (it says so before its first task).
+        first = p.map(functools.partial(function_memfds, b"x"), [(str(meet), 2)] * 2, chunksize=1)
+        assert len({pid for pid, _, _ in first}) == 2
+        # Each task waits until both executors have run one.
+        out = p.map(functools.partial(function_memfds, big), [(str(met), 2)] * 8, chunksize=1)
+        ours = set()
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                if os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:distripool-agent"):
+                    ours.add(os.stat(f"/proc/self/fd/{fd}").st_ino)
+            except OSError:
+                pass
+    assert all(n == len(big) for _, _, n in out)
+    by_executor = {pid: inodes for pid, inodes, _ in out}
+    assert len(by_executor) == 2, f"the tasks ran on {sorted(by_executor)} only"
+    # Each maps the function's memfd (not a copy read from its socket), the
+    # same one for both, and it is one the driver holds.
+    assert all(len(inodes) == 1 for inodes in by_executor.values()), by_executor
+    (inode,) = {inodes[0] for inodes in by_executor.values()}
+    assert inode in ours, f"memfd {inode} is not one of the driver's: {sorted(ours)}"
 
 
 def test_a_function_blob_keeps_its_large_buffers_beside_the_pickle_aligned():

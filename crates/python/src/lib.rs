@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 const SIGNAL_CHECK: Duration = Duration::from_millis(20);
 
 use distripool_protocol::HandshakeError;
-use distripool_runtime::executor::ExecutorSpec;
+use distripool_runtime::executor::{ExecutorSpec, Share};
 use distripool_runtime::orchestrator::FailureKind;
 use distripool_runtime::{
     AgentConfig, Error, JobId, OrchestratorConfig, Outcome, Security, Timing, TlsFiles, Waited, WorkerId,
@@ -213,7 +213,7 @@ impl Orchestrator {
                 env,
                 max_frame: 0,
                 memory: None,
-                share: false,
+                share: Share::Functions,
             },
             // The orchestrator's own.
             timing: Timing::default(),

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use distripool_runtime::executor::ExecutorSpec;
+use distripool_runtime::executor::{ExecutorSpec, Share};
 use distripool_runtime::{AgentConfig, AgentExit};
 use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
@@ -61,7 +61,7 @@ pub(crate) fn run_agent(
         connect,
         security: security(key, cluster, encrypt, tls),
         processes,
-        executor: ExecutorSpec { python, module, env, max_frame, memory, share: true },
+        executor: ExecutorSpec { python, module, env, max_frame, memory, share: Share::All },
         timing: crate::timing(timing)?,
         labels,
         idle_timeout,

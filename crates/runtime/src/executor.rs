@@ -87,9 +87,22 @@ pub struct ExecutorSpec {
     pub max_frame: usize,
     /// Each executor in a cgroup of its own with this memory limit.
     pub memory: Option<std::sync::Arc<MemoryLimit>>,
-    /// Large buffers go to and from executors through memfds the agent owns
-    /// (a worker's agent; an embedded pool's driver has memfds of its own).
-    pub share: bool,
+    /// What large goes to executors through memfds the agent owns.
+    pub share: Share,
+}
+
+/// What large goes to an agent's executors through memfds it owns, where
+/// they can open them (each says so as it starts, from a probe memfd).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Share {
+    /// Nothing: every frame through the executor's socket.
+    Nothing,
+    /// Large functions, which all its executors map (an embedded pool: its
+    /// driver puts tasks' buffers in memfds of its own).
+    Functions,
+    /// Large functions, and tasks' large buffers and results (a worker's
+    /// agent).
+    All,
 }
 
 /// What the agent sends to one executor.
@@ -290,7 +303,12 @@ pub fn spawn(
         // Leave room for the frame that carries a result on to the orchestrator.
         .env("DISTRIPOOL_MAX_FRAME", spec.max_frame.saturating_sub(RELAY_OVERHEAD).to_string())
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
-        .envs(spec.share.then(shared_mem::probe).flatten().map(|p| ("DISTRIPOOL_AGENT_MEMFD", p)))
+        .envs(
+            (spec.share != Share::Nothing)
+                .then(shared_mem::probe)
+                .flatten()
+                .map(|p| ("DISTRIPOOL_AGENT_MEMFD", p)),
+        )
         .stdin(Stdio::null())
         .process_group(0)
         .kill_on_drop(true);
@@ -330,6 +348,7 @@ pub fn spawn(
     let (mut rd, wr) = stream.into_split();
     let (tx, mut rx) = mpsc::unbounded_channel::<ExecIn>();
     let sharing = Arc::new(Mutex::new(Sharing::default()));
+    lock(&sharing).share_tasks = spec.share == Share::All;
 
     let shared = sharing.clone();
     let writer = tokio::spawn(async move {

@@ -28,6 +28,8 @@ const IDLE_BYTES: usize = 256 << 20;
 const MAX_LEASED: usize = 128;
 /// Executors check this prefix (`MEMFD_NAME` in `_envelope.py`).
 const NAME: &std::ffi::CStr = c"distripool-agent";
+/// The probe's, apart from the memfds that carry data.
+const PROBE_NAME: &std::ffi::CStr = c"distripool-agent-probe";
 const PAGE: usize = 4096;
 
 /// One memfd and what it is known by.
@@ -38,8 +40,12 @@ pub struct Memfd {
 
 impl Memfd {
     pub(crate) fn new() -> io::Result<Self> {
+        Self::named(NAME)
+    }
+
+    fn named(name: &std::ffi::CStr) -> io::Result<Self> {
         // SAFETY: memfd_create returns a new descriptor we then own.
-        let fd = unsafe { libc::memfd_create(NAME.as_ptr(), libc::MFD_CLOEXEC) };
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -224,7 +230,7 @@ pub fn probe() -> Option<&'static str> {
     static PROBE: OnceLock<Option<(Memfd, String)>> = OnceLock::new();
     PROBE
         .get_or_init(|| {
-            let m = Memfd::new().ok()?;
+            let m = Memfd::named(PROBE_NAME).ok()?;
             let (fd, inode) = m.name();
             let named = format!("{}:{fd}:{inode}", std::process::id());
             Some((m, named))
@@ -251,6 +257,9 @@ const BIG_FNS: usize = 64;
 pub struct Sharing {
     /// The executor opened the probe memfd as it started.
     pub can_open: bool,
+    /// Tasks' large buffers and results go through memfds too, not only
+    /// functions.
+    pub share_tasks: bool,
     held: std::collections::VecDeque<Held>,
     /// Function id -> the size of its last large result.
     big_fns: std::collections::HashMap<u64, usize>,
@@ -281,7 +290,7 @@ impl Sharing {
     /// that goes inline is counted as sent here (one lock per small task);
     /// a shared one with [`sent`](Self::sent), once its memfds are written.
     pub fn plan(&mut self, task: u64, fn_id: u64, payload: &Bytes) -> Plan {
-        if !self.can_open {
+        if !self.can_open || !self.share_tasks {
             // Nothing to remember: a result without a record is passed on.
             return Plan::Inline;
         }
@@ -469,6 +478,10 @@ mod tests {
     fn an_executors_tasks_share_when_it_can_and_its_results_come_back_whole() {
         let mut s = Sharing::default();
         let big = envelope(40, 2 * AT_LEAST);
+        s.can_open = true;
+        assert!(matches!(s.plan(1, 1, &big), Plan::Inline), "not where only functions are shared");
+        s.finished(1, 0, Bytes::new());
+        (s.can_open, s.share_tasks) = (false, true);
         assert!(matches!(s.plan(1, 1, &big), Plan::Inline), "not before the executor said it can");
         s.can_open = true;
         assert!(

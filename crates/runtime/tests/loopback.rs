@@ -5,7 +5,7 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use distripool_runtime::executor::ExecutorSpec;
+use distripool_runtime::executor::{ExecutorSpec, Share};
 use distripool_runtime::{run_agent, AgentConfig, Orchestrator, OrchestratorConfig, Outcome, Security};
 
 const ECHO_EXECUTOR: &str = r#"
@@ -34,7 +34,7 @@ fn echo_spec(dir: &std::path::Path) -> ExecutorSpec {
         env: vec![("PYTHONPATH".into(), dir.display().to_string())],
         max_frame: distripool_runtime::DEFAULT_MAX_FRAME,
         memory: None,
-        share: false,
+        share: Share::Nothing,
     }
 }
 
