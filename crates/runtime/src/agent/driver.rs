@@ -62,9 +62,9 @@ impl AgentComm for Processes {
         let shelf = self.shelf.clone();
         self.fetches.retain(|f| !f.0.is_finished());
         self.fetches.push(AbortOnDrop(peers::spawn(async move {
-            let check = move |b: &[u8]| crate::orchestrator::content_id(b, &needs) == fn_id;
             let started = Instant::now();
-            let outcome = peers::fetch(&from, fn_id, &keys, max_frame, shelf.as_deref(), check).await;
+            let expect = peers::Expect::Content(needs);
+            let outcome = peers::fetch(&from, fn_id, &keys, max_frame, shelf.as_deref(), expect).await;
             if let Ok(b) = &outcome {
                 let (mib, took) = (b.len() as f64 / 1048576.0, started.elapsed().as_secs_f64());
                 tracing::info!(

@@ -29,6 +29,7 @@ use super::shelf::{Held, PIECE};
 use crate::conn::{client_handshake, server_handshake, tune_tcp, AbortOnDrop, FrameReader, FrameWriter};
 use crate::function_mem::Assembly;
 use crate::ids::FnId;
+use crate::orchestrator::ContentHasher;
 use crate::security::Security;
 use crate::timing::Timing;
 use crate::{Error, Result};
@@ -216,16 +217,86 @@ async fn waiting<T>(
     }
 }
 
-/// Fetch function `fn_id` from the agent serving at `from`; it must be the
-/// function `check` says has that id. With `shelf`, its pieces are served
-/// to other agents as they arrive.
+/// A test's check of a whole function.
+#[cfg(test)]
+pub(crate) type WholeCheck = Box<dyn FnOnce(&[u8]) -> bool + Send + Sync>;
+
+/// What a fetched function must be.
+pub(crate) enum Expect {
+    /// The function whose content id, naming these needs, is the one asked
+    /// for: hashed piece by piece as it arrives, on a thread beside the
+    /// transfer, so that what is left at the end is the hash's last step.
+    Content(Vec<FnId>),
+    /// Whatever this says of the whole.
+    #[cfg(test)]
+    Whole(WholeCheck),
+}
+
+/// Pieces hashed in order off the runtime's thread; at most this many wait.
+const HASH_QUEUE: usize = 8;
+
+/// A fetch's check under way.
+enum Checking {
+    /// Pieces go to the hashing thread; then the needs are hashed in.
+    Hash(tokio::sync::mpsc::Sender<Bytes>, tokio::task::JoinHandle<ContentHasher>, Vec<FnId>),
+    #[cfg(test)]
+    Whole(WholeCheck),
+}
+
+impl Checking {
+    fn start(expect: Expect) -> Self {
+        match expect {
+            Expect::Content(needs) => {
+                let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(HASH_QUEUE);
+                let done = tokio::task::spawn_blocking(move || {
+                    let mut h = ContentHasher::default();
+                    while let Some(piece) = rx.blocking_recv() {
+                        h.update(&piece);
+                    }
+                    h
+                });
+                Self::Hash(tx, done, needs)
+            }
+            #[cfg(test)]
+            Expect::Whole(check) => Self::Whole(check),
+        }
+    }
+
+    async fn piece(&self, piece: &Bytes) {
+        match self {
+            // Gone only if the hashing thread panicked, which `finish` says.
+            Self::Hash(tx, ..) => drop(tx.send(piece.clone()).await),
+            #[cfg(test)]
+            Self::Whole(_) => {}
+        }
+    }
+
+    /// `whole` if it is function `fn_id` (not if the check could not end).
+    async fn finish(self, fn_id: FnId, whole: Bytes) -> Option<Bytes> {
+        match self {
+            Self::Hash(tx, done, needs) => {
+                drop(tx);
+                let id = done.await.ok()?.finish(&needs);
+                (id == fn_id).then_some(whole)
+            }
+            #[cfg(test)]
+            Self::Whole(check) => {
+                tokio::task::spawn_blocking(move || check(&whole).then_some(whole)).await.ok()?
+            }
+        }
+    }
+}
+
+/// Fetch function `fn_id` from the agent serving at `from`; it must be
+/// what `expect` says. With `shelf`, its pieces are served to other agents
+/// as they arrive.
 pub(crate) async fn fetch(
     from: &str,
     fn_id: FnId,
     keys: &PeerKeys,
     max_frame: usize,
     shelf: Option<&Shelf>,
-    check: impl FnOnce(&[u8]) -> bool + Send + 'static,
+    expect: Expect,
 ) -> Result<Bytes> {
     let addr = crate::resolve(from)?;
     let mut tcp = tokio::time::timeout(keys.timing.connect, TcpStream::connect(addr))
@@ -244,6 +315,7 @@ pub(crate) async fn fetch(
     writer.write(&ToPeer::Fetch { fn_id: fn_id.0 }, b"").await?;
     writer.flush().await?;
     let mut whole: Option<Assembly> = None;
+    let checking = Checking::start(expect);
     let mut coming = None;
     let mut coming_total = None;
     let started = std::time::Instant::now();
@@ -306,22 +378,22 @@ pub(crate) async fn fetch(
                     "the agent at {from} sent more than the function's {total} bytes"
                 )));
             }
+            let filled = assembly.len() == total;
+            checking.piece(&frame.payload).await;
             if let Some(c) = &coming {
                 c.push(frame.payload);
             }
-            if assembly.len() == total {
+            if filled {
                 return Ok(());
             }
         }
     }
     .await;
     let outcome = match received {
-        // Hashing a large function takes a while: not on the thread that
-        // passes other functions' pieces on.
+        // Hashed as it came, off the thread that passes pieces on.
         Ok(()) => {
             let (whole, memfd) = whole.expect("a whole function").finish();
-            let checked = tokio::task::spawn_blocking(move || check(&whole).then_some(whole));
-            match checked.await.map_err(std::io::Error::other)? {
+            match checking.finish(fn_id, whole).await {
                 Some(whole) => {
                     crate::function_mem::hold(fn_id.0, memfd);
                     Ok(whole)

@@ -13,9 +13,14 @@ const LOCAL: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 const MAX: usize = 1 << 30;
 
 /// A check that the function fetched is `expected`.
-fn same(expected: &Bytes) -> impl FnOnce(&[u8]) -> bool + Send + 'static {
+fn same(expected: &Bytes) -> Expect {
     let expected = expected.clone();
-    move |b| b == &expected[..]
+    Expect::Whole(Box::new(move |b| b == &expected[..]))
+}
+
+/// A check that takes any function.
+fn anything() -> Expect {
+    Expect::Whole(Box::new(|_| true))
 }
 
 fn blob(n: usize) -> Bytes {
@@ -32,17 +37,27 @@ async fn a_function_is_fetched_whole_sealed_and_checked() {
     let got = fetch(&from, FnId(5), &keys(b"k"), MAX, None, same(&blob)).await.unwrap();
     assert_eq!(got, blob);
     // What the function's id says it is, or nothing.
-    let e = fetch(&from, FnId(5), &keys(b"k"), MAX, None, |_| false).await.unwrap_err();
+    let e =
+        fetch(&from, FnId(5), &keys(b"k"), MAX, None, Expect::Whole(Box::new(|_| false))).await.unwrap_err();
     assert!(e.to_string().contains("whose content is not 5"), "{e}");
+    // As agents check it: the content id, hashed piece by piece as they
+    // come (with the needs it names after them).
+    let needs = vec![FnId(7), FnId(9)];
+    let id = crate::orchestrator::content_id(&blob, &needs);
+    server.shelf.put(id, blob.clone());
+    let got = fetch(&from, id, &keys(b"k"), MAX, None, Expect::Content(needs)).await.unwrap();
+    assert_eq!(got, blob);
+    let e = fetch(&from, id, &keys(b"k"), MAX, None, Expect::Content(vec![FnId(7)])).await.unwrap_err();
+    assert!(e.to_string().contains("whose content is not"), "{e}");
     // Larger than this side's frame limit: refused.
-    let e = fetch(&from, FnId(5), &keys(b"k"), PIECE, None, |_| true).await.unwrap_err();
+    let e = fetch(&from, FnId(5), &keys(b"k"), PIECE, None, anything()).await.unwrap_err();
     assert!(e.to_string().contains("past the frame limit"), "{e}");
     // Another cluster's key gets nothing.
-    let e = fetch(&from, FnId(5), &keys(b"other"), MAX, None, |_| true).await.unwrap_err();
+    let e = fetch(&from, FnId(5), &keys(b"other"), MAX, None, anything()).await.unwrap_err();
     assert!(matches!(e, Error::Handshake(_)), "{e}");
     // An agent that does not serve: the fetch fails, it does not hang.
     drop(server);
-    let e = fetch(&from, FnId(5), &keys(b"k"), MAX, None, |_| true).await.unwrap_err();
+    let e = fetch(&from, FnId(5), &keys(b"k"), MAX, None, anything()).await.unwrap_err();
     assert!(matches!(e, Error::Io(_)), "{e}");
 }
 
@@ -99,7 +114,7 @@ async fn an_orchestrators_port_refuses_an_agent_fetching() {
         let (mut tcp, _) = listener.accept().await.unwrap();
         server_handshake(&mut tcp, b"k", &Binding::default(), 1).await
     });
-    let e = fetch(&addr, FnId(5), &keys(b"k"), MAX, None, |_| true).await.unwrap_err();
+    let e = fetch(&addr, FnId(5), &keys(b"k"), MAX, None, anything()).await.unwrap_err();
     assert!(matches!(e, Error::Handshake(_)), "{e}");
     assert!(orch.await.unwrap().is_err(), "the orchestrator side refuses it too");
 }
@@ -133,7 +148,7 @@ async fn requests_end_when_the_serving_session_does() {
     let from = a.addr.to_string();
     let fetch_of = |id: u64| {
         let from = from.clone();
-        tokio::spawn(async move { fetch(&from, FnId(id), &keys(b"k"), MAX, None, |_| true).await })
+        tokio::spawn(async move { fetch(&from, FnId(id), &keys(b"k"), MAX, None, anything()).await })
     };
     let (absent, halfway) = (fetch_of(7), fetch_of(6));
     // Both requests are in once the server holds two connections' permits.
@@ -202,10 +217,11 @@ async fn a_fetch_from_a_source_gone_silent_fails_at_the_silence_limit() {
         let _ = tcp.read_to_end(&mut sink).await;
     });
     let started = std::time::Instant::now();
-    let e = tokio::time::timeout(Duration::from_secs(30), fetch(&addr, FnId(9), &keys, MAX, None, |_| true))
-        .await
-        .expect("the fetch ends")
-        .unwrap_err();
+    let e =
+        tokio::time::timeout(Duration::from_secs(30), fetch(&addr, FnId(9), &keys, MAX, None, anything()))
+            .await
+            .expect("the fetch ends")
+            .unwrap_err();
     assert!(matches!(e, Error::Timeout(_)), "{e}");
     assert!(hold.try_recv().is_ok(), "the handshake was made");
     assert!(started.elapsed() >= keys.timing.silence, "ended after {:?}", started.elapsed());

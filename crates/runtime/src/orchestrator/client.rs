@@ -170,15 +170,27 @@ impl Blob {
 /// Content address of a pickled function that names `needs`: the same
 /// function with other needs is another function.
 pub fn content_id(function: &[u8], needs: &[FnId]) -> FnId {
-    if needs.is_empty() {
-        return function_id(function);
-    }
-    let mut h = Sha256::new();
+    let mut h = ContentHasher::default();
     h.update(function);
-    for id in needs {
-        h.update(id.0.to_le_bytes());
+    h.finish(needs)
+}
+
+/// [`content_id`] of a function that arrives in pieces: `update` with each
+/// in order, then `finish`.
+#[derive(Default, Clone)]
+pub struct ContentHasher(Sha256);
+
+impl ContentHasher {
+    pub fn update(&mut self, piece: &[u8]) {
+        self.0.update(piece);
     }
-    FnId(u64::from_le_bytes(h.finalize()[..8].try_into().expect("8 bytes")))
+
+    pub fn finish(mut self, needs: &[FnId]) -> FnId {
+        for id in needs {
+            self.0.update(id.0.to_le_bytes());
+        }
+        FnId(u64::from_le_bytes(self.0.finalize()[..8].try_into().expect("8 bytes")))
+    }
 }
 
 /// Content address of a pickled function.

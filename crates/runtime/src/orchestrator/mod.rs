@@ -32,7 +32,7 @@ mod session;
 pub mod snapshot;
 mod spread;
 
-pub use client::{content_id, function_id, Blob, Client};
+pub use client::{content_id, function_id, Blob, Client, ContentHasher};
 pub use core::CoreMetrics;
 pub use distripool_scheduler::FailureKind;
 pub use handle::{CoreLink, Orchestrator, OrchestratorConfig, Stats};
