@@ -23,7 +23,7 @@ pub use message::{FromAgent, FromPeer, Labels, ToAgent, ToPeer};
 
 /// Version of the wire protocol. Peers with another version are refused
 /// during the handshake, before any key material is used.
-pub const PROTOCOL_VERSION: u32 = 8;
+pub const PROTOCOL_VERSION: u32 = 9;
 
 /// Largest frame accepted before the peer is authenticated.
 pub const HANDSHAKE_MAX_FRAME: usize = 512;
