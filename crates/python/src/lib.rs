@@ -340,8 +340,7 @@ impl Blob {
     #[new]
     fn new(py: Python<'_>, data: &Bound<'_, PyBytes>) -> Self {
         let bytes = parts::held_or_copied(data);
-        // Hashing a large blob takes milliseconds: without the GIL.
-        Self { inner: py.detach(|| distripool_runtime::Blob::new(bytes)) }
+        Self { inner: parts::hashing(py, bytes.len(), || distripool_runtime::Blob::new(bytes)) }
     }
 
     /// Its content address, as executors know it.
@@ -402,9 +401,9 @@ impl Client {
             .collect::<PyResult<Vec<_>>>()?;
         let needs = needs.iter().map(|b| b.inner.clone()).collect();
         let function = parts::held_or_copied(function);
-        // The function's content id is a hash of all of it: a large one
-        // (an array in a `partial`) takes milliseconds, without the GIL.
-        py.detach(|| self.inner.submit(JobId(job), function, needs, tasks, timeout)).map_err(to_py)
+        // The function's content id is a hash of all of it.
+        parts::hashing(py, function.len(), || self.inner.submit(JobId(job), function, needs, tasks, timeout))
+            .map_err(to_py)
     }
 
     /// Completions ready within `timeout` seconds, as `(job, index, status,

@@ -44,6 +44,17 @@ pub fn payload(py: Python<'_>, obj: &Bound<'_, PyAny>) -> PyResult<Payload> {
     )))
 }
 
+/// `hash()`, which hashes `len` bytes: without the GIL when they are many
+/// (a large function or blob takes milliseconds); a small one takes less
+/// than letting the GIL go and taking it back.
+pub fn hashing<T: Send>(py: Python<'_>, len: usize, hash: impl FnOnce() -> T + Send) -> T {
+    if len >= LARGE {
+        py.detach(hash)
+    } else {
+        hash()
+    }
+}
+
 /// A `bytes` object's content: held when large, else copied.
 pub fn held_or_copied(b: &Bound<'_, PyBytes>) -> Bytes {
     let data = b.as_bytes();
