@@ -63,8 +63,7 @@ impl AgentComm for Processes {
         self.fetches.retain(|f| !f.0.is_finished());
         self.fetches.push(AbortOnDrop(peers::spawn(async move {
             let started = Instant::now();
-            let expect = peers::Expect::Content(needs);
-            let outcome = peers::fetch(&from, fn_id, &keys, max_frame, shelf.as_deref(), expect).await;
+            let outcome = peers::fetch(&from, fn_id, &keys, max_frame, shelf.as_deref(), needs).await;
             if let Ok(b) = &outcome {
                 let (mib, took) = (b.len() as f64 / 1048576.0, started.elapsed().as_secs_f64());
                 tracing::info!(

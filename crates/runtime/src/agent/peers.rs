@@ -217,86 +217,54 @@ async fn waiting<T>(
     }
 }
 
-/// A test's check of a whole function.
-#[cfg(test)]
-pub(crate) type WholeCheck = Box<dyn FnOnce(&[u8]) -> bool + Send + Sync>;
-
-/// What a fetched function must be.
-pub(crate) enum Expect {
-    /// The function whose content id, naming these needs, is the one asked
-    /// for: hashed piece by piece as it arrives, on a thread beside the
-    /// transfer, so that what is left at the end is the hash's last step.
-    Content(Vec<FnId>),
-    /// Whatever this says of the whole.
-    #[cfg(test)]
-    Whole(WholeCheck),
-}
-
 /// Pieces hashed in order off the runtime's thread; at most this many wait.
 const HASH_QUEUE: usize = 8;
 
-/// A fetch's check under way.
-enum Checking {
-    /// Pieces go to the hashing thread; then the needs are hashed in.
-    Hash(tokio::sync::mpsc::Sender<Bytes>, tokio::task::JoinHandle<ContentHasher>, Vec<FnId>),
-    #[cfg(test)]
-    Whole(WholeCheck),
+/// A fetched function's content id, hashed piece by piece as it arrives on
+/// a thread beside the transfer, so that what is left once the last piece
+/// is in is the hash's last step.
+struct Checking {
+    pieces: tokio::sync::mpsc::Sender<Bytes>,
+    hashed: tokio::task::JoinHandle<ContentHasher>,
+    needs: Vec<FnId>,
 }
 
 impl Checking {
-    fn start(expect: Expect) -> Self {
-        match expect {
-            Expect::Content(needs) => {
-                let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(HASH_QUEUE);
-                let done = tokio::task::spawn_blocking(move || {
-                    let mut h = ContentHasher::default();
-                    while let Some(piece) = rx.blocking_recv() {
-                        h.update(&piece);
-                    }
-                    h
-                });
-                Self::Hash(tx, done, needs)
+    fn start(needs: Vec<FnId>) -> Self {
+        let (pieces, mut rx) = tokio::sync::mpsc::channel::<Bytes>(HASH_QUEUE);
+        let hashed = tokio::task::spawn_blocking(move || {
+            let mut h = ContentHasher::default();
+            while let Some(piece) = rx.blocking_recv() {
+                h.update(&piece);
             }
-            #[cfg(test)]
-            Expect::Whole(check) => Self::Whole(check),
-        }
+            h
+        });
+        Self { pieces, hashed, needs }
     }
 
     async fn piece(&self, piece: &Bytes) {
-        match self {
-            // Gone only if the hashing thread panicked, which `finish` says.
-            Self::Hash(tx, ..) => drop(tx.send(piece.clone()).await),
-            #[cfg(test)]
-            Self::Whole(_) => {}
-        }
+        // Gone only if the hashing thread panicked, which `finish` says.
+        let _ = self.pieces.send(piece.clone()).await;
     }
 
-    /// `whole` if it is function `fn_id` (not if the check could not end).
+    /// `whole` if it is function `fn_id` (not if the hash could not end).
     async fn finish(self, fn_id: FnId, whole: Bytes) -> Option<Bytes> {
-        match self {
-            Self::Hash(tx, done, needs) => {
-                drop(tx);
-                let id = done.await.ok()?.finish(&needs);
-                (id == fn_id).then_some(whole)
-            }
-            #[cfg(test)]
-            Self::Whole(check) => {
-                tokio::task::spawn_blocking(move || check(&whole).then_some(whole)).await.ok()?
-            }
-        }
+        drop(self.pieces);
+        let id = self.hashed.await.ok()?.finish(&self.needs);
+        (id == fn_id).then_some(whole)
     }
 }
 
-/// Fetch function `fn_id` from the agent serving at `from`; it must be
-/// what `expect` says. With `shelf`, its pieces are served to other agents
-/// as they arrive.
+/// Fetch function `fn_id`, which names `needs`, from the agent serving at
+/// `from`; what arrives must hash to that id. With `shelf`, its pieces are
+/// served to other agents as they arrive.
 pub(crate) async fn fetch(
     from: &str,
     fn_id: FnId,
     keys: &PeerKeys,
     max_frame: usize,
     shelf: Option<&Shelf>,
-    expect: Expect,
+    needs: Vec<FnId>,
 ) -> Result<Bytes> {
     let addr = crate::resolve(from)?;
     let mut tcp = tokio::time::timeout(keys.timing.connect, TcpStream::connect(addr))
@@ -315,7 +283,7 @@ pub(crate) async fn fetch(
     writer.write(&ToPeer::Fetch { fn_id: fn_id.0 }, b"").await?;
     writer.flush().await?;
     let mut whole: Option<Assembly> = None;
-    let checking = Checking::start(expect);
+    let checking = Checking::start(needs);
     let mut coming = None;
     let mut coming_total = None;
     let started = std::time::Instant::now();

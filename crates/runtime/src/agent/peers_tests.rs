@@ -12,15 +12,9 @@ fn keys(key: &[u8]) -> PeerKeys {
 const LOCAL: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 const MAX: usize = 1 << 30;
 
-/// A check that the function fetched is `expected`.
-fn same(expected: &Bytes) -> Expect {
-    let expected = expected.clone();
-    Expect::Whole(Box::new(move |b| b == &expected[..]))
-}
-
-/// A check that takes any function.
-fn anything() -> Expect {
-    Expect::Whole(Box::new(|_| true))
+/// The id of a function that names no needs.
+fn id_of(function: &Bytes) -> FnId {
+    crate::orchestrator::content_id(function, &[])
 }
 
 fn blob(n: usize) -> Bytes {
@@ -32,32 +26,30 @@ async fn a_function_is_fetched_whole_sealed_and_checked() {
     let server = PeerServer::listen(LOCAL, keys(b"k"), MAX).await.unwrap();
     assert!(keys(b"k").binding.sealed && keys(b"k").binding.peer);
     let blob = blob(3 * PIECE + 5);
-    server.shelf.put(FnId(5), blob.clone());
-    let from = server.addr.to_string();
-    let got = fetch(&from, FnId(5), &keys(b"k"), MAX, None, same(&blob)).await.unwrap();
-    assert_eq!(got, blob);
-    // What the function's id says it is, or nothing.
-    let e =
-        fetch(&from, FnId(5), &keys(b"k"), MAX, None, Expect::Whole(Box::new(|_| false))).await.unwrap_err();
-    assert!(e.to_string().contains("whose content is not 5"), "{e}");
-    // As agents check it: the content id, hashed piece by piece as they
-    // come (with the needs it names after them).
+    // Its content id, hashed piece by piece as they come, with the needs
+    // it names after them.
     let needs = vec![FnId(7), FnId(9)];
     let id = crate::orchestrator::content_id(&blob, &needs);
     server.shelf.put(id, blob.clone());
-    let got = fetch(&from, id, &keys(b"k"), MAX, None, Expect::Content(needs)).await.unwrap();
+    let from = server.addr.to_string();
+    let got = fetch(&from, id, &keys(b"k"), MAX, None, needs).await.unwrap();
     assert_eq!(got, blob);
-    let e = fetch(&from, id, &keys(b"k"), MAX, None, Expect::Content(vec![FnId(7)])).await.unwrap_err();
-    assert!(e.to_string().contains("whose content is not"), "{e}");
+    // What the function's id says it is, or nothing: other needs, or held
+    // under an id that is not its content's.
+    let e = fetch(&from, id, &keys(b"k"), MAX, None, vec![FnId(7)]).await.unwrap_err();
+    assert!(e.to_string().contains(&format!("whose content is not {:x}", id.0)), "{e}");
+    server.shelf.put(FnId(5), blob.clone());
+    let e = fetch(&from, FnId(5), &keys(b"k"), MAX, None, vec![]).await.unwrap_err();
+    assert!(e.to_string().contains("whose content is not 5"), "{e}");
     // Larger than this side's frame limit: refused.
-    let e = fetch(&from, FnId(5), &keys(b"k"), PIECE, None, anything()).await.unwrap_err();
+    let e = fetch(&from, FnId(5), &keys(b"k"), PIECE, None, vec![]).await.unwrap_err();
     assert!(e.to_string().contains("past the frame limit"), "{e}");
     // Another cluster's key gets nothing.
-    let e = fetch(&from, FnId(5), &keys(b"other"), MAX, None, anything()).await.unwrap_err();
+    let e = fetch(&from, FnId(5), &keys(b"other"), MAX, None, vec![]).await.unwrap_err();
     assert!(matches!(e, Error::Handshake(_)), "{e}");
     // An agent that does not serve: the fetch fails, it does not hang.
     drop(server);
-    let e = fetch(&from, FnId(5), &keys(b"k"), MAX, None, anything()).await.unwrap_err();
+    let e = fetch(&from, FnId(5), &keys(b"k"), MAX, None, vec![]).await.unwrap_err();
     assert!(matches!(e, Error::Io(_)), "{e}");
 }
 
@@ -69,18 +61,15 @@ async fn pieces_pass_down_a_chain_as_they_arrive() {
         PeerServer::listen(LOCAL, keys(b"k"), MAX).await.unwrap(),
     );
     let whole = blob(2 * PIECE + 7);
-    let coming: Arc<Coming> = a.shelf.coming(FnId(3), whole.len());
+    let id = id_of(&whole);
+    let coming: Arc<Coming> = a.shelf.coming(id, whole.len());
     coming.push(whole.slice(..PIECE));
     let (from_a, from_b) = (a.addr.to_string(), b.addr.to_string());
     let b_shelf = b.shelf.clone();
-    let expect = whole.clone();
-    let b_fetch = tokio::spawn(async move {
-        fetch(&from_a, FnId(3), &keys(b"k"), MAX, Some(&b_shelf), same(&expect)).await
-    });
+    let b_fetch =
+        tokio::spawn(async move { fetch(&from_a, id, &keys(b"k"), MAX, Some(&b_shelf), vec![]).await });
     // c asks b, which holds the first piece only once b's fetch brings it.
-    let expect = whole.clone();
-    let c_fetch =
-        tokio::spawn(async move { fetch(&from_b, FnId(3), &keys(b"k"), MAX, None, same(&expect)).await });
+    let c_fetch = tokio::spawn(async move { fetch(&from_b, id, &keys(b"k"), MAX, None, vec![]).await });
     coming.push(whole.slice(PIECE..2 * PIECE));
     coming.push(whole.slice(2 * PIECE..));
     assert_eq!(b_fetch.await.unwrap().unwrap(), whole);
@@ -91,16 +80,15 @@ async fn pieces_pass_down_a_chain_as_they_arrive() {
 async fn a_server_whose_own_fetch_failed_resumes_from_the_whole_function() {
     let a = PeerServer::listen(LOCAL, keys(b"k"), MAX).await.unwrap();
     let whole = blob(2 * PIECE + 1);
-    let coming = a.shelf.coming(FnId(4), whole.len());
+    let id = id_of(&whole);
+    let coming = a.shelf.coming(id, whole.len());
     coming.push(whole.slice(..PIECE));
     let from = a.addr.to_string();
-    let expect = whole.clone();
-    let fetching =
-        tokio::spawn(async move { fetch(&from, FnId(4), &keys(b"k"), MAX, None, same(&expect)).await });
+    let fetching = tokio::spawn(async move { fetch(&from, id, &keys(b"k"), MAX, None, vec![]).await });
     // a's own fetch fails after one piece; the orchestrator then sends it
     // the function, and what a serves goes on from the second piece.
-    a.shelf.failed(FnId(4), &coming);
-    a.shelf.put(FnId(4), whole.clone());
+    a.shelf.failed(id, &coming);
+    a.shelf.put(id, whole.clone());
     assert_eq!(fetching.await.unwrap().unwrap(), whole);
 }
 
@@ -114,7 +102,7 @@ async fn an_orchestrators_port_refuses_an_agent_fetching() {
         let (mut tcp, _) = listener.accept().await.unwrap();
         server_handshake(&mut tcp, b"k", &Binding::default(), 1).await
     });
-    let e = fetch(&addr, FnId(5), &keys(b"k"), MAX, None, anything()).await.unwrap_err();
+    let e = fetch(&addr, FnId(5), &keys(b"k"), MAX, None, vec![]).await.unwrap_err();
     assert!(matches!(e, Error::Handshake(_)), "{e}");
     assert!(orch.await.unwrap().is_err(), "the orchestrator side refuses it too");
 }
@@ -148,7 +136,7 @@ async fn requests_end_when_the_serving_session_does() {
     let from = a.addr.to_string();
     let fetch_of = |id: u64| {
         let from = from.clone();
-        tokio::spawn(async move { fetch(&from, FnId(id), &keys(b"k"), MAX, None, anything()).await })
+        tokio::spawn(async move { fetch(&from, FnId(id), &keys(b"k"), MAX, None, vec![]).await })
     };
     let (absent, halfway) = (fetch_of(7), fetch_of(6));
     // Both requests are in once the server holds two connections' permits.
@@ -183,12 +171,11 @@ fn quick_keys() -> PeerKeys {
 async fn a_fetch_outlasts_the_silence_limit_while_its_source_still_receives_the_function() {
     let a = PeerServer::listen(LOCAL, quick_keys(), MAX).await.unwrap();
     let whole = blob(PIECE + 3);
-    let coming = a.shelf.coming(FnId(8), whole.len());
+    let id = id_of(&whole);
+    let coming = a.shelf.coming(id, whole.len());
     coming.push(whole.slice(..PIECE));
     let from = a.addr.to_string();
-    let expect = whole.clone();
-    let mut fetching =
-        tokio::spawn(async move { fetch(&from, FnId(8), &quick_keys(), MAX, None, same(&expect)).await });
+    let mut fetching = tokio::spawn(async move { fetch(&from, id, &quick_keys(), MAX, None, vec![]).await });
     // The rest reaches the source only after several of the fetcher's
     // silence limits; the source says it is waiting meanwhile, and the
     // fetch does not end.
@@ -217,11 +204,10 @@ async fn a_fetch_from_a_source_gone_silent_fails_at_the_silence_limit() {
         let _ = tcp.read_to_end(&mut sink).await;
     });
     let started = std::time::Instant::now();
-    let e =
-        tokio::time::timeout(Duration::from_secs(30), fetch(&addr, FnId(9), &keys, MAX, None, anything()))
-            .await
-            .expect("the fetch ends")
-            .unwrap_err();
+    let e = tokio::time::timeout(Duration::from_secs(30), fetch(&addr, FnId(9), &keys, MAX, None, vec![]))
+        .await
+        .expect("the fetch ends")
+        .unwrap_err();
     assert!(matches!(e, Error::Timeout(_)), "{e}");
     assert!(hold.try_recv().is_ok(), "the handshake was made");
     assert!(started.elapsed() >= keys.timing.silence, "ended after {:?}", started.elapsed());

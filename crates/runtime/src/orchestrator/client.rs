@@ -192,16 +192,12 @@ impl ContentHasher {
         for id in needs {
             self.0.update(&id.0.to_le_bytes());
         }
-        first_8(self.0.finalize())
+        let hash = self.0.finalize();
+        FnId(u64::from_le_bytes(hash.as_bytes()[..8].try_into().expect("8 bytes")))
     }
 }
 
-/// Content address of a pickled function.
+/// Content address of a pickled function (one that names no needs).
 pub fn function_id(bytes: &[u8]) -> FnId {
-    first_8(blake3::hash(bytes))
-}
-
-fn first_8(hash: blake3::Hash) -> FnId {
-    let bytes = hash.as_bytes();
-    FnId(u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")))
+    content_id(bytes, &[])
 }
