@@ -245,7 +245,7 @@ impl Drop for Mapping {
 /// A shared, writable, populated mapping of `length` bytes of `fd` from
 /// `offset` (page-aligned), which must lie inside the file: past its end an
 /// access would kill the process (SIGBUS).
-fn map_shared(fd: c_int, offset: u64, length: usize) -> Option<*mut c_void> {
+pub fn map_shared(fd: c_int, offset: u64, length: usize) -> Option<*mut c_void> {
     // SAFETY: a new mapping, which nothing else refers to.
     let map = unsafe {
         libc::mmap(

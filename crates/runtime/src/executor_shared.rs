@@ -26,7 +26,11 @@ impl ExecWriter {
             // The copy blocks for milliseconds: not on the runtime's threads.
             Some((tail, args)) => {
                 let len = tail.len();
-                let written = tokio::task::spawn_blocking(move || args.write(&tail).map(|()| args)).await;
+                let written = tokio::task::spawn_blocking(move || {
+                    let mut args = args;
+                    args.write(&tail).map(|()| args)
+                })
+                .await;
                 match written {
                     Ok(Ok(args)) => Some((args, len)),
                     _ => {

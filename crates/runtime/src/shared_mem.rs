@@ -36,6 +36,11 @@ const PAGE: usize = 4096;
 pub struct Memfd {
     pub(crate) fd: OwnedFd,
     inode: u64,
+    /// A mapping of it, kept from the last time it was written or read
+    /// through one: the next time finds its pages mapped (mapping and
+    /// populating 64 MiB afresh, then unmapping it, cost the agent a few
+    /// milliseconds of every large argument and result).
+    view: Option<View>,
 }
 
 impl Memfd {
@@ -52,7 +57,7 @@ impl Memfd {
         // SAFETY: a valid descriptor nothing else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         let inode = stat(&fd)?.st_ino;
-        Ok(Self { fd, inode })
+        Ok(Self { fd, inode, view: None })
     }
 
     fn size(&self) -> io::Result<usize> {
@@ -123,35 +128,55 @@ impl Lease {
         self.0.as_ref().expect("a lease holds its memfd until dropped")
     }
 
+    fn memfd_mut(&mut self) -> &mut Memfd {
+        self.0.as_mut().expect("a lease holds its memfd until dropped")
+    }
+
     /// Never use it again (an executor still maps it): close it.
     pub fn retire(mut self) {
         self.0 = None;
         locked().leased -= 1;
     }
 
-    /// Copy `data` to the start of the memfd, growing it to fit.
-    pub fn write(&self, data: &[u8]) -> io::Result<()> {
-        let m = self.memfd();
-        if m.size()? < data.len() {
+    /// Copy `data` to the start of the memfd, growing it to fit: through
+    /// the memfd's kept mapping when it holds them, else with `pwrite`
+    /// (faster into pages the memfd does not have yet), after which the
+    /// memfd is mapped, to be written through the next time.
+    pub fn write(&mut self, data: &[u8]) -> io::Result<()> {
+        let m = self.memfd_mut();
+        if let Some(view) = m.view.as_ref().filter(|v| v.len >= data.len()) {
+            // SAFETY: the view is writable and holds `data.len()` bytes;
+            // nothing reads this memfd while it is leased to be written.
+            unsafe { distripool_memfd::copy(data.as_ptr(), view.addr as *mut u8, data.len()) };
+            return Ok(());
+        }
+        let size = m.size()?;
+        let need = data.len().next_multiple_of(PAGE);
+        if size < data.len() {
             // SAFETY: plain syscall on our descriptor.
-            if unsafe { libc::ftruncate(m.fd.as_raw_fd(), data.len().next_multiple_of(PAGE) as libc::off_t) }
-                != 0
-            {
+            if unsafe { libc::ftruncate(m.fd.as_raw_fd(), need as libc::off_t) } != 0 {
                 return Err(io::Error::last_os_error());
             }
         }
         // SAFETY: `data` stays borrowed for the call.
-        unsafe { distripool_memfd::write_from(m.fd.as_raw_fd(), data.as_ptr(), data.len(), 0) }
+        unsafe { distripool_memfd::write_from(m.fd.as_raw_fd(), data.as_ptr(), data.len(), 0) }?;
+        if data.len() >= AT_LEAST {
+            m.view = None;
+            m.view = Some(View::of(&m.fd, size.max(need))?);
+        }
+        Ok(())
     }
 
     /// The buffers at `(offset, length)` in the memfd, as parts that read
-    /// a shared mapping of it; the lease goes back when the last is dropped.
-    pub fn parts(self, at: &[(u64, u64)]) -> io::Result<Vec<Bytes>> {
+    /// a shared mapping of it; the lease goes back when the last is dropped,
+    /// with the mapping, which the memfd's next result reads through again.
+    pub fn parts(mut self, at: &[(u64, u64)]) -> io::Result<Vec<Bytes>> {
         let end = at.iter().map(|&(o, n)| o.saturating_add(n)).max().unwrap_or(0) as usize;
         if end == 0 {
             return Ok(Vec::new());
         }
-        if self.memfd().size()? < end {
+        let size = self.memfd().size()?;
+        if size < end {
             // Reading a mapping past the end of its file would kill the
             // agent (SIGBUS): refuse here instead.
             return Err(io::Error::new(
@@ -159,21 +184,14 @@ impl Lease {
                 format!("the executor's reply ends at byte {end}, past the end of its memfd"),
             ));
         }
-        // SAFETY: a new read-only mapping of our memfd, inside the file.
-        let addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                end,
-                libc::PROT_READ,
-                libc::MAP_SHARED | libc::MAP_POPULATE,
-                self.memfd().fd.as_raw_fd(),
-                0,
-            )
-        };
-        if addr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
+        let memfd = self.memfd_mut();
+        if memfd.view.as_ref().is_none_or(|v| v.len < end) {
+            // Of the whole memfd (it only grows), so that a later, larger
+            // result within it needs no new one either.
+            memfd.view = None;
+            memfd.view = Some(View::of(&memfd.fd, size)?);
         }
-        let map = Arc::new(Mapped { addr: addr as usize, len: end, _lease: self });
+        let map = Arc::new(self);
         Ok(at
             .iter()
             .map(|&(o, n)| Bytes::from_owner(Slice { map: map.clone(), at: o as usize, len: n as usize }))
@@ -196,31 +214,43 @@ impl Drop for Lease {
     }
 }
 
-/// A reply memfd's mapping, shared by the parts read from it.
-struct Mapped {
+/// A shared mapping of a whole memfd, its pages populated.
+struct View {
     addr: usize,
     len: usize,
-    _lease: Lease,
 }
 
-impl Drop for Mapped {
+impl View {
+    fn of(fd: &OwnedFd, len: usize) -> io::Result<Self> {
+        // Inside the file, which never shrinks.
+        let addr =
+            distripool_memfd::map_shared(fd.as_raw_fd(), 0, len).ok_or_else(io::Error::last_os_error)?;
+        Ok(View { addr: addr as usize, len })
+    }
+}
+
+impl Drop for View {
     fn drop(&mut self) {
-        // SAFETY: our mapping; no part refers to it any more.
+        // SAFETY: our mapping; nothing reads it any more (the parts that did
+        // held the lease, and with it the memfd this belongs to).
         unsafe { libc::munmap(self.addr as *mut c_void, self.len) };
     }
 }
 
+/// One buffer of a result, read through the view of the memfd its lease
+/// holds.
 struct Slice {
-    map: Arc<Mapped>,
+    map: Arc<Lease>,
     at: usize,
     len: usize,
 }
 
 impl AsRef<[u8]> for Slice {
     fn as_ref(&self) -> &[u8] {
-        // SAFETY: inside the mapping (checked against the file when made),
-        // which lives as long as this slice.
-        unsafe { std::slice::from_raw_parts((self.map.addr + self.at) as *const u8, self.len) }
+        let view = self.map.memfd().view.as_ref().expect("made before the parts");
+        // SAFETY: inside the view (checked against the file when the parts
+        // were made), which lives as long as the lease this slice holds.
+        unsafe { std::slice::from_raw_parts((view.addr + self.at) as *const u8, self.len) }
     }
 }
 
@@ -435,107 +465,5 @@ pub fn prefix(tail: Option<(&Lease, usize)>, reply: &Lease) -> [u8; 32] {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn what_is_written_reads_back_and_a_returned_memfd_is_lent_again() {
-        // One test: the pool is the process's.
-        let data: Vec<u8> = (0..3 * AT_LEAST + 17).map(|i| (i * 7) as u8).collect();
-        let lease = Lease::take(data.len()).unwrap();
-        let name = lease.memfd().name();
-        lease.write(&data).unwrap();
-        let parts = lease.parts(&[(0, 5), (4096, data.len() as u64 - 4096)]).unwrap();
-        assert_eq!(&parts[0][..], &data[..5]);
-        assert_eq!(&parts[1][..], &data[4096..]);
-        drop(parts);
-        // Back in the pool once the parts are gone: the next lease of that
-        // size gets the same memfd, pages and all.
-        let again = Lease::take(data.len()).unwrap();
-        assert_eq!(again.memfd().name(), name);
-        // A reply said to end past the memfd's end is an error, not SIGBUS.
-        let err = again.parts(&[(0, 1 << 30)]).unwrap_err();
-        assert!(err.to_string().contains("past the end"), "{err}");
-        // A retired one is closed, never lent again.
-        let again = Lease::take(data.len()).unwrap();
-        assert_eq!(again.memfd().name(), name);
-        again.retire();
-        let other = Lease::take(data.len()).unwrap();
-        assert_ne!(other.memfd().name().1, name.1);
-        drop(other);
-        an_executors_tasks_share_when_it_can_and_its_results_come_back_whole();
-    }
-
-    /// An envelope of `meta` bytes of pickle and `tail` bytes of buffers.
-    fn envelope(meta: usize, tail: usize) -> Bytes {
-        let mut p = vec![1u8];
-        p.extend_from_slice(&(meta as u32).to_le_bytes());
-        p.extend(std::iter::repeat_n(9u8, meta));
-        p.extend((0..tail).map(|i| i as u8));
-        p.into()
-    }
-
-    fn an_executors_tasks_share_when_it_can_and_its_results_come_back_whole() {
-        let mut s = Sharing::default();
-        let big = envelope(40, 2 * AT_LEAST);
-        s.can_open = true;
-        assert!(matches!(s.plan(1, 1, &big), Plan::Inline), "not where only functions are shared");
-        s.finished(1, 0, Bytes::new());
-        (s.can_open, s.share_tasks) = (false, true);
-        assert!(matches!(s.plan(1, 1, &big), Plan::Inline), "not before the executor said it can");
-        s.can_open = true;
-        assert!(
-            matches!(s.plan(2, 1, &envelope(40, AT_LEAST - 1)), Plan::Inline),
-            "small buffers stay inline"
-        );
-        assert!(
-            matches!(s.plan(3, 1, &Bytes::from(vec![0u8; 2 * AT_LEAST])), Plan::Inline),
-            "a plain pickle too"
-        );
-        // Their results (in order) pass through as they are.
-        for task in [1, 2, 3] {
-            let out = s.finished(task, 0, Bytes::from_static(b"r")).payload().unwrap();
-            assert_eq!(out.parts(), [Bytes::from_static(b"r")]);
-        }
-        assert!(s.held.is_empty(), "an inline task counted as sent is let go with its result");
-        let Plan::Shared { head, tail: Some((tail, args)), reply } = s.plan(10, 1, &big) else {
-            panic!("a large envelope goes through memfds");
-        };
-        assert_eq!(head, big.slice(..45));
-        assert_eq!(tail, big.slice(45..));
-        args.write(&tail).unwrap();
-        let args_name = args.memfd().name();
-        // The executor answers with its buffers at two places in the reply
-        // memfd, and says it kept its arguments.
-        reply.write(&[7u8; 3 * 4096]).unwrap();
-        s.sent(10, 1, Some(args), Some(reply));
-        let mut places = 2u32.to_le_bytes().to_vec();
-        for (o, n) in [(0u64, 5u64), (8192, 100)] {
-            places.extend_from_slice(&o.to_le_bytes());
-            places.extend_from_slice(&n.to_le_bytes());
-        }
-        let answer = [&places[..], b"head"].concat();
-        let out = s.finished(10, IN_REPLY | KEPT, answer.into()).payload().unwrap();
-        assert_eq!(out.parts().len(), 3);
-        assert_eq!(&out.parts()[0][..], b"head");
-        assert_eq!(out.len(), 4 + 5 + 100);
-        // The kept memfd is closed; the function's next task gets a reply
-        // memfd even with small arguments.
-        let again = Lease::take(2 * AT_LEAST).unwrap();
-        assert_ne!(again.memfd().name().1, args_name.1);
-        drop(again);
-        assert!(matches!(s.plan(13, 1, &Bytes::from_static(b"small")), Plan::Shared { tail: None, .. }));
-        assert!(matches!(s.plan(14, 2, &Bytes::from_static(b"small")), Plan::Inline));
-        s.finished(14, 0, Bytes::new());
-        // A small result in that reply memfd's place: back to inline.
-        s.sent(11, 1, None, Lease::take(0));
-        let out = s.finished(11, 0, Bytes::from_static(b"tiny")).payload().unwrap();
-        assert_eq!(out.parts(), [Bytes::from_static(b"tiny")]);
-        assert!(matches!(s.plan(15, 1, &Bytes::from_static(b"small")), Plan::Inline));
-        s.finished(15, 0, Bytes::new());
-        // A result said to be in a reply memfd the task was not given.
-        s.sent(12, 1, None, None);
-        let err = s.finished(12, IN_REPLY, Bytes::from_static(b"x")).payload().unwrap_err();
-        assert!(err.to_string().contains("not given"), "{err}");
-    }
-}
+#[path = "shared_mem_tests.rs"]
+mod tests;
