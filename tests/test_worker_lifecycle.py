@@ -122,3 +122,38 @@ def test_the_ready_file_exists_while_the_worker_is_connected(keyed, spawn_worker
     orch.close()
     wait_until(lambda: not ready.exists(), 30, "the ready file to go when the orchestrator does")
     assert worker.proc.poll() is None, "the worker keeps retrying"
+
+
+def test_the_next_worker_removes_the_directory_of_one_killed_outright_and_no_other(
+    keyed, spawn_worker, tmp_path, monkeypatch
+):
+    orch, key = keyed
+    base = tmp_path / "tmp"
+    base.mkdir()
+    monkeypatch.setenv("TMPDIR", str(base))
+    # Named like a worker's, but without its lock file: not ours to remove.
+    (base / "distripool-worker-other").mkdir()
+
+    def workers_dirs() -> set[str]:
+        return {p.name for p in base.glob("distripool-worker-*") if (p / "worker.lock").exists()}
+
+    killed = spawn_worker(orch.addresses[0], key=key, processes=1)
+    assert orch.wait_for_workers(1, timeout=60), killed.log()
+    (killed_dir,) = workers_dirs()
+    running = spawn_worker(orch.addresses[0], key=key, processes=1)
+    assert orch.wait_for_workers(2, timeout=60), running.log()
+    (running_dir,) = workers_dirs() - {killed_dir}
+
+    killed.proc.kill()
+    killed.proc.wait(60)
+    wait_until(lambda: orch.workers == 1, 60, "the orchestrator to see the killed worker go")
+    assert workers_dirs() == {killed_dir, running_dir}, "a worker killed outright leaves its directory"
+
+    after = spawn_worker(orch.addresses[0], key=key, processes=1)
+    assert orch.wait_for_workers(2, timeout=60), after.log()
+    left = workers_dirs()
+    assert killed_dir not in left and running_dir in left and len(left) == 2, left
+    assert (base / "distripool-worker-other").is_dir()
+    assert "removed 1 directory that workers killed outright left" in after.log()
+    with Pool(orchestrator=orch) as pool:
+        assert pool.map(nap_square, range(8)) == [x * x for x in range(8)]

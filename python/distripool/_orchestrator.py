@@ -473,10 +473,11 @@ def make_worker(
     if left is not None:
         left = max(left - SLURM_END_MARGIN, 0.0)
         time_limit = left if time_limit is None else min(time_limit, left)
-    import tempfile
+    from distripool._workdir import work_dir as own_dir
 
-    # The worker's own directory (uploads land there), removed when it stops.
-    with tempfile.TemporaryDirectory(prefix="distripool-worker-") as work_dir:
+    # The worker's own directory (uploads land there), removed when it stops;
+    # those of workers killed outright go as it starts.
+    with own_dir() as work_dir:
         return _native.run_agent(
             addrs,
             key,

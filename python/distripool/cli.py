@@ -4,6 +4,8 @@ orchestrator's status, or make a key."""
 from __future__ import annotations
 
 import argparse
+import datetime
+import logging
 import os
 import sys
 
@@ -44,10 +46,35 @@ def _seconds(text: str) -> float:
     return value
 
 
+class _LikeTheAgent(logging.Formatter):
+    """The worker's Python-side records, in the agent's format, on the
+    same stream: ``2026-12-06T17:11:33.772621Z  INFO message``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        when = datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
+        level = {"WARNING": "WARN", "CRITICAL": "ERROR"}.get(record.levelname, record.levelname)
+        return f"{when.strftime('%Y-%m-%dT%H:%M:%S.%f')}Z {level:>5} {record.getMessage()}"
+
+
+def _worker_logging(spec: str) -> None:
+    """Log the agent's records and the ``distripool`` logger's to stderr, at
+    the level ``spec`` (``DISTRIPOOL_LOG``: a level, or the agent's
+    ``target=level,...`` filter, whose bare level applies here)."""
+    _native.enable_logging(spec)
+    levels = {"trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO}
+    levels |= {"warn": logging.WARNING, "error": logging.ERROR, "off": logging.CRITICAL + 1}
+    bare = [levels[p.strip().lower()] for p in spec.split(",") if p.strip().lower() in levels]
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_LikeTheAgent())
+    logger = logging.getLogger("distripool")
+    logger.addHandler(handler)
+    logger.setLevel(bare[-1] if bare else logging.INFO)
+
+
 def _cmd_worker(args: argparse.Namespace) -> int:
     from ._orchestrator import make_worker
 
-    _native.enable_logging(os.environ.get("DISTRIPOOL_LOG", "info"))
+    _worker_logging(os.environ.get("DISTRIPOOL_LOG", "info"))
     addrs = split_addresses(args.connect)
     normalize_addresses(addrs)
     key, key_file = None, args.authkey_file
