@@ -248,11 +248,28 @@ fn an_agent_of_another_cluster_is_refused() {
     assert_eq!(orch.stats().auth_failures.load(Ordering::Relaxed), 0, "refused before any key was used");
 }
 
-fn tempdir() -> std::path::PathBuf {
+/// A directory of the test's own, removed when it ends (declared before
+/// the agent whose executors read from it, so dropped after it).
+struct TempDir(std::path::PathBuf);
+
+impl std::ops::Deref for TempDir {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn tempdir() -> TempDir {
     let dir = std::env::temp_dir()
         .join(format!("distripool-rt-{}", u64::from_le_bytes(distripool_runtime::random_bytes())));
     std::fs::create_dir_all(&dir).unwrap();
-    dir
+    TempDir(dir)
 }
 
 #[test]
