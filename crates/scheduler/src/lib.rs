@@ -147,6 +147,10 @@ struct Task<P> {
 struct Worker {
     capacity: usize,
     tasks: IdSet<TaskId>,
+    /// Its free slots as its entry in `room` says (0: no entry).
+    indexed: usize,
+    /// Changed since `room` was brought in step with it.
+    stale: bool,
 }
 
 impl Worker {
@@ -162,9 +166,15 @@ pub struct Scheduler<P, R> {
     queue: VecDeque<TaskId>,
     workers: IdMap<WorkerId, Worker>,
     /// Workers with free slots as `(free, Reverse(id))`: the last entry is
-    /// the one to fill next (most free slots, then the lowest id). Kept in
-    /// step with `workers`, so choosing a worker costs O(log workers).
+    /// the one to fill next (most free slots, then the lowest id), so
+    /// choosing a worker costs O(log workers). Brought in step with
+    /// `workers` before it is read: a worker that finishes many tasks at
+    /// once moves in it once, not once per task.
     room: BTreeSet<(usize, Reverse<WorkerId>)>,
+    /// Workers changed since `room` was last brought in step.
+    stale: Vec<WorkerId>,
+    /// Scheduling waits for [`resume`](Self::resume).
+    deferred: bool,
     out: VecDeque<Command<P, R>>,
 }
 
@@ -176,8 +186,24 @@ impl<P: Clone, R> Scheduler<P, R> {
             queue: VecDeque::new(),
             workers: IdMap::default(),
             room: BTreeSet::new(),
+            stale: Vec::new(),
+            deferred: false,
             out: VecDeque::new(),
         }
+    }
+
+    /// Hold scheduling until [`resume`](Self::resume): events fed meanwhile
+    /// (a batch of results from one worker) free slots without handing
+    /// each one out again at once, and the queued tasks then go out
+    /// together, the worker with the most free slots first, as always.
+    pub fn defer(&mut self) {
+        self.deferred = true;
+    }
+
+    /// Schedule what waited since [`defer`](Self::defer).
+    pub fn resume(&mut self) {
+        self.deferred = false;
+        self.schedule();
     }
 
     /// Next command to carry out, if any.
@@ -217,14 +243,19 @@ impl<P: Clone, R> Scheduler<P, R> {
         );
         assert!(previous.is_none(), "task id {task} submitted twice");
         self.queue.push_back(task);
-        if !self.room.is_empty() {
+        if !self.room.is_empty() || !self.stale.is_empty() {
             self.schedule();
         }
     }
 
     /// A worker joined, or changed how many tasks it takes at once.
     pub fn worker_joined(&mut self, worker: WorkerId, capacity: usize) {
-        self.workers.entry(worker).or_insert(Worker { capacity: 0, tasks: IdSet::default() });
+        self.workers.entry(worker).or_insert(Worker {
+            capacity: 0,
+            tasks: IdSet::default(),
+            indexed: 0,
+            stale: false,
+        });
         self.update_worker(worker, |w| w.capacity = capacity);
         self.schedule();
     }
@@ -259,7 +290,7 @@ impl<P: Clone, R> Scheduler<P, R> {
         let Some(w) = self.workers.remove(&worker) else {
             return;
         };
-        self.room.remove(&(w.free(), Reverse(worker)));
+        self.room.remove(&(w.indexed, Reverse(worker)));
         // Requeue in reverse so that the oldest task ends up first in line.
         let mut held: Vec<TaskId> = w.tasks.into_iter().collect();
         held.sort_unstable();
@@ -377,20 +408,35 @@ impl<P: Clone, R> Scheduler<P, R> {
         });
     }
 
-    /// Change a worker with `f`, keeping the room index in step.
+    /// Change a worker with `f`; its entry in the room index follows at the
+    /// next [`sync_room`](Self::sync_room).
     fn update_worker(&mut self, worker: WorkerId, f: impl FnOnce(&mut Worker)) {
         let Some(w) = self.workers.get_mut(&worker) else {
             return;
         };
-        let before = w.free();
         f(w);
-        let after = w.free();
-        if before != after {
-            if before > 0 {
-                self.room.remove(&(before, Reverse(worker)));
-            }
-            if after > 0 {
-                self.room.insert((after, Reverse(worker)));
+        if !w.stale {
+            w.stale = true;
+            self.stale.push(worker);
+        }
+    }
+
+    /// Bring the room index in step with the workers changed since.
+    fn sync_room(&mut self) {
+        for worker in self.stale.drain(..) {
+            let Some(w) = self.workers.get_mut(&worker) else {
+                continue;
+            };
+            w.stale = false;
+            let free = w.free();
+            if free != w.indexed {
+                if w.indexed > 0 {
+                    self.room.remove(&(w.indexed, Reverse(worker)));
+                }
+                if free > 0 {
+                    self.room.insert((free, Reverse(worker)));
+                }
+                w.indexed = free;
             }
         }
     }
@@ -407,33 +453,59 @@ impl<P: Clone, R> Scheduler<P, R> {
     /// Hand queued tasks to the workers with the most free slots; a task
     /// that just crashed an executor prefers any other worker with room.
     fn schedule(&mut self) {
+        if self.deferred {
+            return;
+        }
+        self.sync_room();
         while let Some(&task) = self.queue.front() {
             let avoid = self.tasks[&task].crashed_on;
-            let mut best = self.room.iter().rev().map(|&(_, Reverse(id))| id);
-            let worker = match best.next() {
-                None => return,
-                Some(first) if Some(first) == avoid => best.next().unwrap_or(first),
-                Some(first) => first,
+            let mut best = self.room.iter().rev().copied();
+            // `rival` is the best entry of another worker: while `worker`
+            // stays ahead of it, the next tasks would go to `worker` too, so
+            // they do without moving its entry each time; it moves once, after.
+            let (worker, rival) = match (best.next(), best.next()) {
+                (None, _) => return,
+                (Some(first), Some(second)) if Some(first.1 .0) == avoid => (second.1 .0, Some(first)),
+                (Some(first), second) => (first.1 .0, second),
             };
-            self.queue.pop_front();
-            self.update_worker(worker, |w| {
+            let w = self.workers.get_mut(&worker).expect("a worker in the room index is known");
+            loop {
+                let task = self.queue.pop_front().expect("a task is queued");
                 w.tasks.insert(task);
-            });
-            let t = self.tasks.get_mut(&task).expect("queued task exists");
-            t.attempt += 1;
-            t.worker = Some(worker);
-            self.out.push_back(Command::Dispatch {
-                worker,
-                task,
-                attempt: t.attempt,
-                payload: t.payload.clone(),
-            });
+                let t = self.tasks.get_mut(&task).expect("queued task exists");
+                t.attempt += 1;
+                t.worker = Some(worker);
+                self.out.push_back(Command::Dispatch {
+                    worker,
+                    task,
+                    attempt: t.attempt,
+                    payload: t.payload.clone(),
+                });
+                let free = w.free();
+                let stays_best = |next: &TaskId| {
+                    free > 0
+                        && self.tasks[next].crashed_on.is_none()
+                        && rival.is_none_or(|r| (free, Reverse(worker)) > r)
+                };
+                if !self.queue.front().is_some_and(stays_best) {
+                    break;
+                }
+            }
+            let free = w.free();
+            if free != w.indexed {
+                self.room.remove(&(w.indexed, Reverse(worker)));
+                if free > 0 {
+                    self.room.insert((free, Reverse(worker)));
+                }
+                w.indexed = free;
+            }
         }
     }
 
     /// The room index matches the workers (for tests).
     #[cfg(test)]
-    fn check_room(&self) {
+    fn check_room(&mut self) {
+        self.sync_room();
         let expected: BTreeSet<_> = self
             .workers
             .iter()
@@ -441,7 +513,10 @@ impl<P: Clone, R> Scheduler<P, R> {
             .map(|(&id, w)| (w.free(), Reverse(id)))
             .collect();
         assert_eq!(self.room, expected, "room index out of step");
-        assert!(self.queue.is_empty() || self.room.is_empty(), "tasks wait while a worker has room");
+        assert!(
+            self.deferred || self.queue.is_empty() || self.room.is_empty(),
+            "tasks wait while a worker has room"
+        );
     }
 }
 

@@ -61,6 +61,64 @@ fn load_is_spread_over_workers() {
     assert_eq!(per.iter().filter(|&&w| w == 2).count(), 2);
 }
 
+/// Where one-at-a-time placement puts each of `tasks` tasks: on the worker
+/// with the most free slots, then the lowest id, one task after another.
+fn one_at_a_time(free: &[(u64, usize)], tasks: usize) -> Vec<u64> {
+    let mut free: BTreeMap<u64, usize> = free.iter().copied().collect();
+    (0..tasks)
+        .map_while(|_| {
+            let (&id, f) =
+                free.iter_mut().filter(|(_, f)| **f > 0).max_by_key(|(id, f)| (**f, Reverse(**id)))?;
+            *f -= 1;
+            Some(id)
+        })
+        .collect()
+}
+
+#[test]
+fn each_task_goes_where_one_at_a_time_placement_puts_it() {
+    for (caps, tasks) in [
+        (vec![(1, 3), (2, 5), (3, 2), (4, 5)], 12),
+        (vec![(7, 8), (3, 1), (5, 4)], 20),
+        (vec![(1, 1)], 3),
+        (vec![(9, 6), (2, 6), (4, 6)], 13),
+    ] {
+        let mut s = S::new(Config::default());
+        for &(w, c) in &caps {
+            s.worker_joined(WorkerId(w), c);
+        }
+        for t in 0..tasks {
+            s.submit(TaskId(t as u64), GroupId(1), "x");
+        }
+        let got: Vec<u64> = dispatched(&drain(&mut s)).iter().map(|d| d.0).collect();
+        assert_eq!(got, one_at_a_time(&caps, tasks), "capacities {caps:?}");
+        s.check_room();
+    }
+    // With a queue behind: finishing frees a slot, which the next task takes
+    // at once; after a batch under `defer`, the freed slots are handed out
+    // together, fullest first.
+    let mut s = S::new(Config::default());
+    s.worker_joined(WorkerId(1), 4);
+    s.worker_joined(WorkerId(2), 4);
+    for t in 0..12 {
+        s.submit(TaskId(t), GroupId(1), "x");
+    }
+    let first = dispatched(&drain(&mut s));
+    assert_eq!(first.iter().map(|d| d.0).collect::<Vec<_>>(), one_at_a_time(&[(1, 4), (2, 4)], 8));
+    s.defer();
+    for (w, t, a) in first.iter().filter(|d| d.0 == 2).take(3) {
+        assert!(s.task_finished(WorkerId(*w), TaskId(*t), *a, 0));
+    }
+    assert!(s.task_finished(WorkerId(1), TaskId(first[0].1), 1, 0));
+    let held = drain(&mut s);
+    assert!(dispatched(&held).is_empty(), "nothing handed out while deferred");
+    assert_eq!(held.len(), 4, "the results are delivered at once");
+    s.resume();
+    let next: Vec<u64> = dispatched(&drain(&mut s)).iter().map(|d| d.0).collect();
+    assert_eq!(next, one_at_a_time(&[(1, 1), (2, 3)], 4));
+    s.check_room();
+}
+
 #[test]
 fn stale_and_duplicate_results_are_dropped() {
     let mut s = S::new(Config::default());
@@ -189,6 +247,8 @@ enum Op {
     DropResult(u8),
     CancelGroup(u8),
     Withdraw(u8),
+    /// Scheduling held (a batch of results), or resumed.
+    Defer,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -203,6 +263,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => any::<u8>().prop_map(Op::DropResult),
         1 => (0u8..3).prop_map(Op::CancelGroup),
         1 => any::<u8>().prop_map(Op::Withdraw),
+        1 => Just(Op::Defer),
     ]
 }
 
@@ -271,6 +332,7 @@ proptest! {
         let mut s: Scheduler<u64, u64> = Scheduler::new(config);
         let mut m = Model::default();
         let mut next = 0u64;
+        let mut deferred = false;
         for op in ops {
             match op {
                 Op::Submit => {
@@ -331,9 +393,15 @@ proptest! {
                     }
                     s.cancel_group(GroupId(g as u64));
                 }
+                Op::Defer => {
+                    deferred = !deferred;
+                    if deferred { s.defer() } else { s.resume() }
+                }
             }
             m.absorb(&mut s);
         }
+        s.resume();
+        m.absorb(&mut s);
         // Quiescence: the old workers go (recovering tasks whose results were
         // lost), a healthy worker joins and finishes everything.
         for w in 0..4u64 {

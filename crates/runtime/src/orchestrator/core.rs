@@ -249,9 +249,14 @@ impl Core {
                 }
             }
             Input::AgentMessages { worker, msgs } => {
+                // The slots a batch of results frees are handed out together
+                // after it: to that agent, usually, in one write, rather than
+                // a task at a time, each to whichever agent had most room.
+                self.sched.defer();
                 for (msg, payload) in msgs {
                     self.agent_message(worker, msg, payload);
                 }
+                self.sched.resume();
             }
             Input::ClientOpened { client } => {
                 self.clients.insert(client, Vec::new());
