@@ -16,7 +16,8 @@
 //!    the orchestrator's memory; then its CPU per task for a million tasks
 //!    through 16 agents of 16 slots, alone and beside the MANY idle ones
 //!    (and that less the idle ones' heartbeats meanwhile); and through MANY
-//!    agents of one slot each, all given tasks, against 16 of one slot.
+//!    agents of one slot each, all given tasks, against 16 of one slot, and
+//!    of 16 slots each, against 16 of 16 slots.
 //!
 //! Each side needs a file descriptor per agent: the processes raise their
 //! soft limit to the hard one (`ulimit -Hn`), and MANY must fit under it.
@@ -121,6 +122,14 @@ fn stop(children: Vec<std::process::Child>) {
     }
 }
 
+/// A million tasks through the agents connected to `orch`, then a million
+/// more: the first's wall and CPU time, and the second's CPU time.
+fn twice(orch: &Orchestrator) -> (Duration, Duration, Duration) {
+    let (wall, first) = push_tasks(orch, TASKS);
+    let (_, next) = push_tasks(orch, TASKS);
+    (wall, first, next)
+}
+
 fn per_task(cpu: Duration) -> f64 {
     cpu.as_secs_f64() * 1e6 / f64::from(TASKS)
 }
@@ -131,25 +140,29 @@ fn many(n: usize) {
     println!("|---|---:|---:|");
     // The references: 16 agents alone, of 16 slots and of one slot (the
     // shape of the MANY one-slot agents below: as few tasks per write).
+    // Each run pushes a million tasks through agents just connected, then
+    // a million more through the same agents, their buffers grown.
     let reference = |slots: usize| {
         let orch = start_orchestrator();
         let busy = spawn_many(&orch, 16, slots);
         wait_for_workers(&orch, 16, Duration::from_secs(60));
-        let m = push_tasks(&orch, TASKS);
+        let m = twice(&orch);
         stop(busy);
         m
     };
-    let (alone_wall, alone) = reference(16);
+    let (alone_wall, alone, alone_next) = reference(16);
     println!(
-        "| CPU per task, 16 agents × 16 slots | {:.2} µs ({:.0} k tasks/s) | |",
+        "| CPU per task, 16 agents × 16 slots | {:.2} µs ({:.0} k tasks/s); the next million {:.2} µs | |",
         per_task(alone),
-        f64::from(TASKS) / alone_wall.as_secs_f64() / 1e3
+        f64::from(TASKS) / alone_wall.as_secs_f64() / 1e3,
+        per_task(alone_next)
     );
-    let (one_wall, one_slot) = reference(1);
+    let (one_wall, one_slot, one_next) = reference(1);
     println!(
-        "| CPU per task, 16 agents × 1 slot | {:.2} µs ({:.0} k tasks/s) | |",
+        "| CPU per task, 16 agents × 1 slot | {:.2} µs ({:.0} k tasks/s); the next million {:.2} µs | |",
         per_task(one_slot),
-        f64::from(TASKS) / one_wall.as_secs_f64() / 1e3
+        f64::from(TASKS) / one_wall.as_secs_f64() / 1e3,
+        per_task(one_next)
     );
 
     let orch = start_orchestrator();
@@ -201,22 +214,36 @@ fn many(n: usize) {
     stop(idle);
     drop(orch);
 
-    let orch = start_orchestrator();
-    let all = spawn_many(&orch, n, 1);
-    wait_for_workers(&orch, n, Duration::from_secs(300));
-    let (wall, spread) = push_tasks(&orch, TASKS);
-    println!(
-        "| CPU per task, {n} agents × 1 slot, all given tasks | {:.2} µs ({:.0} k tasks/s; {:.2}× 16 × 1 slot, {:.2}× 16 × 16) | ≤ 2× |",
-        per_task(spread),
-        f64::from(TASKS) / wall.as_secs_f64() / 1e3,
-        spread.as_secs_f64() / one_slot.as_secs_f64(),
-        spread.as_secs_f64() / alone.as_secs_f64()
-    );
-    println!(
-        "| peak resident memory of this process (a million tasks queued above) | {:.1} MiB | |",
-        mib(peak_of_process())
-    );
-    stop(all);
+    // Every agent given tasks: of one slot each, against 16 of one slot
+    // and 16 of 16 slots; then slot for slot against 16 of 16 slots.
+    for (slots, same) in [(1, Some((one_slot, one_next))), (16, None)] {
+        let orch = start_orchestrator();
+        let all = spawn_many(&orch, n, slots);
+        wait_for_workers(&orch, n, Duration::from_secs(300));
+        let (wall, spread, next) = twice(&orch);
+        let against = |cpu: Duration, reference: Option<Duration>| match reference {
+            Some(r) => format!(
+                "{:.2}× 16 × {slots}, {:.2}× 16 × 16",
+                cpu.as_secs_f64() / r.as_secs_f64(),
+                cpu.as_secs_f64() / alone.as_secs_f64()
+            ),
+            None => format!("{:.2}× 16 × 16", cpu.as_secs_f64() / alone.as_secs_f64()),
+        };
+        println!(
+            "| CPU per task, {n} agents × {slots} {}, all given tasks | {:.2} µs ({:.0} k tasks/s; {}); the next million {:.2} µs ({}) | ≤ 2× |",
+            if slots == 1 { "slot" } else { "slots" },
+            per_task(spread),
+            f64::from(TASKS) / wall.as_secs_f64() / 1e3,
+            against(spread, same.map(|s| s.0)),
+            per_task(next),
+            against(next, same.map(|s| s.1)),
+        );
+        println!(
+            "| peak resident memory of this process (a million tasks queued above) | {:.1} MiB | |",
+            mib(peak_of_process())
+        );
+        stop(all);
+    }
 }
 
 /// The process's peak resident memory so far (`VmHWM`).
