@@ -161,8 +161,10 @@ impl Lease {
         // SAFETY: `data` stays borrowed for the call.
         unsafe { distripool_memfd::write_from(m.fd.as_raw_fd(), data.as_ptr(), data.len(), 0) }?;
         if data.len() >= AT_LEAST {
+            // Written already: without a mapping (none to be had), the next
+            // write is a `pwrite` again, not a failure.
             m.view = None;
-            m.view = Some(View::of(&m.fd, size.max(need))?);
+            m.view = View::of(&m.fd, size.max(need)).ok();
         }
         Ok(())
     }
