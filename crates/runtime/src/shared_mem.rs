@@ -64,6 +64,15 @@ impl Memfd {
         Ok(stat(&self.fd)?.st_size as usize)
     }
 
+    /// Keep a mapping of all `size` bytes of it in place of the one it had:
+    /// of the whole memfd (it only grows), so that a later, larger buffer
+    /// within it needs no new one either.
+    fn map_whole(&mut self, size: usize) -> io::Result<()> {
+        self.view = None;
+        self.view = Some(View::of(&self.fd, size)?);
+        Ok(())
+    }
+
     /// `(fd, inode)`, as the executor names it.
     pub fn name(&self) -> (u32, u64) {
         (self.fd.as_raw_fd() as u32, self.inode)
@@ -163,8 +172,7 @@ impl Lease {
         if data.len() >= AT_LEAST {
             // Written already: without a mapping (none to be had), the next
             // write is a `pwrite` again, not a failure.
-            m.view = None;
-            m.view = View::of(&m.fd, size.max(need)).ok();
+            let _ = m.map_whole(size.max(need));
         }
         Ok(())
     }
@@ -188,10 +196,7 @@ impl Lease {
         }
         let memfd = self.memfd_mut();
         if memfd.view.as_ref().is_none_or(|v| v.len < end) {
-            // Of the whole memfd (it only grows), so that a later, larger
-            // result within it needs no new one either.
-            memfd.view = None;
-            memfd.view = Some(View::of(&memfd.fd, size)?);
+            memfd.map_whole(size)?;
         }
         let map = Arc::new(self);
         Ok(at
