@@ -173,6 +173,12 @@ pub struct Scheduler<P, R> {
     room: BTreeSet<(usize, Reverse<WorkerId>)>,
     /// Workers changed since `room` was last brought in step.
     stale: Vec<WorkerId>,
+    /// Queued tasks that crashed an executor and so avoid its worker: while
+    /// there are any, tasks are placed one worker at a time; without them,
+    /// a whole queue at once ([`fill`](Self::fill)).
+    avoiding: usize,
+    /// Kept between [`fill`](Self::fill)s.
+    scratch: fill::Scratch,
     /// Scheduling waits for [`resume`](Self::resume).
     deferred: bool,
     out: VecDeque<Command<P, R>>,
@@ -187,6 +193,8 @@ impl<P: Clone, R> Scheduler<P, R> {
             workers: IdMap::default(),
             room: BTreeSet::new(),
             stale: Vec::new(),
+            avoiding: 0,
+            scratch: fill::Scratch::default(),
             deferred: false,
             out: VecDeque::new(),
         }
@@ -209,6 +217,13 @@ impl<P: Clone, R> Scheduler<P, R> {
     /// Next command to carry out, if any.
     pub fn poll_command(&mut self) -> Option<Command<P, R>> {
         self.out.pop_front()
+    }
+
+    /// How many of the commands not yet polled, from the next one on, are
+    /// dispatches to `worker`: the rest of its run.
+    pub fn dispatches_next(&self, worker: WorkerId) -> usize {
+        let to = |c: &&Command<P, R>| matches!(c, Command::Dispatch { worker: w, .. } if *w == worker);
+        self.out.iter().take_while(to).count()
     }
 
     /// Tasks waiting for a worker.
@@ -299,17 +314,15 @@ impl<P: Clone, R> Scheduler<P, R> {
                 continue;
             };
             t.worker = None;
-            let Some(reason) = lost else {
-                self.queue.push_front(task);
-                continue;
-            };
-            t.losses += 1;
-            t.reasons.push(format!("attempt {}: worker lost ({reason})", t.attempt));
-            if t.losses >= self.config.max_losses {
-                self.fail(task, FailureKind::Losses);
-            } else {
-                self.queue.push_front(task);
+            if let Some(reason) = lost {
+                t.losses += 1;
+                t.reasons.push(format!("attempt {}: worker lost ({reason})", t.attempt));
+                if t.losses >= self.config.max_losses {
+                    self.fail(task, FailureKind::Losses);
+                    continue;
+                }
             }
+            self.requeue(task);
         }
         self.schedule();
     }
@@ -341,7 +354,7 @@ impl<P: Clone, R> Scheduler<P, R> {
         if t.crashes >= self.config.max_crashes {
             self.fail(task, FailureKind::Crashes);
         } else {
-            self.queue.push_front(task);
+            self.requeue(task);
         }
         self.schedule();
         true
@@ -365,6 +378,7 @@ impl<P: Clone, R> Scheduler<P, R> {
     pub fn cancel_group(&mut self, group: GroupId) {
         let tasks = &self.tasks;
         self.queue.retain(|t| tasks[t].group != group);
+        self.avoiding = self.queue.iter().filter(|t| tasks[t].crashed_on.is_some()).count();
         let mut per_worker: BTreeMap<WorkerId, Vec<TaskId>> = BTreeMap::new();
         self.tasks.retain(|&id, t| {
             if t.group != group {
@@ -393,7 +407,9 @@ impl<P: Clone, R> Scheduler<P, R> {
         if !matches!(self.tasks.get(&task), Some(t) if t.worker.is_none()) {
             return false;
         }
-        self.tasks.remove(&task);
+        if self.tasks.remove(&task).is_some_and(|t| t.crashed_on.is_some()) {
+            self.avoiding -= 1;
+        }
         self.queue.retain(|&t| t != task);
         true
     }
@@ -428,16 +444,7 @@ impl<P: Clone, R> Scheduler<P, R> {
                 continue;
             };
             w.stale = false;
-            let free = w.free();
-            if free != w.indexed {
-                if w.indexed > 0 {
-                    self.room.remove(&(w.indexed, Reverse(worker)));
-                }
-                if free > 0 {
-                    self.room.insert((free, Reverse(worker)));
-                }
-                w.indexed = free;
-            }
+            reindex(&mut self.room, worker, w);
         }
     }
 
@@ -450,6 +457,14 @@ impl<P: Clone, R> Scheduler<P, R> {
         });
     }
 
+    /// Put a task back at the front of the queue (a retry goes first).
+    fn requeue(&mut self, task: TaskId) {
+        if self.tasks[&task].crashed_on.is_some() {
+            self.avoiding += 1;
+        }
+        self.queue.push_front(task);
+    }
+
     /// Hand queued tasks to the workers with the most free slots; a task
     /// that just crashed an executor prefers any other worker with room.
     fn schedule(&mut self) {
@@ -457,49 +472,54 @@ impl<P: Clone, R> Scheduler<P, R> {
             return;
         }
         self.sync_room();
-        while let Some(&task) = self.queue.front() {
-            let avoid = self.tasks[&task].crashed_on;
-            let mut best = self.room.iter().rev().copied();
-            // `rival` is the best entry of another worker: while `worker`
-            // stays ahead of it, the next tasks would go to `worker` too, so
-            // they do without moving its entry each time; it moves once, after.
-            let (worker, rival) = match (best.next(), best.next()) {
-                (None, _) => return,
-                (Some(first), Some(second)) if Some(first.1 .0) == avoid => (second.1 .0, Some(first)),
-                (Some(first), second) => (first.1 .0, second),
-            };
-            let w = self.workers.get_mut(&worker).expect("a worker in the room index is known");
-            loop {
-                let task = self.queue.pop_front().expect("a task is queued");
-                w.tasks.insert(task);
-                let t = self.tasks.get_mut(&task).expect("queued task exists");
-                t.attempt += 1;
-                t.worker = Some(worker);
-                self.out.push_back(Command::Dispatch {
-                    worker,
-                    task,
-                    attempt: t.attempt,
-                    payload: t.payload.clone(),
-                });
-                let free = w.free();
-                let stays_best = |next: &TaskId| {
-                    free > 0
-                        && self.tasks[next].crashed_on.is_none()
-                        && rival.is_none_or(|r| (free, Reverse(worker)) > r)
-                };
-                if !self.queue.front().is_some_and(stays_best) {
-                    break;
-                }
-            }
-            let free = w.free();
-            if free != w.indexed {
-                self.room.remove(&(w.indexed, Reverse(worker)));
-                if free > 0 {
-                    self.room.insert((free, Reverse(worker)));
-                }
-                w.indexed = free;
+        // One worker at a time where that is as quick: while a retry
+        // waits, with one worker to fill, or one task to place.
+        while self.avoiding > 0 || self.room.len() == 1 || self.queue.len() == 1 {
+            if !self.place_run() {
+                return;
             }
         }
+        if !self.queue.is_empty() && !self.room.is_empty() {
+            self.fill();
+        }
+    }
+
+    /// Give the task at the front of the queue to the worker with the most
+    /// free slots (another, if it crashed there and another has room), and
+    /// the tasks behind it too while that worker stays the one to fill.
+    /// False when nothing could be placed.
+    fn place_run(&mut self) -> bool {
+        let Some(&task) = self.queue.front() else {
+            return false;
+        };
+        let avoid = self.tasks[&task].crashed_on;
+        let mut best = self.room.iter().rev().copied();
+        // `rival` is the best entry of another worker: while `worker`
+        // stays ahead of it, the next tasks would go to `worker` too, so
+        // they do without moving its entry each time; it moves once, after.
+        let (worker, rival) = match (best.next(), best.next()) {
+            (None, _) => return false,
+            (Some(first), Some(second)) if Some(first.1 .0) == avoid => (second.1 .0, Some(first)),
+            (Some(first), second) => (first.1 .0, second),
+        };
+        let w = self.workers.get_mut(&worker).expect("a worker in the room index is known");
+        loop {
+            let task = self.queue.pop_front().expect("a task is queued");
+            if dispatch(&mut self.tasks, &mut self.out, worker, w, task) {
+                self.avoiding -= 1;
+            }
+            let free = w.free();
+            let stays_best = |next: &TaskId| {
+                free > 0
+                    && self.tasks[next].crashed_on.is_none()
+                    && rival.is_none_or(|r| (free, Reverse(worker)) > r)
+            };
+            if !self.queue.front().is_some_and(stays_best) {
+                break;
+            }
+        }
+        reindex(&mut self.room, worker, w);
+        true
     }
 
     /// The room index matches the workers (for tests).
@@ -513,6 +533,8 @@ impl<P: Clone, R> Scheduler<P, R> {
             .map(|(&id, w)| (w.free(), Reverse(id)))
             .collect();
         assert_eq!(self.room, expected, "room index out of step");
+        let avoiding = self.queue.iter().filter(|t| self.tasks[t].crashed_on.is_some()).count();
+        assert_eq!(self.avoiding, avoiding, "count of queued retries out of step");
         assert!(
             self.deferred || self.queue.is_empty() || self.room.is_empty(),
             "tasks wait while a worker has room"
@@ -520,5 +542,37 @@ impl<P: Clone, R> Scheduler<P, R> {
     }
 }
 
+/// Give `task` to `worker` (`w`): its next attempt, dispatched. True when
+/// it was a retry that avoided a worker.
+fn dispatch<P: Clone, R>(
+    tasks: &mut IdMap<TaskId, Task<P>>,
+    out: &mut VecDeque<Command<P, R>>,
+    worker: WorkerId,
+    w: &mut Worker,
+    task: TaskId,
+) -> bool {
+    w.tasks.insert(task);
+    let t = tasks.get_mut(&task).expect("queued task exists");
+    t.attempt += 1;
+    t.worker = Some(worker);
+    out.push_back(Command::Dispatch { worker, task, attempt: t.attempt, payload: t.payload.clone() });
+    t.crashed_on.is_some()
+}
+
+/// Move `worker`'s entry in the room index to its free slots now.
+fn reindex(room: &mut BTreeSet<(usize, Reverse<WorkerId>)>, worker: WorkerId, w: &mut Worker) {
+    let free = w.free();
+    if free != w.indexed {
+        if w.indexed > 0 {
+            room.remove(&(w.indexed, Reverse(worker)));
+        }
+        if free > 0 {
+            room.insert((free, Reverse(worker)));
+        }
+        w.indexed = free;
+    }
+}
+
+mod fill;
 #[cfg(test)]
 mod tests;

@@ -75,6 +75,46 @@ fn one_at_a_time(free: &[(u64, usize)], tasks: usize) -> Vec<u64> {
         .collect()
 }
 
+/// The worker of each dispatched task, in the order of the tasks; and each
+/// worker's tasks must come to it in queue order.
+fn placement(d: &[(u64, u64, u32)]) -> Vec<u64> {
+    let mut last: HashMap<u64, u64> = HashMap::new();
+    for &(w, t, _) in d {
+        if let Some(before) = last.insert(w, t) {
+            assert!(before < t, "worker {w} got task {t} after task {before}");
+        }
+    }
+    let mut by_task: Vec<(u64, u64)> = d.iter().map(|&(w, t, _)| (t, w)).collect();
+    by_task.sort_unstable();
+    by_task.into_iter().map(|(_, w)| w).collect()
+}
+
+/// Submits `tasks` tasks (ids `first..`) to workers of these free slots.
+fn placed(free: &[(u64, usize)], tasks: usize) -> Vec<u64> {
+    let mut s = S::new(Config::default());
+    for &(w, c) in free {
+        s.worker_joined(WorkerId(w), c);
+    }
+    // A large submission at once, as a job's tasks arrive (one schedule).
+    s.defer();
+    for t in 0..tasks {
+        s.submit(TaskId(t as u64), GroupId(1), "x");
+    }
+    s.resume();
+    let ahead: Vec<usize> = free.iter().map(|&(w, _)| s.dispatches_next(WorkerId(w))).collect();
+    let d = dispatched(&drain(&mut s));
+    // Each worker's tasks come in one run; the first run is the one ahead.
+    let runs = d.iter().enumerate().filter(|&(i, x)| i == 0 || d[i - 1].0 != x.0).count();
+    assert_eq!(runs, free.iter().filter(|&&(w, _)| d.iter().any(|x| x.0 == w)).count());
+    let head = d.iter().take_while(|x| x.0 == d[0].0).count();
+    for (&(w, _), &n) in free.iter().zip(&ahead) {
+        assert_eq!(n, if d.first().is_some_and(|x| x.0 == w) { head } else { 0 }, "worker {w}");
+    }
+    let got = placement(&d);
+    s.check_room();
+    got
+}
+
 #[test]
 fn each_task_goes_where_one_at_a_time_placement_puts_it() {
     for (caps, tasks) in [
@@ -82,7 +122,10 @@ fn each_task_goes_where_one_at_a_time_placement_puts_it() {
         (vec![(7, 8), (3, 1), (5, 4)], 20),
         (vec![(1, 1)], 3),
         (vec![(9, 6), (2, 6), (4, 6)], 13),
+        (vec![(5, 1), (1, 1), (3, 1), (2, 9)], 4),
     ] {
+        assert_eq!(placed(&caps, tasks), one_at_a_time(&caps, tasks), "capacities {caps:?}");
+        // Submitted one by one, each placed as it comes.
         let mut s = S::new(Config::default());
         for &(w, c) in &caps {
             s.worker_joined(WorkerId(w), c);
@@ -90,8 +133,7 @@ fn each_task_goes_where_one_at_a_time_placement_puts_it() {
         for t in 0..tasks {
             s.submit(TaskId(t as u64), GroupId(1), "x");
         }
-        let got: Vec<u64> = dispatched(&drain(&mut s)).iter().map(|d| d.0).collect();
-        assert_eq!(got, one_at_a_time(&caps, tasks), "capacities {caps:?}");
+        assert_eq!(placement(&dispatched(&drain(&mut s))), one_at_a_time(&caps, tasks));
         s.check_room();
     }
     // With a queue behind: finishing frees a slot, which the next task takes
@@ -104,7 +146,7 @@ fn each_task_goes_where_one_at_a_time_placement_puts_it() {
         s.submit(TaskId(t), GroupId(1), "x");
     }
     let first = dispatched(&drain(&mut s));
-    assert_eq!(first.iter().map(|d| d.0).collect::<Vec<_>>(), one_at_a_time(&[(1, 4), (2, 4)], 8));
+    assert_eq!(placement(&first), one_at_a_time(&[(1, 4), (2, 4)], 8));
     s.defer();
     for (w, t, a) in first.iter().filter(|d| d.0 == 2).take(3) {
         assert!(s.task_finished(WorkerId(*w), TaskId(*t), *a, 0));
@@ -114,9 +156,23 @@ fn each_task_goes_where_one_at_a_time_placement_puts_it() {
     assert!(dispatched(&held).is_empty(), "nothing handed out while deferred");
     assert_eq!(held.len(), 4, "the results are delivered at once");
     s.resume();
-    let next: Vec<u64> = dispatched(&drain(&mut s)).iter().map(|d| d.0).collect();
-    assert_eq!(next, one_at_a_time(&[(1, 1), (2, 3)], 4));
+    let next = dispatched(&drain(&mut s));
+    let mut taken: Vec<u64> = next.iter().map(|d| d.1).collect();
+    taken.sort_unstable();
+    assert_eq!(taken, (8..12).collect::<Vec<_>>(), "the next tasks in line");
+    assert_eq!(placement(&next), one_at_a_time(&[(1, 1), (2, 3)], 4));
     s.check_room();
+}
+
+proptest! {
+    #[test]
+    fn a_whole_queue_goes_where_one_at_a_time_puts_it(
+        free in proptest::collection::btree_map(0u64..40, 1usize..12, 1..12),
+        tasks in 0usize..150,
+    ) {
+        let free: Vec<(u64, usize)> = free.into_iter().collect();
+        prop_assert_eq!(placed(&free, tasks), one_at_a_time(&free, tasks));
+    }
 }
 
 #[test]

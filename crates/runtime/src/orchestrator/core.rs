@@ -279,12 +279,16 @@ impl Core {
                 }
                 self.meta.reserve(tasks.len());
                 self.sched.reserve(tasks.len());
+                // Placed together once all are in: worker by worker, as
+                // one at a time would place them (see the scheduler's `fill`).
+                self.sched.defer();
                 for (index, payload) in tasks {
                     let task = TaskId(self.next_task);
                     self.next_task += 1;
                     self.meta.insert(task, TaskMeta { client, job, index, fn_id, timeout_ms });
                     self.sched.submit(task, client.group(), payload);
                 }
+                self.sched.resume();
             }
             Input::Refused { peer, reason } => {
                 self.events.push(self.now, EventKind::ConnectionRefused { peer, reason });
@@ -443,6 +447,7 @@ impl Core {
                     else {
                         continue;
                     };
+                    let first = link.outbox.is_empty();
                     if link.fns.insert(meta.fn_id) {
                         Self::give_function(
                             &mut self.dirty_agents,
@@ -452,6 +457,10 @@ impl Core {
                             link,
                             meta.fn_id,
                         );
+                    }
+                    if first {
+                        // A worker's tasks come together: room for the run at once.
+                        link.outbox.reserve(1 + self.sched.dispatches_next(worker));
                     }
                     let msg = ToAgent::Task {
                         task: task.0,
