@@ -295,7 +295,7 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     /// Records are built in a buffer of their own, which batches the frames
     /// of a flush, and written whole: the stream gets no second buffer. That
     /// buffer starts small (an idle connection's heartbeats need little) and
-    /// takes a whole record's room the first time more is queued.
+    /// doubles as more is queued, up to a whole record.
     pub fn with_sealer(mut self, sealer: Option<Sealer>) -> Self {
         if sealer.is_some() {
             self.inner = BufWriter::with_capacity(0, self.inner.into_inner());
@@ -344,8 +344,12 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
             }
             let room = RECORD_PREFIX + RECORD_MAX - self.record.len();
             let (now, rest) = data.split_at(room.min(data.len()));
-            if self.record.len() + now.len() > self.record.capacity() {
-                self.record.reserve_exact(RECORD_FULL - self.record.len());
+            let need = self.record.len() + now.len();
+            if need > self.record.capacity() {
+                // Doubling up to a whole record: a burst of a few KiB (a
+                // hundred tasks) takes a few KiB, not a whole record's room.
+                let room = need.max(2 * self.record.capacity()).min(RECORD_FULL);
+                self.record.reserve_exact(room - self.record.len());
             }
             self.record.extend_from_slice(now);
             data = rest;
