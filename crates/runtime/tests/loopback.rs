@@ -311,3 +311,32 @@ fn withdrawn_tasks_and_completions_account_for_every_task_once() {
     // Every index seen once: the withdrawn ones never completed, nothing more comes.
     assert!(client.recv(Duration::from_millis(100)).unwrap().is_empty());
 }
+
+#[test]
+fn an_idle_agent_is_heard_from_through_its_heartbeats() {
+    // Heartbeats stop at the agent's session (the core never sees them), yet
+    // they keep its `last_heard` fresh; the orchestrator's own pings keep
+    // the agent's side of the link from falling silent.
+    let dir = tempdir();
+    let timing = distripool_runtime::Timing {
+        heartbeat: Duration::from_millis(100),
+        silence: Duration::from_millis(1000),
+        ..Default::default()
+    };
+    let orch = Orchestrator::start(OrchestratorConfig {
+        listen: vec!["127.0.0.1:0".into()],
+        timing,
+        ..Default::default()
+    })
+    .unwrap();
+    let addr = orch.local_addrs()[0].to_string();
+    let _agent = AgentThread::start(addr, Security::default(), 1, echo_spec(&dir));
+    wait_for("the agent", || orch.stats().workers.load(Ordering::Relaxed) == 1);
+    // Several silence limits pass with nothing to do.
+    let worker = || orch.snapshot().unwrap().workers.remove(0);
+    wait_for("three silence limits", || worker().connected_for >= 3 * timing.silence);
+    let w = worker();
+    assert!(w.last_heard < timing.silence / 2, "last heard {:?} ago", w.last_heard);
+    assert_eq!(orch.stats().workers.load(Ordering::Relaxed), 1);
+    assert_eq!(orch.stats().workers_lost.load(Ordering::Relaxed), 0, "no session ended");
+}

@@ -15,6 +15,7 @@ use super::client::Client;
 use super::core::{Comm, Core, CoreMetrics, Input};
 use super::intake::{accept_loop, Intake};
 use super::observe::JobInfo;
+use super::session::Heard;
 use super::snapshot::{Event as ClusterEvent, Snapshot};
 use crate::agent::{run_session, AgentConfig, EXIT_GRACE};
 use crate::conn::{client_handshake, Outgoing, SessionEnd};
@@ -96,6 +97,7 @@ pub(super) enum Event {
         slots: usize,
         labels: distripool_protocol::Labels,
         tx: mpsc::UnboundedSender<Vec<Outgoing<ToAgent>>>,
+        heard: Arc<Heard>,
     },
     ClientOpened {
         client: ClientId,
@@ -130,6 +132,9 @@ pub(super) enum Event {
 #[derive(Default)]
 struct ChannelComm {
     agents: IdMap<WorkerId, mpsc::UnboundedSender<Vec<Outgoing<ToAgent>>>>,
+    /// When each agent was last heard from, heartbeats included (the core
+    /// sees only the frames that are not heartbeats).
+    heard: IdMap<WorkerId, Arc<Heard>>,
     clients: IdMap<ClientId, MailboxTx>,
 }
 
@@ -153,8 +158,9 @@ impl ChannelComm {
     /// Let the core see `ev`, keeping or dropping the channel ends it names.
     fn handle(&mut self, core: &mut Core, ev: Event, now: Instant) {
         match ev {
-            Event::AgentJoined { worker, peer, slots, labels, tx } => {
+            Event::AgentJoined { worker, peer, slots, labels, tx, heard } => {
                 self.agents.insert(worker, tx);
+                self.heard.insert(worker, heard);
                 core.handle(Input::AgentJoined { worker, peer, slots, labels }, now);
             }
             Event::ClientOpened { client, tx } => {
@@ -168,7 +174,13 @@ impl ChannelComm {
                 let _ = reply.send(core.drain(worker));
             }
             Event::Snapshot { reply } => {
-                let _ = reply.send(core.snapshot(now));
+                let mut snapshot = core.snapshot(now);
+                for w in &mut snapshot.workers {
+                    if let Some(heard) = self.heard.get(&w.id) {
+                        w.last_heard = w.last_heard.min(now.saturating_duration_since(heard.last()));
+                    }
+                }
+                let _ = reply.send(snapshot);
             }
             Event::Events { since, reply } => {
                 let _ = reply.send(core.events_since(since));
@@ -183,7 +195,10 @@ impl ChannelComm {
                 match &input {
                     // Dropping the sender ends the agent's writer; dropping
                     // the mailbox's end closes it.
-                    Input::AgentLeft { worker, .. } => drop(self.agents.remove(worker)),
+                    Input::AgentLeft { worker, .. } => {
+                        drop(self.agents.remove(worker));
+                        self.heard.remove(worker);
+                    }
                     Input::ClientClosed { client } => drop(self.clients.remove(client)),
                     _ => {}
                 }
