@@ -59,6 +59,8 @@ status = cluster.status()
 pids = [w["pid"] for w in cluster.orchestrator.workers_info()]
 with Pool() as pool:
     out = pool.map(where, range(40), chunksize=1)
+log_dir = os.path.dirname(status[0]["log"])
+had_logs = sorted(os.listdir(log_dir))
 cluster.close()
 alive = []
 for pid in pids:
@@ -74,6 +76,8 @@ print(json.dumps({
     "namespaces": sorted({ns for ns, _ in out}),
     "mine": os.readlink("/proc/self/ns/net"),
     "alive": alive,
+    "had_logs": had_logs,
+    "logs_left": os.path.exists(log_dir),
 }))
 """
 )
@@ -96,6 +100,8 @@ def test_a_map_runs_on_two_ssh_hosts_and_close_stops_their_workers(hosts):
     assert len(seen["namespaces"]) == 2 and seen["mine"] not in seen["namespaces"]
     assert {r["state"] for r in seen["after"]} == {"gone"}
     assert seen["alive"] == [], "a worker outlived close()"
+    assert len(seen["had_logs"]) == 2, seen["had_logs"]
+    assert not seen["logs_left"], "the workers' log directory outlived close()"
 
 
 FAILURES = (

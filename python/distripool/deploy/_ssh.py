@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -173,6 +174,10 @@ class SSHLaunch(Launch):
 
     def row(self, unit: Unit) -> dict[str, Any]:
         return {"host": unit.where, "name": unit.name, "pid": unit.handle.pid if unit.handle else None}
+
+    def cleanup(self) -> None:
+        """The workers' logs live in a directory of our own: gone with us."""
+        shutil.rmtree(self.log_dir, ignore_errors=True)
 
 
 class SSHCluster(Cluster):
