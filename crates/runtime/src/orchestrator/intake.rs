@@ -4,7 +4,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use distripool_protocol::Binding;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -24,6 +24,9 @@ use crate::Error;
 /// Connections that may be in their handshake at once; beyond it the oldest
 /// is dropped.
 const MAX_PENDING_HANDSHAKES: usize = 256;
+
+/// How often the accept loop repeats a warning while it cannot accept.
+const WARN_EVERY: Duration = Duration::from_secs(10);
 
 /// Connections still in their handshake, oldest first. When there are too
 /// many, the oldest is dropped to make room: a flood of idle or slow
@@ -52,13 +55,32 @@ impl Drop for PendingGuard {
 
 pub(super) async fn accept_loop(listener: TcpListener, intake: Intake, next_id: Arc<AtomicU64>) {
     let pending = Arc::new(Mutex::new(Pending::default()));
+    let mut warned = None;
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
-                // Out of file descriptors and the like: back off briefly
-                // instead of spinning.
-                tracing::warn!("accept failed: {e}");
+                let out_of_files = e.raw_os_error() == Some(libc::EMFILE);
+                if out_of_files {
+                    if let Some(limit) = raise_open_files() {
+                        tracing::info!(
+                            "out of file descriptors (one per agent): raised this process's limit on \
+                             open files to {limit}, its hard limit"
+                        );
+                        continue;
+                    }
+                }
+                // Back off briefly instead of spinning, and say so now and then.
+                if warned.is_none_or(|t: Instant| t.elapsed() >= WARN_EVERY) {
+                    let hint = if out_of_files {
+                        "; each agent takes a file descriptor: raise the limit on open files \
+                         (ulimit -n, or LimitNOFILE= in a systemd unit) where the orchestrator runs"
+                    } else {
+                        ""
+                    };
+                    tracing::warn!("cannot accept agents' connections: {e}{hint}");
+                    warned = Some(Instant::now());
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
@@ -86,6 +108,20 @@ pub(super) async fn accept_loop(listener: TcpListener, intake: Intake, next_id: 
         while p.order.front().is_some_and(|id| !p.tasks.contains_key(id)) {
             p.order.pop_front();
         }
+    }
+}
+
+/// Raise this process's soft limit on open files to its hard limit: the
+/// new limit, or `None` when it is there already or cannot be raised.
+fn raise_open_files() -> Option<u64> {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 || lim.rlim_cur >= lim.rlim_max {
+            return None;
+        }
+        let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+        (libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0).then_some(lim.rlim_max)
     }
 }
 
