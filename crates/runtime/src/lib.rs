@@ -102,6 +102,28 @@ pub fn random_bytes<const N: usize>() -> [u8; N] {
     out
 }
 
+/// Raise this process's soft limit on open files to its hard limit. The
+/// limit now, and whether it changed (false when it was there already or
+/// cannot be raised).
+pub fn raise_open_files() -> (u64, bool) {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return (0, false);
+        }
+        if lim.rlim_cur >= lim.rlim_max {
+            return (lim.rlim_cur, false);
+        }
+        let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+            (lim.rlim_max, true)
+        } else {
+            (lim.rlim_cur, false)
+        }
+    }
+}
+
 /// Resolve `host:port` strings (names allowed) to socket addresses.
 pub fn resolve(addr: &str) -> Result<std::net::SocketAddr> {
     use std::net::ToSocketAddrs;

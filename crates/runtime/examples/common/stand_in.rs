@@ -191,15 +191,7 @@ pub fn rss_bytes() -> u64 {
 
 /// Raise the soft limit on open files to the hard one; returns it.
 pub fn raise_fd_limit() -> u64 {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
-    lim.rlim_cur
+    distripool_runtime::raise_open_files().0
 }
 
 /// The child's line: microseconds from the first connection's start to the

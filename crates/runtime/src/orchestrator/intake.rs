@@ -62,7 +62,7 @@ pub(super) async fn accept_loop(listener: TcpListener, intake: Intake, next_id: 
             Err(e) => {
                 let out_of_files = e.raw_os_error() == Some(libc::EMFILE);
                 if out_of_files {
-                    if let Some(limit) = raise_open_files() {
+                    if let (limit, true) = crate::raise_open_files() {
                         tracing::info!(
                             "out of file descriptors (one per agent): raised this process's limit on \
                              open files to {limit}, its hard limit"
@@ -108,20 +108,6 @@ pub(super) async fn accept_loop(listener: TcpListener, intake: Intake, next_id: 
         while p.order.front().is_some_and(|id| !p.tasks.contains_key(id)) {
             p.order.pop_front();
         }
-    }
-}
-
-/// Raise this process's soft limit on open files to its hard limit: the
-/// new limit, or `None` when it is there already or cannot be raised.
-fn raise_open_files() -> Option<u64> {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit and setrlimit only read and write the struct passed.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 || lim.rlim_cur >= lim.rlim_max {
-            return None;
-        }
-        let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
-        (libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0).then_some(lim.rlim_max)
     }
 }
 
