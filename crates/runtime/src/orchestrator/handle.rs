@@ -131,16 +131,21 @@ pub(super) enum Event {
 /// mailboxes.
 #[derive(Default)]
 struct ChannelComm {
-    agents: IdMap<WorkerId, mpsc::UnboundedSender<Vec<Outgoing<ToAgent>>>>,
-    /// When each agent was last heard from, heartbeats included (the core
-    /// sees only the frames that are not heartbeats).
-    heard: IdMap<WorkerId, Arc<Heard>>,
+    agents: IdMap<WorkerId, AgentEnds>,
     clients: IdMap<ClientId, MailboxTx>,
+}
+
+/// What the core task keeps of an agent's session.
+struct AgentEnds {
+    tx: mpsc::UnboundedSender<Vec<Outgoing<ToAgent>>>,
+    /// When it was last heard from, heartbeats included (the core sees only
+    /// the frames that are not heartbeats).
+    heard: Arc<Heard>,
 }
 
 impl Comm for ChannelComm {
     fn send_agent(&mut self, worker: WorkerId, frames: Vec<Outgoing<ToAgent>>) {
-        if let Some(tx) = self.agents.get(&worker) {
+        if let Some(AgentEnds { tx, .. }) = self.agents.get(&worker) {
             // A writer that is gone means a session that is ending; its
             // reader reports the end.
             let _ = tx.send(frames);
@@ -159,8 +164,7 @@ impl ChannelComm {
     fn handle(&mut self, core: &mut Core, ev: Event, now: Instant) {
         match ev {
             Event::AgentJoined { worker, peer, slots, labels, tx, heard } => {
-                self.agents.insert(worker, tx);
-                self.heard.insert(worker, heard);
+                self.agents.insert(worker, AgentEnds { tx, heard });
                 core.handle(Input::AgentJoined { worker, peer, slots, labels }, now);
             }
             Event::ClientOpened { client, tx } => {
@@ -176,8 +180,8 @@ impl ChannelComm {
             Event::Snapshot { reply } => {
                 let mut snapshot = core.snapshot(now);
                 for w in &mut snapshot.workers {
-                    if let Some(heard) = self.heard.get(&w.id) {
-                        w.last_heard = w.last_heard.min(now.saturating_duration_since(heard.last()));
+                    if let Some(a) = self.agents.get(&w.id) {
+                        w.last_heard = w.last_heard.min(now.saturating_duration_since(a.heard.last()));
                     }
                 }
                 let _ = reply.send(snapshot);
@@ -195,10 +199,7 @@ impl ChannelComm {
                 match &input {
                     // Dropping the sender ends the agent's writer; dropping
                     // the mailbox's end closes it.
-                    Input::AgentLeft { worker, .. } => {
-                        drop(self.agents.remove(worker));
-                        self.heard.remove(worker);
-                    }
+                    Input::AgentLeft { worker, .. } => drop(self.agents.remove(worker)),
                     Input::ClientClosed { client } => drop(self.clients.remove(client)),
                     _ => {}
                 }
