@@ -24,8 +24,8 @@ use crate::{dispatch, reindex, Scheduler, TaskId, WorkerId};
 /// Scratch space of [`Scheduler::fill`], kept between calls.
 #[derive(Debug, Default)]
 pub(crate) struct Scratch {
-    /// The workers dealt to, with their free slots before the deal.
-    workers: Vec<(WorkerId, usize)>,
+    /// The workers dealt to.
+    workers: Vec<WorkerId>,
     /// Indexes into `workers` of those in the deal so far, by id.
     members: Vec<u32>,
     /// The workers joining at this level, by id.
@@ -60,10 +60,9 @@ impl<P: Clone, R> Scheduler<P, R> {
 
     /// Work out which worker each queued task goes to (`s.picks`).
     fn deal(&self, s: &mut Scratch) {
-        for v in [&mut s.members, &mut s.joining, &mut s.merged, &mut s.picks] {
-            v.clear();
-        }
         s.workers.clear();
+        s.members.clear();
+        s.picks.clear();
         let n = self.queue.len();
         // Most free slots first, then the lowest id.
         let mut entries = self.room.iter().rev().map(|&(free, Reverse(id))| (free, id)).peekable();
@@ -79,7 +78,7 @@ impl<P: Clone, R> Scheduler<P, R> {
                 match entries.peek() {
                     Some(&(free, id)) if free == level => {
                         s.joining.push(s.workers.len() as u32);
-                        s.workers.push((id, free));
+                        s.workers.push(id);
                         entries.next();
                     }
                     _ => break,
@@ -116,13 +115,12 @@ impl<P: Clone, R> Scheduler<P, R> {
             *at += 1;
         }
         self.out.reserve(s.picks.len());
-        for (i, &(worker, before)) in s.workers.iter().enumerate() {
+        for (i, &worker) in s.workers.iter().enumerate() {
             let tasks = &s.tasks[s.starts[i]..s.starts[i + 1]];
             if tasks.is_empty() {
                 continue;
             }
             let w = self.workers.get_mut(&worker).expect("a worker in the room index is known");
-            debug_assert_eq!(w.indexed, before);
             w.tasks.reserve(tasks.len());
             for &task in tasks {
                 let avoided = dispatch(&mut self.tasks, &mut self.out, worker, w, task);
@@ -134,10 +132,10 @@ impl<P: Clone, R> Scheduler<P, R> {
 }
 
 /// `a` and `b`, each in order of their workers' ids, merged into `out`.
-fn merge_by_id(workers: &[(WorkerId, usize)], a: &[u32], b: &[u32], out: &mut Vec<u32>) {
+fn merge_by_id(workers: &[WorkerId], a: &[u32], b: &[u32], out: &mut Vec<u32>) {
     out.clear();
     out.reserve(a.len() + b.len());
-    let id = |i: u32| workers[i as usize].0;
+    let id = |i: u32| workers[i as usize];
     let (mut i, mut j) = (0, 0);
     while i < a.len() && j < b.len() {
         if id(a[i]) < id(b[j]) {
